@@ -1,0 +1,1 @@
+"""Data layer: cohort tables, splits, MEDS EHR, CT imaging and the cohort simulator."""

@@ -1,0 +1,1 @@
+"""Fusion strategies (registered in `survfuse.registry.FUSIONS`) and their estimator."""

@@ -1,0 +1,1 @@
+"""Survival metrics with their own statistics: concordance, AUC, Brier, calibration, bootstrap."""

@@ -1,0 +1,1 @@
+"""Report tables, figures and the HTML page (sits on top of the library)."""

@@ -1,0 +1,1 @@
+"""Survival losses, heads (registered in `survfuse.registry.HEADS`) and the linear Cox model."""
