@@ -1,0 +1,599 @@
+"""CT studies: the CT index, study selection without leakage, and volume loading/preprocessing.
+
+A CT index is a table `(subject_id, study_time, path)`; `path` is a NIfTI file (`.nii`,
+`.nii.gz`), another single-file volume SimpleITK reads (`.mha`, `.nrrd`), or a DICOM series
+folder. For each prediction the study used is the latest one at or before `prediction_time`
+(optionally within a look-back), never a later one.
+
+`load_ct(path, preprocessing)` returns a `CTVolume` (`array` float32 [X, Y, Z]) after, in order:
+HU (DICOM: stored value x RescaleSlope + RescaleIntercept; NIfTI: scl_slope/scl_inter), checks that
+the volume is a CT in Hounsfield units, values below `floor_hu` (outside-FOV padding) raised to it,
+reorientation to `orientation` (axis codes, RAS+ world like NIfTI), trilinear resampling to
+`spacing`, crop/pad to `target_shape` (centre of the volume or of the body foreground), clipping
+to `hu_window` and optional scaling to [0, 1]. Failures raise `CTLoadError(path, reason)`;
+`load_ct_batch` turns them into per-subject "failed" rows of a manifest (`ct_manifest.parquet`)
+and one warning that counts them, or raises with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from survfuse.registry import look_up_option
+
+__all__ = [
+    "CROP_MODES",
+    "MANIFEST_SCHEMA",
+    "CTIndex",
+    "CTLoadError",
+    "CTLoadWarning",
+    "CTPreprocessing",
+    "CTVolume",
+    "iter_ct",
+    "load_ct",
+    "load_ct_batch",
+    "load_ct_index",
+    "select_studies",
+    "validate_ct_index",
+    "write_ct_manifest",
+]
+
+CROP_MODES = ("center", "foreground")
+INTERPOLATIONS = ("linear", "nearest")
+_AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+
+MANIFEST_SCHEMA: dict[str, pl.DataType] = {
+    "subject_id": pl.Int64(),
+    "prediction_time": pl.Datetime("us"),
+    "path": pl.String(),
+    "status": pl.String(),  # "ok" | "no_study" | "failed"
+    "reason": pl.String(),
+}
+
+
+class CTLoadError(Exception):
+    """A CT that cannot be used; `path` is the file/folder and `reason` says why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Ray, multiprocessing)
+        return (type(self), (self.path, self.reason))
+
+
+class CTLoadWarning(UserWarning):
+    """Some subjects' CTs failed to load and were marked missing (see the manifest)."""
+
+
+class CTPreprocessing(BaseModel):
+    """How a CT volume is brought to a model's input convention (one preset per encoder).
+
+    orientation: target axis codes (world RAS+ as in NIfTI), e.g. "RAS" or "LPS".
+    spacing: target voxel size (mm) along the output axes; None keeps the native spacing.
+    hu_window: (lo, hi) HU; values are clipped to it (None: no clipping).
+    scale_to_unit: map the window linearly to [0, 1] (requires hu_window).
+    target_shape: crop/pad to this shape [X, Y, Z]; None keeps the (resampled) shape.
+    crop: "center" (of the volume) or "foreground" (of the voxels above `foreground_hu`).
+    pad_hu: value used for padding (air), before windowing.
+    floor_hu: values below it (scanner padding outside the field of view, e.g. -3024) are raised
+        to it.
+    check_hu: refuse volumes whose intensities are not plausible CT HU: 1st percentile above
+        `max_p01_hu` (no air or lung: MR or unscaled data) or 99th percentile above `max_p99_hu`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    hu_window: tuple[float, float] | None = (-1000.0, 1000.0)
+    scale_to_unit: bool = False
+    target_shape: tuple[int, int, int] | None = None
+    crop: str = "center"
+    foreground_hu: float = -500.0
+    pad_hu: float = -1024.0
+    floor_hu: float = -1024.0
+    interpolation: str = "linear"
+    check_hu: bool = True
+    max_p01_hu: float = -500.0
+    max_p99_hu: float = 4000.0
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, v: str) -> str:
+        codes = v.upper()
+        if len(codes) != 3 or not all(sum(c in pair for c in codes) == 1 for pair in _AXIS_PAIRS):
+            raise ValueError(
+                f"orientation must be 3 axis codes, one of L/R, A/P, S/I each (e.g. 'RAS'), got {v!r}"
+            )
+        return codes
+
+    @field_validator("crop")
+    @classmethod
+    def _crop(cls, v: str) -> str:
+        return look_up_option(v, CROP_MODES, kind="crop mode")
+
+    @field_validator("interpolation")
+    @classmethod
+    def _interp(cls, v: str) -> str:
+        return look_up_option(v, INTERPOLATIONS, kind="interpolation")
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and not all(s > 0 for s in v):
+            raise ValueError(f"spacing must be > 0 mm on every axis, got {v}")
+        return v
+
+    @field_validator("target_shape")
+    @classmethod
+    def _shape(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and not all(s > 0 for s in v):
+            raise ValueError(f"target_shape must be positive on every axis, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> CTPreprocessing:
+        if self.hu_window is not None and not self.hu_window[0] < self.hu_window[1]:
+            raise ValueError(f"hu_window must be (lo, hi) with lo < hi, got {self.hu_window}")
+        if self.scale_to_unit and self.hu_window is None:
+            raise ValueError("scale_to_unit needs a hu_window to scale")
+        return self
+
+
+@dataclass
+class CTVolume:
+    """A preprocessed CT: `array` float32 [X, Y, Z] (HU, or [0, 1] when scaled), `spacing` (3,) mm,
+    `affine` (4, 4) voxel -> world (RAS+ mm), `meta` (source path, format, native geometry ...)."""
+
+    array: NDArray[np.float32]
+    spacing: NDArray[np.float64]
+    affine: NDArray[np.float64]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        s = self.array.shape
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+    @property
+    def orientation(self) -> str:
+        import nibabel as nib
+
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+# ----------------------------------------------------------------------------- reading
+def _read_nifti(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64], dict[str, Any]]:
+    import nibabel as nib
+
+    img: Any = nib.load(str(path))
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if len(img.shape) != 3:
+        raise CTLoadError(path, f"expected a 3-d volume, got shape {tuple(img.shape)}")
+    # get_fdata applies scl_slope / scl_inter
+    arr = np.asarray(img.get_fdata(dtype=np.float32))
+    return arr, np.asarray(img.affine, dtype=np.float64), {"format": "nifti"}
+
+
+def _read_sitk(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64], dict[str, Any]]:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    if img.GetDimension() != 3:
+        raise CTLoadError(path, f"expected a 3-d volume, got {img.GetDimension()} dimensions")
+    modality = img.GetMetaData("0008|0060").strip() if img.HasMetaDataKey("0008|0060") else None
+    if modality is not None and modality != "CT":
+        raise CTLoadError(path, f"non-CT modality {modality} (DICOM Modality tag)")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32).transpose(2, 1, 0)  # [z,y,x] -> [x,y,z]
+    direction = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.array(img.GetSpacing(), dtype=np.float64)
+    lps[:3, 3] = img.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK is LPS, our world is RAS
+    return arr, affine, {"format": "sitk", "modality": modality}
+
+
+def _read_dicom(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64], dict[str, Any]]:
+    from survfuse.data.dicom import DicomSeriesError, read_dicom_series
+
+    try:
+        series = read_dicom_series(path)
+    except DicomSeriesError as exc:
+        raise CTLoadError(path, str(exc)) from exc
+    return series.hu, series.affine, series.meta
+
+
+def read_ct_hu(path: str | Path) -> tuple[NDArray[np.float32], NDArray[np.float64], dict[str, Any]]:
+    """Read a CT in HU without preprocessing: (array [X, Y, Z] float32, RAS+ affine, meta)."""
+    path = Path(path)
+    if not path.exists():
+        raise CTLoadError(path, "file not found")
+    try:
+        if path.is_dir():
+            return _read_dicom(path)
+        if path.name.endswith((".nii", ".nii.gz")):
+            return _read_nifti(path)
+        return _read_sitk(path)
+    except CTLoadError:
+        raise
+    except Exception as exc:  # any reader failure is a per-subject failure, with its cause
+        raise CTLoadError(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- checks & geometry
+def _check_hu(path: Path, arr: NDArray[np.float32], prep: CTPreprocessing) -> dict[str, float]:
+    flat = arr.reshape(-1)
+    step = max(1, flat.size // 2_000_000)  # a strided sample keeps percentiles cheap
+    sample = flat[::step]
+    if not np.isfinite(sample).all() or not np.isfinite(arr).all():
+        raise CTLoadError(path, "volume contains NaN or infinite values")
+    p01, p50, p99 = (float(x) for x in np.percentile(sample, [1, 50, 99]))
+    stats = {"hu_p01": p01, "hu_p50": p50, "hu_p99": p99}
+    if prep.check_hu:
+        if p01 > prep.max_p01_hu:
+            raise CTLoadError(
+                path,
+                f"implausible HU distribution for CT: 1st percentile {p01:.0f} > "
+                f"{prep.max_p01_hu:.0f} HU (no air or lung voxels); not a CT in Hounsfield "
+                "units (MR or unscaled intensities?)",
+            )
+        if p99 > prep.max_p99_hu:
+            raise CTLoadError(
+                path,
+                f"implausible HU range: 99th percentile {p99:.0f} > {prep.max_p99_hu:.0f} HU "
+                "(missing rescale slope/intercept?)",
+            )
+    return stats
+
+
+def _reorient(
+    arr: NDArray[np.float32], affine: NDArray[np.float64], codes: str
+) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    import nibabel.orientations as nio
+
+    current = nio.io_orientation(affine)
+    target = nio.axcodes2ornt(tuple(codes))
+    transform = nio.ornt_transform(current, target)
+    out = np.ascontiguousarray(nio.apply_orientation(arr, transform), dtype=np.float32)
+    new_affine = affine @ nio.inv_ornt_aff(transform, arr.shape)
+    return out, new_affine
+
+
+def _spacing(affine: NDArray[np.float64]) -> NDArray[np.float64]:
+    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+
+
+def _resample(
+    arr: NDArray[np.float32],
+    affine: NDArray[np.float64],
+    target: tuple[float, float, float],
+    mode: str,
+) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    import torch
+
+    old = _spacing(affine)
+    new = np.asarray(target, dtype=np.float64)
+    scale = old / new
+    if np.allclose(scale, 1.0):
+        return arr, affine
+    t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+    # An explicit scale factor (not recomputed from the sizes): output voxel j samples input
+    # coordinate (j + 0.5) / scale - 0.5, so the output voxel size is exactly `target`.
+    out = torch.nn.functional.interpolate(
+        t,
+        scale_factor=tuple(float(x) for x in scale),
+        mode="trilinear" if mode == "linear" else "nearest-exact",
+        align_corners=False if mode == "linear" else None,
+        recompute_scale_factor=False,
+    )
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] / scale
+    shift = 0.5 / scale - 0.5  # input index of output voxel 0's centre
+    new_affine[:3, 3] = affine[:3, :3] @ shift + affine[:3, 3]
+    return out[0, 0].numpy().astype(np.float32, copy=False), new_affine
+
+
+def _crop_or_pad(
+    arr: NDArray[np.float32],
+    affine: NDArray[np.float64],
+    shape: tuple[int, int, int],
+    centre: NDArray[np.float64],
+    pad_value: float,
+) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    """Window of `shape` centred on voxel `centre` (clamped inside the volume when it fits)."""
+    out = np.full(shape, pad_value, dtype=np.float32)
+    starts = []
+    src_sl, dst_sl = [], []
+    for n, want, c in zip(arr.shape, shape, centre, strict=True):
+        start = round(float(c) - want / 2.0)
+        if want <= n:
+            start = min(max(start, 0), n - want)
+        else:
+            start = -((want - n) // 2)  # pad symmetrically around the whole axis
+        starts.append(start)
+        lo, hi = max(start, 0), min(start + want, n)
+        src_sl.append(slice(lo, hi))
+        dst_sl.append(slice(lo - start, hi - start))
+    out[tuple(dst_sl)] = arr[tuple(src_sl)]
+    new_affine = affine.copy()
+    new_affine[:3, 3] = affine[:3, :3] @ np.asarray(starts, dtype=np.float64) + affine[:3, 3]
+    return out, new_affine
+
+
+def preprocess_ct(
+    arr: NDArray[np.float32],
+    affine: NDArray[np.float64],
+    preprocessing: CTPreprocessing,
+    *,
+    path: str | Path = "<array>",
+    meta: dict[str, Any] | None = None,
+) -> CTVolume:
+    """Apply `preprocessing` to a HU array [X, Y, Z] with its RAS+ affine (see module docs)."""
+    import nibabel as nib
+
+    prep = preprocessing
+    path = Path(path)
+    meta = dict(meta or {})
+    meta.update(
+        path=str(path),
+        native_shape=tuple(int(s) for s in arr.shape),
+        native_spacing=tuple(float(s) for s in _spacing(affine)),
+        native_orientation="".join(nib.aff2axcodes(affine)),
+    )
+    if arr.ndim != 3 or min(arr.shape) < 1:
+        raise CTLoadError(path, f"expected a non-empty 3-d volume, got shape {arr.shape}")
+    meta.update(_check_hu(path, arr, prep))
+    arr = np.maximum(arr, np.float32(prep.floor_hu))
+    arr, affine = _reorient(arr, affine, prep.orientation)
+    if prep.spacing is not None:
+        arr, affine = _resample(arr, affine, prep.spacing, prep.interpolation)
+    if prep.target_shape is not None:
+        if prep.crop == "foreground":
+            fg = np.argwhere(arr > prep.foreground_hu)
+            if fg.size == 0:
+                raise CTLoadError(path, f"no foreground voxels above {prep.foreground_hu} HU")
+            centre = (fg.min(axis=0) + fg.max(axis=0) + 1) / 2.0
+        else:
+            centre = np.asarray(arr.shape, dtype=np.float64) / 2.0
+        arr, affine = _crop_or_pad(arr, affine, prep.target_shape, centre, prep.pad_hu)
+    if prep.hu_window is not None:
+        lo, hi = prep.hu_window
+        arr = np.clip(arr, lo, hi, out=arr)
+        if prep.scale_to_unit:
+            arr = (arr - np.float32(lo)) / np.float32(hi - lo)
+    return CTVolume(
+        array=np.ascontiguousarray(arr, dtype=np.float32),
+        spacing=_spacing(affine),
+        affine=affine,
+        meta=meta,
+    )
+
+
+def load_ct(path: str | Path, preprocessing: CTPreprocessing | None = None) -> CTVolume:
+    """Load a NIfTI file / DICOM series folder / SimpleITK-readable file and preprocess it.
+
+    Raises CTLoadError(path, reason) for unreadable files, non-CT modalities (DICOM Modality tag
+    or, without one, an implausible HU distribution), broken DICOM series (duplicate or missing
+    slice positions) and implausible HU ranges.
+    """
+    prep = preprocessing or CTPreprocessing()
+    arr, affine, meta = read_ct_hu(path)
+    return preprocess_ct(arr, affine, prep, path=path, meta=meta)
+
+
+# ----------------------------------------------------------------------------- the CT index
+def validate_ct_index(
+    df: pl.DataFrame, *, source: str = "CT index", root: str | Path | None = None
+) -> pl.DataFrame:
+    """Check and normalise a CT index: subject_id Int64, study_time Datetime(us), path Utf8.
+
+    Relative paths are resolved against `root` (when given). Raises ValueError naming the column
+    and the first offending row / subject.
+    """
+    for col in ("subject_id", "study_time", "path"):
+        if col not in df.columns:
+            raise ValueError(f"{source}: missing column {col!r} (columns: {df.columns})")
+    st = df.schema["study_time"]
+    study_time = pl.col("study_time")
+    if st == pl.String:
+        study_time = study_time.str.to_datetime(time_unit="us", strict=False)
+    elif not isinstance(st, pl.Datetime | pl.Date):
+        raise ValueError(f"{source}: column 'study_time' must be a datetime, got {st}")
+    if not (df.schema["subject_id"].is_integer() or df.schema["subject_id"] == pl.String):
+        raise ValueError(f"{source}: column 'subject_id' must be an integer")
+    out = df.with_columns(
+        pl.col("subject_id").cast(pl.Int64, strict=False),
+        study_time.cast(pl.Datetime("us")),
+        pl.col("path").cast(pl.String),
+    )
+    for col in ("subject_id", "study_time", "path"):
+        bad = out[col].is_null()
+        if bad.any():
+            i = int(bad.arg_true()[0])
+            raise ValueError(
+                f"{source}: column {col!r} is null or unparsable in row {i} "
+                f"(subject {df['subject_id'][i]!r}, value {df[col][i]!r})"
+            )
+    if root is not None:
+        base = Path(root)
+        out = out.with_columns(
+            pl.col("path").map_elements(
+                lambda p: p if Path(p).is_absolute() else str(base / p), return_dtype=pl.String
+            )
+        )
+    return out.select(
+        "subject_id",
+        "study_time",
+        "path",
+        *[c for c in out.columns if c not in ("subject_id", "study_time", "path")],
+    )
+
+
+def load_ct_index(path: str | Path) -> pl.DataFrame:
+    """Read a CT index (parquet or CSV): subject_id, study_time, path (+ any extra columns).
+
+    Relative paths resolve against the index file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CT index {path} not found")
+    if path.suffix.lower() == ".csv":
+        df = pl.read_csv(path, try_parse_dates=True)
+    else:
+        df = pl.read_parquet(path)
+    return validate_ct_index(df, source=f"CT index {path}", root=path.parent)
+
+
+@dataclass
+class CTIndex:
+    """A validated CT index with absolute paths; `df` columns subject_id, study_time, path."""
+
+    df: pl.DataFrame
+
+    @classmethod
+    def load(cls, path: str | Path) -> CTIndex:
+        return cls(load_ct_index(path))
+
+    def select(self, cohort_df: pl.DataFrame, lookback_days: float | None = None) -> pl.DataFrame:
+        return select_studies(cohort_df, self.df, lookback_days=lookback_days)
+
+
+def select_studies(
+    cohort_df: pl.DataFrame, ct_index_df: pl.DataFrame, lookback_days: float | None = None
+) -> pl.DataFrame:
+    """For each cohort row, the latest study with `study_time <= prediction_time`.
+
+    Returns `[subject_id, prediction_time, study_time, path]` in cohort row order; study_time and
+    path are null when the subject has no study at or before prediction_time (or none within
+    `lookback_days` before it). Ties at the same study_time pick the lexicographically last path.
+    """
+    if lookback_days is not None and not lookback_days >= 0:
+        raise ValueError(f"lookback_days must be >= 0 or None, got {lookback_days}")
+    for col in ("subject_id", "prediction_time"):
+        if col not in cohort_df.columns:
+            raise ValueError(f"cohort: missing column {col!r} (columns: {cohort_df.columns})")
+    index = validate_ct_index(ct_index_df).select("subject_id", "study_time", "path")
+    left = cohort_df.select(
+        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
+    ).with_row_index("_row")
+    right = index.sort("subject_id", "study_time", "path").unique(
+        ["subject_id", "study_time"], keep="last", maintain_order=True
+    )
+    out = left.sort("prediction_time").join_asof(
+        right.sort("study_time"),
+        left_on="prediction_time",
+        right_on="study_time",
+        by="subject_id",
+        strategy="backward",
+        check_sortedness=False,
+    )
+    if lookback_days is not None:
+        too_old = (pl.col("prediction_time") - pl.col("study_time")) > pl.lit(
+            timedelta(days=float(lookback_days))
+        )
+        out = out.with_columns(
+            pl.when(too_old).then(None).otherwise(pl.col(c)).alias(c)
+            for c in ("study_time", "path")
+        )
+    return out.sort("_row").select("subject_id", "prediction_time", "study_time", "path")
+
+
+# ----------------------------------------------------------------------------- batches & manifest
+def iter_ct(
+    selection: pl.DataFrame,
+    preprocessing: CTPreprocessing | None = None,
+    *,
+    strict: bool = False,
+) -> Iterator[tuple[dict[str, Any], CTVolume | None]]:
+    """Load the CT of each row of `select_studies` output, one at a time.
+
+    Yields `(manifest_row, volume)`; manifest_row has MANIFEST_SCHEMA keys, status "ok" (volume
+    set), "no_study" (null path) or "failed" (volume None, reason = the CTLoadError reason).
+    `strict=True` re-raises the first CTLoadError instead.
+    """
+    prep = preprocessing or CTPreprocessing()
+    for col in ("subject_id", "prediction_time", "path"):
+        if col not in selection.columns:
+            raise ValueError(f"CT selection: missing column {col!r} (columns: {selection.columns})")
+    for rec in selection.select("subject_id", "prediction_time", "path").iter_rows(named=True):
+        row = dict(rec, status="ok", reason=None)
+        if rec["path"] is None:
+            row.update(status="no_study", reason="no CT study at or before prediction_time")
+            yield row, None
+            continue
+        try:
+            vol = load_ct(rec["path"], prep)
+        except CTLoadError as exc:
+            if strict:
+                raise CTLoadError(
+                    exc.path,
+                    f"subject {rec['subject_id']} at {rec['prediction_time']}: {exc.reason}",
+                ) from exc
+            row.update(status="failed", reason=exc.reason)
+            yield row, None
+            continue
+        yield row, vol
+
+
+def _warn_failures(manifest: pl.DataFrame) -> None:
+    failed = manifest.filter(pl.col("status") == "failed")
+    if failed.height:
+        first = failed.row(0, named=True)
+        warnings.warn(
+            f"{failed.height} of {manifest.height} CT studies failed to load and are treated as "
+            f"missing (reasons in the CT manifest); first: subject {first['subject_id']}: "
+            f"{first['reason']}",
+            CTLoadWarning,
+            stacklevel=3,
+        )
+
+
+def load_ct_batch(
+    selection: pl.DataFrame,
+    preprocessing: CTPreprocessing | None = None,
+    *,
+    strict: bool = False,
+    manifest_path: str | Path | None = None,
+) -> tuple[list[CTVolume | None], pl.DataFrame]:
+    """Load every selected CT; failures are per subject.
+
+    Returns `(volumes, manifest)`: volumes aligned with `selection` rows (None when missing or
+    failed), manifest with MANIFEST_SCHEMA. Failed loads give one CTLoadWarning counting them;
+    `strict=True` raises the first CTLoadError. The manifest is written to `manifest_path`
+    (e.g. `<run>/ct_manifest.parquet`) when given.
+    """
+    volumes: list[CTVolume | None] = []
+    rows: list[dict[str, Any]] = []
+    for row, vol in iter_ct(selection, preprocessing, strict=strict):
+        rows.append(row)
+        volumes.append(vol)
+    manifest = pl.DataFrame(rows, schema=MANIFEST_SCHEMA)
+    if manifest_path is not None:
+        write_ct_manifest(manifest, manifest_path)
+    _warn_failures(manifest)
+    return volumes, manifest
+
+
+def write_ct_manifest(manifest: pl.DataFrame | list[dict[str, Any]], path: str | Path) -> Path:
+    """Write a CT manifest (MANIFEST_SCHEMA) atomically to `path` (parquet)."""
+    df = manifest if isinstance(manifest, pl.DataFrame) else pl.DataFrame(manifest)
+    df = df.select([pl.col(c).cast(t) for c, t in MANIFEST_SCHEMA.items()])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.write_parquet(tmp)
+    tmp.replace(path)
+    return path
