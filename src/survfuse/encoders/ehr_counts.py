@@ -1,0 +1,271 @@
+"""`ehr_counts`: bag-of-codes counts and last/mean numeric values over look-back windows.
+
+The representation INSPECT's gradient-boosting baseline used. For each window w in `windows`
+(days before `prediction_time`; None = all history; static events count in every window) and a
+training-split vocabulary (top `max_codes` codes by subject frequency + out-of-vocabulary id 0,
+no value binning), the row of a prediction holds
+
+    [ count(code j in w) for j in 0..V | last value of numeric code m | mean value of m in w ]
+
+where the numeric codes are the `max_numeric` vocabulary codes with the most training values.
+`count_matrix` returns these raw values as a `scipy.sparse.csr_matrix` [N, F] (for GBMs);
+`encode` gives `ModalityFeatures` with pooled only: dense float32 [N, F] with `log1p` counts and
+numeric values z-scored by training mean / sd (absent values stay 0). `meta["feature_names"]`
+names the F columns, e.g. `"30d/count/LAB//CREAT"`, `"all/mean/LAB//CREAT"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from numpy.typing import NDArray
+
+from survfuse.encoders.base import Encoder, register_encoder
+from survfuse.encoders.ehr_vocab import (
+    CodeVocab,
+    EventBatch,
+    KeyIndex,
+    fit_vocab,
+    iter_event_batches,
+    windowed_events,
+)
+from survfuse.encoders.features import ModalityFeatures
+
+__all__ = ["EHRCountsEncoder", "window_counts"]
+
+
+def _window_name(w: float | None) -> str:
+    return "all" if w is None else f"{w:g}d"
+
+
+def window_counts(
+    key: NDArray[np.int64],
+    days_before: NDArray[np.float64],
+    ids: NDArray[np.int32],
+    num_idx: NDArray[np.int64],
+    value: NDArray[np.float64],
+    n_keys: int,
+    *,
+    vocab_size: int,
+    n_numeric: int,
+    windows: Sequence[float | None],
+) -> sp.csr_matrix:
+    """Raw count / last / mean features [n_keys, len(windows) * (V + 2 M)] as CSR float64.
+
+    key: [n] local key per event (events in time order within a key); days_before: [n] (NaN =
+    static, in every window); ids: [n] token ids; num_idx: [n] numeric-code index or -1;
+    value: [n] (NaN = none).
+    """
+    width = vocab_size + 2 * n_numeric
+    rows: list[NDArray[np.int64]] = []
+    cols: list[NDArray[np.int64]] = []
+    vals: list[NDArray[np.float64]] = []
+    static = np.isnan(days_before)
+    has_num = (num_idx >= 0) & np.isfinite(value)
+    for wi, w in enumerate(windows):
+        inw = static | (days_before <= w) if w is not None else np.ones(key.shape[0], bool)
+        off = wi * width
+        # counts: one int64 per (key, id); unique with counts sorts once
+        packed = key[inw] * vocab_size + ids[inw]
+        u, c = np.unique(packed, return_counts=True)
+        rows.append(u // vocab_size)
+        cols.append(off + u % vocab_size)
+        vals.append(c.astype(np.float64))
+        sel = inw & has_num
+        if sel.any():
+            frame = (
+                pl.DataFrame({"k": key[sel], "m": num_idx[sel], "v": value[sel]})
+                .group_by("k", "m")
+                .agg(pl.col("v").last().alias("last"), pl.col("v").mean())
+            )
+            k = frame["k"].to_numpy().astype(np.int64)
+            m = frame["m"].to_numpy().astype(np.int64)
+            rows += [k, k]
+            cols += [off + vocab_size + m, off + vocab_size + n_numeric + m]
+            vals += [frame["last"].to_numpy(), frame["v"].to_numpy()]
+    shape = (n_keys, len(windows) * width)
+    if not rows:
+        return sp.csr_matrix(shape, dtype=np.float64)
+    mat = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=shape
+    )
+    mat.sum_duplicates()
+    return mat
+
+
+@register_encoder("ehr_counts")
+class EHRCountsEncoder(Encoder):
+    """Windowed bag-of-codes counts plus last/mean numeric values (see module docstring).
+
+    Config: `windows` (look-back days, None = all; default (30, 365, None)), `max_codes` (V,
+    512), `max_numeric` (M, 64), `min_subjects` (1), `batch_size` (keys per windowed batch).
+    """
+
+    modality: ClassVar[Any] = "ehr"
+    learns: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        windows: Sequence[float | None] = (30.0, 365.0, None),
+        max_codes: int = 512,
+        max_numeric: int = 64,
+        min_subjects: int = 1,
+        batch_size: int = 4096,
+    ) -> None:
+        wins = [None if w is None else float(w) for w in windows]
+        if not wins or any(w is not None and w < 0 for w in wins):
+            raise ValueError(f"windows must be non-empty, >= 0 days or None, got {windows}")
+        super().__init__(
+            windows=wins,
+            max_codes=max_codes,
+            max_numeric=max_numeric,
+            min_subjects=min_subjects,
+            batch_size=batch_size,
+        )
+        self.vocab: CodeVocab | None = None
+        self.numeric_codes = np.zeros(0, np.int64)  # index into vocab.codes
+        self.numeric_mean = np.zeros(0)
+        self.numeric_sd = np.zeros(0)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, NDArray[Any]]:
+        if self.vocab is None:
+            return {}
+        return {
+            **self.vocab.state(),
+            "numeric_codes": self.numeric_codes,
+            "numeric_mean": self.numeric_mean,
+            "numeric_sd": self.numeric_sd,
+        }
+
+    def set_state(self, state: Mapping[str, NDArray[Any]]) -> None:
+        self.vocab = CodeVocab.from_state(state)
+        self.numeric_codes = np.asarray(state["numeric_codes"], np.int64)
+        self.numeric_mean = np.asarray(state["numeric_mean"], np.float64)
+        self.numeric_sd = np.asarray(state["numeric_sd"], np.float64)
+
+    @property
+    def _lookback(self) -> float | None:
+        wins = self._config["windows"]
+        return None if any(w is None for w in wins) else max(wins)
+
+    def fit(self, cohort: pl.DataFrame, source: Any) -> EHRCountsEncoder:
+        """Vocabulary, numeric codes and their mean / sd from the training rows `cohort`."""
+        cfg = self._config
+        events = windowed_events(
+            source,
+            KeyIndex.from_cohort(cohort),
+            lookback_days=self._lookback,
+            batch_size=cfg["batch_size"],
+        )
+        vocab = fit_vocab(events, max_codes=cfg["max_codes"], min_subjects=cfg["min_subjects"])
+        idx = vocab.code_index(events.code)
+        in_vocab = (idx >= 0) & (vocab.lut[np.maximum(idx, 0), 0] > 0)
+        fin = in_vocab & np.isfinite(events.value)
+        stats = (
+            pl.DataFrame({"c": idx[fin], "v": events.value[fin]})
+            .group_by("c")
+            .agg(
+                pl.len().alias("n"),
+                pl.col("v").mean().alias("mean"),
+                pl.col("v").std(ddof=0).alias("sd"),
+            )
+            .sort(["n", "c"], descending=[True, False])
+            .head(cfg["max_numeric"])
+            .sort("c")
+        )
+        self.vocab = vocab
+        self.numeric_codes = stats["c"].to_numpy().astype(np.int64)
+        self.numeric_mean = stats["mean"].to_numpy().astype(np.float64)
+        sd = stats["sd"].fill_null(0.0).to_numpy().astype(np.float64)
+        self.numeric_sd = np.where(sd > 0, sd, 1.0)
+        self.fitted = True
+        return self
+
+    # ------------------------------------------------------------------ features
+    @property
+    def feature_names(self) -> list[str]:
+        assert self.vocab is not None
+        num = [str(self.vocab.codes[c]) for c in self.numeric_codes]
+        names: list[str] = []
+        for w in self._config["windows"]:
+            p = _window_name(w)
+            names += [f"{p}/count/{t}" for t in self.vocab.tokens]
+            names += [f"{p}/last/{c}" for c in num] + [f"{p}/mean/{c}" for c in num]
+        return names
+
+    def _batch_matrix(self, batch: EventBatch, n_keys: int) -> sp.csr_matrix:
+        assert self.vocab is not None
+        code_idx = self.vocab.code_index(batch.code)
+        ids = self.vocab.transform(batch.code, batch.value)
+        lookup = np.full(len(self.vocab.codes) + 1, -1, np.int64)
+        lookup[self.numeric_codes] = np.arange(len(self.numeric_codes))
+        num_idx = lookup[np.where(code_idx >= 0, code_idx, len(self.vocab.codes))]
+        return window_counts(
+            batch.key,
+            batch.days_before,
+            ids,
+            num_idx,
+            batch.value,
+            n_keys,
+            vocab_size=self.vocab.size,
+            n_numeric=len(self.numeric_codes),
+            windows=self._config["windows"],
+        )
+
+    def count_matrix(self, cohort: pl.DataFrame, source: Any) -> sp.csr_matrix:
+        """Raw features [N, F] (CSR float64) in `cohort`'s row order; columns `feature_names`."""
+        self.check_fitted()
+        index = KeyIndex.from_cohort(cohort)
+        parts: list[sp.csr_matrix] = []
+        order: list[NDArray[np.int64]] = []
+        for batch in iter_event_batches(
+            source, index, lookback_days=self._lookback, batch_size=self._config["batch_size"]
+        ):
+            uniq, local = np.unique(batch.key, return_inverse=True)
+            batch.key = local.astype(np.int64)
+            parts.append(self._batch_matrix(batch, len(uniq)))
+            order.append(uniq)
+        width = len(self.feature_names)
+        if not parts:
+            return sp.csr_matrix((len(index.row_key), width), dtype=np.float64)
+        stacked = sp.vstack(parts, format="csr")
+        keys = np.concatenate(order)
+        # key -> stacked row (keys without events point at an all-zero extra row)
+        where = np.full(index.n_keys, stacked.shape[0], np.int64)
+        where[keys] = np.arange(keys.shape[0])
+        stacked = sp.vstack([stacked, sp.csr_matrix((1, width))], format="csr")
+        return stacked[where[index.row_key]]
+
+    def pooled_from_counts(self, mat: sp.csr_matrix) -> NDArray[np.float32]:
+        """Dense pooled features: log1p(counts), numeric values z-scored by training stats."""
+        assert self.vocab is not None
+        v, m = self.vocab.size, len(self.numeric_codes)
+        width = v + 2 * m
+        dense = mat.toarray()
+        for wi in range(len(self._config["windows"])):
+            off = wi * width
+            dense[:, off : off + v] = np.log1p(dense[:, off : off + v])
+            for part in (off + v, off + v + m):
+                block = dense[:, part : part + m]
+                present = block != 0
+                z = (block - self.numeric_mean) / self.numeric_sd
+                dense[:, part : part + m] = np.where(present, z, 0.0)
+        return dense.astype(np.float32)
+
+    def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
+        self.check_fitted()
+        mat = self.count_matrix(cohort, source)
+        present = np.diff(mat.indptr) > 0
+        return ModalityFeatures(
+            subject_id=cohort["subject_id"].cast(pl.Int64).to_numpy(),
+            prediction_time=cohort["prediction_time"].cast(pl.Datetime("us")).to_numpy(),
+            pooled=self.pooled_from_counts(mat),
+            present=present,
+            meta={"encoder": self.name, "feature_names": self.feature_names},
+        )
