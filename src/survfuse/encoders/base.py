@@ -12,7 +12,7 @@ import abc
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -35,6 +35,7 @@ __all__ = [
     "hash_files",
     "hash_keys",
     "hash_parts",
+    "iter_ct_volumes",
     "register_encoder",
 ]
 
@@ -131,67 +132,36 @@ class CTSource:
     index_path: Path | None = None
 
     def __post_init__(self) -> None:
+        from survfuse.data.imaging import validate_ct_index
+
         self.root = Path(self.root)
-        need = {"subject_id", "study_time", "path"}
-        missing = need - set(self.index.columns)
-        if missing:
-            where = self.index_path or "CT index"
-            raise ValueError(f"{where}: missing column(s) {sorted(missing)}")
-        root = self.root
-        self.index = self.index.with_columns(
-            pl.col("subject_id").cast(pl.Int64),
-            pl.col("study_time").cast(pl.Datetime("us")),
-            pl.col("path")
-            .cast(pl.Utf8)
-            .map_elements(lambda p: p if os.path.isabs(p) else str(root / p), return_dtype=pl.Utf8),
-        )
+        where = f"CT index {self.index_path}" if self.index_path else "CT index"
+        self.index = validate_ct_index(self.index, source=where, root=self.root)
 
     @classmethod
     def from_index(
         cls, path: str | os.PathLike[str], *, lookback_days: float | None = None
     ) -> CTSource:
         """Read a CT index (parquet or CSV); relative paths resolve against its folder."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"CT index {path} does not exist")
-        try:
-            from survfuse.data.imaging import load_ct_index
+        from survfuse.data.imaging import load_ct_index
 
-            loaded: Any = load_ct_index(path)
-            df = loaded if isinstance(loaded, pl.DataFrame) else loaded.df
-        except ImportError:
-            df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
-        return cls(index=df, root=path.parent, lookback_days=lookback_days, index_path=path)
+        path = Path(path)
+        return cls(
+            index=load_ct_index(path),
+            root=path.parent,
+            lookback_days=lookback_days,
+            index_path=path,
+        )
 
     def studies(self, cohort: pl.DataFrame) -> pl.DataFrame:
         """Latest study at or before each prediction: [subject_id, prediction_time, study_time, path].
 
-        Rows follow `cohort`'s order; `path` is null when no study qualifies.
+        Rows follow `cohort`'s order; `path` is null when no study qualifies
+        (`survfuse.data.imaging.select_studies`).
         """
-        keys = cohort.select(
-            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
-        ).with_row_index("_row")
-        idx = self.index.select("subject_id", "study_time", "path").sort("subject_id", "study_time")
-        joined = (
-            keys.sort("prediction_time")
-            .join_asof(
-                idx.sort("study_time"),
-                left_on="prediction_time",
-                right_on="study_time",
-                by="subject_id",
-                strategy="backward",
-            )
-            .sort("_row")
-        )
-        if self.lookback_days is not None:
-            too_old = (pl.col("prediction_time") - pl.col("study_time")) > pl.duration(
-                days=self.lookback_days
-            )
-            joined = joined.with_columns(
-                pl.when(too_old).then(None).otherwise(pl.col("study_time")).alias("study_time"),
-                pl.when(too_old).then(None).otherwise(pl.col("path")).alias("path"),
-            )
-        return joined.select("subject_id", "prediction_time", "study_time", "path")
+        from survfuse.data.imaging import select_studies
+
+        return select_studies(cohort, self.index, lookback_days=self.lookback_days)
 
     def input_files(self) -> list[Path]:
         """Every CT file of the index (plus the index file) for the store's fingerprint."""
@@ -199,6 +169,27 @@ class CTSource:
         if self.index_path is not None:
             files.append(self.index_path)
         return files
+
+
+def iter_ct_volumes(
+    cohort: pl.DataFrame, source: CTSource, preprocessing: Any
+) -> Iterator[tuple[int, Any, dict[str, Any] | None]]:
+    """For each cohort row: (row, CTVolume or None, manifest entry or None).
+
+    Volumes come from `survfuse.data.imaging.iter_ct` (`load_ct(path, preprocessing)`). A row with
+    no study (status "no_study") or whose study failed to load (status "failed", the data layer's
+    `CTLoadError` reason) yields None and its manifest entry (JSON-able: prediction_time as ISO
+    text), so the store can report why `present` is False.
+    """
+    from survfuse.data.imaging import iter_ct
+
+    for i, (row, vol) in enumerate(iter_ct(source.studies(cohort), preprocessing)):
+        if vol is None:
+            entry = dict(row)
+            entry["prediction_time"] = str(entry["prediction_time"])
+            yield i, None, entry
+        else:
+            yield i, vol, None
 
 
 # ---------------------------------------------------------------------- encoder base

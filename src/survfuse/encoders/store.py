@@ -6,6 +6,7 @@ Layout under `root`::
     <encoder>-<fp>/fingerprint.json            what the fingerprint `fp` was made of
     <encoder>-<fp>/chunks/<chunkkey>/          one saved ModalityFeatures per chunk
     <encoder>-<fp>/results/<cohortkey>/        assembled features in one cohort's row order
+                                               (+ manifest.parquet: why rows are not present)
 
 `fp` hashes the encoder (name + config + fitted state + survfuse version) and the source's input
 files (path, size, mtime). Chunks hold the cohort's unique keys sorted by (subject_id,
@@ -315,8 +316,13 @@ class FeatureStore:
             meta = {k: v for k, v in head.meta.items() if k != "manifest"}
             meta.update(fingerprint=fp, encoder=name, manifest=manifest)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-            if manifest:
-                pl.DataFrame(manifest).write_parquet(tmp / "ct_manifest.parquet")
+            if manifest:  # why rows are not present (e.g. the CT data layer's load failures)
+                man = pl.DataFrame(manifest)
+                if "prediction_time" in man.columns:
+                    man = man.with_columns(
+                        pl.col("prediction_time").cast(pl.Utf8).str.to_datetime(time_unit="us")
+                    )
+                man.write_parquet(tmp / "manifest.parquet")
             del out
             try:
                 os.replace(tmp, result_dir)
