@@ -1,1 +1,70 @@
-"""Survival metrics with their own statistics: concordance, AUC, Brier, calibration, bootstrap."""
+"""Survival metrics with their own statistics: concordance, AUC, Brier, calibration, bootstrap.
+
+Conventions: arguments `(time, event, risk)`; risk higher = worse; survival curves are
+[N, len(times)] on a strictly increasing grid; IPCW metrics take the training outcomes
+(`train_time`, `train_event`) for the censoring Kaplan-Meier.
+"""
+
+from survfuse.metrics.auc import TimeDependentAUC, cumulative_dynamic_auc
+from survfuse.metrics.bootstrap import METRICS, Resampler, bootstrap, interval, make_scorer
+from survfuse.metrics.brier import brier_score, integrated_brier_score
+from survfuse.metrics.calibration import (
+    CalibrationResult,
+    DCalibrationResult,
+    calibration,
+    calibration_table,
+    d_calibration,
+    survival_at,
+)
+from survfuse.metrics.compare import Comparison, compare, holm
+from survfuse.metrics.concordance import (
+    ConcordanceResult,
+    IPCWConcordanceResult,
+    PairedConcordanceTest,
+    compare_concordance,
+    concordance_index,
+    concordance_index_ipcw,
+)
+from survfuse.metrics.ipcw import CensoringModel
+from survfuse.metrics.km import KaplanMeier, censoring_kaplan_meier, kaplan_meier
+from survfuse.metrics.result import (
+    MetricResult,
+    MetricUndefinedError,
+    NoComparablePairError,
+    NoEventBeforeTauError,
+)
+
+__all__ = [
+    "METRICS",
+    "CalibrationResult",
+    "CensoringModel",
+    "Comparison",
+    "ConcordanceResult",
+    "DCalibrationResult",
+    "IPCWConcordanceResult",
+    "KaplanMeier",
+    "MetricResult",
+    "MetricUndefinedError",
+    "NoComparablePairError",
+    "NoEventBeforeTauError",
+    "PairedConcordanceTest",
+    "Resampler",
+    "TimeDependentAUC",
+    "bootstrap",
+    "brier_score",
+    "calibration",
+    "calibration_table",
+    "censoring_kaplan_meier",
+    "compare",
+    "compare_concordance",
+    "concordance_index",
+    "concordance_index_ipcw",
+    "cumulative_dynamic_auc",
+    "d_calibration",
+    "holm",
+    "integrated_brier_score",
+    "interval",
+    "kaplan_meier",
+    "make_scorer",
+    "survival_at",
+]

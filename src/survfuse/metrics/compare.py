@@ -1,0 +1,152 @@
+"""Paired comparison of many models on the same bootstrap resamples, Holm-adjusted."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+from numpy.typing import ArrayLike, NDArray
+
+from survfuse.interop import check_survival
+from survfuse.metrics.bootstrap import (
+    CI_METHODS,
+    MetricFn,
+    Resampler,
+    _check_level,
+    acceleration,
+    influence_or_jackknife,
+    interval,
+    make_scorer,
+    run_boot,
+    summarise,
+)
+from survfuse.metrics.concordance import compare_concordance
+from survfuse.metrics.result import MetricResult
+from survfuse.registry import look_up_option
+
+__all__ = ["Comparison", "compare", "holm"]
+
+
+def holm(p: ArrayLike) -> NDArray[np.float64]:
+    """Holm step-down adjusted p-values: p_(k) * (m - k + 1), running max, capped at 1."""
+    pv = np.asarray(p, dtype=np.float64)
+    m = pv.shape[0]
+    order = np.argsort(pv, kind="stable")
+    adj = np.minimum(1.0, np.maximum.accumulate(pv[order] * (m - np.arange(m))))
+    out = np.empty(m)
+    out[order] = adj
+    return out
+
+
+def bootstrap_p_value(diff: NDArray[np.float64]) -> float:
+    """Two-sided p of H0: difference = 0, by inverting the percentile interval:
+    p = min(1, 2 min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (B + 1))."""
+    b = diff.shape[0]
+    lo = 1 + int(np.sum(diff <= 0))
+    hi = 1 + int(np.sum(diff >= 0))
+    return float(min(1.0, 2.0 * min(lo, hi) / (b + 1)))
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """`results`: one MetricResult per model (name "metric[model]"); `table`: one row per
+    non-reference model with the paired difference (model - reference), its CI, the bootstrap
+    p-value and its Holm adjustment (and, for harrell_c, the asymptotic IJ z-test p-value)."""
+
+    results: list[MetricResult]
+    table: pl.DataFrame
+    replicates: dict[str, NDArray[np.float64]] = field(repr=False)
+
+
+def compare(
+    models: Mapping[str, ArrayLike],
+    time: ArrayLike,
+    event: ArrayLike,
+    *,
+    reference: str,
+    metric: str | MetricFn = "harrell_c",
+    cluster: ArrayLike | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    method: str = "percentile",
+    train_time: ArrayLike | None = None,
+    train_event: ArrayLike | None = None,
+    tau: float | None = None,
+    times: ArrayLike | None = None,
+) -> Comparison:
+    """Score every model on the same subject-level resamples; paired differences vs `reference`.
+
+    models: name -> risk [N] (or survival [N, K] for brier/ibs/td_auc on `times`).
+    For each model m != reference: difference d = theta_m - theta_ref with the CI of d*
+    (percentile or BCa with the acceleration of the paired influence U_m - U_ref), a two-sided
+    bootstrap p-value, Holm-adjusted across the comparisons. With metric "harrell_c" the table
+    also has `p_asymptotic`: the paired z-test of two correlated C's from the IJ influence
+    terms (`compare_concordance`).
+    """
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {sorted(models)}")
+    if len(models) < 2:
+        raise ValueError("compare needs at least two models")
+    _check_level(level, n_boot)
+    method = look_up_option(method, CI_METHODS, kind="CI method")
+    t, e = check_survival(time, event)
+    res = Resampler.build(t.shape[0], cluster)
+    kw: dict[str, Any] = dict(train_time=train_time, train_event=train_event, tau=tau, times=times)
+    mname = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+    scorers = {k: make_scorer(metric, t, e, p, **kw) for k, p in models.items()}
+    boots = run_boot(scorers, res, n_boot, seed)
+    points = {k: sc.point() for k, sc in scorers.items()}
+    infl: dict[str, NDArray[np.float64]] = {}
+    if method == "bca":
+        infl = {k: influence_or_jackknife(sc, res, seed) for k, sc in scorers.items()}
+    results = [
+        summarise(
+            f"{mname}[{k}]",
+            points[k],
+            boots[k],
+            level=level,
+            method=method,
+            accel=acceleration(infl[k]) if infl else 0.0,
+            seed=seed,
+            n_subjects=res.n_clusters,
+            n_events=int(e.sum()),
+        )
+        for k in models
+    ]
+    rows = []
+    ref_b = boots[reference]
+    for k in models:
+        if k == reference:
+            continue
+        d = boots[k] - ref_b
+        d = d[np.isfinite(d)]
+        est = points[k] - points[reference]
+        acc = acceleration(infl[k] - infl[reference]) if infl else 0.0
+        lo, hi = interval(est, d, level, method, acc)
+        row: dict[str, Any] = {
+            "model": k,
+            "reference": reference,
+            "metric": mname,
+            "estimate": points[k],
+            "reference_estimate": points[reference],
+            "difference": est,
+            "ci_low": lo,
+            "ci_high": hi,
+            "level": level,
+            "method": method,
+            "p_value": bootstrap_p_value(d),
+            "n_boot": int(d.shape[0]),
+            "seed": seed,
+        }
+        if mname == "harrell_c":
+            test = compare_concordance(t, e, models[k], models[reference], cluster=cluster)
+            row["se_asymptotic"] = test.std_error
+            row["p_asymptotic"] = test.p_value
+        rows.append(row)
+    table = pl.DataFrame(rows)
+    table = table.with_columns(pl.Series("p_holm", holm(table["p_value"].to_numpy())))
+    return Comparison(results, table, boots)
