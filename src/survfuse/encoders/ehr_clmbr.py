@@ -106,6 +106,19 @@ def timelines_of(batch: EventBatch, ids: NDArray[np.int32]) -> dict[int, Timelin
     out: dict[int, Timeline] = {}
     if len(batch) == 0:
         return out
+    # MEDS gives no order among events at the same time: sort them by token id so a timeline
+    # does not depend on how the shards happen to be ordered
+    order = np.lexsort((ids, batch.time_us, batch.key))
+    ids = ids[order]
+    batch = EventBatch(
+        key=batch.key[order],
+        subject_id=batch.subject_id[order],
+        days_before=batch.days_before[order],
+        day_index=batch.day_index[order],
+        code=batch.code,
+        value=batch.value[order],
+        time_us=batch.time_us[order],
+    )
     starts = np.flatnonzero(np.r_[True, batch.key[1:] != batch.key[:-1]])
     ends = np.r_[starts[1:], len(batch)]
     static = batch.time_us == np.iinfo(np.int64).min
@@ -535,7 +548,7 @@ class EHRCLMBREncoder(Encoder):
                             task,
                             advance=1,
                             epoch=epoch + 1,
-                            loss=float(loss),
+                            loss=float(loss.detach()),
                             tps=n_tok / max(time.perf_counter() - t0, 1e-9),
                         )
                 secs = time.perf_counter() - t0

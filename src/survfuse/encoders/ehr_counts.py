@@ -48,6 +48,7 @@ def window_counts(
     ids: NDArray[np.int32],
     num_idx: NDArray[np.int64],
     value: NDArray[np.float64],
+    time_us: NDArray[np.int64],
     n_keys: int,
     *,
     vocab_size: int,
@@ -58,7 +59,7 @@ def window_counts(
 
     key: [n] local key per event (events in time order within a key); days_before: [n] (NaN =
     static, in every window); ids: [n] token ids; num_idx: [n] numeric-code index or -1;
-    value: [n] (NaN = none).
+    value: [n] (NaN = none); time_us: [n] event times (orders ties for "last").
     """
     width = vocab_size + 2 * n_numeric
     rows: list[NDArray[np.int64]] = []
@@ -75,8 +76,11 @@ def window_counts(
         rows.append(u // vocab_size)
         cols.append(off + u % vocab_size)
         vals.append(c.astype(np.float64))
-        sel = inw & has_num
-        if sel.any():
+        sel = np.flatnonzero(inw & has_num)
+        if sel.size:
+            # "last" = latest time; ties at that time (MEDS leaves them unordered) -> max value;
+            # this order also fixes the summation order of the mean
+            sel = sel[np.lexsort((value[sel], time_us[sel], key[sel]))]
             frame = (
                 pl.DataFrame({"k": key[sel], "m": num_idx[sel], "v": value[sel]})
                 .group_by("k", "m")
@@ -212,6 +216,7 @@ class EHRCountsEncoder(Encoder):
             ids,
             num_idx,
             batch.value,
+            batch.time_us,
             n_keys,
             vocab_size=self.vocab.size,
             n_numeric=len(self.numeric_codes),

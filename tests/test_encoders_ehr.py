@@ -1,0 +1,301 @@
+"""EHR encoders (ehr_onehot, ehr_counts, ehr_clmbr): featurisation, leakage, fitted state, store.
+
+Real events come from the MIMIC-IV demo MEDS in ../shared/data (prediction_time = each subject's
+first admission, from labels_death_from_first_admission.parquet); small MEDS copies are written
+to tmp_path where a test needs to alter events.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import polars as pl
+import pytest
+
+from survfuse.data.meds import MEDSDataset
+from survfuse.encoders import FeatureStore, build_encoder
+from survfuse.encoders.base import Encoder
+from survfuse.encoders.ehr_counts import EHRCountsEncoder, window_counts
+from survfuse.encoders.ehr_onehot import EHROneHotEncoder, onehot_tokens, time_features
+from survfuse.encoders.ehr_vocab import OOV_TOKEN, KeyIndex, fit_vocab, windowed_events
+from survfuse.encoders.features import ModalityFeatures
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "meds"
+MIMIC = DATA / "mimic_iv_demo"
+
+SMALL_CLMBR = dict(
+    max_codes=128,
+    d_model=16,
+    n_layers=1,
+    n_heads=2,
+    max_len=64,
+    epochs=1,
+    batch_size=16,
+    max_tokens=8,
+    progress=False,
+    device="cpu",
+)
+
+
+def encoders() -> list[Encoder]:
+    return [
+        EHROneHotEncoder(max_codes=200, max_tokens=16, max_codes_per_token=32),
+        EHRCountsEncoder(max_codes=200, max_numeric=16),
+        build_encoder("ehr_clmbr", **SMALL_CLMBR),
+    ]
+
+
+def arrays(f: ModalityFeatures) -> dict[str, np.ndarray]:
+    out = {"pooled": f.pooled, "present": f.present}
+    for name in ("tokens", "mask", "token_codes"):
+        if getattr(f, name) is not None:
+            out[name] = getattr(f, name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mimic() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(events of the demo, cohort with prediction_time = first admission and a split)."""
+    events = pl.read_parquet(MIMIC / "data" / "*.parquet")
+    labels = pl.read_parquet(MIMIC / "labels_death_from_first_admission.parquet")
+    rng = np.random.default_rng(0)
+    test = rng.random(labels.height) < 0.3
+    cohort = labels.select(
+        "subject_id", pl.col("index_time").alias("prediction_time")
+    ).with_columns(pl.Series("split", np.where(test, "internal_test", "train")))
+    return events, cohort
+
+
+def write_meds(root: Path, events: pl.DataFrame) -> MEDSDataset:
+    (root / "data").mkdir(parents=True)
+    events.select(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("time").cast(pl.Datetime("us")),
+        pl.col("code").cast(pl.Utf8),
+        pl.col("numeric_value").cast(pl.Float32),
+    ).sort("subject_id", "time", nulls_last=False).write_parquet(root / "data" / "0.parquet")
+    return MEDSDataset(root)
+
+
+def before_index(events: pl.DataFrame, cohort: pl.DataFrame) -> pl.DataFrame:
+    """Events at or before each subject's prediction_time, plus static events."""
+    return (
+        events.join(cohort.select("subject_id", "prediction_time"), on="subject_id")
+        .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))
+        .drop("prediction_time")
+    )
+
+
+# ---------------------------------------------------------------------- pure featurisation
+def test_onehot_tokens_by_hand() -> None:
+    # key 0: static code 5; 3 days before: codes 2, 2, 7; on the index day: code 1
+    key = np.array([0, 0, 0, 0, 0])
+    day = np.array([-1, 3, 3, 3, 0])
+    ids = np.array([5, 2, 2, 7, 1], np.int32)
+    codes, feats, mask = onehot_tokens(key, day, ids, 2, max_tokens=3, max_codes_per_token=4)
+    assert mask.tolist() == [[True, True, True], [False, False, False]]
+    assert codes[0, 0].tolist() == [2, 7, -1, -1]  # oldest day first, duplicates removed
+    assert codes[0, 1].tolist() == [1, -1, -1, -1]
+    assert codes[0, 2].tolist() == [5, -1, -1, -1]  # the static token comes last
+    assert (codes[1] == -1).all()
+    assert feats[0, 0, 0] == pytest.approx(np.log1p(3.0))
+    assert feats[0, 0, 1] == pytest.approx(np.sin(2 * np.pi * 3 / 7))
+    assert feats[0, 2].tolist() == [0.0] * 7 + [1.0]
+    # only 2 tokens: the static token and the most recent day survive
+    codes, _, mask = onehot_tokens(key, day, ids, 1, max_tokens=2, max_codes_per_token=1)
+    assert codes[0, :, 0].tolist() == [1, 5] and mask.all()
+
+
+def test_time_features_static_flag() -> None:
+    f = time_features(np.array([0.0, 365.25, np.nan]), np.array([False, False, True]))
+    assert f.shape == (3, 8)
+    assert f[1, 6] == pytest.approx(1.0)  # cos(2 pi) for the yearly period
+    assert f[2].tolist() == [0.0] * 7 + [1.0]
+
+
+def test_window_counts_match_pandas() -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    key = np.sort(rng.integers(0, 7, n))
+    days = rng.uniform(0, 800, n)
+    days[rng.random(n) < 0.1] = np.nan  # static
+    ids = rng.integers(0, 5, n).astype(np.int32)
+    num = np.where(ids == 3, 0, np.where(ids == 4, 1, -1))
+    val = np.where(num >= 0, rng.normal(size=n), np.nan)
+    windows = [30.0, None]
+    mat = window_counts(
+        key, days, ids, num, val, np.arange(n), 7, vocab_size=5, n_numeric=2, windows=windows
+    )
+    dense = mat.toarray()
+    df = pd.DataFrame({"k": key, "d": days, "id": ids, "m": num, "v": val})
+    for wi, w in enumerate(windows):
+        sub = df if w is None else df[df.d.isna() | (df.d <= w)]
+        off = wi * 9
+        counts = sub.groupby(["k", "id"]).size()
+        for (k, i), c in counts.items():
+            assert dense[k, off + i] == c
+        assert dense[:, off : off + 5].sum() == len(sub)
+        numeric = sub[sub.m >= 0]
+        for (k, m), g in numeric.groupby(["k", "m"]):
+            assert dense[k, off + 5 + m] == pytest.approx(g.v.iloc[-1])  # last in time order
+            assert dense[k, off + 7 + m] == pytest.approx(g.v.mean())
+
+
+def test_quantile_bins_match_numpy(mimic: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    _, cohort = mimic
+    train = cohort.filter(pl.col("split") == "train")
+    ev = windowed_events(MEDSDataset(MIMIC), KeyIndex.from_cohort(train), lookback_days=None)
+    vocab = fit_vocab(ev, max_codes=300, n_bins=4, min_values=20)
+    binned = np.flatnonzero(np.isfinite(vocab.cuts[:, 0]))
+    assert binned.size > 0
+    codes = ev.code.to_numpy()
+    for c in binned[:5]:
+        vals = ev.value[(codes == vocab.codes[c]) & np.isfinite(ev.value)]
+        want = np.unique(np.quantile(vals, [0.25, 0.5, 0.75]))
+        got = vocab.cuts[c][np.isfinite(vocab.cuts[c])]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert vocab.tokens[0] == OOV_TOKEN
+    # ordered by number of training subjects holding the token
+    assert (np.diff(vocab.subject_counts[1:]) <= 0).all()
+    assert any("//q" in t for t in vocab.tokens)
+
+
+# ---------------------------------------------------------------------- leakage
+def test_events_after_prediction_time_change_no_feature(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
+    events, cohort = mimic
+    cohort = cohort.head(40)
+    sub = events.filter(pl.col("subject_id").is_in(cohort["subject_id"].implode()))
+    clean = write_meds(tmp_path / "clean", before_index(sub, cohort))
+    # the real future (all later admissions, the death itself) plus the outcome code and a new
+    # code with a huge value 1 microsecond after prediction_time
+    leak = cohort.select(
+        "subject_id", (pl.col("prediction_time") + timedelta(microseconds=1)).alias("time")
+    )
+    extra = pl.concat(
+        [
+            leak.with_columns(
+                pl.lit("MEDS_DEATH").alias("code"), pl.lit(None, pl.Float32).alias("numeric_value")
+            ),
+            leak.with_columns(
+                pl.lit("LAB//LEAK").alias("code"), pl.lit(1e6, pl.Float32).alias("numeric_value")
+            ),
+        ]
+    ).select("subject_id", "time", "code", "numeric_value")
+    leaky = write_meds(tmp_path / "leaky", pl.concat([sub, extra.cast(sub.schema)]))
+    assert len(pl.read_parquet(tmp_path / "leaky" / "data")) > 5 * len(
+        pl.read_parquet(tmp_path / "clean" / "data")
+    )
+    train = cohort.filter(pl.col("split") == "train")
+    for a, b in zip(encoders(), encoders(), strict=True):
+        fa = a.fit(train, clean).encode(cohort, clean)
+        fb = b.fit(train, leaky).encode(cohort, leaky)
+        assert a.fingerprint() == b.fingerprint(), a.name
+        assert fa.present.all()
+        for name, arr in arrays(fa).items():
+            np.testing.assert_array_equal(arr, arrays(fb)[name], err_msg=f"{a.name}.{name}")
+
+
+def test_test_only_code_not_in_vocab_and_bins_ignore_test_values(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
+    events, cohort = mimic
+    cohort = cohort.head(50)
+    sub = before_index(
+        events.filter(pl.col("subject_id").is_in(cohort["subject_id"].implode())), cohort
+    )
+    base = write_meds(tmp_path / "base", sub)
+    test_ids = cohort.filter(pl.col("split") != "train")["subject_id"].implode()
+    # test subjects: values x1000 and a code nobody in training has, a day before the index
+    changed = sub.with_columns(
+        pl.when(pl.col("subject_id").is_in(test_ids))
+        .then(pl.col("numeric_value") * 1000)
+        .otherwise(pl.col("numeric_value"))
+        .alias("numeric_value")
+    )
+    only_test = (
+        cohort.filter(pl.col("subject_id").is_in(test_ids))
+        .select("subject_id", (pl.col("prediction_time") - timedelta(days=1)).alias("time"))
+        .with_columns(
+            pl.lit("ONLY//TEST").alias("code"), pl.lit(5.0, pl.Float32).alias("numeric_value")
+        )
+    )
+    moved = write_meds(tmp_path / "moved", pl.concat([changed, only_test.cast(sub.schema)]))
+    train = cohort.filter(pl.col("split") == "train")
+    test = cohort.filter(pl.col("split") != "train")
+    for a, b in zip(encoders(), encoders(), strict=True):
+        a.fit(train, base)
+        b.fit(train, moved)
+        sa, sb = a.state(), b.state()
+        for k in ("vocab_codes", "vocab_cuts", "vocab_lut", "vocab_tokens"):
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=f"{a.name}.{k}")
+        assert "ONLY//TEST" not in sb["vocab_codes"] and "ONLY//TEST" not in sb["vocab_tokens"]
+        assert a.fingerprint() == b.fingerprint()
+        # train rows' features are unchanged
+        fa, fb = a.encode(train, base), b.encode(train, moved)
+        for name, arr in arrays(fa).items():
+            np.testing.assert_array_equal(arr, arrays(fb)[name], err_msg=f"{a.name}.{name}")
+    # the test-only code is out of vocabulary: id 0 in the one-hot tokens of the day before index
+    enc = EHROneHotEncoder(max_codes=200).fit(train, moved)
+    f = enc.encode(test, moved)
+    assert enc.vocab is not None and "ONLY//TEST" not in enc.vocab.codes
+    assert (f.token_codes[f.mask] == 0).any(axis=-1).sum() >= test.height
+
+
+# ---------------------------------------------------------------------- state, store
+def test_save_load_fingerprint_and_store(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
+    _, cohort = mimic
+    src = MEDSDataset(MIMIC)
+    train = cohort.filter(pl.col("split") == "train")
+    test = cohort.filter(pl.col("split") != "train")
+    store = FeatureStore(tmp_path / "store")
+    for enc in encoders():
+        direct = enc.fit(train, src).encode(test, src)
+        enc.save(tmp_path / enc.name)
+        back = Encoder.load(tmp_path / enc.name)
+        assert type(back) is type(enc) and back.fingerprint() == enc.fingerprint()
+        again = back.encode(test, src)
+        for name, arr in arrays(direct).items():
+            np.testing.assert_array_equal(arr, arrays(again)[name], err_msg=f"{enc.name}.{name}")
+        fresh = build_encoder(enc.name, **enc.config())
+        with pytest.raises(RuntimeError, match="fit"):
+            fresh.encode(test, src)
+        stored = store.encode(fresh, test, src, fit_cohort=train, chunk_size=16, progress=False)
+        assert store.last_run is not None and store.last_run.fitted == "fit"
+        for name, arr in arrays(direct).items():
+            np.testing.assert_array_equal(arr, arrays(stored)[name], err_msg=f"{enc.name}.{name}")
+        build = build_encoder(enc.name, **enc.config())
+        store.encode(build, test, src, fit_cohort=train, chunk_size=16, progress=False)
+        assert store.last_run.fitted == "cached" and store.last_run.result_cached
+    # a different fit cohort gives a different fitted state, hence fingerprint
+    a = EHRCountsEncoder(max_codes=50).fit(train, src)
+    b = EHRCountsEncoder(max_codes=50).fit(test, src)
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_shapes_order_and_duplicates(mimic: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    _, cohort = mimic
+    src = MEDSDataset(MIMIC)
+    train = cohort.filter(pl.col("split") == "train")
+    rows = pl.concat([cohort.head(5)[::-1], cohort.head(2)])  # reversed + repeated keys
+    for enc in encoders()[:2]:
+        enc.fit(train, src)
+        f = enc.encode(rows, src)
+        ref = enc.encode(cohort.head(5), src)
+        assert f.subject_id.tolist() == rows["subject_id"].to_list()
+        np.testing.assert_array_equal(f.pooled[:5], ref.pooled[::-1])
+        np.testing.assert_array_equal(f.pooled[5:], ref.pooled[:2])
+    one = EHROneHotEncoder(max_codes=100, max_tokens=4, max_codes_per_token=3).fit(train, src)
+    f = one.encode(cohort, src)
+    assert f.token_codes.shape == (cohort.height, 4, 3) and f.tokens.shape == (cohort.height, 4, 8)
+    assert f.vocab_size == 101 and f.token_codes.max() < 101 and f.token_codes.min() == -1
+    assert ((f.token_codes >= 0).any(-1) == f.mask).all()
+    np.testing.assert_allclose(f.pooled.sum(1)[f.present], 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="position"):
+        build_encoder("ehr_clmbr", position="rotery")
