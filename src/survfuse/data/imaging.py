@@ -90,7 +90,8 @@ class CTPreprocessing(BaseModel):
     floor_hu: values below it (scanner padding outside the field of view, e.g. -3024) are raised
         to it.
     check_hu: refuse volumes whose intensities are not plausible CT HU: 1st percentile above
-        `max_p01_hu` (no air or lung: MR or unscaled data) or 99th percentile above `max_p99_hu`.
+        `max_p01_hu` (no air or lung: MR or unscaled data) or below `min_p01_hu`, or 99th
+        percentile above `max_p99_hu`. A constant padding value below `floor_hu` is ignored.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -107,6 +108,7 @@ class CTPreprocessing(BaseModel):
     interpolation: str = "linear"
     check_hu: bool = True
     max_p01_hu: float = -500.0
+    min_p01_hu: float = -2000.0
     max_p99_hu: float = 4000.0
 
     @field_validator("orientation")
@@ -240,6 +242,13 @@ def _check_hu(path: Path, arr: NDArray[np.float32], prep: CTPreprocessing) -> di
     sample = flat[::step]
     if not np.isfinite(sample).all() or not np.isfinite(arr).all():
         raise CTLoadError(path, "volume contains NaN or infinite values")
+    lowest = float(sample.min())
+    if lowest < prep.floor_hu and float(np.mean(sample == lowest)) > 1e-3:
+        # a constant value below the floor filling many voxels is outside-FOV padding
+        # (e.g. -3024, -2048), not tissue: leave it out of the distribution checks
+        sample = sample[sample != lowest]
+        if sample.size == 0:
+            raise CTLoadError(path, f"volume holds only the padding value {lowest:.0f}")
     p01, p50, p99 = (float(x) for x in np.percentile(sample, [1, 50, 99]))
     stats = {"hu_p01": p01, "hu_p50": p50, "hu_p99": p99}
     if prep.check_hu:
@@ -249,6 +258,12 @@ def _check_hu(path: Path, arr: NDArray[np.float32], prep: CTPreprocessing) -> di
                 f"implausible HU distribution for CT: 1st percentile {p01:.0f} > "
                 f"{prep.max_p01_hu:.0f} HU (no air or lung voxels); not a CT in Hounsfield "
                 "units (MR or unscaled intensities?)",
+            )
+        if p01 < prep.min_p01_hu:
+            raise CTLoadError(
+                path,
+                f"implausible HU range: 1st percentile {p01:.0f} < {prep.min_p01_hu:.0f} HU "
+                "(air is -1000 HU; wrong rescale slope?)",
             )
         if p99 > prep.max_p99_hu:
             raise CTLoadError(
