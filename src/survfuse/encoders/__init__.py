@@ -7,6 +7,7 @@ from survfuse.encoders import (
     ehr_clmbr,  # noqa: F401
     ehr_counts,  # noqa: F401
     ehr_onehot,  # noqa: F401
+    precomputed,  # noqa: F401
 )
 from survfuse.encoders.base import CTSource, Encoder, build_encoder
 from survfuse.encoders.features import ModalityFeatures

@@ -26,6 +26,14 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+
+def _as(a: Any, dtype: Any) -> Any:
+    """`a` with `dtype` (no copy when it already has it, so memory maps are kept)."""
+    if isinstance(a, np.ndarray) and a.dtype == dtype:
+        return a
+    return np.asarray(a, dtype=dtype)
+
+
 _ARRAYS = ("subject_id", "prediction_time", "pooled", "present", "tokens", "token_codes", "mask")
 
 
@@ -45,6 +53,15 @@ class ModalityFeatures:
     def __post_init__(self) -> None:
         self.subject_id = np.asarray(self.subject_id, dtype=np.int64)
         self.prediction_time = np.asarray(self.prediction_time, dtype="datetime64[us]")
+        # coerce dtypes without copying arrays that already have them (memory-mapped ones stay so)
+        self.pooled = _as(self.pooled, np.float32)
+        self.present = _as(self.present, np.bool_)
+        if self.tokens is not None:
+            self.tokens = _as(self.tokens, np.float32)
+        if self.mask is not None:
+            self.mask = _as(self.mask, np.bool_)
+        if self.token_codes is not None:
+            self.token_codes = _as(self.token_codes, np.int32)
         self.validate()
 
     # ------------------------------------------------------------------ shape facts
@@ -177,16 +194,45 @@ class ModalityFeatures:
 
     @staticmethod
     def concat(parts: list[ModalityFeatures]) -> ModalityFeatures:
-        """Stack rows of features from the same encoder (token counts must agree)."""
+        """Stack rows of features from the same encoder.
+
+        Token counts T (and codes per token K) may differ between parts: shorter parts are
+        padded with masked-out tokens (zeros; code id -1).
+        """
         if not parts:
             raise ValueError("concat needs at least one ModalityFeatures")
         first = parts[0]
+        for i, p in enumerate(parts[1:], start=1):
+            for name in ("tokens", "mask", "token_codes"):
+                if (getattr(p, name) is None) != (getattr(first, name) is None):
+                    raise ValueError(
+                        f"concat: part {i} has {name} but part 0 does not (or vice versa)"
+                    )
+            if p.pooled_dim != first.pooled_dim:
+                raise ValueError(
+                    f"concat: part {i} has pooled dim {p.pooled_dim} != {first.pooled_dim}"
+                )
+            if p.tokens is not None and p.token_dim != first.token_dim:
+                raise ValueError(
+                    f"concat: part {i} has token dim {p.token_dim} != {first.token_dim}"
+                )
+        t = max(p.num_tokens for p in parts)
+        k = max((p.token_codes.shape[2] for p in parts if p.token_codes is not None), default=0)
+
+        def pad(name: str, a: Any) -> Any:
+            if name not in ("tokens", "mask", "token_codes"):
+                return a
+            width = [(0, 0), (0, t - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+            if name == "token_codes":
+                width[2] = (0, k - a.shape[2])
+            fill = -1 if name == "token_codes" else 0
+            return np.pad(a, width, constant_values=fill) if any(w[1] for w in width) else a
 
         def cat(name: str) -> Any:
             arrays = [getattr(p, name) for p in parts]
             if arrays[0] is None:
                 return None
-            return np.concatenate(arrays, axis=0)
+            return np.concatenate([pad(name, a) for a in arrays], axis=0)
 
         return ModalityFeatures(
             subject_id=cat("subject_id"),
