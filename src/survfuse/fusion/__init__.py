@@ -1,1 +1,18 @@
-"""Fusion strategies (registered in `survfuse.registry.FUSIONS`) and their estimator."""
+"""Fusion strategies (registered in `survfuse.registry.FUSIONS`) and their estimator.
+
+Importing this package registers `unimodal`, `concat`, `late`, `contrastive`,
+`cross_attention` and `co_attention`.
+"""
+
+from survfuse.fusion import (  # noqa: F401  (imported so the strategies register)
+    co_attention,
+    concat,
+    contrastive,
+    cross_attention,
+    late,
+    unimodal,
+)
+from survfuse.fusion.base import FusionOutput, FusionStrategy, ModalitySpec
+from survfuse.fusion.model import FusionSurvivalModel
+
+__all__ = ["FusionOutput", "FusionStrategy", "FusionSurvivalModel", "ModalitySpec"]

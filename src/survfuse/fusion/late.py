@@ -1,0 +1,157 @@
+"""`late`: one head per modality, outputs combined by learned non-negative weights (or stacking)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from survfuse.fusion.base import MLP, MODALITIES, Batch, FusionOutput, FusionStrategy, ModalitySpec
+from survfuse.registry import FUSIONS, look_up_option
+
+
+@FUSIONS.register("late")
+class Late(FusionStrategy):
+    """Late fusion of per-modality survival heads.
+
+    Branch m: out_m = head_m(MLP_m(pooled_m)). `combine="weights"` (default):
+    w_m = softplus(a_m) >= 0 and out = sum_m p_m w_m out_m / sum_m p_m w_m with p_m the presence
+    flag, so with one modality absent the fused output *equals* the present branch's output
+    (a Cox risk is a log-hazard, so this is a weighted average of log-risks).
+    Loss = head loss of the fused output + `aux_weight` * mean_m (head_m loss on the rows with
+    modality m present), so every branch stays a standalone risk model.
+
+    `combine="stacking"` (INSPECT): branches train as above; afterwards `fit_stacking` fits, on
+    the validation split, out = b + sum_m p_m beta_m (out_m - mu_m) by minimising the head's
+    loss + `stack_ridge` * |beta|^2 (for the Cox head: a Cox model on the unimodal risks;
+    mu_m = validation mean, so an
+    absent modality contributes its mean).
+    """
+
+    def __init__(
+        self,
+        specs: Mapping[str, ModalitySpec],
+        *,
+        head: str = "cox",
+        head_params: Mapping[str, Any] | None = None,
+        hidden: int = 32,
+        layers: int = 1,
+        dropout: float = 0.1,
+        combine: str = "weights",
+        aux_weight: float = 1.0,
+        stack_ridge: float = 1e-3,
+    ) -> None:
+        super().__init__(specs, head=head, head_params=head_params)
+        self._setup(MODALITIES)
+        combine = look_up_option(combine, ("weights", "stacking"), kind="late combine")
+        self.params = {
+            "hidden": hidden,
+            "layers": layers,
+            "dropout": dropout,
+            "combine": combine,
+            "aux_weight": aux_weight,
+            "stack_ridge": stack_ridge,
+        }
+        self.stack_ridge = stack_ridge
+        self.combine = combine
+        self.aux_weight = aux_weight
+        self.branches = nn.ModuleDict(
+            {m: MLP(self.specs[m].pooled_dim, hidden, layers, dropout) for m in MODALITIES}
+        )
+        self.branch_heads = nn.ModuleDict({m: self.make_head(hidden) for m in MODALITIES})
+        # softplus(0.5413) = 1: equal initial weights
+        self.weight_logits = nn.Parameter(torch.full((len(MODALITIES),), 0.5413))
+        # the fused output's head: carries the loss, Breslow baseline and curves; its own layer
+        # is not used (the fused output is a combination of branch outputs)
+        self.head = self.make_head(hidden)
+        for p in self.head.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            k = int(self.head(torch.zeros(2, hidden)).shape[-1])
+        self.register_buffer("stack_beta", torch.ones(len(MODALITIES)))
+        self.register_buffer("stack_mu", torch.zeros(len(MODALITIES), k))
+        self.register_buffer("stack_bias", torch.zeros(k))
+        self.register_buffer("stack_fitted", torch.tensor(False))
+
+    def survival_heads(self) -> list[Any]:
+        return [self.head, *self.branch_heads.values()]
+
+    def _branch_head(self, modality: str) -> Any:
+        return self.branch_heads[modality]
+
+    def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            m: [*self.branches[m].parameters(), *self.branch_heads[m].parameters()]
+            for m in MODALITIES
+        }
+
+    def weights(self) -> Tensor:
+        """Non-negative combination weights [M] (before renormalisation over present ones)."""
+        return F.softplus(self.weight_logits)
+
+    def branch_outputs(self, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(outs [M, N, K], present [M, N] float, hidden per modality)."""
+        hidden = {m: self.branches[m](batch[m]["pooled"]) for m in MODALITIES}
+        outs = torch.stack([self.branch_heads[m](hidden[m]) for m in MODALITIES])
+        present = torch.stack([batch[m]["present"] for m in MODALITIES]).float()
+        return outs, present, hidden
+
+    def fuse(self, batch: Batch) -> FusionOutput:
+        outs, present, hidden = self.branch_outputs(batch)
+        if self.combine == "stacking" and bool(self.stack_fitted):
+            out = self._stacked(outs, present)
+        else:
+            w = self.weights()[:, None] * present  # [M, N]
+            out = (w[..., None] * outs).sum(0) / w.sum(0).clamp_min(1e-12)[:, None]
+        extras = {"branch_out": outs, "present": present}
+        return FusionOutput(out=out, risk=self.head.risk(out), modality_repr=hidden, extras=extras)
+
+    def _stacked(self, outs: Tensor, present: Tensor) -> Tensor:
+        beta = self.stack_beta[:, None, None]
+        centred = (outs - self.stack_mu[:, None, :]) * present[..., None]
+        return self.stack_bias + (beta * centred).sum(0)
+
+    def loss(self, output: FusionOutput, time: Tensor, event: Tensor) -> Tensor:
+        total = self.head.loss(output.out, time, event)
+        outs, present = output.extras["branch_out"], output.extras["present"].bool()
+        branch: list[Tensor] = []
+        for i, m in enumerate(MODALITIES):
+            rows = present[i]
+            if int(rows.sum()) >= 2 and bool(event[rows].any()):
+                branch.append(self._branch_head(m).loss(outs[i][rows], time[rows], event[rows]))
+        if branch and self.aux_weight > 0:
+            total = total + self.aux_weight * torch.stack(branch).mean()
+        return total
+
+    @torch.enable_grad()
+    def fit_stacking(self, batch: Batch, time: Tensor, event: Tensor) -> None:
+        """Fit beta, mu, b on (validation) data with the branches frozen (L-BFGS on the head loss)."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            normed = {m: self.norms[m](batch[m]) for m in self.modalities}
+            outs, present, _ = self.branch_outputs(normed)
+        k = outs.shape[-1]
+        mu = (outs * present[..., None]).sum(1) / present.sum(1).clamp_min(1)[:, None]
+        self.stack_mu = mu.detach().clone()
+        beta = torch.ones(len(MODALITIES), requires_grad=True)
+        bias = torch.zeros(k, requires_grad=True)
+        opt = torch.optim.LBFGS([beta, bias], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+        centred = (outs - mu[:, None, :]) * present[..., None]
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            out = bias + (beta[:, None, None] * centred).sum(0)
+            # a small ridge keeps beta finite when a risk separates the validation events
+            loss = self.head.loss(out, time, event) + self.stack_ridge * (beta**2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.stack_beta = beta.detach().clone()
+        self.stack_bias = bias.detach().clone()
+        self.stack_fitted = torch.tensor(True)
+        self.train(was_training)

@@ -1,0 +1,483 @@
+"""`FusionSurvivalModel`: trains a registered fusion strategy with a survival head.
+
+Training: AdamW, gradient-norm clipping, early stopping on the validation C-index (the best
+epoch's weights are restored), deterministic on CPU for a given `seed`.
+
+Batches (`batch_size=None`): the whole training split is one batch when it has at most
+`FULL_BATCH_MAX` = 4096 patients, so every Cox risk set is exact; larger cohorts use shuffled
+mini-batches of `LARGE_BATCH` = 2048 patients, with risk sets inside each batch (the usual
+large-batch approximation of the partial likelihood; it needs many patients per batch, hence
+the large size). An explicit `batch_size` overrides both.
+
+Imbalance diagnostics (issue 11): every epoch logs, in `history`, the mean L2 norm of the
+gradient of each modality's encoder-side parameters (`strategy.modality_parameters()`),
+`grad_norm_ct`, `grad_norm_ehr`, and their ratio `grad_ratio` = ct / ehr.
+
+Rebalancing (`rebalance="ogm_ge"`, off by default): OGM-GE (Peng et al., CVPR 2022) adapted to
+survival. A linear Cox probe per modality is trained on that modality's detached
+representation r_m (`FusionOutput.modality_repr`); its score is the geometric-mean partial
+likelihood per event, s_m = exp(-cox_partial_nll_m) in (0, 1] (the analogue of OGM-GE's softmax
+probability of the true class). With rho_ct = s_ct / s_ehr and rho_ehr = 1 / rho_ct, the
+dominant modality (rho_m > 1) has its encoder-side gradients scaled by
+k_m = 1 - tanh(alpha * (rho_m - 1)) and, for generalisation enhancement, Gaussian noise with the
+gradient's own standard deviation added (`noise=True`); the other modality is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time as _time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+from torch import Tensor, nn
+
+from survfuse.encoders.features import ModalityFeatures
+from survfuse.fusion.base import (
+    Batch,
+    FusionOutput,
+    FusionStrategy,
+    ModalitySpec,
+    check_modalities,
+    drop_modalities,
+    to_batch,
+)
+from survfuse.interop import check_survival
+from survfuse.metrics import concordance_index
+from survfuse.metrics.concordance import NoComparablePairError
+from survfuse.registry import FUSIONS, look_up_option
+from survfuse.survival.losses import cox_partial_nll
+
+__all__ = ["FULL_BATCH_MAX", "LARGE_BATCH", "FusionSurvivalModel", "harrell_c"]
+
+FULL_BATCH_MAX = 4096
+LARGE_BATCH = 2048
+PREDICT_CHUNK = 4096
+REBALANCE = ("none", "ogm_ge")
+Features = Mapping[str, ModalityFeatures]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`"auto"` = CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def harrell_c(time: ArrayLike, event: ArrayLike, risk: ArrayLike) -> float:
+    """Harrell's C of `risk` (`survfuse.metrics.concordance_index`), used for early stopping;
+    NaN when the split has no comparable pair (early stopping then keeps the first epoch)."""
+    try:
+        return float(concordance_index(time, event, risk).estimate)
+    except NoComparablePairError:
+        return math.nan
+
+
+class FusionSurvivalModel:
+    """Fusion strategy + survival head with a scikit-learn-like estimator interface.
+
+    >>> model = FusionSurvivalModel("late", head="cox", seed=0)  # doctest: +SKIP
+    >>> model.fit({"ct": ct, "ehr": ehr}, time, event, validation=(val_feats, vt, ve))
+    >>> risk = model.predict_risk(test_feats)  # [N], higher = worse
+
+    `strategy_params` go to the strategy (e.g. `{"modality": "ehr"}` for `unimodal`,
+    `{"direction": "both"}` for `cross_attention`), `head_params` to the head.
+    `rebalance_params` for OGM-GE: `alpha` (default 0.5), `noise` (default True).
+    Without `validation` the model trains `max_epochs` epochs and keeps the last weights.
+    """
+
+    def __init__(
+        self,
+        strategy: str = "late",
+        *,
+        head: str = "cox",
+        strategy_params: Mapping[str, Any] | None = None,
+        head_params: Mapping[str, Any] | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 100,
+        patience: int = 10,
+        batch_size: int | None = None,
+        modality_dropout: float = 0.0,
+        grad_clip: float = 1.0,
+        rebalance: str = "none",
+        rebalance_params: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        device: str = "auto",
+        verbose: bool = False,
+    ) -> None:
+        FUSIONS.get(strategy)  # did-you-mean error early
+        from survfuse.registry import HEADS
+
+        HEADS.get(head)
+        self.strategy_name = strategy
+        self.head = head
+        self.strategy_params = dict(strategy_params or {})
+        self.head_params = dict(head_params or {})
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.max_epochs = int(max_epochs)
+        self.patience = int(patience)
+        self.batch_size = batch_size
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        self.modality_dropout = float(modality_dropout)
+        self.grad_clip = float(grad_clip)
+        self.rebalance = look_up_option(rebalance, REBALANCE, kind="rebalance")
+        self.rebalance_params = {"alpha": 0.5, "noise": True, **dict(rebalance_params or {})}
+        self.seed = int(seed)
+        self.device = device
+        self.verbose = verbose
+        self.history: list[dict[str, Any]] = []
+        self.module: FusionStrategy | None = None
+        self.specs: dict[str, ModalitySpec] = {}
+        self.best_epoch: int | None = None
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable)."""
+        return {
+            "strategy": self.strategy_name,
+            "head": self.head,
+            "strategy_params": self.strategy_params,
+            "head_params": self.head_params,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+            "batch_size": self.batch_size,
+            "modality_dropout": self.modality_dropout,
+            "grad_clip": self.grad_clip,
+            "rebalance": self.rebalance,
+            "rebalance_params": self.rebalance_params,
+            "seed": self.seed,
+            "device": self.device,
+        }
+
+    def _build(self, specs: Mapping[str, ModalitySpec]) -> FusionStrategy:
+        cls = FUSIONS.get(self.strategy_name)
+        module: FusionStrategy = cls(
+            dict(specs), head=self.head, head_params=self.head_params, **self.strategy_params
+        )
+        return module
+
+    @property
+    def _module(self) -> FusionStrategy:
+        if self.module is None:
+            raise RuntimeError("FusionSurvivalModel is not fitted: call fit() or load() first")
+        return self.module
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        features: Features,
+        time: ArrayLike,
+        event: ArrayLike,
+        *,
+        validation: tuple[Features, ArrayLike, ArrayLike] | None = None,
+    ) -> FusionSurvivalModel:
+        """Train on `features` (dict "ct"/"ehr" -> ModalityFeatures, rows aligned with time/event)."""
+        t, e = check_survival(time, event)
+        check_modalities(features, ())
+        n = len(next(iter(features.values())))
+        if n != t.shape[0]:
+            raise ValueError(f"features have {n} rows but time has {t.shape[0]} values")
+        dev = resolve_device(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            specs = {m: ModalitySpec.of(f) for m, f in features.items()}
+            module = self._build(specs)
+            check_modalities(features, module.modalities)
+            for m in module.modalities:
+                module.feature_norm(m).fit(features[m])
+            for h in module.survival_heads():
+                h.prepare(t, e)
+            module.to(dev)
+            self.module, self.specs = module, specs
+            self._train(module, features, t, e, validation, dev)
+        return self
+
+    def _batch_rows(self, n: int) -> int:
+        return self.batch_size or (n if n <= FULL_BATCH_MAX else LARGE_BATCH)
+
+    def _batches(self, n: int, rng: np.random.Generator) -> list[np.ndarray | None]:
+        size = self._batch_rows(n)
+        if size >= n:
+            return [None]
+        perm = rng.permutation(n)
+        return [np.sort(perm[i : i + size]) for i in range(0, n, size)]
+
+    def _train(
+        self,
+        module: FusionStrategy,
+        features: Features,
+        t: NDArray[np.float64],
+        e: NDArray[np.bool_],
+        validation: tuple[Features, ArrayLike, ArrayLike] | None,
+        dev: torch.device,
+    ) -> None:
+        mods = module.modalities
+        tok = module.uses_tokens
+        n = t.shape[0]
+        rng = np.random.default_rng(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        mod_params = module.modality_parameters()
+        full = None
+        if self._batch_rows(n) >= n:  # one batch: convert once, reuse every epoch
+            full = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
+        t_all = torch.as_tensor(t, device=dev)
+        e_all = torch.as_tensor(e, device=dev)
+
+        val = None
+        if validation is not None:
+            vf, vt, ve = validation
+            vt, ve = check_survival(vt, ve)
+            check_modalities(vf, mods)
+            val = (vf, vt, ve)
+
+        probes: nn.ModuleDict | None = None
+        probe_opt: torch.optim.Optimizer | None = None
+        best_score = -math.inf
+        best_state: dict[str, Tensor] | None = None
+        bad_epochs = 0
+        self.history = []
+        self.best_epoch = None
+        for epoch in range(self.max_epochs):
+            started = _time.perf_counter()
+            module.set_epoch(epoch)
+            module.train()
+            stage = module.training_stage()
+            losses: list[float] = []
+            gnorm: dict[str, list[float]] = {m: [] for m in mod_params}
+            coefs: dict[str, list[float]] = {m: [] for m in mod_params}
+            for idx in self._batches(n, rng):
+                if idx is None and full is not None:
+                    batch, bt, be = full, t_all, e_all
+                else:
+                    batch = to_batch(features, idx, modalities=mods, with_tokens=tok, device=dev)
+                    it = torch.as_tensor(idx, device=dev)
+                    bt, be = t_all[it], e_all[it]
+                batch = drop_modalities(batch, self.modality_dropout, gen)
+                output = module(batch)
+                loss = module.loss(output, bt, be)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for m, ps in mod_params.items():
+                    gnorm[m].append(_grad_norm(ps))
+                if self.rebalance == "ogm_ge" and len(mod_params) == 2:
+                    if probes is None:
+                        probes = nn.ModuleDict(
+                            {
+                                m: nn.Linear(r.shape[-1], 1).to(dev)
+                                for m, r in output.modality_repr.items()
+                            }
+                        )
+                        probe_opt = torch.optim.Adam(probes.parameters(), lr=self.lr)
+                    assert probe_opt is not None
+                    k = self._ogm_modulate(
+                        output, batch, bt, be, probes, probe_opt, mod_params, gen
+                    )
+                    for m, c in k.items():
+                        coefs[m].append(c)
+                if self.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(params, self.grad_clip)
+                opt.step()
+                losses.append(float(loss.detach()))
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "stage": stage,
+                "train_loss": float(np.mean(losses)),
+            }
+            for m, vals in gnorm.items():
+                record[f"grad_norm_{m}"] = float(np.mean(vals))
+            if {"ct", "ehr"} <= set(gnorm):
+                den = record["grad_norm_ehr"]
+                record["grad_ratio"] = record["grad_norm_ct"] / den if den > 0 else math.inf
+            for m, vals in coefs.items():
+                if vals:
+                    record[f"ogm_coef_{m}"] = float(np.mean(vals))
+            if val is not None:
+                vf, vt, ve = val
+                vrisk = self._risk_np(vf)
+                c = harrell_c(vt, ve, vrisk)
+                record["val_c_index"] = c
+                if stage == "survival":
+                    score = c if math.isfinite(c) else -math.inf
+                    if score > best_score + 1e-6 or best_state is None:
+                        best_score = score
+                        best_state = copy.deepcopy(module.state_dict())
+                        self.best_epoch = epoch
+                        bad_epochs = 0
+                    else:
+                        bad_epochs += 1
+            record["seconds"] = _time.perf_counter() - started
+            self.history.append(record)
+            if self.verbose:
+                print(record)
+            if val is not None and bad_epochs >= self.patience:
+                break
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        elif self.history:
+            self.best_epoch = self.history[-1]["epoch"]
+        module.eval()
+        if getattr(module, "combine", None) == "stacking":
+            if val is None:
+                raise ValueError("late fusion with combine='stacking' needs validation data")
+            vf, vt, ve = val
+            vb = to_batch(vf, modalities=mods, with_tokens=tok, device=dev)
+            module.fit_stacking(
+                vb, torch.as_tensor(vt, device=dev), torch.as_tensor(ve, device=dev)
+            )  # type: ignore[operator]
+        out = self._outputs(features)
+        module.output_head.fit_baseline(out, t, e)
+
+    def _ogm_modulate(
+        self,
+        output: FusionOutput,
+        batch: Batch,
+        bt: Tensor,
+        be: Tensor,
+        probes: nn.ModuleDict,
+        probe_opt: torch.optim.Optimizer,
+        mod_params: dict[str, list[nn.Parameter]],
+        gen: torch.Generator,
+    ) -> dict[str, float]:
+        """Train the per-modality Cox probes one step and scale the dominant modality's grads."""
+        scores: dict[str, float] = {}
+        probe_losses: list[Tensor] = []
+        for m, r in output.modality_repr.items():
+            rows = batch[m]["present"]
+            risk = probes[m](r.detach()[rows])[:, 0]
+            nll = cox_partial_nll(bt[rows], be[rows], risk)
+            probe_losses.append(nll)
+            scores[m] = math.exp(-float(nll.detach())) if bool(be[rows].any()) else 0.0
+        probe_opt.zero_grad(set_to_none=True)
+        torch.stack(probe_losses).sum().backward()
+        probe_opt.step()
+        names = sorted(scores)
+        coef = {m: 1.0 for m in names}
+        a, b = names
+        if scores[a] > 0 and scores[b] > 0:
+            rho = {a: scores[a] / scores[b], b: scores[b] / scores[a]}
+            alpha = float(self.rebalance_params["alpha"])
+            for m in names:
+                if rho[m] > 1:
+                    coef[m] = 1.0 - math.tanh(alpha * (rho[m] - 1.0))
+                    for p in mod_params[m]:
+                        if p.grad is None:
+                            continue
+                        g = p.grad * coef[m]
+                        if self.rebalance_params["noise"] and p.grad.numel() > 1:
+                            noise = torch.randn(p.grad.shape, generator=gen).to(g.device)
+                            g = g + noise * (float(p.grad.std()) + 1e-8)
+                        p.grad.copy_(g)
+        return coef
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def _outputs(self, features: Features, *, record_attention: bool = False) -> Tensor:
+        module = self._module
+        check_modalities(features, module.modalities)
+        module.eval()
+        dev = next(module.parameters()).device
+        n = len(features[module.modalities[0]])
+        outs = []
+        for start in range(0, n, PREDICT_CHUNK):
+            idx = np.arange(start, min(n, start + PREDICT_CHUNK))
+            batch = to_batch(
+                features,
+                idx,
+                modalities=module.modalities,
+                with_tokens=module.uses_tokens,
+                device=dev,
+            )
+            outs.append(module(batch).out)
+        return torch.cat(outs) if outs else torch.zeros(0, 1, device=dev)
+
+    def _risk_np(self, features: Features) -> NDArray[np.float64]:
+        module = self._module
+        out = self._outputs(features)
+        return module.output_head.risk(out).detach().cpu().numpy().astype(np.float64)
+
+    def predict_risk(self, features: Features) -> NDArray[np.float64]:
+        """Risk per row [N] (higher = worse)."""
+        return self._risk_np(features)
+
+    def predict_survival(self, features: Features, times: ArrayLike) -> NDArray[np.float64]:
+        """Survival probabilities [N, len(times)] from the head's curves."""
+        out = self._outputs(features)
+        surv = self._module.output_head.survival(out, np.asarray(times, dtype=np.float64))
+        return surv.detach().cpu().numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def attention(self, features: Features) -> dict[str, NDArray[np.float32]]:
+        """Attention weights of an attention strategy (co-attention [N, H, T_G, T_O], pooling
+        [N, T], cross-attention [N, H, T_q, T_k]); empty for strategies without attention."""
+        module = self._module
+        if not hasattr(module, "record_attention"):
+            return {}
+        module.eval()
+        dev = next(module.parameters()).device
+        batch = to_batch(features, modalities=module.modalities, with_tokens=True, device=dev)
+        setattr(module, "record_attention", True)  # noqa: B010  (a flag only attention strategies have)
+        try:
+            extras = module(batch).extras
+        finally:
+            setattr(module, "record_attention", False)  # noqa: B010
+        return {k: v.cpu().numpy() for k, v in extras.items()}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write `config.json` (arguments, feature specs, history) and `model.safetensors`."""
+        from safetensors.torch import save_file
+
+        module = self._module
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "model": self.config(),
+            "specs": {m: s.to_dict() for m, s in self.specs.items()},
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+        }
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, default=float))
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str | None = None) -> FusionSurvivalModel:
+        """Recreate a saved model (weights, normalisation statistics, fitted head state)."""
+        from safetensors.torch import load_file
+
+        src = Path(directory)
+        if not (src / "config.json").exists():
+            raise FileNotFoundError(f"no saved FusionSurvivalModel in {src} (config.json missing)")
+        cfg = json.loads((src / "config.json").read_text())
+        kwargs = dict(cfg["model"])
+        strategy = kwargs.pop("strategy")
+        if device is not None:
+            kwargs["device"] = device
+        model = cls(strategy, **kwargs)
+        model.specs = {m: ModalitySpec(**s) for m, s in cfg["specs"].items()}
+        model.history = cfg.get("history", [])
+        model.best_epoch = cfg.get("best_epoch")
+        module = model._build(model.specs)
+        module.load_state_dict(load_file(str(src / "model.safetensors")))
+        module.to(resolve_device(model.device)).eval()
+        model.module = module
+        return model
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    sq = [p.grad.detach().pow(2).sum() for p in params if p.grad is not None]
+    return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
