@@ -186,7 +186,7 @@ def uno_pair_weights(
         tau_v = float(tau)
         if not tau_v > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        cens.check_horizon(tau_v, "tau")
+        cens.check_horizon(tau_v, "tau", strict=True)
     use = s.event & (s.time < tau_v)
     if not use.any():
         raise NoEventBeforeTauError(

@@ -24,8 +24,9 @@ class CensoringModel:
     def last_time(self) -> float:
         return self.km.last_time
 
-    def check_horizon(self, t: float, what: str) -> None:
-        if t > self.km.last_time and self.km.survival[-1] > 0:
+    def check_horizon(self, t: float, what: str, *, strict: bool = False) -> None:
+        """Raise when t is after the last training follow-up (strict: even if G has hit 0)."""
+        if t > self.km.last_time and (strict or self.km.survival[-1] > 0):
             raise ValueError(
                 f"{what} = {t} is beyond the last training follow-up time {self.km.last_time}; "
                 "the censoring distribution is not estimable there (choose a smaller horizon)"
