@@ -245,6 +245,36 @@ def test_subjects_across_shards_and_batches(tmp_path: Path) -> None:
     assert ds.subject_shards().filter(pl.col("subject_id") >= 20)["shard"].n_unique() == 2
 
 
+def test_chunked_reading_of_sorted_shards(tmp_path: Path) -> None:
+    # a shard in MEDS order (subject, time, static first) larger than chunk_rows is read in
+    # row slices cut at subject boundaries; the result must not change
+    events = _synthetic(30, 4000, seed=5).sort(
+        "subject_id", "time", nulls_last=False, maintain_order=True
+    )
+    _write(tmp_path, {"0.parquet": events})
+    keys = pl.DataFrame(
+        {
+            "subject_id": np.repeat(np.arange(30), 3),
+            "prediction_time": [
+                datetime(2010, 1, 1) + timedelta(days=float(d))
+                for d in np.random.default_rng(6).uniform(0, 4000, 90)
+            ],
+        }
+    )
+    ref = _reference_window(events, keys, 500.0)
+    for chunk_rows in (1, 97, 1000, 10**9):
+        ds = MEDSDataset(tmp_path, chunk_rows=chunk_rows)
+        chunks = list(ds._read_chunks(ds._shards[0], keys["subject_id"]))
+        assert sum(c.height for c in chunks) == events.height
+        if chunk_rows < events.height:
+            assert len(chunks) > 1
+            firsts = [c["subject_id"][0] for c in chunks]
+            lasts = [c["subject_id"][-1] for c in chunks]
+            assert all(a < b for a, b in zip(lasts[:-1], firsts[1:], strict=True))
+        got = ds.windowed(keys, lookback_days=500.0, batch_size=4)
+        assert got.equals(ref), chunk_rows
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
+from numpy.typing import NDArray
 
 __all__ = [
     "MEDS_COLUMNS",
@@ -148,11 +150,15 @@ class MEDSDataset:
 
     `root` holds `data/**/*.parquet` and optionally `metadata/`. The schema of every shard is
     checked on construction (parquet footers only, cheap); `validate(deep=True)` also scans the
-    values.
+    values. `chunk_rows` bounds how many event rows of a (subject-sorted) shard are in memory at
+    once while windowing.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, chunk_rows: int = 8_000_000) -> None:
         self.root = Path(root)
+        self.chunk_rows = int(chunk_rows)
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         data_dir = self.root / "data"
         if not data_dir.is_dir():
             raise FileNotFoundError(f"MEDS root {self.root} has no data/ folder")
@@ -273,14 +279,16 @@ class MEDSDataset:
         batch_size: at most this many keys per yielded frame.
 
         Each yielded frame has columns `WINDOW_SCHEMA` (subject_id, prediction_time, time, code,
-        numeric_value), is sorted by (subject_id, prediction_time, time) with static events first,
-        and holds all rows of each of its keys. Keys without events yield no rows. Shards are
-        processed one at a time, subjects whose events span several shards last.
+        numeric_value), is sorted by (subject_id, prediction_time, time) with static events first
+        (ties keep their file order), and holds all rows of each of its keys. Keys without events
+        yield no rows. Shards are processed one at a time (in chunks of at most `chunk_rows` rows
+        when a shard is sorted by subject), subjects whose events span several shards last.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if lookback_days is not None and not lookback_days >= 0:
             raise ValueError(f"lookback_days must be >= 0 or None, got {lookback_days}")
+        lookback_us = None if lookback_days is None else round(float(lookback_days) * _US_PER_DAY)
         keys = validate_keys(keys)
         if keys.height == 0:
             return
@@ -290,55 +298,57 @@ class MEDSDataset:
         )
         multi = n_shards_per_subject.filter(pl.col("n") > 1)["subject_id"]
         single = located.filter(~pl.col("subject_id").is_in(multi.implode()))
-        for shard_idx, shard_keys in single.partition_by("shard", as_dict=True).items():
-            shard = self._shards[int(shard_idx[0])]  # type: ignore[call-overload]
-            yield from self._window(
-                [shard], shard_keys.drop("shard").unique(), lookback_days, batch_size
-            )
+        for (shard_idx,), shard_keys in sorted(
+            single.partition_by("shard", as_dict=True).items(), key=lambda kv: kv[0]
+        ):
+            shard = self._shards[int(shard_idx)]  # type: ignore[call-overload]
+            sk = shard_keys.drop("shard").unique()
+            for events in self._read_chunks(shard, sk["subject_id"]):
+                yield from _window_events(events, sk, lookback_us, batch_size)
         if multi.len():
             multi_keys = located.filter(pl.col("subject_id").is_in(multi.implode()))
             shard_ids = sorted(set(multi_keys["shard"].to_list()))
-            yield from self._window(
-                [self._shards[i] for i in shard_ids],
-                multi_keys.drop("shard").unique(),
-                lookback_days,
-                batch_size,
+            wanted = multi.implode()
+            events = pl.concat(
+                [
+                    self._shards[i].scan().filter(pl.col("subject_id").is_in(wanted)).collect()
+                    for i in shard_ids
+                ]
+            )
+            yield from _window_events(
+                events, multi_keys.drop("shard").unique(), lookback_us, batch_size
             )
 
-    def _window(
-        self,
-        shards: list[_Shard],
-        keys: pl.DataFrame,
-        lookback_days: float | None,
-        batch_size: int,
-    ) -> Iterator[pl.DataFrame]:
-        keys = keys.sort("subject_id", "prediction_time").with_columns(
-            (pl.int_range(pl.len(), dtype=pl.Int64) // batch_size).alias("_batch")
-        )
-        events = pl.concat([s.scan() for s in shards], how="vertical")
-        # Semi-join first so the many-to-many join below only sees subjects we need.
-        # The joins keep the shard's row order so that ties in `time` keep their file order
-        # (deterministic output); the semi-join first drops subjects we do not need.
-        events = events.join(
-            keys.lazy().select("subject_id").unique(),
-            on="subject_id",
-            how="semi",
-            maintain_order="left",
-        )
-        joined = events.join(keys.lazy(), on="subject_id", how="inner", maintain_order="left")
-        in_window = pl.col("time") <= pl.col("prediction_time")
-        if lookback_days is not None:
-            start = pl.col("prediction_time") - pl.lit(timedelta(days=float(lookback_days)))
-            in_window = in_window & (pl.col("time") >= start)
-        out = (
-            joined.filter(pl.col("time").is_null() | in_window)
-            .select("_batch", *WINDOW_SCHEMA)
-            .sort(["subject_id", "prediction_time", "time"], nulls_last=False, maintain_order=True)
-            .collect()
-        )
-        if out.height == 0:
+    def _read_chunks(self, shard: _Shard, subjects: pl.Series) -> Iterator[pl.DataFrame]:
+        """The shard's events for `subjects`, in chunks that never split a subject.
+
+        Few wanted subjects: one filtered read (parquet statistics can skip row groups). A shard
+        sorted by subject_id and larger than `chunk_rows`: contiguous row slices cut at subject
+        boundaries, so memory stays bounded by the chunk. Otherwise: the whole shard.
+        """
+        sid = pl.scan_parquet(shard.path).select(pl.col("subject_id").cast(pl.Int64)).collect()
+        sid_np = sid["subject_id"].to_numpy()
+        n_subjects_in_shard = int(sid["subject_id"].n_unique())
+        if subjects.n_unique() * 20 < n_subjects_in_shard:
+            wanted = subjects.unique().implode()
+            yield shard.scan().filter(pl.col("subject_id").is_in(wanted)).collect()
             return
-        yield from out.partition_by("_batch", maintain_order=True, include_key=False)
+        n = sid_np.size
+        if n <= self.chunk_rows or not bool(np.all(sid_np[1:] >= sid_np[:-1])):
+            yield shard.scan().collect()
+            return
+        cuts = [0]
+        while n - cuts[-1] > self.chunk_rows:
+            target = cuts[-1] + self.chunk_rows
+            # next subject boundary at or before the target (or after it for a huge subject)
+            cut = int(np.searchsorted(sid_np, sid_np[target], side="left"))
+            if cut <= cuts[-1]:
+                cut = int(np.searchsorted(sid_np, sid_np[target], side="right"))
+            cuts.append(cut)
+        cuts.append(n)
+        for lo, hi in pairwise(cuts):
+            if hi > lo:
+                yield shard.scan().slice(lo, hi - lo).collect()
 
     def windowed(
         self,
@@ -353,4 +363,111 @@ class MEDSDataset:
             return pl.DataFrame(schema=WINDOW_SCHEMA)
         return pl.concat(parts).sort(
             ["subject_id", "prediction_time", "time"], nulls_last=False, maintain_order=True
+        )
+
+
+_US_PER_DAY = 86_400 * 1_000_000
+_STATIC = np.iinfo(np.int64).min  # null (static) times sort first
+
+
+def _first_index(
+    a: NDArray[np.int64],
+    lo: NDArray[np.int64],
+    hi: NDArray[np.int64],
+    x: NDArray[np.int64],
+    *,
+    strict: bool,
+) -> NDArray[np.int64]:
+    """Vectorised binary search: per query, the first i in [lo, hi) with a[i] > x (strict) or
+    a[i] >= x (not strict); hi when there is none. `a` is sorted within each [lo, hi)."""
+    lo, hi = lo.copy(), hi.copy()
+    if a.size == 0:
+        return lo
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) // 2
+        v = a[np.minimum(mid, a.size - 1)]
+        right = active & ((v <= x) if strict else (v < x))
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(active & ~right, mid, hi)
+
+
+def _concat_ranges(starts: NDArray[np.int64], lengths: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Concatenation of the integer ranges [start, start + length)."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts - offsets, lengths) + np.arange(total, dtype=np.int64)
+
+
+def _window_events(
+    events: pl.DataFrame, keys: pl.DataFrame, lookback_us: int | None, batch_size: int
+) -> Iterator[pl.DataFrame]:
+    """Window `events` (canonical MEDS columns, any order) for `keys` (subject_id,
+    prediction_time), yielding frames of at most `batch_size` keys.
+
+    Events are put in (subject_id, time) order with static events first (a stable sort, skipped
+    when the shard is already in that order, as MEDS shards usually are). A key's window is then
+    two contiguous ranges of its subject's block: the static events, and the timed events in
+    [prediction_time - lookback, prediction_time], found by binary search.
+    """
+    if events.height == 0:
+        return
+    sid = events["subject_id"].to_numpy()
+    t = events["time"].cast(pl.Int64).fill_null(_STATIC).to_numpy()
+    if sid.size > 1:
+        # compare, do not subtract: static times are int64 min and a difference would overflow
+        same = sid[1:] == sid[:-1]
+        in_order = bool(np.all(sid[1:] >= sid[:-1]) and np.all(~same | (t[1:] >= t[:-1])))
+    else:
+        in_order = True
+    if not in_order:
+        order = np.lexsort((t, sid))  # stable: ties keep their file order
+        events = events[order]
+        sid, t = sid[order], t[order]
+    keys = keys.sort("subject_id", "prediction_time")
+    ksid = keys["subject_id"].to_numpy()
+    kpt = keys["prediction_time"].cast(pl.Int64).to_numpy()
+    block_lo = np.searchsorted(sid, ksid, side="left").astype(np.int64)
+    block_hi = np.searchsorted(sid, ksid, side="right").astype(np.int64)
+    timed_lo = _first_index(t, block_lo, block_hi, np.full_like(kpt, _STATIC), strict=True)
+    end = _first_index(t, timed_lo, block_hi, kpt, strict=True)
+    if lookback_us is None:
+        start = timed_lo
+    else:
+        start = _first_index(t, timed_lo, end, kpt - lookback_us, strict=False)
+    n_static = timed_lo - block_lo
+    n_timed = end - start
+    per_key = n_static + n_timed
+    for b0 in range(0, ksid.size, batch_size):
+        b1 = min(b0 + batch_size, ksid.size)
+        n_rows = int(per_key[b0:b1].sum())
+        if n_rows == 0:
+            continue
+        starts = np.stack([block_lo[b0:b1], start[b0:b1]], axis=1).reshape(-1)
+        lengths = np.stack([n_static[b0:b1], n_timed[b0:b1]], axis=1).reshape(-1)
+        idx = _concat_ranges(starts, lengths)
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        block = events.slice(lo, hi - lo)
+        if np.unique(ksid[b0:b1]).size == b1 - b0:
+            # one key per subject: rows are ascending and distinct -> a mask filter (cheaper
+            # than a gather for string columns)
+            mask = np.zeros(hi - lo, dtype=bool)
+            mask[idx - lo] = True
+            rows = block.filter(pl.Series(mask))
+        else:
+            rows = block[idx - lo]
+        yield pl.DataFrame(
+            {
+                "subject_id": np.repeat(ksid[b0:b1], per_key[b0:b1]),
+                "prediction_time": pl.Series(
+                    np.repeat(kpt[b0:b1], per_key[b0:b1]), dtype=pl.Int64
+                ).cast(pl.Datetime("us")),
+                "time": rows["time"],
+                "code": rows["code"],
+                "numeric_value": rows["numeric_value"],
+            }
         )
