@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from survfuse.survival import bin_times, cox_partial_nll, discrete_time_nll, time_bin_cuts
+from survfuse.survival.losses import _cox_nll_sum_logspace
 
 
 def _torchsurv_float64(risk: torch.Tensor, event: torch.Tensor, time: torch.Tensor, ties: str):
@@ -67,6 +68,8 @@ def test_matches_torchsurv_and_brute_force_with_ties(batch, ties):
     ref = _torchsurv_float64(risk, event, time, ties)
     assert abs(ours.item() - ref.item()) < 1e-6
     assert abs(ours.item() - _brute_force(time, event, risk, ties)) < 1e-8
+    # the log-space kernel used for extreme risk spreads agrees with the fast kernel
+    assert abs(ours.item() - _cox_nll_sum_logspace(time, event, risk, ties).item()) < 1e-9
     # torchsurv's public (float32) function agrees to float32 precision
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -124,6 +127,7 @@ def test_gradcheck_float64(ties):
     r = torch.randn(12, dtype=torch.float64, generator=g, requires_grad=True)
     strata = torch.tensor([0, 1] * 6)
     assert torch.autograd.gradcheck(lambda x: cox_partial_nll(t, e, x, ties=ties), (r,))
+    assert torch.autograd.gradcheck(lambda x: _cox_nll_sum_logspace(t.double(), e, x, ties), (r,))
     assert torch.autograd.gradcheck(
         lambda x: cox_partial_nll(t, e, x, ties=ties, strata=strata, reduction="sum"), (r,)
     )

@@ -84,8 +84,61 @@ def _risk_vector(risk: Tensor, name: str = "risk") -> Tensor:
     return r
 
 
+def _descending_order(time: Tensor) -> Tensor:
+    """Indices sorting `time` descending. Order inside a tie group does not matter (every
+    quantity is per group), so the sort need not be stable; on CPU numpy's SIMD sort is ~10x
+    faster than torch.sort."""
+    if time.device.type == "cpu":
+        return torch.from_numpy(np.argsort(-time.numpy()))
+    return torch.sort(time, descending=True).indices
+
+
 def _cox_nll_sum(time: Tensor, event: Tensor, risk: Tensor, ties: str) -> Tensor:
     """Summed negative log partial likelihood of one stratum (needs at least one event).
+
+    Fast path: one sort by descending time, w = exp(r - max r) in float64, risk-set sums R_g as
+    cumulative sums at each tie group's last row, event masses D_g as differences of the
+    cumulative event mass (D_g / R_g then has absolute error ~eps, which is all Efron needs).
+    Per group sum_{l<d_g} log(R_g - (l/d_g) D_g) = d_g log R_g + sum_l log1p(-(l/d_g) D_g/R_g).
+    If the smallest risk-set sum could lose precision to underflow (a risk spread beyond ~670)
+    the log-space kernel `_cox_nll_sum_logspace` is used instead.
+    """
+    order = _descending_order(time)
+    t = time[order]
+    e = event[order]
+    r = risk[order]
+    n = t.shape[0]
+    is_last = torch.ones(n, dtype=torch.bool, device=t.device)
+    is_last[:-1] = t[:-1] != t[1:]
+    last = torch.nonzero(is_last).reshape(-1)  # [G] last sorted row of each tie group
+    r64 = r.to(torch.float64)
+    shift = r64.detach().max()
+    w = torch.exp(r64 - shift)
+    risk_set = torch.cumsum(w, 0)[last]  # [G] R_g * exp(-shift)
+    if bool(risk_set[0] < _SAFE_SUM):
+        return _cox_nll_sum_logspace(time, event, risk, ties)
+    e64 = e.to(torch.float64)
+    d = torch.diff(torch.cumsum(e64, 0)[last], prepend=e64.new_zeros(1))  # [G] events per group
+    log_rs = torch.log(risk_set) + shift
+    ll = (r64 * e64).sum() - (d * log_rs).sum()
+    if ties == "efron":
+        mass = torch.diff(torch.cumsum(w * e64, 0)[last], prepend=w.new_zeros(1))
+        ratio = torch.clamp(mass / risk_set, 0.0, 1.0)  # D_g / R_g
+        d_long = d.long()
+        ev_group = torch.repeat_interleave(torch.arange(d.shape[0], device=d.device), d_long)
+        first_ev = torch.cumsum(d_long, 0) - d_long  # index of each group's first event
+        rank = torch.arange(ev_group.shape[0], device=d.device) - first_ev[ev_group]
+        frac = rank.to(torch.float64) / d[ev_group]
+        ll = ll - torch.log1p(-frac * ratio[ev_group]).sum()
+    return (-ll).to(risk.dtype)
+
+
+# smallest risk-set sum (relative to the largest weight 1) that keeps full float64 precision
+_SAFE_SUM = float(torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps)
+
+
+def _cox_nll_sum_logspace(time: Tensor, event: Tensor, risk: Tensor, ties: str) -> Tensor:
+    """Log-space kernel for extreme risk spreads: log-cumsum-exp over risk sets.
 
     One sort by descending time; the log risk-set sum of a tie group is the log-cumsum-exp at the
     group's last position. Efron: event number l (0-based) of a group with d events and event
