@@ -353,3 +353,17 @@ def test_batch_marks_failures_per_subject(tmp_path: Path) -> None:
         warnings.simplefilter("error")  # no warning when nothing failed
         _, ok = load_ct_batch(selection.head(1), prep)
     assert ok["status"].to_list() == ["ok"]
+
+
+def test_dicom_falls_back_to_simpleitk_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pixel data pydicom cannot decode (e.g. a JPEG 2000 series without the pylibjpeg plugin) is
+    # decoded by SimpleITK/GDCM instead; the HU volume must be identical
+    ref = load_ct(DICOM, RAW)
+
+    def no_codec(self: pydicom.Dataset) -> np.ndarray:
+        raise RuntimeError("no pixel data handler available for this transfer syntax")
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(no_codec))
+    got = load_ct(DICOM, RAW)
+    np.testing.assert_array_equal(got.array, ref.array)
+    np.testing.assert_allclose(got.affine, ref.affine)

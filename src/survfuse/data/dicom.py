@@ -116,6 +116,20 @@ def check_slice_positions(positions: NDArray[np.float64], names: list[str]) -> f
     return nominal
 
 
+def _decode_with_sitk(path: Path, cause: Exception) -> NDArray[np.float32]:
+    """Decode one slice with SimpleITK (GDCM codecs: JPEG 2000, JPEG-LS ...) in HU, [row, col]."""
+    try:
+        import SimpleITK as sitk
+
+        img = sitk.ReadImage(str(path))
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    except Exception as exc:
+        raise DicomSeriesError(
+            f"cannot decode pixel data of {path.name}: {cause} (SimpleITK: {exc})"
+        ) from exc
+    return arr.reshape(arr.shape[-2:])
+
+
 def read_dicom_series(folder: str | Path, *, require_modality: str | None = "CT") -> DicomSeries:
     """Assemble the largest series in `folder` into a HU volume with an RAS+ affine.
 
@@ -169,8 +183,10 @@ def read_dicom_series(folder: str | Path, *, require_modality: str | None = "CT"
         ds = pydicom.dcmread(p)
         try:
             px = ds.pixel_array.astype(np.float32)
-        except Exception as exc:  # missing codec, truncated pixel data
-            raise DicomSeriesError(f"cannot decode pixel data of {p.name}: {exc}") from exc
+        except Exception as exc:  # no codec for this transfer syntax, truncated pixel data
+            px = _decode_with_sitk(p, exc)
+            slices.append(px)  # SimpleITK/GDCM has already applied slope and intercept
+            continue
         slope = float(ds.get("RescaleSlope", 1.0))
         inter = float(ds.get("RescaleIntercept", 0.0))
         slices.append(px * np.float32(slope) + np.float32(inter))
