@@ -12,6 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "count_draws",
     "pass_earlier",
     "pass_later",
     "weighted_auc",
@@ -114,11 +115,12 @@ def pass_earlier(t, e, rank, v, n_ranks):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, parallel=True)
-def weighted_pair_sums(t, e, rank, n_ranks, u, W):  # type: ignore[no-untyped-def]
+def weighted_pair_sums(t, e, rank, n_ranks, u, order, W):  # type: ignore[no-untyped-def]
     """Per resample b: num_b = sum_i W_bi u_i (L_i + E_i / 2), den_b = sum_i W_bi u_i (L_i+E_i+G_i).
 
     L/E/G as in `pass_later` with tree weights W_b. u_i is the event member's pair weight
-    (1 for Harrell's C, 1/G(T_i)^2 * [T_i < tau] for Uno's C; 0 for non-events).
+    (1 for Harrell's C, 1/G(T_i)^2 * [T_i < tau] for Uno's C; 0 for non-events). Sorted
+    position p holds row order[p] of W (rows of W stay in input order: no permuted copy).
     """
     n = t.shape[0]
     n_boot = W.shape[0]
@@ -126,6 +128,7 @@ def weighted_pair_sums(t, e, rank, n_ranks, u, W):  # type: ignore[no-untyped-de
     den = np.zeros(n_boot)
     for b in numba.prange(n_boot):
         tree = np.zeros(n_ranks + 1)
+        point = np.zeros(n_ranks + 1)  # weight at each rank: ties without a second query
         wb = W[b]
         total = 0.0
         nb = 0.0
@@ -136,24 +139,43 @@ def weighted_pair_sums(t, e, rank, n_ranks, u, W):  # type: ignore[no-untyped-de
             while lo > 0 and t[lo - 1] == t[hi - 1]:
                 lo -= 1
             for p in range(lo, hi):
-                if not e[p] and wb[p] != 0:
-                    _add(tree, rank[p], wb[p])
-                    total += wb[p]
+                wp = wb[order[p]]
+                if not e[p] and wp != 0:
+                    _add(tree, rank[p], wp)
+                    point[rank[p]] += wp
+                    total += wp
             for p in range(lo, hi):
-                if e[p] and wb[p] != 0 and u[p] != 0:
+                wp = wb[order[p]]
+                if e[p] and wp != 0 and u[p] != 0:
                     below = _prefix(tree, rank[p] - 1)
-                    upto = _prefix(tree, rank[p])
-                    f = wb[p] * u[p]
-                    nb += f * (below + 0.5 * (upto - below))
+                    f = wp * u[p]
+                    nb += f * (below + 0.5 * point[rank[p]])
                     db += f * total
             for p in range(lo, hi):
-                if e[p] and wb[p] != 0:
-                    _add(tree, rank[p], wb[p])
-                    total += wb[p]
+                wp = wb[order[p]]
+                if e[p] and wp != 0:
+                    _add(tree, rank[p], wp)
+                    point[rank[p]] += wp
+                    total += wp
             hi = lo
         num[b] = nb
         den[b] = db
     return num, den
+
+
+@numba.njit(cache=True, parallel=True)
+def count_draws(idx, inverse, n_clusters):  # type: ignore[no-untyped-def]
+    """Row weights [B, N] from cluster draws idx [B, n_clusters]: W_bi = #{j: idx_bj = c(i)}."""
+    n_boot = idx.shape[0]
+    n = inverse.shape[0]
+    out = np.zeros((n_boot, n))
+    for b in numba.prange(n_boot):
+        c = np.zeros(n_clusters)
+        for j in range(idx.shape[1]):
+            c[idx[b, j]] += 1.0
+        for i in range(n):
+            out[b, i] = c[inverse[i]]
+    return out
 
 
 @numba.njit(cache=True, parallel=True)

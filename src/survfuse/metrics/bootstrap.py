@@ -69,9 +69,14 @@ class _PairScorer:
         return self.est
 
     def boot(self, w: NDArray[np.float64]) -> NDArray[np.float64]:
-        ws = np.ascontiguousarray(w[:, self.s.order])
         num, den = K.weighted_pair_sums(
-            self.s.time, self.s.event, self.s.rank, self.s.n_ranks, self.u, ws
+            self.s.time,
+            self.s.event,
+            self.s.rank,
+            self.s.n_ranks,
+            self.u,
+            self.s.order,
+            np.ascontiguousarray(w, dtype=np.float64),
         )
         return _ratio(num, den)
 
@@ -264,10 +269,8 @@ class Resampler:
         done = 0
         while done < n_boot:
             b = min(_CHUNK, n_boot - done)
-            idx = rng.integers(0, m, size=(b, m))
-            idx += (np.arange(b) * m)[:, None]
-            counts = np.bincount(idx.ravel(), minlength=b * m).reshape(b, m)
-            yield counts[:, self.inverse].astype(np.float64)
+            idx = rng.integers(0, m, size=(b, m), dtype=np.int32)
+            yield K.count_draws(idx, self.inverse, m)
             done += b
 
     def cluster_sum(self, x: NDArray[np.float64]) -> NDArray[np.float64]:
