@@ -281,8 +281,9 @@ class MEDSDataset:
         Each yielded frame has columns `WINDOW_SCHEMA` (subject_id, prediction_time, time, code,
         numeric_value), is sorted by (subject_id, prediction_time, time) with static events first
         (ties keep their file order), and holds all rows of each of its keys. Keys without events
-        yield no rows. Shards are processed one at a time (in chunks of at most `chunk_rows` rows
-        when a shard is sorted by subject), subjects whose events span several shards last.
+        yield no rows. Shards are processed one at a time (in chunks of about `chunk_rows` rows cut at
+        subject boundaries when a shard is sorted by subject), subjects whose events span several
+        shards last; frames come in that order, not globally sorted.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
