@@ -148,9 +148,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(
-    net: nn.Module, checkpoint: str | os.PathLike[str] | None, preset_name: str, preset: Preset
+    net: nn.Module,
+    checkpoint: str | os.PathLike[str] | None,
+    preset_name: str,
+    preset: Preset,
+    *,
+    assign: bool = False,
 ) -> None:
-    """Load `checkpoint` into `net` with strict=True; errors say what file is expected where."""
+    """Load `checkpoint` into `net` with strict=True; errors say what file is expected where.
+
+    `assign=True` makes the file's tensors the module's (for a module built on the meta device).
+    """
     where = (
         f"expected {preset.expected_file!r} from {preset.published_at} (download it and pass its "
         "local path as checkpoint=...)"
@@ -183,7 +191,7 @@ def load_checkpoint(
         n = len(preset.key_prefix)
         state = {k[n:]: v for k, v in state.items() if k.startswith(preset.key_prefix)}
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as err:
         own = set(net.state_dict())
         missing = sorted(own - set(state))[:5]
@@ -265,8 +273,14 @@ class CTMonaiEncoder(Encoder):
         """The network with its checkpoint loaded (built once, eval mode, on `device`)."""
         if self._net is None:
             cfg = self._config
-            net = _build_network(cfg["network"], cfg["network_args"])
-            load_checkpoint(net, cfg["checkpoint"], cfg["preset"], self._preset)
+            # built on the meta device: no time spent on a random init the checkpoint replaces
+            with torch.device("meta"):
+                net = _build_network(cfg["network"], cfg["network_args"])
+            load_checkpoint(net, cfg["checkpoint"], cfg["preset"], self._preset, assign=True)
+            if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
+                # a tensor that is not in the state dict (non-persistent buffer): build for real
+                net = _build_network(cfg["network"], cfg["network_args"])
+                load_checkpoint(net, cfg["checkpoint"], cfg["preset"], self._preset)
             self._net = net.to(self.device).eval()
         return self._net
 
