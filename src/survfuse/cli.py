@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NoReturn
+
 import typer
 
 from survfuse import __version__
@@ -37,6 +40,115 @@ def info() -> None:
 
     for name, registry in all_registries().items():
         typer.echo(f"{name}: {', '.join(registry.list()) or '-'}")
+
+
+def _fail(message: str) -> NoReturn:
+    """Print a one-line error and exit with status 2 (bad input), without a traceback."""
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _print_summary(run_dir: Path) -> None:
+    import polars as pl
+    from rich.console import Console
+
+    from survfuse.report.tables import c_index_table, rich_table
+
+    metrics = pl.read_parquet(Path(run_dir) / "metrics.parquet")
+    Console().print(rich_table(c_index_table(metrics), title="Harrell C (95% bootstrap CI)"))
+
+
+@app.command("run")
+def run(
+    config: Path = typer.Argument(..., help="Experiment config (YAML)."),
+    out: Path = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
+    executor: str = typer.Option(None, "--executor", help="Override the config's executor."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write the report too."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Run (or resume) an experiment grid: encode, train every cell, evaluate."""
+    from rich.console import Console
+
+    from survfuse.experiment.config import ConfigError, load_config
+    from survfuse.experiment.runner import run_experiment
+
+    overrides: dict[str, object] = {}
+    if executor:
+        overrides["executor"] = executor
+    if ray_address:
+        overrides["ray_address"] = ray_address
+    try:
+        cfg = load_config(config, overrides=overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    run_dir = out or Path("runs") / cfg.name
+    console = Console(stderr=True)
+    result = run_experiment(cfg, run_dir, progress=progress, console=console)
+    if report:
+        from survfuse.report.html import build_report
+
+        html_path, _ = build_report(run_dir)
+        typer.echo(f"report: {html_path}")
+    _print_summary(run_dir)
+    typer.echo(f"run folder: {Path(run_dir).resolve()} ({len(result.failed)} failed cells)")
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Write report.html and summary.md for a finished run."""
+    from survfuse.report.html import build_report
+
+    try:
+        html_path, md_path = build_report(run_dir)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"report: {html_path}\nsummary: {md_path}")
+
+
+@app.command("predict")
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    cell: str = typer.Option(..., "--cell", help="Cell id (a folder under RUN_DIR/cells)."),
+    cohort: Path = typer.Option(..., "--cohort", help="New cohort: subject_id, prediction_time."),
+    ct_index: Path = typer.Option(None, "--ct-index", help="CT index of the new patients."),
+    meds_root: Path = typer.Option(None, "--meds-root", help="MEDS root of the new patients."),
+    out: Path = typer.Option(None, "--out", help="Output parquet."),
+) -> None:
+    """Risks and survival curves for new patients with a trained cell's encoders and model."""
+    from survfuse.experiment.predict import predict_cohort
+
+    try:
+        df, path = predict_cohort(
+            run_dir, cell, cohort, ct_index=ct_index, meds_root=meds_root, out=out
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{df.height} predictions -> {path}")
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
+    n: int = typer.Option(3000, "--n", help="Simulated patients."),
+    seed: int = typer.Option(0, "--seed", help="Simulation seed."),
+    config: Path = typer.Option(None, "--config", help="Config (default: examples/demo.yaml)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Simulate 3,000 patients (sites A, B; external C), run examples/demo.yaml, write the report."""
+    from rich.console import Console
+
+    from survfuse.experiment.config import ConfigError
+    from survfuse.experiment.demo import run_demo
+
+    try:
+        res = run_demo(
+            out, n=n, seed=seed, config=config, progress=progress, console=Console(stderr=True)
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+    _print_summary(res["run"].run_dir)
+    typer.echo(f"report: {res['report']}\nsummary: {res['summary']}")
 
 
 def main() -> None:

@@ -1,0 +1,554 @@
+"""The experiment config: one YAML file describing a whole study, validated by pydantic.
+
+Every model forbids unknown keys; a bad key or value becomes a one-line `ConfigError` naming the
+key (`strategies[2].name`) and suggesting the closest valid spelling. `load_config` resolves data
+paths against the config file's folder; `check_inputs` checks, before any work starts, that the
+files exist and that the external sites and tasks are in the cohort.
+
+Layout (see `examples/demo.yaml`)::
+
+    name: demo
+    data: {cohort: ..., ct_index: ..., meds_root: ...}
+    tasks: [pe_mortality, mace]
+    splits: {external_sites: [C], val_frac: 0.15, test_frac: 0.15, seed: 0}
+    encoders: {ct: [{name: ct_radiomics, params: {...}}], ehr: [{name: ehr_onehot}, ...]}
+    strategies: [{name: unimodal, label: unimodal_ct, params: {modality: ct}}, {name: late}, ...]
+    heads: [cox]
+    training: {max_epochs: 30, lr: 0.001, ...}
+    seeds: [0, 1, 2]
+    evaluation: {metrics: [...], horizons: [365], bootstrap: 1000, reference: best_unimodal}
+    executor: local
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from survfuse.registry import look_up_option, suggest
+
+MODALITIES = ("ct", "ehr")
+SPLITS = ("train", "validation", "internal_test", "external_test")
+EVAL_SPLITS = ("validation", "internal_test", "external_test")
+# Scalar metrics the evaluation knows how to compute (per task x split x model).
+METRICS = ("harrell_c", "uno_c", "td_auc", "ibs", "calibration")
+EXECUTORS = ("local", "ray")
+_LABEL = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class ConfigError(ValueError):
+    """A config problem, as one line naming the key (and a did-you-mean suggestion)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _label(value: str | None, what: str) -> str | None:
+    if value is not None and not _LABEL.match(value):
+        raise ValueError(f"{what} {value!r} may only contain letters, digits, '_' and '-'")
+    return value
+
+
+class DataConfig(_Strict):
+    """Input files. Relative paths resolve against the config file's folder."""
+
+    cohort: Path
+    ct_index: Path | None = None
+    ct_root: Path | None = None  # folder the CT index paths are relative to (default: its folder)
+    meds_root: Path | None = None
+
+
+class SplitConfig(_Strict):
+    """Per-subject splits: external sites form `external_test`; the rest is split by fractions."""
+
+    external_sites: list[str] = Field(default_factory=list)
+    val_frac: float = Field(default=0.15, gt=0.0, lt=1.0)
+    test_frac: float = Field(default=0.15, gt=0.0, lt=1.0)
+    seed: int = 0
+    stratify: Literal["event"] | None = "event"
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val_frac + self.test_frac >= 1.0:
+            raise ValueError(
+                f"val_frac + test_frac = {self.val_frac + self.test_frac:g} leaves no training data"
+            )
+        return self
+
+
+class EncoderChoice(_Strict):
+    """One encoder of one modality: a registered name, an optional label and its parameters."""
+
+    name: str
+    label: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from survfuse.registry import ENCODERS, all_registries
+
+        all_registries()
+        return look_up_option(v, ENCODERS.list(), kind="encoder")
+
+    @field_validator("label")
+    @classmethod
+    def _lab(cls, v: str | None) -> str | None:
+        return _label(v, "encoder label")
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class EncodersConfig(_Strict):
+    ct: list[EncoderChoice] = Field(default_factory=list)
+    ehr: list[EncoderChoice] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EncodersConfig:
+        for modality in MODALITIES:
+            keys = [e.key for e in getattr(self, modality)]
+            dup = {k for k in keys if keys.count(k) > 1}
+            if dup:
+                raise ValueError(
+                    f"encoders.{modality}: label {sorted(dup)[0]!r} used twice; give each a label"
+                )
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Hyper-parameters of `FusionSurvivalModel` training shared by every strategy."""
+
+    lr: float = Field(default=3e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    max_epochs: int = Field(default=50, ge=1)
+    patience: int = Field(default=10, ge=1)
+    batch_size: int | None = Field(
+        default=None, ge=2
+    )  # None: the model's default (full batch if small)
+    modality_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    grad_clip: float = Field(default=1.0, gt=0.0)
+    rebalance: str = "none"
+    rebalance_params: dict[str, Any] = Field(default_factory=dict)
+    head_params: dict[str, Any] = Field(default_factory=dict)
+    device: str = "cpu"  # CPU results are the reference; "auto" uses CUDA when available
+
+
+class StrategyChoice(_Strict):
+    """A fusion strategy: registered name, label, its parameters and training overrides.
+
+    `modality` restricts a strategy to one modality (the unimodal baselines); it is passed to
+    the strategy as `strategy_params["modality"]`.
+    """
+
+    name: str
+    label: str | None = None
+    modality: Literal["ct", "ehr"] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from survfuse.registry import FUSIONS, all_registries
+
+        all_registries()
+        return look_up_option(v, FUSIONS.list(), kind="fusion strategy")
+
+    @field_validator("label")
+    @classmethod
+    def _lab(cls, v: str | None) -> str | None:
+        return _label(v, "strategy label")
+
+    @field_validator("training")
+    @classmethod
+    def _overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        fields = list(TrainingConfig.model_fields)
+        for key in v:
+            if key not in fields:
+                raise ValueError(f"unknown training key {key!r}{suggest(key, fields)}")
+        return v
+
+    @model_validator(mode="after")
+    def _unimodal(self) -> StrategyChoice:
+        if self.name == "unimodal" and self.modality is None:
+            raise ValueError("strategy 'unimodal' needs `modality: ct` or `modality: ehr`")
+        _check_params(self.name, self.params)
+        return self
+
+    @property
+    def key(self) -> str:
+        if self.label:
+            return self.label
+        return f"{self.name}_{self.modality}" if self.modality else self.name
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return (self.modality,) if self.modality else MODALITIES
+
+    def resolved_params(self) -> dict[str, Any]:
+        params = dict(self.params)
+        if self.modality is not None:
+            params["modality"] = self.modality
+        return params
+
+
+def _check_params(strategy: str, params: dict[str, Any]) -> None:
+    """Unknown keyword parameters of a fusion strategy fail here, before any work starts."""
+    import inspect
+
+    from survfuse.registry import FUSIONS
+
+    sig = inspect.signature(FUSIONS.get(strategy).__init__)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    # `specs`, `head` and `head_params` are supplied by FusionSurvivalModel, not by the config.
+    valid = [n for n in sig.parameters if n not in ("self", "specs", "head", "head_params")]
+    for key in params:
+        if key not in valid:
+            raise ValueError(
+                f"unknown parameter {key!r} for strategy {strategy!r}{suggest(key, valid)}"
+                f" (valid: {', '.join(valid)})"
+            )
+
+
+class EvaluationConfig(_Strict):
+    """What is scored on validation, internal and external test, and how the CIs are made."""
+
+    metrics: list[str] = Field(default_factory=lambda: list(METRICS))
+    horizons: list[float] = Field(default_factory=lambda: [365.0])
+    calibration_horizon: float | None = None  # default: the first horizon
+    calibration_bins: int = Field(default=10, ge=2)
+    ibs_points: int = Field(
+        default=10, ge=2
+    )  # IBS integrates over this many times up to the last horizon
+    bootstrap: int = Field(default=1000, ge=0)
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    reference: str = "best_unimodal"  # or a strategy label
+    selection_split: Literal["validation"] = "validation"
+    seed: int = 0
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        out = [look_up_option(m, METRICS, kind="metric") for m in v]
+        if "harrell_c" not in out:
+            out.insert(0, "harrell_c")  # the reference model is chosen on Harrell's C
+        return out
+
+    @field_validator("horizons")
+    @classmethod
+    def _horizons(cls, v: list[float]) -> list[float]:
+        if not v or any(h <= 0 for h in v):
+            raise ValueError("horizons must be a non-empty list of positive days")
+        return sorted(set(float(h) for h in v))
+
+    @property
+    def cal_horizon(self) -> float:
+        return float(self.calibration_horizon or self.horizons[0])
+
+    def survival_times(self) -> list[float]:
+        """Times at which every cell stores survival: the horizons, the IBS grid, calibration."""
+        last = max(self.horizons)
+        grid = [last * (i + 1) / self.ibs_points for i in range(self.ibs_points)]
+        return sorted(set([*self.horizons, *(round(t, 6) for t in grid), self.cal_horizon]))
+
+
+class ExperimentConfig(_Strict):
+    """A whole study; see the module docstring for the YAML layout."""
+
+    name: str = "experiment"
+    data: DataConfig
+    tasks: list[str] = Field(default_factory=lambda: ["default"])
+    splits: SplitConfig = Field(default_factory=lambda: SplitConfig())
+    encoders: EncodersConfig
+    strategies: list[StrategyChoice]
+    heads: list[str] = Field(default_factory=lambda: ["cox"])
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    evaluation: EvaluationConfig = Field(default_factory=lambda: EvaluationConfig())
+    executor: str = "local"
+    ray_address: str | None = None
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: list[str]) -> list[str]:
+        from survfuse.registry import HEADS, all_registries
+
+        all_registries()
+        if not v:
+            raise ValueError("heads must name at least one head")
+        return [look_up_option(h, HEADS.list(), kind="head") for h in v]
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, v: str) -> str:
+        return look_up_option(v, EXECUTORS, kind="executor")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("seeds must be a non-empty list of distinct integers")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("tasks must be a non-empty list of distinct task names")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if not self.strategies:
+            raise ValueError("strategies: list at least one strategy")
+        keys = [s.key for s in self.strategies]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise ValueError(f"strategies: label {sorted(dup)[0]!r} used twice; add `label:`")
+        for s in self.strategies:
+            for m in s.modalities:
+                if not getattr(self.encoders, m):
+                    raise ValueError(
+                        f"strategy {s.key!r} uses the {m} modality but encoders.{m} is empty"
+                    )
+            try:
+                TrainingConfig.model_validate({**self.training.model_dump(), **s.training})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise ValueError(
+                    f"strategy {s.key!r}: training.{err['loc'][0]}: {err['msg']}"
+                ) from None
+        if self.encoders.ct and self.data.ct_index is None:
+            raise ValueError("data.ct_index is required when encoders.ct is not empty")
+        if self.encoders.ehr and self.data.meds_root is None:
+            raise ValueError("data.meds_root is required when encoders.ehr is not empty")
+        ref = self.evaluation.reference
+        if ref != "best_unimodal":
+            look_up_option(ref, ["best_unimodal", *keys], kind="evaluation.reference")
+        elif not any(s.modality for s in self.strategies):
+            raise ValueError(
+                "evaluation.reference is 'best_unimodal' but no strategy has `modality:`"
+            )
+        return self
+
+    def training_for(self, strategy: StrategyChoice) -> TrainingConfig:
+        return TrainingConfig.model_validate({**self.training.model_dump(), **strategy.training})
+
+    def strategy(self, key: str) -> StrategyChoice:
+        keys = [s.key for s in self.strategies]
+        return self.strategies[keys.index(look_up_option(key, keys, kind="strategy"))]
+
+    def encoder(self, modality: str, key: str) -> EncoderChoice:
+        choices: list[EncoderChoice] = getattr(self.encoders, modality)
+        keys = [c.key for c in choices]
+        return choices[keys.index(look_up_option(key, keys, kind=f"{modality} encoder"))]
+
+    def dump(self) -> str:
+        """The resolved config as YAML (absolute paths, defaults filled in)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- errors
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class reached by following `loc` field names from `model`."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _inner_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _inner_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _loc_str(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line for the first error: `<key path>: <problem>; did you mean ...` (+ how many more)."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(first["loc"])
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        key = str(loc[-1])
+        msg = f"{_loc_str(loc)}: unknown key {key!r}{suggest(key, valid)}"
+        if valid:
+            msg += f" (valid: {', '.join(valid)})"
+    else:
+        text = str(first["msg"]).removeprefix("Value error, ")
+        if first["type"] == "missing":
+            text = "required key is missing"
+        msg = f"{_loc_str(loc)}: {text}" if loc else text
+        if first["type"] not in ("missing", "value_error") and "input" in first:
+            msg += f" (got {first['input']!r})"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return " ".join(msg.split())
+
+
+# ----------------------------------------------------------------------------- loading
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def parse_config(
+    raw: dict[str, Any], *, base: Path | None = None, source: str = "config"
+) -> ExperimentConfig:
+    """Validate a config dict; relative data paths resolve against `base` (default: cwd)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
+        )
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc, ExperimentConfig)}") from None
+    except ValueError as exc:  # look-ups raised outside pydantic's wrapping
+        raise ConfigError(f"{source}: {' '.join(str(exc).split())}") from None
+    base = (base or Path.cwd()).resolve()
+    data = cfg.data
+    resolved = data.model_copy(
+        update={
+            "cohort": _resolve(data.cohort, base),
+            "ct_index": _resolve(data.ct_index, base),
+            "ct_root": _resolve(data.ct_root, base),
+            "meds_root": _resolve(data.meds_root, base),
+        }
+    )
+    return cfg.model_copy(update={"data": resolved})
+
+
+def load_config(
+    path: str | Path, *, overrides: dict[str, Any] | None = None, check: bool = True
+) -> ExperimentConfig:
+    """Read, validate and (with `check`) check the inputs of a YAML experiment config.
+
+    `overrides` is deep-merged into the YAML before validation (e.g. the demo's data paths).
+    Raises `ConfigError` (one line) for every problem, before any work starts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if overrides:
+        raw = _deep_merge(raw, overrides) if isinstance(raw, dict) else raw
+    cfg = parse_config(raw, base=path.resolve().parent, source=str(path))
+    if check:
+        check_inputs(cfg, source=str(path))
+    return cfg
+
+
+def check_inputs(cfg: ExperimentConfig, *, source: str = "config") -> None:
+    """Check that the data exist and agree with the config (cheap: reads the cohort's columns)."""
+    import polars as pl
+
+    d = cfg.data
+    for key in ("cohort", "ct_index", "ct_root", "meds_root"):
+        p = getattr(d, key)
+        if p is not None and not Path(p).exists():
+            raise ConfigError(f"{source}: data.{key}: file not found: {p}")
+    try:
+        if d.cohort.suffix == ".csv":
+            head = pl.read_csv(d.cohort, n_rows=0)
+            columns = head.columns
+            sites = pl.read_csv(d.cohort, columns=["site"])["site"] if "site" in columns else None
+        else:
+            columns = list(pl.read_parquet_schema(d.cohort))
+            sites = (
+                pl.read_parquet(d.cohort, columns=["site"])["site"] if "site" in columns else None
+            )
+    except Exception as exc:
+        raise ConfigError(f"{source}: data.cohort: cannot read {d.cohort}: {exc}") from None
+    if sites is None:  # a single-site cohort (load_cohort assigns the default site)
+        from survfuse.data.cohort import DEFAULT_SITE
+
+        sites = pl.Series("site", [DEFAULT_SITE])
+    present = sorted(str(s) for s in sites.unique().drop_nulls().to_list())
+    for site in cfg.splits.external_sites:
+        if site not in present:
+            raise ConfigError(
+                f"{source}: splits.external_sites: site {site!r} is not in the cohort"
+                f"{suggest(site, present)} (sites: {', '.join(present)})"
+            )
+    if set(cfg.splits.external_sites) >= set(present):
+        raise ConfigError(f"{source}: splits.external_sites: every site is external; none left")
+    tasks = cohort_tasks(columns)
+    for task in cfg.tasks:
+        if task not in tasks:
+            raise ConfigError(
+                f"{source}: tasks: task {task!r} is not in the cohort{suggest(task, tasks)}"
+                f" (tasks: {', '.join(tasks)})"
+            )
+    for modality in MODALITIES:
+        for choice in getattr(cfg.encoders, modality):
+            build_encoder(choice, source=source, where=f"encoders.{modality}")
+
+
+def cohort_tasks(columns: list[str]) -> list[str]:
+    """Tasks a cohort table defines: `default` (time/event) and every `<task>_time/_event` pair."""
+    from survfuse.data.cohort import task_columns
+
+    return list(task_columns(list(columns)))
+
+
+def build_encoder(choice: EncoderChoice, *, source: str = "config", where: str = "encoders") -> Any:
+    """Instantiate an encoder from its choice; bad parameters become a ConfigError."""
+    from survfuse.registry import ENCODERS
+
+    cls = ENCODERS.get(choice.name)
+    try:
+        return cls(**choice.params)
+    except TypeError as exc:
+        raise ConfigError(
+            f"{source}: {where} {choice.key!r}: bad params: {' '.join(str(exc).split())}"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(
+            f"{source}: {where} {choice.key!r}: {' '.join(str(exc).split())}"
+        ) from None

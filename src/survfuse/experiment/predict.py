@@ -1,0 +1,115 @@
+"""`predict_cohort`: risks and survival curves for new patients from a finished cell.
+
+Uses the run's stored, fitted encoders (`RUN_DIR/encoders/<modality>/<label>`) and the cell's
+saved model (`RUN_DIR/cells/<cell_id>/model`). The new cohort needs only `subject_id` and
+`prediction_time`; a patient without a CT study or without EHR events gets `present=False` for
+that modality and still receives a prediction (the strategies treat absence as a mask).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from survfuse.experiment.cell import surv_column
+from survfuse.experiment.config import parse_config
+from survfuse.experiment.grid import CellSpec
+from survfuse.experiment.rundir import RunDir, write_parquet
+from survfuse.registry import look_up_option
+
+__all__ = ["load_keys", "predict_cohort"]
+
+
+def load_keys(path: str | Path) -> pl.DataFrame:
+    """`subject_id` (Int64) and `prediction_time` (Datetime us) of a parquet or CSV cohort."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cohort file {path} not found")
+    if path.suffix.lower() == ".csv":
+        df = pl.read_csv(path, try_parse_dates=True)
+    else:
+        df = pl.read_parquet(path)
+    for col in ("subject_id", "prediction_time"):
+        if col not in df.columns:
+            raise ValueError(f"{path}: missing column {col!r} (has {df.columns})")
+    return df.select(
+        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
+    )
+
+
+def predict_cohort(
+    run_dir: str | Path,
+    cell_id: str,
+    cohort: str | Path,
+    *,
+    ct_index: str | Path | None = None,
+    meds_root: str | Path | None = None,
+    out: str | Path | None = None,
+) -> tuple[pl.DataFrame, Path]:
+    """Predict for the rows of `cohort` with cell `cell_id` of `run_dir`; write and return them.
+
+    `ct_index` / `meds_root` point at the new patients' data (default: the run's sources).
+    Output columns: subject_id, prediction_time, risk, `surv_<t>` at the run's survival times,
+    and `present_<modality>` for each modality the model uses.
+    """
+    from survfuse.encoders.base import CTSource, Encoder
+    from survfuse.fusion import FusionSurvivalModel
+
+    rd = RunDir(run_dir)
+    raw = rd.read_config_yaml()
+    cells = sorted(p.name for p in rd.cells.glob("*") if (p / "status.json").exists())
+    look_up_option(cell_id, cells, kind="cell")
+    st = rd.cell_status(cell_id) or {}
+    if st.get("status") != "done":
+        raise ValueError(f"cell {cell_id!r} did not finish ({st.get('status')}): {st.get('error')}")
+    spec = CellSpec.model_validate(json.loads((rd.cell(cell_id) / "spec.json").read_text()))
+    cfg = parse_config(raw, base=rd.root, source=str(rd.config))
+    keys = load_keys(cohort)
+
+    features: dict[str, Any] = {}
+    for modality in spec.modalities:
+        key = spec.ct_encoder if modality == "ct" else spec.ehr_encoder
+        assert key is not None
+        encoder = Encoder.load(rd.encoder_dir(modality, key))
+        source: Any
+        if modality == "ct":
+            path = Path(ct_index) if ct_index is not None else cfg.data.ct_index
+            if path is None:
+                raise ValueError("the model uses CT: pass --ct-index")
+            source = CTSource.from_index(path)
+            if ct_index is None and cfg.data.ct_root is not None:
+                source = CTSource(index=source.index, root=cfg.data.ct_root, index_path=path)
+        else:
+            from survfuse.data.meds import MEDSDataset
+
+            root = Path(meds_root) if meds_root is not None else cfg.data.meds_root
+            if root is None:
+                raise ValueError("the model uses EHR: pass --meds-root")
+            source = MEDSDataset(root)
+        features[modality] = encoder.encode(keys, source)
+
+    model = FusionSurvivalModel.load(rd.cell(cell_id) / "model", device="cpu")
+    risk = np.asarray(model.predict_risk(features), dtype=np.float64)
+    times = np.asarray(spec.survival_times, dtype=np.float64)
+    surv = np.asarray(model.predict_survival(features, times), dtype=np.float64)
+    cols: dict[str, Any] = {
+        "subject_id": keys["subject_id"],
+        "prediction_time": keys["prediction_time"],
+        "risk": risk,
+    }
+    for j, t in enumerate(times):
+        cols[surv_column(float(t))] = surv[:, j]
+    for modality, f in features.items():
+        cols[f"present_{modality}"] = np.asarray(f.present, dtype=bool)
+    df = pl.DataFrame(cols)
+    target = (
+        Path(out)
+        if out is not None
+        else rd.root / "predictions" / f"{cell_id}__{Path(cohort).stem}.parquet"
+    )
+    write_parquet(target, df)
+    return df, target

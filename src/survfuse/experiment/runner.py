@@ -1,0 +1,229 @@
+"""`run_experiment`: config -> splits -> features -> grid cells -> metrics, resumably.
+
+Steps (each safe to repeat after a crash):
+1. write the resolved config and the cohort with its per-subject splits into the run directory;
+2. fit every configured encoder on the training rows and encode the whole cohort through the
+   `FeatureStore` (cached chunks are reused), saving each fitted encoder for `survfuse predict`;
+3. expand the grid and run the unfinished cells through the executor (finished cells with the
+   same spec digest are skipped, failed ones are retried);
+4. score the finished cells into `metrics.parquet` / `metrics.csv`.
+"""
+
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+import survfuse
+from survfuse.experiment.cell import CellResult
+from survfuse.experiment.config import MODALITIES, ExperimentConfig, build_encoder
+from survfuse.experiment.executors import Executor, get_executor
+from survfuse.experiment.grid import CellSpec, expand_grid
+from survfuse.experiment.rundir import RunDir, write_json, write_parquet, write_text
+
+__all__ = ["RunResult", "encode_features", "prepare_cohort", "run_experiment", "sources"]
+
+
+@dataclass
+class RunResult:
+    """What a run did: its folder, cells (by status) and the metrics table."""
+
+    run_dir: Path
+    specs: list[CellSpec]
+    results: list[CellResult] = field(default_factory=list)
+    metrics: pl.DataFrame | None = None
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[CellResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+def prepare_cohort(cfg: ExperimentConfig, rd: RunDir) -> pl.DataFrame:
+    """Load the cohort, make the per-subject splits and write both into the run directory."""
+    from survfuse.data.cohort import load_cohort
+    from survfuse.data.splits import attach_splits, make_splits
+
+    cohort = load_cohort(cfg.data.cohort)
+    sp = cfg.splits
+    splits = make_splits(
+        cohort,
+        external_sites=list(sp.external_sites),
+        seed=sp.seed,
+        val_frac=sp.val_frac,
+        test_frac=sp.test_frac,
+        stratify=sp.stratify,
+    )
+    df = attach_splits(cohort.df, splits)
+    write_parquet(rd.splits, splits)
+    write_parquet(rd.cohort, df)
+    return df
+
+
+def sources(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The input source of each modality: a CTSource for CT, a MEDSDataset for EHR."""
+    out: dict[str, Any] = {}
+    if cfg.data.ct_index is not None:
+        from survfuse.encoders.base import CTSource
+
+        src = CTSource.from_index(cfg.data.ct_index)
+        if cfg.data.ct_root is not None:
+            src = CTSource(index=src.index, root=cfg.data.ct_root, index_path=cfg.data.ct_index)
+        out["ct"] = src
+    if cfg.data.meds_root is not None:
+        from survfuse.data.meds import MEDSDataset
+
+        out["ehr"] = MEDSDataset(cfg.data.meds_root)
+    return out
+
+
+def _keys(df: pl.DataFrame) -> pl.DataFrame:
+    # Encoders see keys only: never outcomes, sites or splits (no label leakage by construction).
+    return df.select(
+        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
+    )
+
+
+def encode_features(
+    cfg: ExperimentConfig,
+    rd: RunDir,
+    cohort: pl.DataFrame,
+    executor: Executor,
+    *,
+    progress: bool = True,
+    console: Any = None,
+) -> dict[str, dict[str, str]]:
+    """Fit (training rows) and encode (all rows) every encoder; returns modality -> label -> folder."""
+    from survfuse.encoders.base import hash_keys
+    from survfuse.encoders.features import ModalityFeatures
+    from survfuse.encoders.store import FeatureStore
+
+    store = FeatureStore(rd.store)
+    srcs = sources(cfg)
+    keys = _keys(cohort)
+    train_keys = _keys(cohort.filter(pl.col("split") == "train"))
+    index: dict[str, dict[str, str]] = {}
+    for modality in MODALITIES:
+        for choice in getattr(cfg.encoders, modality):
+            if console is not None:
+                console.print(f"[bold]encoding[/bold] {modality}: {choice.key}")
+            encoder = build_encoder(choice, where=f"encoders.{modality}")
+            feats = executor.encode(
+                store, encoder, keys, srcs[modality], fit_cohort=train_keys, progress=progress
+            )
+            last = store.last_run
+            sid = np.asarray(feats.subject_id)
+            folder = None
+            if last is not None:
+                candidate = last.directory / "results" / hash_keys(sid, feats.prediction_time)[:20]
+                if (candidate / "meta.json").exists():
+                    folder = candidate
+            if folder is None:  # an executor that encoded elsewhere: keep a copy in the run
+                folder = rd.root / "features" / modality / choice.key
+                ModalityFeatures.save(feats, folder)
+            encoder.save(rd.encoder_dir(modality, choice.key))
+            index.setdefault(modality, {})[choice.key] = str(folder.relative_to(rd.root))
+    write_json(rd.features_index, index)
+    return index
+
+
+def _remove_partial_cells(rd: RunDir) -> None:
+    # Why: a killed run leaves the temp folder of the cell it was writing; no executor is
+    # running yet at this point, so every temp folder is a leftover.
+    import shutil
+
+    if rd.cells.exists():
+        for tmp in rd.cells.glob(".*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    executor: Executor | None = None,
+    progress: bool = True,
+    console: Any = None,
+) -> RunResult:
+    """Run (or resume) the whole study of `cfg` in `run_dir`; see the module docstring."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from survfuse.experiment.evaluate import evaluate_run
+
+    t0 = _time.perf_counter()
+    rd = RunDir(run_dir)
+    rd.root.mkdir(parents=True, exist_ok=True)
+    write_text(rd.config, cfg.dump())
+    own_executor = executor is None
+    if executor is None:
+        options = {"address": cfg.ray_address} if cfg.ray_address else {}
+        executor = get_executor(cfg.executor, **options)
+    try:
+        cohort = prepare_cohort(cfg, rd)
+        features = encode_features(cfg, rd, cohort, executor, progress=progress, console=console)
+        specs = expand_grid(cfg, features)
+        _remove_partial_cells(rd)
+        todo = [s for s in specs if not rd.is_done(s.cell_id, s.digest())]
+        write_json(
+            rd.run_info,
+            {
+                "survfuse_version": survfuse.__version__,
+                "started": _time.time(),
+                "cells": len(specs),
+                "cells_to_run": len(todo),
+                "executor": executor.name,
+            },
+        )
+        results: list[CellResult] = []
+        with Progress(
+            TextColumn("[bold]cells[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            disable=not progress,
+            console=console,
+        ) as bar:
+            task = bar.add_task("", total=len(specs), completed=len(specs) - len(todo))
+
+            def done(r: CellResult) -> None:
+                results.append(r)
+                note = (
+                    f"[red]failed[/red] {r.cell_id}: {r.error}"
+                    if r.status == "failed"
+                    else r.cell_id
+                )
+                bar.update(task, advance=1, description=note)
+                if r.status == "failed" and console is not None:
+                    console.print(f"[red]cell failed[/red] {r.cell_id}: {r.error}")
+
+            executor.run(todo, rd.root, on_result=done)
+        metrics = evaluate_run(cfg, rd, specs, executor=executor, progress=progress)
+        seconds = _time.perf_counter() - t0
+        info = {
+            "survfuse_version": survfuse.__version__,
+            "finished": _time.time(),
+            "seconds": round(seconds, 3),
+            "cells": len(specs),
+            "cells_run": len(todo),
+            "cells_failed": sorted(r.cell_id for r in results if r.status == "failed"),
+            "executor": executor.name,
+        }
+        write_json(rd.run_info, info)
+        return RunResult(rd.root, specs, results, metrics, seconds)
+    finally:
+        if own_executor:
+            executor.close()

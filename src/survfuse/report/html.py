@@ -1,0 +1,370 @@
+"""`build_report(run_dir)`: one self-contained `report.html` (PNG figures embedded as base64)
+and a `summary.md` with the same tables.
+
+Sections: the headline C-index table (strategies x splits x tasks, with CIs), the change against
+each task's reference (best unimodal) model as a table and a forest plot, the other metrics,
+Kaplan-Meier curves by predicted-risk tertile on the external cohort for the best strategy,
+calibration at a horizon, training curves, failed cells and the resolved config. Later analyses
+add sections by appending a builder to `SECTION_BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import yaml
+
+import survfuse
+from survfuse.experiment.cell import surv_column, task_columns
+from survfuse.experiment.rundir import RunDir, write_text
+from survfuse.report import figures, tables
+
+__all__ = ["SECTION_BUILDERS", "ReportContext", "Section", "build_report"]
+
+
+@dataclass
+class Section:
+    """One report section: a title, an HTML body and its Markdown counterpart (may be empty)."""
+
+    title: str
+    html: str
+    markdown: str = ""
+
+
+@dataclass
+class ReportContext:
+    """What section builders read: the run folder, its config dict, metrics, cohort and cells."""
+
+    rd: RunDir
+    config: dict[str, Any]
+    metrics: pl.DataFrame
+    cohort: pl.DataFrame
+    cells: list[dict[str, Any]]  # spec.json of every cell plus its "status" and "error"
+
+    def cells_of(self, model: str, task: str) -> list[dict[str, Any]]:
+        from survfuse.experiment.grid import model_key
+
+        return [
+            c
+            for c in self.cells
+            if c["task"] == task
+            and c["status"] == "done"
+            and model_key(c["strategy"], c["ct_encoder"], c["ehr_encoder"], c["head"]) == model
+        ]
+
+    def seed_mean(self, model: str, task: str, column: str) -> np.ndarray | None:
+        """Mean over seeds of one predictions column, in cohort row order."""
+        cols = []
+        for c in self.cells_of(model, task):
+            p = pl.read_parquet(
+                self.rd.cell(c["cell_id"]) / "predictions.parquet", columns=[column]
+            )
+            cols.append(p[column].to_numpy())
+        return np.mean(cols, axis=0) if cols else None
+
+    def best_model(self, task: str, *, fused: bool = True) -> str | None:
+        """Highest validation Harrell C (fused models only when `fused`)."""
+        sel = self.metrics.filter(
+            (pl.col("task") == task)
+            & (pl.col("split") == "validation")
+            & (pl.col("metric") == "harrell_c")
+        )
+        if fused and sel.filter(~pl.col("unimodal")).height:
+            sel = sel.filter(~pl.col("unimodal"))
+        sel = sel.filter(pl.col("estimate").is_not_nan()).sort("estimate", descending=True)
+        return str(sel["model"][0]) if sel.height else None
+
+    def reference(self, task: str) -> str | None:
+        sel = self.metrics.filter((pl.col("task") == task) & pl.col("is_reference"))
+        return str(sel["model"][0]) if sel.height else None
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(self.metrics["task"].to_list()))
+
+    @property
+    def evaluation(self) -> dict[str, Any]:
+        ev: dict[str, Any] = self.config.get("evaluation", {})
+        return ev
+
+
+SectionBuilder = Callable[[ReportContext], "Section | None"]
+
+
+def _img(fig: Any, alt: str) -> str:
+    return (
+        f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{figures.to_png_base64(fig)}">'
+    )
+
+
+def _headline(ctx: ReportContext) -> Section:
+    t = tables.c_index_table(ctx.metrics)
+    refs = tables.references(ctx.metrics)
+    note = "; ".join(f"{k}: {v}" for k, v in refs.items())
+    level = 100 * (1 - float(ctx.evaluation.get("alpha", 0.05)))
+    n_boot = int(ctx.metrics["n_boot"].cast(pl.Int64).fill_null(0).max() or 0)  # type: ignore[arg-type]
+    desc = (
+        f"Harrell's C, mean over seeds, with {level:.0f}% subject-level bootstrap intervals "
+        f"({n_boot} resamples). * marks each task's reference "
+        f"model (best unimodal on validation): {note}."
+    )
+    return Section(
+        "C-index by strategy, split and task",
+        f"<p>{html.escape(desc)}</p>" + tables.to_html(t),
+        desc + "\n\n" + tables.to_markdown(t),
+    )
+
+
+def _comparison(ctx: ReportContext) -> Section:
+    t = tables.comparison_table(ctx.metrics)
+    fig = figures.forest_plot(ctx.metrics)
+    desc = (
+        "Change in Harrell's C against each task's reference model on the same bootstrap "
+        "resamples (paired); p: two-sided bootstrap p-value; Holm: adjusted over the models "
+        "compared within each task and split."
+    )
+    return Section(
+        "Change against the best unimodal baseline",
+        f"<p>{html.escape(desc)}</p>" + _img(fig, "forest plot") + tables.to_html(t),
+        desc + "\n\n" + tables.to_markdown(t),
+    )
+
+
+def _other_metrics(ctx: ReportContext) -> Section | None:
+    parts_html, parts_md = [], []
+    for metric in ("uno_c", "td_auc", "ibs", "calibration"):
+        sel = ctx.metrics.filter(pl.col("metric") == metric)
+        if not sel.height:
+            continue
+        horizons = sorted({h for h in sel["horizon"].to_list() if h is not None}) or [None]
+        for h in horizons:
+            t = tables.metric_table(ctx.metrics, metric, h)
+            name = tables.METRIC_LABELS[metric] + (f" at {h:g} days" if h is not None else "")
+            if metric == "ibs":
+                name = f"IBS up to {h:g} days"
+            parts_html.append(f"<h3>{html.escape(name)}</h3>" + tables.to_html(t))
+            parts_md.append(f"### {name}\n\n" + tables.to_markdown(t))
+    if not parts_html:
+        return None
+    desc = "Lower is better for IBS and calibration error; higher for the others."
+    return Section(
+        "Other metrics",
+        f"<p>{desc}</p>" + "".join(parts_html),
+        desc + "\n\n" + "\n".join(parts_md),
+    )
+
+
+def _outcome(ctx: ReportContext, task: str) -> tuple[np.ndarray, np.ndarray]:
+    tcol, ecol = task_columns(task)
+    return (
+        ctx.cohort[tcol].cast(pl.Float64).to_numpy(),
+        ctx.cohort[ecol].cast(pl.Boolean).to_numpy(),
+    )
+
+
+def _km(ctx: ReportContext) -> Section | None:
+    split = ctx.cohort["split"].to_numpy()
+    target = "external_test" if (split == "external_test").any() else "internal_test"
+    panels = []
+    for task in ctx.tasks:
+        best = ctx.best_model(task)
+        risk = ctx.seed_mean(best, task, "risk") if best else None
+        if risk is None:
+            continue
+        time, event = _outcome(ctx, task)
+        rows = split == target
+        panels.append(
+            figures.KMPanel(
+                f"{task}: {best}\n({tables.SPLIT_LABELS[target]})",
+                time[rows],
+                event[rows],
+                risk[rows],
+            )
+        )
+    if not panels:
+        return None
+    desc = (
+        f"Kaplan-Meier curves of the {tables.SPLIT_LABELS[target]} cohort split into tertiles of "
+        "predicted risk (mean over seeds) of each task's best fused strategy (validation C)."
+    )
+    return Section(
+        "Risk groups on the external cohort",
+        f"<p>{desc}</p>" + _img(figures.km_tertile_figure(panels), "Kaplan-Meier by risk tertile"),
+        desc + " (figure in report.html)\n",
+    )
+
+
+def _calibration(ctx: ReportContext) -> Section | None:
+    ev = ctx.evaluation
+    horizon = float(ev.get("calibration_horizon") or (ev.get("horizons") or [365.0])[0])
+    col = surv_column(horizon)
+    split = ctx.cohort["split"].to_numpy()
+    panels: dict[str, list[figures.CalibrationSeries]] = {}
+    for task in ctx.tasks:
+        time, event = _outcome(ctx, task)
+        series = []
+        for model in dict.fromkeys(m for m in (ctx.best_model(task), ctx.reference(task)) if m):
+            surv = ctx.seed_mean(model, task, col)
+            if surv is None:
+                continue
+            for s in ("internal_test", "external_test"):
+                rows = split == s
+                if rows.any():
+                    series.append(
+                        figures.CalibrationSeries(
+                            f"{model} · {tables.SPLIT_LABELS[s]}",
+                            time[rows],
+                            event[rows],
+                            surv[rows],
+                        )
+                    )
+        if series:
+            panels[task] = series
+    if not panels:
+        return None
+    bins = int(ev.get("calibration_bins", 10))
+    desc = (
+        f"Observed risk (1 - Kaplan-Meier) against mean predicted risk at {horizon:g} days in "
+        f"{bins} quantile bins of predicted risk, for the best fused strategy and the reference."
+    )
+    fig = figures.calibration_figure(panels, horizon, bins)
+    return Section(
+        "Calibration",
+        f"<p>{desc}</p>" + _img(fig, "calibration"),
+        desc + " (figure in report.html)\n",
+    )
+
+
+def _training(ctx: ReportContext) -> Section | None:
+    curves: dict[str, list[tuple[str, pl.DataFrame]]] = {}
+    for task in ctx.tasks:
+        series = []
+        for model in dict.fromkeys(m for m in (ctx.best_model(task), ctx.reference(task)) if m):
+            for c in ctx.cells_of(model, task):
+                f = ctx.rd.cell(c["cell_id"]) / "history.parquet"
+                if f.exists():
+                    series.append((f"{c['strategy']} s{c['seed']}", pl.read_parquet(f)))
+        if series:
+            curves[task] = series
+    if not curves:
+        return None
+    desc = "Per-epoch training loss and validation score of the best fused strategy and the reference, per seed."
+    return Section(
+        "Training curves",
+        f"<p>{desc}</p>" + _img(figures.training_curves_figure(curves), "training curves"),
+        desc + " (figure in report.html)\n",
+    )
+
+
+def _failed(ctx: ReportContext) -> Section | None:
+    bad = [c for c in ctx.cells if c["status"] != "done"]
+    if not bad:
+        return None
+    t = pl.DataFrame(
+        {
+            "cell": [c["cell_id"] for c in bad],
+            "status": [c["status"] for c in bad],
+            "error": [str(c.get("error") or "") for c in bad],
+        }
+    )
+    return Section("Cells that did not finish", tables.to_html(t), tables.to_markdown(t))
+
+
+def _config(ctx: ReportContext) -> Section:
+    text = ctx.rd.config.read_text() if ctx.rd.config.exists() else ""
+    return Section("Config", f"<pre>{html.escape(text)}</pre>", f"```yaml\n{text}```\n")
+
+
+SECTION_BUILDERS: list[SectionBuilder] = [
+    _headline,
+    _comparison,
+    _other_metrics,
+    _km,
+    _calibration,
+    _training,
+    _failed,
+    _config,
+]
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1040px;
+padding:16px 24px;color:#222;line-height:1.4}
+h1{font-size:1.5em;margin-bottom:0}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:4px;
+margin-top:2em}h3{font-size:1em}
+table{border-collapse:collapse;font-size:12px;margin:8px 0;width:100%;table-layout:auto}
+th,td{border-bottom:1px solid #e5e5e5;padding:3px 6px;text-align:left;vertical-align:top;
+overflow-wrap:anywhere}
+th{background:#f5f5f5}caption{text-align:left;font-weight:600}
+img{max-width:100%;height:auto;display:block;margin:8px 0}
+pre{background:#f7f7f7;padding:8px;font-size:11px;white-space:pre-wrap;overflow-wrap:anywhere}
+.meta{color:#666;font-size:12px}
+"""
+
+
+def _load_cells(rd: RunDir) -> list[dict[str, Any]]:
+    cells: list[dict[str, Any]] = []
+    if not rd.cells.exists():
+        return cells
+    for d in sorted(p for p in rd.cells.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        spec_f, st_f = d / "spec.json", d / "status.json"
+        if not (spec_f.exists() and st_f.exists()):
+            continue
+        spec = json.loads(spec_f.read_text())
+        st = json.loads(st_f.read_text())
+        spec.update(status=st.get("status"), error=st.get("error"), seconds=st.get("seconds"))
+        cells.append(spec)
+    return cells
+
+
+def build_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write `report.html` and `summary.md` into `run_dir`; returns both paths."""
+    rd = RunDir(run_dir)
+    if not rd.metrics.exists():
+        raise FileNotFoundError(f"{rd.root}: no metrics.parquet; run `survfuse run` first")
+    config = rd.read_config_yaml()
+    ctx = ReportContext(
+        rd=rd,
+        config=config,
+        metrics=pl.read_parquet(rd.metrics),
+        cohort=pl.read_parquet(rd.cohort),
+        cells=_load_cells(rd),
+    )
+    sections = [s for b in SECTION_BUILDERS if (s := b(ctx)) is not None]
+    name = str(config.get("name", "experiment"))
+    n_done = sum(c["status"] == "done" for c in ctx.cells)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = (
+        f"survfuse {survfuse.__version__} · {stamp} · {n_done}/{len(ctx.cells)} cells finished · "
+        f"tasks: {', '.join(ctx.tasks)} · run folder: {rd.root}"
+    )
+    toc = "".join(
+        f'<li><a href="#s{i}">{html.escape(s.title)}</a></li>' for i, s in enumerate(sections)
+    )
+    body = "".join(
+        f'<h2 id="s{i}">{html.escape(s.title)}</h2>{s.html}' for i, s in enumerate(sections)
+    )
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>survfuse report: {html.escape(name)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>survfuse report: {html.escape(name)}</h1><p class='meta'>{html.escape(meta)}</p>"
+        f"<ul>{toc}</ul>{body}</body></html>\n"
+    )
+    md = [f"# survfuse report: {name}\n", f"{meta}\n", "Figures: see report.html.\n"]
+    md += [f"## {s.title}\n\n{s.markdown}\n" for s in sections if s.markdown]
+    write_text(rd.report, page)
+    write_text(rd.summary, "\n".join(md))
+    return rd.report, rd.summary
+
+
+def config_dict(text: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(text) or {}
+    return data

@@ -1,0 +1,199 @@
+"""Report tables from a run's `metrics.parquet`: estimates with CIs and comparisons.
+
+Every table is a polars DataFrame of display strings, rendered to Markdown, HTML or a rich
+table by the helpers below. Models are shown as `strategy (encoders)`; the reference model of
+each task is marked with `*`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+import polars as pl
+
+__all__ = [
+    "METRIC_LABELS",
+    "SPLIT_LABELS",
+    "c_index_table",
+    "comparison_table",
+    "fmt_ci",
+    "metric_table",
+    "model_label",
+    "rich_table",
+    "to_html",
+    "to_markdown",
+]
+
+SPLIT_LABELS = {
+    "validation": "validation",
+    "internal_test": "internal test",
+    "external_test": "external test",
+}
+METRIC_LABELS = {
+    "harrell_c": "Harrell C",
+    "uno_c": "Uno C",
+    "td_auc": "td-AUC",
+    "ibs": "IBS",
+    "calibration": "calibration error",
+}
+
+
+def fmt_ci(est: float | None, lo: float | None, hi: float | None, digits: int = 3) -> str:
+    """`0.712 [0.680, 0.741]`; `–` for a missing estimate, no interval when it is undefined."""
+    if est is None or not math.isfinite(est):
+        return "–"
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{est:.{digits}f}"
+    return f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def model_label(row: dict[str, Any], *, with_head: bool = False) -> str:
+    """`late (ct_radiomics + ehr_onehot)`; the reference model gets a trailing `*`."""
+    encs = " + ".join(e for e in (row.get("ct_encoder"), row.get("ehr_encoder")) if e)
+    label = f"{row['strategy']} ({encs})" if encs else str(row["strategy"])
+    if with_head:
+        label += f" [{row['head']}]"
+    if row.get("is_reference"):
+        label += " *"
+    return label
+
+
+def _with_labels(metrics: pl.DataFrame) -> pl.DataFrame:
+    with_head = metrics["head"].n_unique() > 1
+    labels = [model_label(r, with_head=with_head) for r in metrics.iter_rows(named=True)]
+    return metrics.with_columns(pl.Series("label", labels, dtype=pl.Utf8))
+
+
+def _model_order(metrics: pl.DataFrame) -> list[str]:
+    # Unimodal baselines first, then fused models, each in config order of first appearance.
+    seen: dict[str, bool] = {}
+    for r in metrics.iter_rows(named=True):
+        seen.setdefault(r["model"], bool(r["unimodal"]))
+    return [m for m in seen if seen[m]] + [m for m in seen if not seen[m]]
+
+
+def metric_table(
+    metrics: pl.DataFrame, metric: str = "harrell_c", horizon: float | None = None
+) -> pl.DataFrame:
+    """Rows task x model, one column per split: `estimate (lower–upper)`."""
+    sel = metrics.filter(pl.col("metric") == metric)
+    if horizon is not None:
+        sel = sel.filter(pl.col("horizon") == horizon)
+    elif sel.height and sel["horizon"].null_count() < sel.height:
+        sel = sel.filter(pl.col("horizon") == sel["horizon"].drop_nulls().min())
+    sel = _with_labels(sel)
+    splits = [s for s in SPLIT_LABELS if s in set(sel["split"].to_list())]
+    order = {m: i for i, m in enumerate(_model_order(sel))}
+    out: list[dict[str, str]] = []
+    for task in dict.fromkeys(sel["task"].to_list()):
+        part = sel.filter(pl.col("task") == task)
+        for model in sorted(dict.fromkeys(part["model"].to_list()), key=lambda m: order[m]):
+            rows = part.filter(pl.col("model") == model)
+            rec = {"task": str(task), "model": str(rows["label"][0])}
+            for s in splits:
+                r = rows.filter(pl.col("split") == s)
+                rec[SPLIT_LABELS[s]] = (
+                    fmt_ci(r["estimate"][0], r["lower"][0], r["upper"][0]) if r.height else "–"
+                )
+            out.append(rec)
+    cols = ["task", "model", *[SPLIT_LABELS[s] for s in splits]]
+    return (
+        pl.DataFrame(out, schema={c: pl.Utf8 for c in cols})
+        if out
+        else pl.DataFrame(schema={c: pl.Utf8 for c in cols})
+    )
+
+
+def c_index_table(metrics: pl.DataFrame) -> pl.DataFrame:
+    """The headline table: Harrell's C with CIs, strategies x splits x tasks."""
+    return metric_table(metrics, "harrell_c")
+
+
+def comparison_table(metrics: pl.DataFrame, metric: str = "harrell_c") -> pl.DataFrame:
+    """Change against each task's reference model: `delta (CI)`, raw and Holm p, per split."""
+    sel = metrics.filter((pl.col("metric") == metric) & ~pl.col("is_reference"))
+    if sel.height and sel["horizon"].null_count() < sel.height:
+        sel = sel.filter(pl.col("horizon") == sel["horizon"].drop_nulls().min())
+    sel = _with_labels(sel)
+    order = {m: i for i, m in enumerate(_model_order(sel))}
+    out = []
+    for r in sorted(
+        sel.iter_rows(named=True),
+        key=lambda r: (r["task"], list(SPLIT_LABELS).index(r["split"]), order[r["model"]]),
+    ):
+        out.append(
+            {
+                "task": r["task"],
+                "split": SPLIT_LABELS[r["split"]],
+                "model": r["label"],
+                "Δ vs reference": fmt_ci(r["delta"], r["delta_lower"], r["delta_upper"]),
+                "p": fmt_p(r["p_value"]),
+                "p (Holm)": fmt_p(r["p_holm"]),
+            }
+        )
+    cols = ["task", "split", "model", "Δ vs reference", "p", "p (Holm)"]
+    return (
+        pl.DataFrame(out, schema={c: pl.Utf8 for c in cols})
+        if out
+        else pl.DataFrame(schema={c: pl.Utf8 for c in cols})
+    )
+
+
+def references(metrics: pl.DataFrame) -> dict[str, str]:
+    """Task -> display label of its reference model."""
+    sel = _with_labels(metrics.filter(pl.col("is_reference")))
+    return {r["task"]: r["label"].rstrip(" *") for r in sel.unique("task").iter_rows(named=True)}
+
+
+def to_markdown(df: pl.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table."""
+    cols = df.columns
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.iter_rows():
+        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(df: pl.DataFrame, *, caption: str | None = None) -> str:
+    """An HTML table (escaped); repeated task cells are blanked for readability."""
+    cols = df.columns
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    last_task = None
+    for row in df.iter_rows(named=True):
+        cells = []
+        for c in cols:
+            v = str(row[c])
+            if c == "task":
+                v, last_task = ("" if v == last_task else v), v
+            cells.append(f"<td>{html.escape(v)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def rich_table(df: pl.DataFrame, *, title: str | None = None) -> Any:
+    """A `rich.table.Table` of the display frame (for the terminal)."""
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for c in df.columns:
+        table.add_column(c, overflow="fold")
+    last_task = None
+    for row in df.iter_rows(named=True):
+        values = []
+        for c in df.columns:
+            v = str(row[c])
+            if c == "task":
+                v, last_task = ("" if v == last_task else v), v
+            values.append(v)
+        table.add_row(*values)
+    return table
