@@ -327,15 +327,23 @@ class MEDSDataset:
         sorted by subject_id and larger than `chunk_rows`: contiguous row slices cut at subject
         boundaries, so memory stays bounded by the chunk. Otherwise: the whole shard.
         """
-        sid = pl.scan_parquet(shard.path).select(pl.col("subject_id").cast(pl.Int64)).collect()
-        sid_np = sid["subject_id"].to_numpy()
-        n_subjects_in_shard = int(sid["subject_id"].n_unique())
+        shard_idx = self._shards.index(shard)
+        n_subjects_in_shard = self.subject_shards().filter(pl.col("shard") == shard_idx).height
         if subjects.n_unique() * 20 < n_subjects_in_shard:
             wanted = subjects.unique().implode()
             yield shard.scan().filter(pl.col("subject_id").is_in(wanted)).collect()
             return
+        if pq.ParquetFile(shard.path).metadata.num_rows <= self.chunk_rows:
+            yield shard.scan().collect()
+            return
+        sid_np = (
+            pl.scan_parquet(shard.path)
+            .select(pl.col("subject_id").cast(pl.Int64))
+            .collect()["subject_id"]
+            .to_numpy()
+        )
         n = sid_np.size
-        if n <= self.chunk_rows or not bool(np.all(sid_np[1:] >= sid_np[:-1])):
+        if not bool(np.all(sid_np[1:] >= sid_np[:-1])):
             yield shard.scan().collect()
             return
         cuts = [0]
