@@ -7,10 +7,12 @@ no value binning), the row of a prediction holds
 
     [ count(code j in w) for j in 0..V | last value of numeric code m | mean value of m in w ]
 
-where the numeric codes are the `max_numeric` vocabulary codes with the most training values.
+where the numeric codes are the `max_numeric` vocabulary codes with the most training values,
+plus one last column `age_years`: years since the subject's `birth_code` event (MEDS_BIRTH; 0 when
+absent or outside every window), which counts cannot express and which most risks depend on.
 `count_matrix` returns these raw values as a `scipy.sparse.csr_matrix` [N, F] (for GBMs);
 `encode` gives `ModalityFeatures` with pooled only: dense float32 [N, F] with `log1p` counts and
-numeric values z-scored by training mean / sd (absent values stay 0). `meta["feature_names"]`
+numeric values z-scored by training mean / sd and clipped to +-10 (absent values stay 0). `meta["feature_names"]`
 names the F columns, e.g. `"30d/count/LAB//CREAT"`, `"all/mean/LAB//CREAT"`.
 """
 
@@ -119,6 +121,7 @@ class EHRCountsEncoder(Encoder):
         max_codes: int = 512,
         max_numeric: int = 64,
         min_subjects: int = 1,
+        birth_code: str | None = "MEDS_BIRTH",
         batch_size: int = 4096,
     ) -> None:
         wins = [None if w is None else float(w) for w in windows]
@@ -129,12 +132,14 @@ class EHRCountsEncoder(Encoder):
             max_codes=max_codes,
             max_numeric=max_numeric,
             min_subjects=min_subjects,
+            birth_code=birth_code,
             batch_size=batch_size,
         )
         self.vocab: CodeVocab | None = None
         self.numeric_codes = np.zeros(0, np.int64)  # index into vocab.codes
         self.numeric_mean = np.zeros(0)
         self.numeric_sd = np.zeros(0)
+        self.age_stats = np.array([0.0, 1.0])  # training mean, sd of age_years
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, NDArray[Any]]:
@@ -145,6 +150,7 @@ class EHRCountsEncoder(Encoder):
             "numeric_codes": self.numeric_codes,
             "numeric_mean": self.numeric_mean,
             "numeric_sd": self.numeric_sd,
+            "age_stats": self.age_stats,
         }
 
     def set_state(self, state: Mapping[str, NDArray[Any]]) -> None:
@@ -152,6 +158,7 @@ class EHRCountsEncoder(Encoder):
         self.numeric_codes = np.asarray(state["numeric_codes"], np.int64)
         self.numeric_mean = np.asarray(state["numeric_mean"], np.float64)
         self.numeric_sd = np.asarray(state["numeric_sd"], np.float64)
+        self.age_stats = np.asarray(state["age_stats"], np.float64)
 
     @property
     def _lookback(self) -> float | None:
@@ -188,6 +195,11 @@ class EHRCountsEncoder(Encoder):
         self.numeric_mean = stats["mean"].to_numpy().astype(np.float64)
         sd = stats["sd"].fill_null(0.0).to_numpy().astype(np.float64)
         self.numeric_sd = np.where(sd > 0, sd, 1.0)
+        index = KeyIndex.from_cohort(cohort)
+        age = self._age(events, index.n_keys)
+        age = age[age > 0]
+        sd_age = float(age.std()) if age.size > 1 else 1.0
+        self.age_stats = np.array([float(age.mean()) if age.size else 0.0, sd_age or 1.0])
         self.fitted = True
         return self
 
@@ -201,7 +213,17 @@ class EHRCountsEncoder(Encoder):
             p = _window_name(w)
             names += [f"{p}/count/{t}" for t in self.vocab.tokens]
             names += [f"{p}/last/{c}" for c in num] + [f"{p}/mean/{c}" for c in num]
-        return names
+        return [*names, "age_years"]
+
+    def _age(self, batch: EventBatch, n_keys: int) -> NDArray[np.float64]:
+        """[n_keys] years since the latest birth_code event of each key (0 when none)."""
+        age = np.zeros(n_keys)
+        code = self._config["birth_code"]
+        if code is None or len(batch) == 0:
+            return age
+        hit = (batch.code == code).to_numpy() & np.isfinite(batch.days_before)
+        np.maximum.at(age, batch.key[hit], batch.days_before[hit] / 365.25)
+        return age
 
     def _batch_matrix(self, batch: EventBatch, n_keys: int) -> sp.csr_matrix:
         assert self.vocab is not None
@@ -210,7 +232,7 @@ class EHRCountsEncoder(Encoder):
         lookup = np.full(len(self.vocab.codes) + 1, -1, np.int64)
         lookup[self.numeric_codes] = np.arange(len(self.numeric_codes))
         num_idx = lookup[np.where(code_idx >= 0, code_idx, len(self.vocab.codes))]
-        return window_counts(
+        counts = window_counts(
             batch.key,
             batch.days_before,
             ids,
@@ -222,6 +244,8 @@ class EHRCountsEncoder(Encoder):
             n_numeric=len(self.numeric_codes),
             windows=self._config["windows"],
         )
+        age = sp.csr_matrix(self._age(batch, n_keys)[:, None])
+        return sp.hstack([counts, age], format="csr")
 
     def count_matrix(self, cohort: pl.DataFrame, source: Any) -> sp.csr_matrix:
         """Raw features [N, F] (CSR float64) in `cohort`'s row order; columns `feature_names`."""
@@ -259,8 +283,11 @@ class EHRCountsEncoder(Encoder):
             for part in (off + v, off + v + m):
                 block = dense[:, part : part + m]
                 present = block != 0
-                z = (block - self.numeric_mean) / self.numeric_sd
+                # clipped: lab sentinels (e.g. 999999) must not dominate a downstream model
+                z = np.clip((block - self.numeric_mean) / self.numeric_sd, -10.0, 10.0)
                 dense[:, part : part + m] = np.where(present, z, 0.0)
+        age = dense[:, -1]
+        dense[:, -1] = np.where(age > 0, (age - self.age_stats[0]) / self.age_stats[1], 0.0)
         return dense.astype(np.float32)
 
     def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
