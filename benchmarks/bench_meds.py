@@ -115,7 +115,7 @@ def run_method(method: str, root: Path, batch_size: int) -> dict[str, float]:
         checksum = 0.0
         for frame in ds.iter_windowed(keys, batch_size=batch_size):
             rows += frame.height
-            checksum += float(frame["numeric_value"].sum())
+            checksum += float(frame["numeric_value"].cast(pl.Float64).sum())
     elif method == "polars_one_shot":
         events = pl.scan_parquet(root / "data" / "*.parquet")
         n_events = int(events.select(pl.len()).collect().item())
@@ -126,7 +126,7 @@ def run_method(method: str, root: Path, batch_size: int) -> dict[str, float]:
             .collect(engine="streaming")
         )
         rows = out.height
-        checksum = float(out["numeric_value"].sum())
+        checksum = float(out["numeric_value"].cast(pl.Float64).sum())
     else:
         raise ValueError(method)
     seconds = time.perf_counter() - t0
