@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "count_draws",
+    "event_time_ties",
     "pass_earlier",
     "pass_later",
     "weighted_auc",
@@ -43,14 +44,15 @@ def pass_later(t, e, rank, w, n_ranks):  # type: ignore[no-untyped-def]
     """For each event i: weight of comparable later subjects j with rank_j <, ==, > rank_i.
 
     Comparable: t_j > t_i, or t_j == t_i and j censored (censored at t outlives a death at t).
-    Weights w_j are summed; non-events get zeros.
+    Weights w_j are summed (integer weights keep a smaller, exact tree); non-events get zeros.
     """
     n = t.shape[0]
-    tree = np.zeros(n_ranks + 1)
-    less = np.zeros(n)
-    eq = np.zeros(n)
-    gt = np.zeros(n)
-    total = 0.0
+    tree = np.zeros(n_ranks + 1, dtype=w.dtype)
+    point = np.zeros(n_ranks + 1, dtype=w.dtype)
+    less = np.zeros(n, dtype=w.dtype)
+    eq = np.zeros(n, dtype=w.dtype)
+    gt = np.zeros(n, dtype=w.dtype)
+    total = w[0] * 0
     hi = n
     while hi > 0:
         lo = hi - 1
@@ -59,17 +61,19 @@ def pass_later(t, e, rank, w, n_ranks):  # type: ignore[no-untyped-def]
         for p in range(lo, hi):
             if not e[p]:
                 _add(tree, rank[p], w[p])
+                point[rank[p]] += w[p]
                 total += w[p]
         for p in range(lo, hi):
             if e[p]:
                 below = _prefix(tree, rank[p] - 1)
-                upto = _prefix(tree, rank[p])
+                same = point[rank[p]]
                 less[p] = below
-                eq[p] = upto - below
-                gt[p] = total - upto
+                eq[p] = same
+                gt[p] = total - below - same
         for p in range(lo, hi):
             if e[p]:
                 _add(tree, rank[p], w[p])
+                point[rank[p]] += w[p]
                 total += w[p]
         hi = lo
     return less, eq, gt
@@ -82,11 +86,12 @@ def pass_earlier(t, e, rank, v, n_ranks):  # type: ignore[no-untyped-def]
     The mirror of `pass_later` (each comparable pair seen from its later member).
     """
     n = t.shape[0]
-    tree = np.zeros(n_ranks + 1)
-    gt = np.zeros(n)
-    eq = np.zeros(n)
-    less = np.zeros(n)
-    total = 0.0
+    tree = np.zeros(n_ranks + 1, dtype=v.dtype)
+    point = np.zeros(n_ranks + 1, dtype=v.dtype)
+    gt = np.zeros(n, dtype=v.dtype)
+    eq = np.zeros(n, dtype=v.dtype)
+    less = np.zeros(n, dtype=v.dtype)
+    total = v[0] * 0
     lo = 0
     while lo < n:
         hi = lo + 1
@@ -95,23 +100,59 @@ def pass_earlier(t, e, rank, v, n_ranks):  # type: ignore[no-untyped-def]
         for p in range(lo, hi):
             if e[p]:
                 below = _prefix(tree, rank[p] - 1)
-                upto = _prefix(tree, rank[p])
+                same = point[rank[p]]
                 less[p] = below
-                eq[p] = upto - below
-                gt[p] = total - upto
+                eq[p] = same
+                gt[p] = total - below - same
         for p in range(lo, hi):
             if e[p]:
                 _add(tree, rank[p], v[p])
+                point[rank[p]] += v[p]
                 total += v[p]
         for p in range(lo, hi):
             if not e[p]:
                 below = _prefix(tree, rank[p] - 1)
-                upto = _prefix(tree, rank[p])
+                same = point[rank[p]]
                 less[p] = below
-                eq[p] = upto - below
-                gt[p] = total - upto
+                eq[p] = same
+                gt[p] = total - below - same
         lo = hi
     return gt, eq, less
+
+
+@numba.njit(cache=True)
+def event_time_ties(t, e, rank):  # type: ignore[no-untyped-def]
+    """Pairs of events at the same time (t sorted): all such pairs, and those with equal rank."""
+    n = t.shape[0]
+    all_pairs = 0
+    both = 0
+    lo = 0
+    while lo < n:
+        hi = lo + 1
+        while hi < n and t[hi] == t[lo]:
+            hi += 1
+        k = 0
+        for p in range(lo, hi):
+            if e[p]:
+                k += 1
+        if k > 1:
+            all_pairs += k * (k - 1) // 2
+            r = np.empty(k, dtype=rank.dtype)
+            q = 0
+            for p in range(lo, hi):
+                if e[p]:
+                    r[q] = rank[p]
+                    q += 1
+            r.sort()
+            run = 1
+            for q in range(1, k + 1):
+                if q < k and r[q] == r[q - 1]:
+                    run += 1
+                else:
+                    both += run * (run - 1) // 2
+                    run = 1
+        lo = hi
+    return all_pairs, both
 
 
 @numba.njit(cache=True, parallel=True)

@@ -8,6 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from survfuse.interop import check_survival
+from survfuse.metrics import _kernels as K
 from survfuse.metrics.ipcw import CensoringModel
 from survfuse.metrics.km import kaplan_meier
 from survfuse.metrics.result import NoComparablePairError
@@ -63,20 +64,6 @@ def risk_matrix(pred: ArrayLike, n: int, n_times: int, what: str) -> NDArray[np.
     return np.asarray(out)
 
 
-def _auc_one(
-    risk: NDArray[np.float64], case_g: NDArray[np.float64], ctrl: NDArray[np.bool_]
-) -> tuple[float, float]:
-    """num, den of sum_{case i, ctrl j} g_i h(r_i, r_j) / (sum g_i * n_ctrl)."""
-    c_r = np.sort(risk[ctrl])
-    cases = case_g > 0
-    rc = risk[cases]
-    less = np.searchsorted(c_r, rc, side="left")
-    le = np.searchsorted(c_r, rc, side="right")
-    g = case_g[cases]
-    num = float(np.sum(g * (less + 0.5 * (le - less))))
-    return num, float(g.sum() * c_r.shape[0])
-
-
 def auc_parts(
     t: NDArray[np.float64], e: NDArray[np.bool_], times: NDArray[np.float64], cens: CensoringModel
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
@@ -127,9 +114,16 @@ def cumulative_dynamic_auc(
     r = risk_matrix(risk_or_surv, t.shape[0], tt.shape[0], "risk_or_surv")
     cens = CensoringModel(train_time, train_event)
     case_g, ctrl = auc_parts(t, e, tt, cens)
+    one_d = np.asarray(risk_or_surv).ndim == 1
+    shared = np.argsort(r[:, 0], kind="stable") if one_d else None  # 1-d risk: sort once
+    ones = np.ones((1, t.shape[0]))
     auc = np.empty(tt.shape[0])
     for k in range(tt.shape[0]):
-        num, den = _auc_one(r[:, k], case_g[:, k], ctrl[:, k])
-        auc[k] = num / den
+        rk = np.ascontiguousarray(r[:, k])
+        order = shared if shared is not None else np.argsort(rk, kind="stable")
+        num, den = K.weighted_auc(
+            order, rk, np.ascontiguousarray(case_g[:, k]), ctrl[:, k].astype(np.float64), ones
+        )
+        auc[k] = num[0] / den[0]
     mean = float(auc[0]) if tt.shape[0] == 1 else float(auc @ mean_auc_weights(t, e, tt))
     return TimeDependentAUC(tt, auc, mean)
