@@ -116,9 +116,9 @@ def site_properties(
             scanner = Scanner(
                 spacing_scale=1.0 + 0.12 * d,
                 hu_offset=sign * 25.0 * d,
-                noise_sd=12.0 + 12.0 * d,
-                blur_xy=0.5 + 0.4 * d,
-                blur_z=0.6 + 0.6 * d,
+                noise_sd=10.0 + 12.0 * d,
+                blur_xy=0.35 + 0.25 * d,
+                blur_z=0.45 + 0.35 * d,
             )
             mix = {"age_mean": 65.0 + 5.0 * d, "cancer_p": 0.2 + 0.12 * d, "clot_shift": 0.3 * d}
             coding = {"recode_p": min(1.0, 0.8 * d), "creatinine_si": float(d > 0)}
@@ -130,8 +130,8 @@ def site_properties(
                 spacing_scale=1.0 - 0.03 * d * (dev_rank % 3),
                 hu_offset=offs * d,
                 noise_sd=10.0 + 3.0 * d * (dev_rank % 3),
-                blur_xy=0.5 + 0.1 * d * (dev_rank % 2),
-                blur_z=0.6 + 0.1 * d * (dev_rank % 2),
+                blur_xy=0.35 + 0.1 * d * (dev_rank % 2),
+                blur_z=0.45 + 0.1 * d * (dev_rank % 2),
             )
             mix = {
                 "age_mean": 65.0 + (-1.5, 1.5, 0.0)[dev_rank % 3] * d,
@@ -175,10 +175,11 @@ def _draw_latents(
     lat["rv_lv"] = np.clip(0.9 + 0.2 * z_rv, 0.55, 1.6)
     lat["emphysema"] = 0.35 * ndtr(rng.normal(size=n) - 1.0)
     z_cac = rng.normal(size=n)
+    # no calcium in ~27%; otherwise at least 150 mm^3 (a lesion the 6 mm voxels resolve)
     lat["calcium_mm3"] = np.where(
-        z_cac < -0.6, 0.0, np.minimum(25.0 * np.expm1(1.3 * (z_cac + 0.6)), 1500.0)
+        z_cac < -0.6, 0.0, np.minimum(150.0 * np.exp(0.9 * (z_cac + 0.6)), 3000.0)
     )
-    lat["log_calcium"] = np.log1p(lat["calcium_mm3"] / 10.0)
+    lat["log_calcium"] = np.log1p(lat["calcium_mm3"] / 50.0)
     lat["heart_dx"] = rng.normal(0.0, 4.0, n)
     lat["heart_dy"] = rng.normal(0.0, 4.0, n)
     # EHR factors
@@ -196,7 +197,7 @@ def _draw_latents(
     )
     lat["history_years"] = rng.uniform(2.0, 8.0, n)
     for concept in ehr.DIAGNOSES:
-        lat[f"onset_{concept}"] = rng.uniform(0.0, 12.0, n)  # years before the index
+        lat[f"onset_{concept}"] = rng.uniform(0.5, 15.0, n)  # years before the index
     lat["age_c"] = lat["age"] - 60.0
     return lat
 
@@ -383,6 +384,179 @@ def simulate(
     (out / "meds" / "data").mkdir(parents=True, exist_ok=True)
     (out / "meds" / "metadata").mkdir(parents=True, exist_ok=True)
 
+    plan = _plan(n, sites, external, seed, imbalance, interaction, site_shift, censoring)
+    props, plist, lat, rng = plan["props"], plan["plist"], plan["lat"], plan["rng"]
+    site_idx, index_us, outcomes = plan["site_idx"], plan["index_us"], plan["outcomes"]
+    subject_ids, followup_end_us = plan["subject_ids"], plan["followup_end_us"]
+    extra = rng.random((n, 2))
+    extra_t = rng.random((n, 2))
+
+    # plan studies and subjects per chunk
+    chunks: list[dict[str, Any]] = []
+    ct_rows: list[tuple[int, int, str]] = []
+    for c0 in range(0, n, CHUNK_SIZE):
+        studies: list[dict[str, Any]] = []
+        subjects: list[dict[str, Any]] = []
+        for i in range(c0, min(n, c0 + CHUNK_SIZE)):
+            sid = int(subject_ids[i])
+            site = plist[site_idx[i]]
+            anat = {
+                k: float(lat[k][i])
+                for k in ("body_scale", "age", "emphysema", "rv_lv", "clot", "calcium_mm3")
+            }
+            anat["heart_dx"] = float(lat["heart_dx"][i])
+            anat["heart_dy"] = float(lat["heart_dy"][i])
+            todo = [(0, int(index_us[i]), anat, "index")]
+            if extra[i, 0] < P_PRIOR_CT:  # an older study without the acute findings
+                t = int(index_us[i]) - int((0.5 + 2.5 * extra_t[i, 0]) * 365.25 * US_PER_DAY)
+                prior = dict(anat, clot=0.0, rv_lv=min(anat["rv_lv"], 0.9), age=anat["age"] - 1)
+                todo.append((1, t - t % 60_000_000, prior, "prior"))
+            fu_days = float(followup_end_us[i] - index_us[i]) / US_PER_DAY
+            if extra[i, 1] < P_FOLLOWUP_CT and fu_days > 14.0:  # after the index: never usable
+                t = int(index_us[i]) + int(
+                    (7.0 + (min(fu_days, 365.0) - 7.0) * extra_t[i, 1]) * US_PER_DAY
+                )
+                follow = dict(anat, clot=anat["clot"] * 0.3, rv_lv=0.5 * (anat["rv_lv"] + 0.9))
+                todo.append((2, t - t % 60_000_000, follow, "followup"))
+            for study_no, t_us, an, label in todo:
+                path = f"ct/{sid}_{label}.nii.gz"
+                studies.append(
+                    {
+                        "subject_index": i,
+                        "study_no": study_no,
+                        "anatomy": an,
+                        "scanner": site["scanner"],
+                        "path": path,
+                    }
+                )
+                ct_rows.append((sid, t_us, path))
+            ev_pe, ev_mace = outcomes["pe_mortality"][1][i], outcomes["mace"][1][i]
+            subjects.append(
+                {
+                    "subject_index": i,
+                    "subject_id": sid,
+                    "latents": {k: float(v[i]) for k, v in lat.items()},
+                    "index_us": int(index_us[i]),
+                    "followup_end_us": int(followup_end_us[i]),
+                    "pe_death_us": int(followup_end_us[i]) if ev_pe else None,
+                    "mace_us": (
+                        int(index_us[i]) + int(np.rint(outcomes["mace"][0][i] * US_PER_DAY))
+                        if ev_mace
+                        else None
+                    ),
+                    "coding": site["coding"],
+                }
+            )
+        chunks.append(
+            {
+                "out_dir": str(out),
+                "shape": list(shape),
+                "seed": int(seed),
+                "studies": studies,
+                "subjects": subjects,
+                "meds_path": f"meds/data/shard_{c0 // CHUNK_SIZE:04d}.parquet",
+            }
+        )
+
+    _run_chunks(chunks, n, workers, progress)
+
+    cohort, oracle = _tables(plan)
+    _write_parquet(cohort.to_arrow(), out / "cohort.parquet")
+    _write_parquet(oracle.to_arrow(), out / "oracle.parquet")
+    ct_rows.sort()
+    ct_index = pl.DataFrame(
+        {
+            "subject_id": [r[0] for r in ct_rows],
+            "study_time": pl.Series([r[1] for r in ct_rows]).cast(pl.Datetime("us")),
+            "path": [r[2] for r in ct_rows],
+        },
+        schema={"subject_id": pl.Int64, "study_time": pl.Datetime("us"), "path": pl.Utf8},
+    )
+    _write_parquet(ct_index.to_arrow(), out / "ct_index.parquet")
+    _write_meds_metadata(out / "meds" / "metadata")
+
+    params = {
+        "n": n,
+        "sites": list(sites),
+        "external": list(external),
+        "seed": seed,
+        "imbalance": imbalance,
+        "interaction": interaction,
+        "site_shift": site_shift,
+        "censoring": censoring,
+        "shape": list(shape),
+    }
+    realised = {
+        task: {
+            "events": int(outcomes[task][1].sum()),
+            "censored_fraction": float(1.0 - outcomes[task][1].mean()),
+            "median_time_days": float(np.median(outcomes[task][0])),
+        }
+        for task in TASKS
+    }
+    meta = {
+        "generator": "survfuse.data.simulate",
+        "survfuse_version": __version__,
+        "parameters": params,
+        "tasks": list(TASKS),
+        "default_task": "pe_mortality",
+        "sites": props,
+        "hazard": {
+            "formula": "eta = S*(sqrt(w)*img + sqrt(1-w)*ehr) + a*(age-65)/12 "
+            "+ g*2*sqrt(w*(1-w))*img*ehr; T = (E/(lambda*exp(eta)))^(1/k) + 1h",
+            "S": SIGNAL,
+            "age_coef": AGE_COEF,
+            "weibull_shape": WEIBULL_SHAPE,
+            "weibull_lambda_per_day": plan["lambdas"],
+            "image_weights": IMAGE_WEIGHTS,
+            "ehr_weights": EHR_WEIGHTS,
+            "standardisation": plan["moments"],
+            "reference_n": REFERENCE_N,
+        },
+        "censoring_model": {
+            "index_window": [INDEX_START.isoformat(), INDEX_END.isoformat()],
+            "study_end": STUDY_END.isoformat(),
+            "dropout_mean_years": DROPOUT_MEAN_YEARS,
+            "competing": "PE death ends MACE follow-up",
+        },
+        "ct": {
+            "p_prior_study": P_PRIOR_CT,
+            "p_followup_study": P_FOLLOWUP_CT,
+            "dtype": "int16",
+            "orientation": "RAS",
+            "n_studies": len(ct_rows),
+        },
+        "ehr": {
+            "outcome_codes": {"pe_mortality": [ehr.DEATH_CODE], "mace": list(ehr.MACE_CODES)},
+            "diagnoses": ehr.DIAGNOSES,
+            "labs": {k: v[0] for k, v in ehr.LABS.items()},
+            "creatinine_si_code": ehr.CREATININE_SI,
+            "n_noise_diagnoses": ehr.N_NOISE_DIAGNOSES,
+            "zipf_exponent": ehr.ZIPF_EXPONENT,
+        },
+        "realised": realised,
+        "files": {
+            "cohort": "cohort.parquet",
+            "oracle": "oracle.parquet",
+            "ct_index": "ct_index.parquet",
+            "meds": "meds",
+        },
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _plan(
+    n: int,
+    sites: tuple[str, ...],
+    external: tuple[str, ...],
+    seed: int,
+    imbalance: float,
+    interaction: float,
+    site_shift: float,
+    censoring: float,
+) -> dict[str, Any]:
+    """Latent factors, hazards and outcomes of the cohort (everything but the rendering)."""
     props = site_properties(sites, external, site_shift)
     plist = [props[s] for s in sites]
     weights = np.array([p["weight"] for p in plist])
@@ -443,84 +617,55 @@ def simulate(
         outcomes[task] = (t_us / US_PER_DAY, ev)
     subject_ids = FIRST_SUBJECT_ID + np.arange(n, dtype=np.int64)
     followup_end_us = index_us + np.rint(outcomes["pe_mortality"][0] * US_PER_DAY).astype(np.int64)
-    extra = rng.random((n, 2))
-    extra_t = rng.random((n, 2))
+    return {
+        "props": props,
+        "plist": plist,
+        "sites": sites,
+        "moments": moments,
+        "lambdas": lambdas,
+        "site_idx": site_idx,
+        "lat": lat,
+        "index_us": index_us,
+        "parts": parts,
+        "outcomes": outcomes,
+        "subject_ids": subject_ids,
+        "followup_end_us": followup_end_us,
+        "rng": rng,
+    }
 
-    # plan studies and subjects per chunk
-    chunks: list[dict[str, Any]] = []
-    ct_rows: list[tuple[int, int, str]] = []
-    for c0 in range(0, n, CHUNK_SIZE):
-        studies: list[dict[str, Any]] = []
-        subjects: list[dict[str, Any]] = []
-        for i in range(c0, min(n, c0 + CHUNK_SIZE)):
-            sid = int(subject_ids[i])
-            site = plist[site_idx[i]]
-            anat = {
-                k: float(lat[k][i])
-                for k in ("body_scale", "age", "emphysema", "rv_lv", "clot", "calcium_mm3")
-            }
-            anat["heart_dx"] = float(lat["heart_dx"][i])
-            anat["heart_dy"] = float(lat["heart_dy"][i])
-            plan = [(0, int(index_us[i]), anat, "index")]
-            if extra[i, 0] < P_PRIOR_CT:  # an older study without the acute findings
-                t = int(index_us[i]) - int((0.5 + 2.5 * extra_t[i, 0]) * 365.25 * US_PER_DAY)
-                prior = dict(anat, clot=0.0, rv_lv=min(anat["rv_lv"], 0.9), age=anat["age"] - 1)
-                plan.append((1, t - t % 60_000_000, prior, "prior"))
-            fu_days = float(followup_end_us[i] - index_us[i]) / US_PER_DAY
-            if extra[i, 1] < P_FOLLOWUP_CT and fu_days > 14.0:  # after the index: never usable
-                t = int(index_us[i]) + int(
-                    (7.0 + (min(fu_days, 365.0) - 7.0) * extra_t[i, 1]) * US_PER_DAY
-                )
-                follow = dict(anat, clot=anat["clot"] * 0.3, rv_lv=0.5 * (anat["rv_lv"] + 0.9))
-                plan.append((2, t - t % 60_000_000, follow, "followup"))
-            for study_no, t_us, an, label in plan:
-                path = f"ct/{sid}_{label}.nii.gz"
-                studies.append(
-                    {
-                        "subject_index": i,
-                        "study_no": study_no,
-                        "anatomy": an,
-                        "scanner": site["scanner"],
-                        "path": path,
-                    }
-                )
-                ct_rows.append((sid, t_us, path))
-            ev_pe, ev_mace = outcomes["pe_mortality"][1][i], outcomes["mace"][1][i]
-            subjects.append(
-                {
-                    "subject_index": i,
-                    "subject_id": sid,
-                    "latents": {k: float(v[i]) for k, v in lat.items()},
-                    "index_us": int(index_us[i]),
-                    "followup_end_us": int(followup_end_us[i]),
-                    "pe_death_us": int(followup_end_us[i]) if ev_pe else None,
-                    "mace_us": (
-                        int(index_us[i]) + int(np.rint(outcomes["mace"][0][i] * US_PER_DAY))
-                        if ev_mace
-                        else None
-                    ),
-                    "coding": site["coding"],
-                }
-            )
-        chunks.append(
-            {
-                "out_dir": str(out),
-                "shape": list(shape),
-                "seed": int(seed),
-                "studies": studies,
-                "subjects": subjects,
-                "meds_path": f"meds/data/shard_{c0 // CHUNK_SIZE:04d}.parquet",
-            }
-        )
 
-    _run_chunks(chunks, n, workers, progress)
+ORACLE_LATENTS = (
+    "age",
+    "male",
+    "body_scale",
+    "clot",
+    "rv_lv",
+    "emphysema",
+    "calcium_mm3",
+    "cancer",
+    "heart_failure",
+    "ckd",
+    "prior_mi",
+    "diabetes",
+    "hypertension",
+    "z_hf",
+    "z_ckd",
+    "z_anemia",
+    "z_trop",
+    "z_ldl",
+)
 
-    # tables
-    pred_time = pl.Series("prediction_time", index_us).cast(pl.Datetime("us"))
-    site_names = pl.Series("site", np.asarray(sites, dtype=object)[site_idx].tolist(), pl.Utf8)
+
+def _tables(plan: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The cohort table and the oracle table of a plan."""
+    outcomes, parts, lat = plan["outcomes"], plan["parts"], plan["lat"]
+    pred_time = pl.Series("prediction_time", plan["index_us"]).cast(pl.Datetime("us"))
+    site_names = pl.Series(
+        "site", np.asarray(plan["sites"], dtype=object)[plan["site_idx"]].tolist(), pl.Utf8
+    )
     cohort = pl.DataFrame(
         {
-            "subject_id": subject_ids,
+            "subject_id": plan["subject_ids"],
             "prediction_time": pred_time,
             "site": site_names,
             "time": outcomes["pe_mortality"][0],
@@ -531,118 +676,38 @@ def simulate(
             "mace_event": outcomes["mace"][1],
         }
     )
-    _write_parquet(cohort.to_arrow(), out / "cohort.parquet")
-    oracle_cols: dict[str, Any] = {
-        "subject_id": subject_ids,
+    cols: dict[str, Any] = {
+        "subject_id": plan["subject_ids"],
         "prediction_time": pred_time,
         "site": site_names,
     }
     for task in TASKS:
         for part in ("log_hazard", "image", "ehr", "shared", "interaction"):
-            oracle_cols[f"{task}_{part}"] = parts[task][part]
-    for k in (
-        "age",
-        "male",
-        "body_scale",
-        "clot",
-        "rv_lv",
-        "emphysema",
-        "calcium_mm3",
-        "cancer",
-        "heart_failure",
-        "ckd",
-        "prior_mi",
-        "diabetes",
-        "hypertension",
-        "z_hf",
-        "z_ckd",
-        "z_anemia",
-        "z_trop",
-        "z_ldl",
-    ):
-        oracle_cols[f"latent_{k}"] = lat[k]
-    _write_parquet(pl.DataFrame(oracle_cols).to_arrow(), out / "oracle.parquet")
-    ct_rows.sort()
-    ct_index = pl.DataFrame(
-        {
-            "subject_id": [r[0] for r in ct_rows],
-            "study_time": pl.Series([r[1] for r in ct_rows]).cast(pl.Datetime("us")),
-            "path": [r[2] for r in ct_rows],
-        },
-        schema={"subject_id": pl.Int64, "study_time": pl.Datetime("us"), "path": pl.Utf8},
-    )
-    _write_parquet(ct_index.to_arrow(), out / "ct_index.parquet")
-    _write_meds_metadata(out / "meds" / "metadata")
+            cols[f"{task}_{part}"] = parts[task][part]
+    for k in ORACLE_LATENTS:
+        cols[f"latent_{k}"] = lat[k]
+    return cohort, pl.DataFrame(cols)
 
-    params = {
-        "n": n,
-        "sites": list(sites),
-        "external": list(external),
-        "seed": seed,
-        "imbalance": imbalance,
-        "interaction": interaction,
-        "site_shift": site_shift,
-        "censoring": censoring,
-        "shape": list(shape),
-    }
-    realised = {
-        task: {
-            "events": int(outcomes[task][1].sum()),
-            "censored_fraction": float(1.0 - outcomes[task][1].mean()),
-            "median_time_days": float(np.median(outcomes[task][0])),
-        }
-        for task in TASKS
-    }
-    meta = {
-        "generator": "survfuse.data.simulate",
-        "survfuse_version": __version__,
-        "parameters": params,
-        "tasks": list(TASKS),
-        "default_task": "pe_mortality",
-        "sites": props,
-        "hazard": {
-            "formula": "eta = S*(sqrt(w)*img + sqrt(1-w)*ehr) + a*(age-65)/12 "
-            "+ g*2*sqrt(w*(1-w))*img*ehr; T = (E/(lambda*exp(eta)))^(1/k) + 1h",
-            "S": SIGNAL,
-            "age_coef": AGE_COEF,
-            "weibull_shape": WEIBULL_SHAPE,
-            "weibull_lambda_per_day": lambdas,
-            "image_weights": IMAGE_WEIGHTS,
-            "ehr_weights": EHR_WEIGHTS,
-            "standardisation": moments,
-            "reference_n": REFERENCE_N,
-        },
-        "censoring_model": {
-            "index_window": [INDEX_START.isoformat(), INDEX_END.isoformat()],
-            "study_end": STUDY_END.isoformat(),
-            "dropout_mean_years": DROPOUT_MEAN_YEARS,
-            "competing": "PE death ends MACE follow-up",
-        },
-        "ct": {
-            "p_prior_study": P_PRIOR_CT,
-            "p_followup_study": P_FOLLOWUP_CT,
-            "dtype": "int16",
-            "orientation": "RAS",
-            "n_studies": len(ct_rows),
-        },
-        "ehr": {
-            "outcome_codes": {"pe_mortality": [ehr.DEATH_CODE], "mace": list(ehr.MACE_CODES)},
-            "diagnoses": ehr.DIAGNOSES,
-            "labs": {k: v[0] for k, v in ehr.LABS.items()},
-            "creatinine_si_code": ehr.CREATININE_SI,
-            "n_noise_diagnoses": ehr.N_NOISE_DIAGNOSES,
-            "zipf_exponent": ehr.ZIPF_EXPONENT,
-        },
-        "realised": realised,
-        "files": {
-            "cohort": "cohort.parquet",
-            "oracle": "oracle.parquet",
-            "ct_index": "ct_index.parquet",
-            "meds": "meds",
-        },
-    }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return out
+
+def simulate_tables(
+    *,
+    n: int = 3000,
+    sites: tuple[str, ...] | list[str] = ("A", "B", "C"),
+    external: tuple[str, ...] | list[str] = ("C",),
+    seed: int = 0,
+    imbalance: float = 0.5,
+    interaction: float = 0.3,
+    site_shift: float = 1.0,
+    censoring: float = 0.6,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The (cohort, oracle) tables `simulate` writes for the same arguments, without rendering
+    any CT or EHR (fast: for studying the outcome model, e.g. oracle C-indices)."""
+    sites_t = tuple(str(x) for x in sites)
+    external_t = tuple(str(x) for x in external)
+    _check_args(n, sites_t, external_t, imbalance, interaction, site_shift, censoring, (8, 8, 8))
+    return _tables(
+        _plan(n, sites_t, external_t, seed, imbalance, interaction, site_shift, censoring)
+    )
 
 
 def _run_chunks(chunks: list[dict[str, Any]], n: int, workers: int | None, progress: bool) -> None:
@@ -668,7 +733,10 @@ def _run_chunks(chunks: list[dict[str, Any]], n: int, workers: int | None, progr
                 if bar is not None and task_id is not None:
                     bar.advance(task_id, done)
         else:
-            ctx = multiprocessing.get_context("spawn")
+            # fork (Linux) needs no `if __name__ == "__main__"` guard in the user's script; the
+            # children only use numpy/pyarrow/zlib, never a thread pool inherited from the parent
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 for done in pool.map(_render_chunk, chunks):
                     if bar is not None and task_id is not None:

@@ -53,6 +53,8 @@ MACE_CODES = ("DIAGNOSIS//ICD//10//I21.4", "DIAGNOSIS//ICD//10//I63.9")
 DEATH_CODE = "MEDS_DEATH"
 BIRTH_CODE = "MEDS_BIRTH"
 N_NOISE_DIAGNOSES = 400
+P_CODED = 0.6  # a known chronic condition is coded at a given visit with this probability
+P_CODED_AT_INDEX = 0.8
 N_NOISE_MEDICATIONS = 60
 ZIPF_EXPONENT = 1.1
 
@@ -203,14 +205,18 @@ def render_ehr(
     lab_t = ed_t + int(0.5 * US_PER_DAY / 24)
     for name in ("creatinine", "hemoglobin", "troponin", "nt_probnp", "sodium", "potassium"):
         _emit_lab(emit, name, lat, np.array([lab_t]), np.zeros(1), coding, rng)
+    # the ED encounter's problem list: known chronic conditions, coded with the site's practice
+    for concept, (dev, ext) in DIAGNOSES.items():
+        if lat[concept] > 0.5 and rng.random() < P_CODED_AT_INDEX:
+            emit(ed_t + 60_000_000, ext if rng.random() < coding["recode_p"] else dev)
     emit(index_us, INDEX_PROCEDURE)
 
     # after the index: follow-up visits, outcome diagnoses and death (never usable as features)
-    fu_years = (followup_end_us - index_us) / US_PER_DAY / DAYS_PER_YEAR
-    n_fu = int(rng.poisson(2.5 * max(fu_years, 0.0)))
+    # visit content lies up to 30 minutes after the visit: keep it before the end of follow-up
+    span_days = (followup_end_us - index_us - US_PER_DAY // 24) / US_PER_DAY
+    n_fu = int(rng.poisson(2.5 * span_days / DAYS_PER_YEAR)) if span_days > 1.0 else 0
     if n_fu:
-        fu_t = index_us + (rng.uniform(1.0, max(fu_years * DAYS_PER_YEAR, 1.0), n_fu) * US_PER_DAY)
-        fu_t = fu_t.astype(np.int64)
+        fu_t = (index_us + rng.uniform(1.0, span_days, n_fu) * US_PER_DAY).astype(np.int64)
         emit(fu_t, "VISIT//OUTPATIENT")
         _visit_content(emit, lat, fu_t, np.zeros(n_fu), np.zeros(n_fu, dtype=int), coding, rng)
     if mace_us is not None:
@@ -259,7 +265,7 @@ def _visit_content(
     for concept, (dev, ext) in DIAGNOSES.items():
         if lat[concept] < 0.5:
             continue
-        coded = (years_before <= lat[f"onset_{concept}"]) & (rng.random(n) < 0.55)
+        coded = (years_before <= lat[f"onset_{concept}"]) & (rng.random(n) < P_CODED)
         if coded.any():
             alt = rng.random(int(coded.sum())) < coding["recode_p"]
             ids = np.where(alt, CODE_ID[ext], CODE_ID[dev])
