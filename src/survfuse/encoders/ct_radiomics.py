@@ -13,8 +13,9 @@ Per region (the whole volume, and each cell of a `grid` of 3-D patches) it compu
 
 Each grid cell is one token (its features + its normalised centre position); `pooled` is the
 whole-volume feature vector. Features are standardised with training-split statistics (`fit`).
-Everything is computed with one `np.bincount` per statistic over voxel (cell, bin) labels, so the
-whole volume and all cells cost a few passes over the voxels.
+All per-cell sums (histogram, moments, texture) come from one compiled (numba) pass over the
+voxels with a precomputed voxel -> cell label map; the whole-volume features are the sums over
+cells, so the volume and all cells cost one pass.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import numba
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray
@@ -83,7 +85,12 @@ def _bins(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Fine bin edges (uniform + tissue thresholds), fine->coarse and fine->tissue matrices."""
     uniform = np.linspace(lo, hi, n_bins * _FINE + 1)
-    thresholds = [v for rng in TISSUES.values() for v in rng if np.isfinite(v) and lo < v < hi]
+    thresholds = [
+        v
+        for rng in TISSUES.values()
+        for v in rng
+        if np.isfinite(v) and lo < v < hi and not np.isclose(uniform, v).any()
+    ]
     edges = np.unique(np.concatenate([uniform, thresholds]))
     centres_lo, centres_hi = edges[:-1], edges[1:]
     mid = (centres_lo + centres_hi) / 2
@@ -95,6 +102,75 @@ def _bins(
     )
     # values at exactly `hi` (clipped) fall in the last bin, below `lo` in the first
     return edges, to_coarse, to_tissue, mid
+
+
+@numba.njit(cache=True, nogil=True)
+def _sums_kernel(
+    x: Any,
+    lab3: Any,
+    n_cells: int,
+    nb: int,
+    lo: float,
+    inv_step: float,
+    n_uniform: int,
+    splits: Any,
+    isx: float,
+    isy: float,
+    isz: float,
+) -> Any:  # pragma: no cover - compiled
+    """One pass over the voxels accumulating, per cell (label n_cells = outside the ROI):
+    fine histogram [C+1, nb]; count, Σz, Σz², Σz³, Σz⁴ [C+1, 5] (z = HU/1000); texture sums
+    [C+1, 9]: (n, Σ|dx|), (n, Σ|dy|), (n, Σ|dz|), (n, Σg, Σg²) of forward differences
+    (per mm) whose voxels are all inside the ROI, g = gradient magnitude.
+
+    Fine bin = uniform bin floor((x - lo) * inv_step) + number of split points <= x.
+    """
+    nx, ny, nz = x.shape
+    hist = np.zeros((n_cells + 1, nb))
+    sums = np.zeros((n_cells + 1, 5))
+    tex = np.zeros((n_cells + 1, 9))
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                c = lab3[i, j, k]
+                v = x[i, j, k]
+                b = int((v - lo) * inv_step)
+                b = min(max(b, 0), n_uniform - 1)
+                for t in splits:
+                    if v >= t:
+                        b += 1
+                hist[c, b] += 1.0
+                z = v / 1000.0
+                z2 = z * z
+                sums[c, 0] += 1.0
+                sums[c, 1] += z
+                sums[c, 2] += z2
+                sums[c, 3] += z2 * z
+                sums[c, 4] += z2 * z2
+                if c == n_cells:
+                    continue
+                okx = i + 1 < nx and lab3[i + 1, j, k] != n_cells
+                oky = j + 1 < ny and lab3[i, j + 1, k] != n_cells
+                okz = k + 1 < nz and lab3[i, j, k + 1] != n_cells
+                dx = dy = dz = 0.0
+                if okx:
+                    dx = abs(x[i + 1, j, k] - v) / 1000.0 * isx
+                    tex[c, 0] += 1.0
+                    tex[c, 1] += dx
+                if oky:
+                    dy = abs(x[i, j + 1, k] - v) / 1000.0 * isy
+                    tex[c, 2] += 1.0
+                    tex[c, 3] += dy
+                if okz:
+                    dz = abs(x[i, j, k + 1] - v) / 1000.0 * isz
+                    tex[c, 4] += 1.0
+                    tex[c, 5] += dz
+                if okx and oky and okz:
+                    g2 = dx * dx + dy * dy + dz * dz
+                    tex[c, 6] += 1.0
+                    tex[c, 7] += np.sqrt(g2)
+                    tex[c, 8] += g2
+    return hist[:n_cells], sums[:n_cells], tex[:n_cells]
 
 
 def _percentiles(hist: NDArray[np.float64], edges: NDArray[np.float64], qs: list[float]) -> Any:
@@ -132,54 +208,33 @@ def radiomics_features(
         raise ValueError(f"radiomics_features needs a 3-D volume, got shape {hu.shape}")
     lo, hi = float(hu_window[0]), float(hu_window[1])
     grid = tuple(int(g) for g in grid)  # type: ignore[assignment]
-    x = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
+    x = np.ascontiguousarray(np.clip(np.asarray(hu, dtype=np.float32), lo, hi))
     n_cells = int(np.prod(grid))
     lab3 = _cell_labels(x.shape, grid)
     if roi is not None:
         if roi.shape != x.shape:
             raise ValueError(f"roi shape {roi.shape} differs from volume shape {x.shape}")
-        # voxels outside the ROI go to an extra "dump" cell that is dropped below
+        # voxels outside the ROI go to an extra "dump" cell that is dropped
         lab3 = np.where(roi, lab3, n_cells)
-    n_lab = n_cells + 1  # the last label collects voxels outside the ROI
     edges, to_coarse, to_tissue, _ = _bins(lo, hi, n_bins)
-    nb = len(edges) - 1
-
-    lab = lab3.ravel()
-    fine_bin = np.searchsorted(edges[1:-1], x.ravel(), side="right")
-    hist = np.bincount(lab * nb + fine_bin, minlength=n_lab * nb).reshape(n_lab, nb)
-    hist = hist[:n_cells].astype(np.float64)
-    z = x.ravel().astype(np.float64) / 1000.0
-    z2 = z * z
-    sums = np.stack(
-        [
-            np.bincount(lab, weights=w, minlength=n_lab)[:n_cells]
-            for w in (np.ones_like(z), z, z2, z2 * z, z2 * z2)
-        ],
-        axis=1,
-    )  # [C, 5]: count, Σz, Σz², Σz³, Σz⁴
-
-    # texture: forward differences (HU/1000 per mm), attributed to the first voxel of each pair
-    zz = x.astype(np.float64) / 1000.0
-    dx = np.abs(np.diff(zz, axis=0)) / spacing[0]
-    dy = np.abs(np.diff(zz, axis=1)) / spacing[1]
-    dz = np.abs(np.diff(zz, axis=2)) / spacing[2]
-    gm = np.sqrt(dx[:, :-1, :-1] ** 2 + dy[:-1, :, :-1] ** 2 + dz[:-1, :-1, :] ** 2)
-    # a pair (or gradient stencil) counts only when both (all) its voxels are in the ROI
-    pair_labels = [lab3[:-1], lab3[:, :-1], lab3[:, :, :-1], lab3[:-1, :-1, :-1]]
-    if roi is not None:
-        pair_labels[0] = np.where(roi[1:], pair_labels[0], n_cells)
-        pair_labels[1] = np.where(roi[:, 1:], pair_labels[1], n_cells)
-        pair_labels[2] = np.where(roi[:, :, 1:], pair_labels[2], n_cells)
-        inside = roi[1:, :-1, :-1] & roi[:-1, 1:, :-1] & roi[:-1, :-1, 1:]
-        pair_labels[3] = np.where(inside, pair_labels[3], n_cells)
-    tex: list[Any] = []
-    for d, lab_d in zip((dx, dy, dz, gm), pair_labels, strict=True):
-        ld = lab_d.ravel()
-        tex.append(np.bincount(ld, minlength=n_lab)[:n_cells].astype(np.float64))
-        tex.append(np.bincount(ld, weights=d.ravel(), minlength=n_lab)[:n_cells])
-        if d is gm:
-            tex.append(np.bincount(ld, weights=d.ravel() ** 2, minlength=n_lab)[:n_cells])
-    tex_sums = np.stack(tex, axis=1)  # [C, 9]
+    n_uniform = n_bins * _FINE
+    uniform = np.linspace(lo, hi, n_uniform + 1)
+    splits = np.array(
+        sorted(v for v in edges[1:-1] if not np.isclose(uniform, v).any()), dtype=np.float64
+    )
+    hist, sums, tex_sums = _sums_kernel(
+        x,
+        np.ascontiguousarray(lab3, dtype=np.int64),
+        n_cells,
+        len(edges) - 1,
+        lo,
+        n_uniform / (hi - lo),
+        n_uniform,
+        splits,
+        1.0 / float(spacing[0]),
+        1.0 / float(spacing[1]),
+        1.0 / float(spacing[2]),
+    )
 
     def finish(h: Any, s: Any, t: Any) -> Any:
         n = np.maximum(s[:, 0:1], 1.0)
