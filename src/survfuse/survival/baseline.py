@@ -60,7 +60,7 @@ def breslow_baseline(
     r = check_risk(risk, n=t.shape[0])
     shift = float(r.max())
     w = np.exp(r - shift)
-    order = np.argsort(-t, kind="stable")
+    order = np.argsort(-t)  # order inside a tie group is irrelevant
     ts, es, ws = t[order], e[order], w[order]
     # groups of equal time in descending order; risk-set sum = cumulative sum at the group's end
     starts = np.flatnonzero(np.r_[True, ts[1:] != ts[:-1]])
@@ -77,8 +77,8 @@ def breslow_baseline(
         cum = np.cumsum(es)
         rank = cum[ev] - 1 - (cum[starts] - es[starts])[ev_group]
         frac = rank / d[ev_group]
-        jump = np.zeros(starts.shape[0])
-        np.add.at(jump, ev_group, 1.0 / (risk_set[ev_group] - frac * mass[ev_group]))
+        inv = 1.0 / (risk_set[ev_group] - frac * mass[ev_group])
+        jump = np.bincount(ev_group, weights=inv, minlength=starts.shape[0])
     # back to ascending time, then accumulate and undo the scaling
     x = ts[starts][::-1].copy()
     y = np.cumsum(jump[::-1]) * np.exp(-shift)

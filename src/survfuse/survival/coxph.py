@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 import scipy.stats
 from numpy.typing import ArrayLike, NDArray
 from sklearn.base import BaseEstimator
 
 from survfuse.interop import check_survival
 from survfuse.registry import look_up_option
-from survfuse.survival.baseline import StepFunction, breslow_baseline
+from survfuse.survival.baseline import StepFunction
 
 __all__ = ["CoxPH", "CoxPHConvergenceWarning", "cox_log_likelihood"]
 
@@ -34,83 +35,144 @@ class _Design:
     x: NDArray[np.float64]  # [n, p] sorted rows
     event: NDArray[np.bool_]  # [n]
     starts: NDArray[np.intp]  # [G] first row of each distinct-time group
-    ends: NDArray[np.intp]  # [G] last row
     group: NDArray[np.intp]  # [n] group of each row
-    ev_rows: NDArray[np.intp]  # [E] rows with an event
-    ev_group: NDArray[np.intp]  # [E] their group
+    group_time: NDArray[np.float64]  # [G] distinct times, descending
+    ev_rows: NDArray[np.intp]  # [E] rows with an event (grouped: sorted order)
+    ev_groups: NDArray[np.intp]  # [Ge] groups with at least one event
+    ev_pos: NDArray[np.intp]  # [E] position of each event's group in ev_groups
+    ev_starts: NDArray[np.intp]  # [Ge] first event (index into ev_rows) of each event group
     frac: NDArray[np.float64]  # [E] Efron fraction l / d_g (0 for Breslow)
-    d: NDArray[np.float64]  # [G] events per group
     x_event_sum: NDArray[np.float64]  # [p] sum of event rows
+    buf: NDArray[np.float64]  # [n, p] scratch, reused every evaluation (no page faults)
+    # group-sum operators: CSR [G, n] (rows = tie groups) and [Ge, n] (event rows of each event
+    # group); their data is overwritten with the weights w, so S1 = op @ x is one sparse product
+    group_sum: Any
+    event_sum: Any
 
 
 def _design(
-    x: NDArray[np.float64], time: NDArray[np.float64], event: NDArray[np.bool_], ties: str
+    x: NDArray[np.float64],
+    time: NDArray[np.float64],
+    event: NDArray[np.bool_],
+    ties: str,
+    center: NDArray[np.float64],
 ) -> _Design:
-    order = np.argsort(-time, kind="stable")
-    t, e, xs = time[order], event[order], np.ascontiguousarray(x[order])
+    # order inside a tie group is irrelevant (all sums are per group): an unstable sort will do
+    order = np.argsort(-time)
+    t, e = time[order], event[order]
+    xs = np.take(x, order, axis=0)  # a copy (np.take is several times faster than x[order])
+    xs -= center
     starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
-    ends = np.r_[starts[1:], t.shape[0]] - 1
-    group = np.repeat(np.arange(starts.shape[0]), ends - starts + 1)
+    group = np.repeat(np.arange(starts.shape[0]), np.diff(np.r_[starts, t.shape[0]]))
     ev_rows = np.flatnonzero(e)
     ev_group = group[ev_rows]
-    d = np.bincount(ev_group, minlength=starts.shape[0]).astype(np.float64)
+    ev_starts = np.flatnonzero(np.r_[True, ev_group[1:] != ev_group[:-1]])
+    ev_groups = ev_group[ev_starts]
+    ev_pos = np.repeat(np.arange(ev_starts.shape[0]), np.diff(np.r_[ev_starts, ev_rows.shape[0]]))
     if ties == "efron":
-        cum = np.cumsum(e)
-        rank = cum[ev_rows] - 1 - (cum[starts] - e[starts])[ev_group]
-        frac = rank / d[ev_group]
+        d = np.diff(np.r_[ev_starts, ev_rows.shape[0]]).astype(np.float64)
+        rank = np.arange(ev_rows.shape[0]) - ev_starts[ev_pos]
+        frac = rank / d[ev_pos]
     else:
         frac = np.zeros(ev_rows.shape[0])
-    return _Design(xs, e, starts, ends, group, ev_rows, ev_group, frac, d, xs[ev_rows].sum(0))
+    n = t.shape[0]
+    return _Design(
+        xs,
+        e,
+        starts,
+        group,
+        t[starts],
+        ev_rows,
+        ev_groups,
+        ev_pos,
+        ev_starts,
+        frac,
+        e.astype(np.float64) @ xs,
+        np.empty_like(xs),
+        scipy.sparse.csr_matrix(
+            (np.ones(n), np.arange(n), np.r_[starts, n]), shape=(starts.shape[0], n)
+        ),
+        scipy.sparse.csr_matrix(
+            (np.ones(ev_rows.shape[0]), ev_rows, np.r_[ev_starts, ev_rows.shape[0]]),
+            shape=(ev_starts.shape[0], n),
+        ),
+    )
 
 
 def _loglik_grad_info(
     des: _Design, beta: NDArray[np.float64], *, need_info: bool = True
-) -> tuple[float, NDArray[np.float64], NDArray[np.float64] | None]:
-    """Log partial likelihood, its gradient [p] and the observed information [p, p].
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64] | None, NDArray[np.float64]]:
+    """Log partial likelihood, its gradient [p], the observed information [p, p] and the
+    baseline-hazard jumps [Ge] at the event groups (sum_i 1 / den_i: Breslow, or Efron's
+    adjusted estimator; for the centred linear predictor).
 
-    Per event i (group g, Efron fraction f_i): S0_i = S0_g - f_i D0_g, S1_i likewise, where S*
-    sum over the risk set and D* over the group's events (Breslow: f_i = 0).
-    ll = sum_i [eta_i - log S0_i]; grad = sum_i [x_i - a_i], a_i = S1_i / S0_i;
-    info = sum_i [S2_i / S0_i - a_i a_i^T], the S2 part assembled as X^T diag(w c) X.
+    Per event i (group g, Efron fraction f_i): den_i = S0_g - f_i D0_g, where S* sum over the
+    risk set and D* over the group's events (Breslow: f_i = 0); a_i = (S1_g - f_i D1_g) / den_i.
+    ll = sum_i [eta_i - log den_i]; grad = sum_i [x_i - a_i];
+    info = sum_i [S2_i / den_i - a_i a_i^T]. Both parts are assembled per group, never per
+    event x feature: sum_i S2_i / den_i = X^T diag(w c) X, and sum_i a_i a_i^T =
+    sum_g [S1 D1] K_g [S1 D1]^T with the 2 x 2 matrix K_g of sums of (1, -f)(1, -f)^T / den^2,
+    factorised so that both are single syrk products.
     """
     x = des.x
     eta = x @ beta
     shift = float(eta.max())
     w = np.exp(eta - shift)
-    wx = x * w[:, None]
-    s0 = np.cumsum(np.add.reduceat(w, des.starts))  # [G] risk-set sums (rows up to group end)
-    s1 = np.cumsum(np.add.reduceat(wx, des.starts, axis=0), axis=0)  # [G, p]
-    g = des.ev_group
+    evg = des.ev_groups
+    s0 = np.cumsum(np.add.reduceat(w, des.starts))[evg]  # [Ge] risk-set sums
+    des.group_sum.data[:] = w
+    s1 = np.cumsum(des.group_sum @ x, axis=0)[evg]  # [Ge, p]
+    pos = des.ev_pos
     f = des.frac
-    if f.any():
-        w_ev = np.where(des.event, w, 0.0)
-        d0 = np.add.reduceat(w_ev, des.starts)
-        d1 = np.add.reduceat(wx * des.event[:, None], des.starts, axis=0)
-        den0 = s0[g] - f * d0[g]
-        den1 = s1[g] - f[:, None] * d1[g]
+    n_ev_groups = evg.shape[0]
+    efron = bool(f.any())
+    w_ev = w[des.ev_rows]
+    if efron:
+        d0 = np.add.reduceat(w_ev, des.ev_starts)
+        des.event_sum.data[:] = w_ev
+        d1 = des.event_sum @ x  # [Ge, p]
+        den = s0[pos] - f * d0[pos]
     else:
-        den0 = s0[g]
-        den1 = s1[g]
-    ll = float(eta[des.ev_rows].sum() - np.log(den0).sum() - shift * des.ev_rows.shape[0])
-    a = den1 / den0[:, None]  # [E, p]
-    grad = des.x_event_sum - a.sum(0)
+        den = s0[pos]
+    ll = float(eta[des.ev_rows].sum() - np.log(den).sum() - shift * des.ev_rows.shape[0])
+    inv = 1.0 / den
+
+    def per_group(values: NDArray[np.float64]) -> NDArray[np.float64]:
+        out: NDArray[np.float64] = np.asarray(
+            np.bincount(pos, weights=values, minlength=n_ev_groups), dtype=np.float64
+        )
+        return out
+
+    sum_inv = per_group(inv)
+    jumps = sum_inv * np.exp(-shift)
+    grad = des.x_event_sum - sum_inv @ s1
+    if efron:
+        sum_f_inv = per_group(f * inv)
+        grad = grad + sum_f_inv @ d1
     if not need_info:
-        return ll, grad, None
-    n_groups = des.starts.shape[0]
-    inv0 = np.asarray(
-        np.bincount(g, weights=1.0 / den0, minlength=n_groups), dtype=np.float64
-    )  # sum_i 1/S0_i per group
+        return ll, grad, None, jumps
     # row j is in the risk set of every group at or after its own (descending time order)
-    c = np.cumsum(inv0[::-1])[::-1][des.group]
-    weight = w * c
-    if f.any():
-        efr = np.asarray(np.bincount(g, weights=f / den0, minlength=n_groups), dtype=np.float64)
-        weight = weight - w * des.event * efr[des.group]
-    # weight >= 0 in exact arithmetic (a group's own 1/S0 terms dominate its Efron terms)
-    # as z^T z numpy calls BLAS syrk (half the flops of x^T diag(weight) x as a general product)
-    z = x * np.sqrt(np.maximum(weight, 0.0))[:, None]
-    info = z.T @ z - a.T @ a
-    return ll, grad, info
+    per_all = np.zeros(des.starts.shape[0])
+    per_all[evg] = sum_inv
+    weight = w * np.cumsum(per_all[::-1])[::-1][des.group]
+    if efron:
+        per_all[:] = 0.0
+        per_all[evg] = sum_f_inv
+        weight = weight - w * des.event * per_all[des.group]
+    # weight >= 0 in exact arithmetic (a group's own 1/den terms dominate its Efron terms);
+    # written as z^T z, numpy calls BLAS syrk (half the flops of a general product)
+    z = np.multiply(x, np.sqrt(np.maximum(weight, 0.0))[:, None], out=des.buf)
+    inv2 = inv * inv
+    l11 = np.sqrt(per_group(inv2))
+    if efron:
+        cross = per_group(f * inv2)
+        l21 = -cross / l11
+        l22 = np.sqrt(np.maximum(per_group(f * f * inv2) - l21 * l21, 0.0))
+        v = np.vstack([l11[:, None] * s1 + l21[:, None] * d1, l22[:, None] * d1])
+    else:
+        v = l11[:, None] * s1
+    info = z.T @ z - v.T @ v
+    return ll, grad, info, jumps
 
 
 def cox_log_likelihood(
@@ -124,7 +186,7 @@ def cox_log_likelihood(
     ties = look_up_option(ties, ("efron", "breslow"), kind="ties")
     t, e = check_survival(time, event)
     x = _check_x(X, t.shape[0])
-    des = _design(x - x.mean(0), t, e, ties)
+    des = _design(x, t, e, ties, x.mean(0))
     return _loglik_grad_info(des, np.asarray(coef, dtype=np.float64), need_info=False)[0]
 
 
@@ -191,27 +253,22 @@ class CoxPH(BaseEstimator):
             self.feature_names_in_ = np.asarray(X.columns, dtype=object)
         self.n_features_in_ = x.shape[1]
         self.means_ = x.mean(0)
-        des = _design(x - self.means_, t, e, ties)
+        des = _design(x, t, e, ties, self.means_)
         p = x.shape[1]
         alpha = float(self.alpha)
 
-        def objective(beta: NDArray[np.float64], need_info: bool = True):
-            ll, grad, info = _loglik_grad_info(des, beta, need_info=need_info)
+        def objective(beta: NDArray[np.float64]):
+            ll, grad, info, jumps = _loglik_grad_info(des, beta)
+            assert info is not None
             pen = ll - 0.5 * alpha * float(beta @ beta)
-            return (
-                pen,
-                ll,
-                grad - alpha * beta,
-                (None if info is None else info + alpha * np.eye(p)),
-            )
+            return pen, ll, grad - alpha * beta, info + alpha * np.eye(p), jumps
 
         beta = np.zeros(p)
-        pen, ll, grad, info = objective(beta)
+        pen, ll, grad, info, jumps = objective(beta)
         self.loglik_null_ = ll
         converged = False
         it = 0
         for it in range(1, self.max_iter + 1):  # noqa: B007 (n_iter_ after the loop)
-            assert info is not None
             step = self._solve(info, grad)
             decrement = float(grad @ step)
             for _ in range(self.max_halvings + 1):
@@ -228,7 +285,7 @@ class CoxPH(BaseEstimator):
                 )
                 break
             beta = beta + step
-            pen, ll, grad, info = new
+            pen, ll, grad, info, jumps = new
             if decrement < self.tol:
                 converged = True
                 break
@@ -239,16 +296,22 @@ class CoxPH(BaseEstimator):
                 CoxPHConvergenceWarning,
                 stacklevel=2,
             )
-        assert info is not None
         self.coef_ = beta
-        self.var_ = scipy.linalg.inv(info)
+        self.var_ = scipy.linalg.cho_solve(scipy.linalg.cho_factor(info), np.eye(p))
         self.se_ = np.sqrt(np.diag(self.var_))
         self.z_ = beta / self.se_
         self.p_value_ = 2.0 * scipy.stats.norm.sf(np.abs(self.z_))
         self.loglik_ = ll
         self.n_iter_ = it
         self.converged_ = converged
-        self.baseline_cumulative_hazard_: StepFunction = breslow_baseline(t, e, x @ beta, ties=ties)
+        # baseline cumulative hazard from the final evaluation: jumps are for the centred
+        # predictor; exp(x beta) = exp((x - mean) beta) exp(mean beta) uncentres them
+        per_group = np.zeros(des.group_time.shape[0])
+        per_group[des.ev_groups] = jumps
+        self.baseline_cumulative_hazard_: StepFunction = StepFunction(
+            x=des.group_time[::-1].copy(),
+            y=np.cumsum(per_group[::-1]) * np.exp(-float(self.means_ @ beta)),
+        )
         return self
 
     @staticmethod
