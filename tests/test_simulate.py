@@ -418,3 +418,25 @@ def test_external_site_differs_measurably_from_development_sites(sim_small):
     values = creat["numeric_value"].to_numpy()
     is_ext = (creat["site"] == "C").to_numpy()
     assert ks_2samp(values[is_ext], values[~is_ext]).pvalue < 1e-6
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_command_line_writes_the_same_dataset_as_the_function(tmp_path):
+    from typer.testing import CliRunner
+
+    from survfuse.cli import app
+
+    args = ["simulate", "--out", str(tmp_path / "cli"), "--n", "30", "--sites", "A,B,C"]
+    args += ["--external", "C", "--seed", "2", "--imbalance", "0.7", "--interaction", "0.2"]
+    args += ["--site-shift", "0.5", "--censoring", "0.5", "--shape", "12,12,8", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    direct = simulate(
+        tmp_path / "fn", n=30, seed=2, imbalance=0.7, interaction=0.2, site_shift=0.5,
+        censoring=0.5, shape=(12, 12, 8), progress=False,
+    )  # fmt: skip
+    assert _digests(tmp_path / "cli") == _digests(direct)
+    bad = CliRunner().invoke(app, [*args[:3], "--imbalance", "2", "--no-progress"])
+    assert bad.exit_code == 2 and "imbalance" in bad.output
