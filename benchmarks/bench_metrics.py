@@ -95,14 +95,14 @@ class Peer:
         n0, s0 = self.last
         return s0 * (n / n0) ** self.exponent
 
-    def run(self, d: dict[str, Any], repeat: int) -> tuple[float | None, str]:
+    def run(self, d: dict[str, Any], repeat: int) -> tuple[float | None, float | None, str]:
         n = d["t"].shape[0]
         pred = self.predicted(n)
         if pred > LIMIT_S:
-            return None, f"skipped (predicted {pred:.0f} s > {LIMIT_S:.0f} s)"
-        s, _ = timeit(self.make(d), 1 if pred > 5 else repeat)
+            return None, None, f"skipped (predicted {pred:.0f} s > {LIMIT_S:.0f} s)"
+        s, c, _ = timeit_cpu(self.make(d), 1 if pred > 5 else repeat)
         self.last = (n, s)
-        return s, ""
+        return s, c, ""
 
 
 def _lifelines_c(d: dict[str, Any]) -> Callable[[], Any]:
@@ -185,6 +185,10 @@ def main() -> None:
         train_time=w["train_t"],
         train_event=w["train_e"],
     )
+    kw = dict(train_time=w["train_t"], train_event=w["train_e"])
+    concordance_index_ipcw(w["t"], w["e"], w["risk"], tau=float(w["times"][-1]), **kw)
+    cumulative_dynamic_auc(w["t"], w["e"], w["risk"], w["times"], **kw)
+    integrated_brier_score(w["t"], w["e"], w["surv"], w["times"], **kw)
     print(f"numba warm-up (compile or cache load): {time.perf_counter() - t0:.2f} s")
     print(f"load average at start: {os.getloadavg()} on {os.cpu_count()} CPUs")
 
@@ -242,19 +246,26 @@ def main() -> None:
     for n in args.sizes:
         d = data(n)
         for title, (ours_make, peers) in suites.items():
-            ours, _ = timeit(ours_make(d), args.repeat)
-            row = [f"{n:,}", fmt(ours)]
+            ours, ours_cpu, _ = timeit_cpu(ours_make(d), args.repeat)
+            row = [f"{n:,}", f"{fmt(ours)} / {fmt(ours_cpu)}"]
             for p in peers:
-                s, note = p.run(d, args.repeat)
-                row.append(note or f"{fmt(s)} ({s / ours:.1f}x)" if s is not None else note)
+                s, c, note = p.run(d, args.repeat)
+                if s is None or c is None:
+                    row.append(note)
+                else:
+                    row.append(f"{fmt(s)} / {fmt(c)} ({c / ours_cpu:.3g}x)")
             results[title].append(row)
             print(f"n={n:,} {title}: survfuse {ours:.4f} s", flush=True)
     for title, (_, peers) in suites.items():
-        header = ["n", "survfuse s"] + [f"{p.name} s (ratio)" for p in peers]
+        header = ["n", "survfuse wall / CPU s"] + [
+            f"{p.name} wall / CPU s (CPU ratio)" for p in peers
+        ]
         table(title, results[title], header)
     print(
-        "\nratio = peer time / survfuse time (> 1: survfuse faster; for numpy.sort < 1 means"
-        " survfuse is slower than the sort floor)"
+        "\nCPU ratio = peer CPU time / survfuse CPU time (> 1: survfuse faster; for numpy.sort"
+        " 1 / ratio is how many sorts of the risks one survfuse Harrell C costs). CPU time is the"
+        " process time of all threads, less sensitive than wall time to other jobs on a shared"
+        " machine."
     )
 
     n = args.boot_n

@@ -110,7 +110,7 @@ def _draw(d: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return t, e, r.astype(float)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(surv_data)
 def test_harrell_matches_sksurv_and_invariances(d: tuple) -> None:
     t, e, r = _draw(d)
@@ -140,7 +140,7 @@ def test_harrell_matches_sksurv_and_invariances(d: tuple) -> None:
         assert rev.estimate == pytest.approx(1 - res.estimate, abs=1e-14)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(surv_data, st.sampled_from([None, 3.0, 6.5, 10.0]))
 def test_uno_matches_sksurv_hypothesis(d: tuple, tau: float | None) -> None:
     t, e, r = _draw(d)
