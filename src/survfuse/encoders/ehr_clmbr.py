@@ -29,10 +29,11 @@ after every epoch and resumes from them; `history` holds per-epoch loss and perp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -313,12 +314,13 @@ class EHRCLMBREncoder(Encoder):
     `epochs` (10), `batch_size` (32), `lr` (1e-3), `weight_decay` (0.01), `val_frac` (0.1),
     `motor_weight` (0 = off), `motor_codes` (32), `seed` (0); output `max_tokens` (32);
     runtime (not hashed: they do not change results) `device` ("auto"), `checkpoint_dir`,
-    `progress`.
+    `progress`, `num_threads` (torch CPU threads while fitting / encoding; None = torch's
+    setting; 1 avoids oversubscription on a busy machine).
     """
 
     modality: ClassVar[Any] = "ehr"
     learns: ClassVar[bool] = True
-    _RUNTIME = ("device", "checkpoint_dir", "progress")
+    _RUNTIME = ("device", "checkpoint_dir", "progress", "num_threads")
 
     def __init__(
         self,
@@ -347,6 +349,7 @@ class EHRCLMBREncoder(Encoder):
         device: str = "auto",
         checkpoint_dir: str | None = None,
         progress: bool = True,
+        num_threads: int | None = None,
     ) -> None:
         position = look_up_option(position, POSITIONS, kind="position")
         if max_len < 2 or max_tokens < 1:
@@ -376,6 +379,7 @@ class EHRCLMBREncoder(Encoder):
             device=device,
             checkpoint_dir=checkpoint_dir,
             progress=progress,
+            num_threads=num_threads,
         )
         self.vocab: CodeVocab | None = None
         self.model: CLMBRModel | None = None
@@ -420,6 +424,17 @@ class EHRCLMBREncoder(Encoder):
     @property
     def device(self) -> torch.device:
         return resolve_device(self._config["device"])
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        n = self._config["num_threads"]
+        before = torch.get_num_threads()
+        if n:
+            torch.set_num_threads(int(n))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     # ------------------------------------------------------------------ timelines
     def _timelines(self, cohort: pl.DataFrame, source: Any) -> tuple[KeyIndex, dict[int, Timeline]]:
@@ -476,13 +491,16 @@ class EHRCLMBREncoder(Encoder):
         if not train:
             raise ValueError("ehr_clmbr: no training timeline with >= 2 events to pretrain on")
         self.history = []
-        self._pretrain(train, val)
+        with self._threads():
+            self._pretrain(train, val)
         self.fitted = True
         return self
 
     def _checkpoint_key(self) -> str:
         assert self.vocab is not None
-        return hash_config({"config": self.config(), "vocab": hash_arrays(self.vocab.state())})
+        # `epochs` is left out so a finished run can be resumed to train for more epochs
+        cfg = {k: v for k, v in self.config().items() if k != "epochs"}
+        return hash_config({"config": cfg, "vocab": hash_arrays(self.vocab.state())})
 
     def _pretrain(self, train: list[Timeline], val: list[Timeline]) -> None:
         from rich.progress import (
@@ -634,8 +652,8 @@ class EHRCLMBREncoder(Encoder):
         if d is None or not (Path(d) / "trainer.json").exists():
             return 0
         info = json.loads((Path(d) / "trainer.json").read_text())
-        if info.get("key") != self._checkpoint_key():
-            return 0  # a different model or vocabulary: start over (it will be overwritten)
+        if info.get("key") != self._checkpoint_key() or info["epoch"] > self._config["epochs"]:
+            return 0  # another model / vocabulary, or trained past `epochs`: start over
         tensors = load_file(str(Path(d) / "checkpoint.safetensors"))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         sd = opt.state_dict()
@@ -650,8 +668,11 @@ class EHRCLMBREncoder(Encoder):
         return int(info["epoch"])
 
     # ------------------------------------------------------------------ encode
-    @torch.no_grad()
     def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
+        with self._threads(), torch.no_grad():
+            return self._encode(cohort, source)
+
+    def _encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
         self.check_fitted()
         assert self.vocab is not None and self.model is not None
         c = self._config
