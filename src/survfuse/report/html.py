@@ -26,6 +26,7 @@ import survfuse
 from survfuse.experiment.cell import surv_column, task_columns
 from survfuse.experiment.rundir import RunDir, write_text
 from survfuse.report import figures, tables
+from survfuse.report.imbalance_section import imbalance_section
 
 __all__ = ["SECTION_BUILDERS", "ReportContext", "Section", "build_report"]
 
@@ -290,6 +291,7 @@ SECTION_BUILDERS: list[SectionBuilder] = [
     _km,
     _calibration,
     _training,
+    imbalance_section,
     _failed,
     _config,
 ]

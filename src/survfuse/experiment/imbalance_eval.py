@@ -1,0 +1,193 @@
+"""Modality contributions of every fused model of a run: `RUN_DIR/imbalance.parquet` (+ .csv).
+
+For each finished two-modality cell the trained model is reloaded and its risk is predicted with
+only CT and with only EHR present (`survfuse.analysis.ablation_risks`; cached in
+`RUN_DIR/imbalance/ablation/<cell_id>.<digest>.parquet`). Then, per task x evaluation split x
+fused model, `survfuse.analysis.modality_contributions` gives the ablation C's, the Shapley
+contributions, the imbalance index and the unimodal gap against the unimodal baselines of the
+same encoders, seeds averaged as in `metrics.parquet`, with percentile CIs on exactly the
+resamples of the run's evaluation (`evaluate.group_seed`). The baseline the fusion gain refers to
+is the better of the two on validation (never chosen on a test split).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from survfuse.experiment.cell import load_features, task_columns
+from survfuse.experiment.config import EVAL_SPLITS, ExperimentConfig
+from survfuse.experiment.evaluate import group_seed
+from survfuse.experiment.grid import CellSpec
+from survfuse.experiment.rundir import RunDir, write_parquet
+
+__all__ = ["IMBALANCE_FILE", "ablation_predictions", "evaluate_imbalance", "imbalance_hook"]
+
+IMBALANCE_FILE = "imbalance.parquet"
+MODEL_COLUMNS = {
+    "task": pl.Utf8,
+    "split": pl.Utf8,
+    "model": pl.Utf8,
+    "strategy": pl.Utf8,
+    "fusion": pl.Utf8,
+    "ct_encoder": pl.Utf8,
+    "ehr_encoder": pl.Utf8,
+    "head": pl.Utf8,
+    "n_seeds": pl.Int64,
+    "reference_modality": pl.Utf8,
+}
+
+
+def _ablation_file(rd: RunDir, spec: CellSpec) -> Path:
+    return rd.root / "imbalance" / "ablation" / f"{spec.cell_id}.{spec.digest()[:16]}.parquet"
+
+
+def ablation_predictions(rd: RunDir, spec: CellSpec) -> pl.DataFrame:
+    """Risk of one finished fused cell for every cohort row: `full`, `ct` (only CT present),
+    `ehr` (only EHR present); cached per cell digest."""
+    from survfuse.analysis import ablation_risks
+    from survfuse.fusion import FusionSurvivalModel
+
+    path = _ablation_file(rd, spec)
+    if path.exists():
+        return pl.read_parquet(path)
+    model = FusionSurvivalModel.load(rd.cell(spec.cell_id) / "model", device="cpu")
+    features = load_features(rd, spec)
+    risks = ablation_risks(model, features)
+    df = pl.DataFrame({k: risks[k] for k in ("full", "ct", "ehr")})
+    write_parquet(path, df)
+    return df
+
+
+def _risk_matrix(rd: RunDir, cells: list[CellSpec], rows: np.ndarray) -> np.ndarray:
+    out = [pl.read_parquet(rd.cell(c.cell_id) / "predictions.parquet")["risk"] for c in cells]
+    return np.stack([r.to_numpy()[rows] for r in out]).astype(np.float64)
+
+
+def _baselines(
+    specs: list[CellSpec], fused: CellSpec, metrics: pl.DataFrame | None
+) -> dict[str, list[CellSpec]]:
+    """The unimodal cells (all seeds) of each modality with the fused model's encoder; when the
+    config has several unimodal strategies per modality, the best on validation Harrell C."""
+    out: dict[str, list[CellSpec]] = {}
+    for m in ("ct", "ehr"):
+        enc = fused.ct_encoder if m == "ct" else fused.ehr_encoder
+        cand: dict[str, list[CellSpec]] = {}
+        for s in specs:
+            s_enc = s.ct_encoder if m == "ct" else s.ehr_encoder
+            if s.task == fused.task and s.modalities == [m] and s_enc == enc:
+                cand.setdefault(s.model, []).append(s)
+        if not cand:
+            continue
+        best = next(iter(cand))
+        if len(cand) > 1 and metrics is not None:
+            val = metrics.filter(
+                (pl.col("task") == fused.task)
+                & (pl.col("split") == "validation")
+                & (pl.col("metric") == "harrell_c")
+                & pl.col("model").is_in(list(cand))
+            ).sort("estimate", descending=True, nulls_last=True)
+            if val.height:
+                best = str(val["model"][0])
+        out[m] = sorted(cand[best], key=lambda c: c.seed)
+    return out
+
+
+def evaluate_imbalance(
+    cfg: ExperimentConfig,
+    rd: RunDir,
+    specs: list[CellSpec],
+    *,
+    write: bool = True,
+) -> pl.DataFrame:
+    """The imbalance table of a run (see the module docstring); written to RUN_DIR when `write`.
+
+    Columns: task, split, model, strategy, fusion, ct_encoder, ehr_encoder, head, n_seeds,
+    reference_modality, then `ImbalanceAnalysis.table()`'s quantity, modality, estimate,
+    ci_low, ci_high, level, n_boot, seed, n_subjects, n_events.
+    """
+    from survfuse.analysis import modality_contributions
+    from survfuse.analysis.imbalance import TABLE_SCHEMA
+    from survfuse.metrics import MetricUndefinedError
+
+    schema = {**MODEL_COLUMNS, **TABLE_SCHEMA}
+    cohort = pl.read_parquet(rd.cohort)
+    split = cohort["split"].to_numpy()
+    sid = cohort["subject_id"].cast(pl.Int64).to_numpy()
+    metrics = pl.read_parquet(rd.metrics) if rd.metrics.exists() else None
+    done = [s for s in specs if rd.is_done(s.cell_id, s.digest())]
+    fused: dict[tuple[str, str], list[CellSpec]] = {}
+    for s in done:
+        if sorted(s.modalities) == ["ct", "ehr"]:
+            fused.setdefault((s.task, s.model), []).append(s)
+    ev = cfg.evaluation
+    frames: list[pl.DataFrame] = []
+    for (task, model), cells in fused.items():
+        cells = sorted(cells, key=lambda c: c.seed)
+        abl = [ablation_predictions(rd, c) for c in cells]
+        base = _baselines(done, cells[0], metrics)
+        tcol, ecol = task_columns(task)
+        time = cohort[tcol].cast(pl.Float64).to_numpy()
+        event = cohort[ecol].cast(pl.Boolean).to_numpy()
+        reference: str | None = None
+        for name in sorted(EVAL_SPLITS, key=lambda s: s != "validation"):  # validation first
+            rows = np.flatnonzero(split == name)
+            if rows.size == 0:
+                continue
+            risks = {
+                k: np.stack([a[k].to_numpy()[rows] for a in abl]) for k in ("full", "ct", "ehr")
+            }
+            uni = {m: _risk_matrix(rd, cs, rows) for m, cs in base.items()}
+            try:
+                res = modality_contributions(
+                    time[rows],
+                    event[rows],
+                    risks,
+                    unimodal=uni,
+                    reference=reference if reference in uni else None,
+                    cluster=sid[rows],
+                    n_boot=ev.bootstrap,
+                    seed=group_seed(ev.seed, task, name),
+                    level=1.0 - ev.alpha,
+                )
+            except MetricUndefinedError as exc:
+                warnings.warn(f"imbalance {task}/{name}/{model}: {exc}", stacklevel=2)
+                continue
+            if name == "validation":
+                reference = res.reference
+            spec = cells[0]
+            info = {
+                "task": task,
+                "split": name,
+                "model": model,
+                "strategy": spec.strategy,
+                "fusion": spec.strategy_name,
+                "ct_encoder": spec.ct_encoder,
+                "ehr_encoder": spec.ehr_encoder,
+                "head": spec.head,
+                "n_seeds": len(cells),
+                "reference_modality": res.reference,
+            }
+            t = res.table()
+            frames.append(
+                t.with_columns(
+                    [pl.lit(v, dtype=MODEL_COLUMNS[k]).alias(k) for k, v in info.items()]
+                ).select(list(schema))
+            )
+    table = pl.concat(frames) if frames else pl.DataFrame(schema=schema)
+    if write:
+        path = rd.root / IMBALANCE_FILE
+        write_parquet(path, table)
+        tmp = path.with_name(".imbalance.csv.tmp")
+        table.write_csv(tmp)
+        tmp.replace(path.with_suffix(".csv"))
+    return table
+
+
+def imbalance_hook(cfg: ExperimentConfig, rd: RunDir, specs: list[CellSpec], executor: Any) -> None:
+    """`runner.POST_EVALUATION` hook: the imbalance table of every run."""
+    evaluate_imbalance(cfg, rd, specs)

@@ -1,0 +1,197 @@
+"""The report's "Modality contributions" section (from `RUN_DIR/imbalance.parquet`).
+
+A table per task x test split x fused model (C with both modalities, with only CT, with only
+EHR, the Shapley contributions to C - 0.5, the imbalance index and the gain over the better
+unimodal baseline, each with its bootstrap CI), a bar chart of the Shapley contributions, and
+the training-time gradient-norm ratio (CT / EHR encoder-side parameters) per epoch.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from survfuse.experiment.imbalance_eval import IMBALANCE_FILE
+from survfuse.report import figures, tables
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from survfuse.report.html import ReportContext, Section
+
+__all__ = ["contribution_figure", "contribution_table", "grad_ratio_figure", "imbalance_section"]
+
+TEST_SPLITS = ("internal_test", "external_test")
+COLUMNS = {
+    ("harrell_c", "full"): "C (both)",
+    ("harrell_c", "ct"): "C (only CT)",
+    ("harrell_c", "ehr"): "C (only EHR)",
+    ("shapley", "ct"): "Shapley CT",
+    ("shapley", "ehr"): "Shapley EHR",
+    ("imbalance_index", None): "imbalance index",
+    ("fusion_gain", None): "Δ vs best unimodal",
+}
+
+
+def _label(row: dict[str, Any]) -> str:
+    return tables.model_label({k: row[k] for k in ("strategy", "ct_encoder", "ehr_encoder")})
+
+
+def contribution_table(imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS) -> pl.DataFrame:
+    """Display strings: task, split, model, then one `estimate [CI]` column per quantity."""
+    cols = ["task", "split", "model", *COLUMNS.values(), "baseline"]
+    out = []
+    sel = imb.filter(pl.col("split").is_in(list(splits)))
+    keys = sel.select("task", "split", "model").unique(maintain_order=True)
+    for task, split, model in keys.iter_rows():
+        part = sel.filter(
+            (pl.col("task") == task) & (pl.col("split") == split) & (pl.col("model") == model)
+        )
+        first = part.row(0, named=True)
+        rec = {
+            "task": task,
+            "split": tables.SPLIT_LABELS.get(split, split),
+            "model": _label(first),
+            "baseline": f"unimodal {first['reference_modality'] or '–'}",
+        }
+        for (q, m), name in COLUMNS.items():
+            r = part.filter(
+                (pl.col("quantity") == q)
+                & (pl.col("modality").is_null() if m is None else pl.col("modality") == m)
+            )
+            rec[name] = (
+                tables.fmt_ci(r["estimate"][0], r["ci_low"][0], r["ci_high"][0])
+                if r.height
+                else "–"
+            )
+        out.append(rec)
+    return pl.DataFrame(out, schema={c: pl.Utf8 for c in cols})
+
+
+def contribution_figure(imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS) -> Figure:
+    """Shapley contributions of CT and EHR (bars, 95% CI whiskers) per fused model; one panel
+    per task x split."""
+    import matplotlib.pyplot as plt
+
+    sel = imb.filter(pl.col("quantity") == "shapley").filter(pl.col("split").is_in(list(splits)))
+    panels = sel.select("task", "split").unique(maintain_order=True).rows()
+    models = list(dict.fromkeys(sel["model"].to_list()))
+    ncol = min(len(panels), 2) or 1
+    nrow = max(1, math.ceil(len(panels) / ncol))
+    fig, axes = plt.subplots(
+        nrow,
+        ncol,
+        figsize=(figures.WIDTH, 0.8 + nrow * (0.9 + 0.5 * max(len(models), 1))),
+        squeeze=False,
+    )
+    colors = {"ct": "#1f77b4", "ehr": "#ff7f0e"}
+    for ax, (task, split) in zip(axes.ravel(), panels, strict=False):
+        part = sel.filter((pl.col("task") == task) & (pl.col("split") == split))
+        labels = []
+        for i, model in enumerate(models):
+            rows = part.filter(pl.col("model") == model)
+            if not rows.height:
+                continue
+            labels.append((i, _label(rows.row(0, named=True))))
+            for j, m in enumerate(("ct", "ehr")):
+                r = rows.filter(pl.col("modality") == m)
+                est, lo, hi = r["estimate"][0], r["ci_low"][0], r["ci_high"][0]
+                y = i + (j - 0.5) * 0.38
+                ax.barh(y, est, height=0.36, color=colors[m], label=m.upper() if i == 0 else None)
+                if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+                    ax.errorbar(est, y, xerr=[[est - lo], [hi - est]], fmt="none", color="k", lw=1)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks([i for i, _ in labels], [lab for _, lab in labels], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{task} · {tables.SPLIT_LABELS.get(split, split)}", fontsize=9)
+        ax.set_xlabel("Shapley contribution to C − 0.5")
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in axes.ravel()[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def grad_ratio_figure(curves: dict[str, list[tuple[str, pl.DataFrame]]]) -> Figure:
+    """log10 of the per-epoch gradient-norm ratio CT / EHR, one line per fused model x seed."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, max(len(curves), 1), figsize=(figures.WIDTH, 3.2), squeeze=False, sharey=True
+    )
+    for ax, (task, series) in zip(axes[0], curves.items(), strict=False):
+        for name, hist in series:
+            ratio = hist["grad_ratio"].cast(pl.Float64).to_numpy()
+            ok = np.isfinite(ratio) & (ratio > 0)
+            ax.plot(hist["epoch"].to_numpy()[ok], np.log10(ratio[ok]), lw=1, label=name)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("log10 grad-norm CT / EHR")
+    fig.tight_layout()
+    return fig
+
+
+def _grad_curves(ctx: ReportContext) -> dict[str, list[tuple[str, pl.DataFrame]]]:
+    out: dict[str, list[tuple[str, pl.DataFrame]]] = {}
+    fused = [c for c in ctx.cells if c["status"] == "done" and len(c["modalities"]) == 2]
+    for c in fused:
+        f = ctx.rd.cell(c["cell_id"]) / "history.parquet"
+        if not f.exists():
+            continue
+        hist = pl.read_parquet(f)
+        if "grad_ratio" in hist.columns and hist.height:
+            out.setdefault(c["task"], []).append((f"{c['strategy']} s{c['seed']}", hist))
+    return out
+
+
+def imbalance_section(ctx: ReportContext) -> Section | None:
+    """The "Modality contributions" section, or None when the run has no imbalance table."""
+    from survfuse.report.html import Section
+
+    path = ctx.rd.root / IMBALANCE_FILE
+    if not path.exists():
+        return None
+    imb = pl.read_parquet(path)
+    if not imb.height:
+        return None
+    level = 100 * float(imb["level"][0])
+    t = contribution_table(imb)
+    desc = (
+        "How much each modality contributes to each fused model's C-index. C (only CT/EHR): the "
+        "model scored with the other modality masked as missing at test time. Shapley: exact "
+        "two-player Shapley values of v(S) = C(only S present) - 0.5 (v(∅) = 0), so "
+        "Shapley CT + Shapley EHR = C (both) - 0.5. Imbalance index "
+        "|φ_CT - φ_EHR| / (|φ_CT| + |φ_EHR|): 0 = equal contributions, 1 = one modality only. "
+        "Δ vs best unimodal: against the better unimodal baseline with the same encoders "
+        f"(chosen on validation). Seeds averaged; {level:.0f}% subject-level bootstrap "
+        "intervals on the resamples of the main table."
+    )
+    parts_html = [f"<p>{html.escape(desc)}</p>"]
+    if t.height:
+        parts_html.append(
+            figures_img(contribution_figure(imb), "Shapley contributions") + tables.to_html(t)
+        )
+    curves = _grad_curves(ctx)
+    md = desc + "\n\n" + tables.to_markdown(t)
+    if curves:
+        note = (
+            "Training-time imbalance: per-epoch ratio of the gradient norms of the CT and EHR "
+            "encoder-side parameters (log10; > 0: CT dominates the updates)."
+        )
+        parts_html.append(
+            f"<p>{html.escape(note)}</p>" + figures_img(grad_ratio_figure(curves), "grad ratio")
+        )
+        md += "\n" + note + " (figure in report.html)\n"
+    return Section("Modality contributions", "".join(parts_html), md)
+
+
+def figures_img(fig: Figure, alt: str) -> str:
+    return (
+        f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{figures.to_png_base64(fig)}">'
+    )
