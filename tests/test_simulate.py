@@ -345,8 +345,8 @@ def sim_extremes(tmp_path_factory) -> dict[float, Path]:
     """Two cohorts that differ only in the imbalance knob: all-EHR (0) and all-image (1)."""
     root = tmp_path_factory.mktemp("sim_imbalance")
     return {
-        w: simulate(root / f"w{w}", n=800, shape=(32, 32, 20), imbalance=w, progress=False)
-        for w in (0.0, 1.0)
+        w: simulate(root / f"w{w}", n=n, shape=(32, 32, 20), imbalance=w, progress=False)
+        for w, n in ((0.0, 600), (1.0, 1000))
     }
 
 
@@ -440,3 +440,15 @@ def test_command_line_writes_the_same_dataset_as_the_function(tmp_path):
     assert _digests(tmp_path / "cli") == _digests(direct)
     bad = CliRunner().invoke(app, [*args[:3], "--imbalance", "2", "--no-progress"])
     assert bad.exit_code == 2 and "imbalance" in bad.output
+
+
+def test_rerun_into_the_same_folder_replaces_the_old_dataset(tmp_path):
+    simulate(tmp_path / "d", n=270, shape=(8, 8, 8), seed=5, progress=False)  # 2 MEDS shards
+    again = _digests(simulate(tmp_path / "d", n=20, shape=(8, 8, 8), seed=5, progress=False))
+    fresh = _digests(simulate(tmp_path / "fresh", n=20, shape=(8, 8, 8), seed=5, progress=False))
+    assert again == fresh
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        simulate(tmp_path / "other", n=5, shape=(8, 8, 8), progress=False)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -42,6 +42,7 @@ import datetime as dt
 import json
 import multiprocessing
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ CHUNK_SIZE = 250
 P_PRIOR_CT = 0.08
 P_FOLLOWUP_CT = 0.08
 FIRST_SUBJECT_ID = 10_001
+OUTPUT_FILES = ("cohort.parquet", "oracle.parquet", "ct_index.parquet", "dataset.json")
+INCOMPLETE_MARKER = ".simulation_incomplete"  # present while writing; lets a rerun clean up
 _STATIC = np.iinfo(np.int64).min
 MEDS_SCHEMA = pa.schema(
     [
@@ -380,6 +383,7 @@ def simulate(
     _check_args(n, sites, external, imbalance, interaction, site_shift, censoring, shape3)
     shape = (shape3[0], shape3[1], shape3[2])
     out = Path(out_dir)
+    _prepare_folder(out)
     (out / "ct").mkdir(parents=True, exist_ok=True)
     (out / "meds" / "data").mkdir(parents=True, exist_ok=True)
     (out / "meds" / "metadata").mkdir(parents=True, exist_ok=True)
@@ -543,7 +547,33 @@ def simulate(
         },
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out / INCOMPLETE_MARKER).unlink()
     return out
+
+
+def _prepare_folder(out: Path) -> None:
+    """Make `out` ready for a fresh dataset: stale files of an earlier simulation would change
+    the dataset (an extra MEDS shard or CT file), so they are removed; any other content is an
+    error rather than something to delete."""
+    if out.exists() and any(out.iterdir()):
+        ours = (out / INCOMPLETE_MARKER).exists()
+        if (out / "dataset.json").exists():
+            try:
+                meta = json.loads((out / "dataset.json").read_text())
+                ours = ours or meta.get("generator") == "survfuse.data.simulate"
+            except (ValueError, OSError):
+                ours = False
+        if not ours:
+            raise FileExistsError(
+                f"{out} is not empty and does not hold a simulated dataset; "
+                "choose an empty or new folder"
+            )
+        for sub in ("ct", "meds"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for name in (*OUTPUT_FILES, INCOMPLETE_MARKER):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE_MARKER).write_text("simulation in progress\n")
 
 
 def _plan(

@@ -36,6 +36,7 @@ BASE_FOV_MM = (400.0, 400.0, 260.0)
 AIR_HU = -1024.0
 #: zlib level: noisy int16 voxels compress almost as well at 1 as at 9, and 5x faster
 GZIP_LEVEL = 1
+EMPHYSEMA_CLUSTER_MM = 12.0
 
 
 @dataclass(frozen=True)
@@ -183,13 +184,14 @@ def render_ct(
         lung_w = _soft((rho - 1.0) * min(lung_axes), vox)
         zr = (lz - z.min()) / max(float(z.max() - z.min()), 1e-6)
         p_emph = np.clip(float(anatomy["emphysema"]) * (0.5 + zr), 0.0, 1.0)
-        # clusters of 2x2x2 voxels so that emphysema survives the scanner blur
-        bshape = tuple((n + 1) // 2 for n in lung_w.shape)
+        # clusters of about 12 mm (whole voxels) so that emphysema survives the scanner blur
+        k = max(1, round(EMPHYSEMA_CLUSTER_MM / vox))
+        bshape = tuple((n + k - 1) // k for n in lung_w.shape)
         blocks = rng.random(bshape, dtype=np.float32)
         u = (
-            blocks.repeat(2, 0)
-            .repeat(2, 1)
-            .repeat(2, 2)[: lung_w.shape[0], : lung_w.shape[1], : lung_w.shape[2]]
+            blocks.repeat(k, 0)
+            .repeat(k, 1)
+            .repeat(k, 2)[: lung_w.shape[0], : lung_w.shape[1], : lung_w.shape[2]]
         )
         emph = u < p_emph
         cv.paint(sl, lung_w, np.where(emph, np.float32(-975.0), np.float32(-850.0)))
