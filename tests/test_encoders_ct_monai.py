@@ -154,6 +154,8 @@ def test_generic_preset_any_monai_network(tmp_path: Path, source: CTSource) -> N
     )
     f = enc.encode(cohort().head(2), source)
     assert f.pooled.shape == (2, 3) and f.tokens is not None and f.tokens.shape == (2, 8, 3)
+    only_mr = enc.encode(cohort()[2:], source)  # no CT loads: the output size is still known
+    assert only_mr.pooled.shape == (1, 3) and not only_mr.present.any()
     a = build_encoder("ct_monai", preset="generic", network="BasicUNet", checkpoint=str(ckpt))
     b = build_encoder(
         "ct_monai",

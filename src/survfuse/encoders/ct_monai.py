@@ -303,6 +303,13 @@ class CTMonaiEncoder(Encoder):
             )
         return out
 
+    def out_channels(self) -> int:
+        """C of the feature map (the preset's, else probed with one zero volume)."""
+        if self._preset.out_channels is not None and self._config["preset"] != "generic":
+            return self._preset.out_channels
+        shape = self._prep.target_shape or (32, 32, 32)
+        return int(self.embed([np.zeros(shape, np.float32)])[1].shape[1])
+
     @torch.inference_mode()
     def embed(self, volumes: list[np.ndarray[Any, Any]]) -> tuple[np.ndarray[Any, Any], ...]:
         """Volumes [X, Y, Z] of one shape -> (tokens [B, T, C], pooled [B, C]) float32."""
@@ -347,9 +354,7 @@ class CTMonaiEncoder(Encoder):
         flush()
 
         t = max((r[0].shape[0] for r in results.values()), default=1)
-        c = next(iter(results.values()))[1].shape[0] if results else self._preset.out_channels
-        if c is None:
-            raise ValueError("no CT of this chunk could be encoded, so the output size is unknown")
+        c = next(iter(results.values()))[1].shape[0] if results else self.out_channels()
         tokens = np.zeros((n, t, c), np.float32)
         mask = np.zeros((n, t), bool)
         pooled = np.zeros((n, c), np.float32)
