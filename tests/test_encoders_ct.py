@@ -219,3 +219,15 @@ def test_precomputed_mismatched_keys_give_clear_error(tmp_path: Path) -> None:
         build_encoder("precomputed", path=pq).encode(coh, None)
     with pytest.raises(FileNotFoundError, match="not found"):
         build_encoder("precomputed", path=tmp_path / "none.parquet").encode(coh, None)
+
+
+def test_radiomics_save_load_keeps_fitted_state(tmp_path: Path) -> None:
+    from survfuse.encoders import Encoder
+
+    src = CTSource(ct_index(REAL))
+    enc = build_encoder("ct_radiomics", grid=[2, 2, 1]).fit(real_cohort([1]), src)
+    enc.save(tmp_path / "enc")
+    back = Encoder.load(tmp_path / "enc")  # rebuilt from the registry by name
+    assert type(back) is type(enc) and back.fingerprint() == enc.fingerprint()
+    a, b = enc.encode(real_cohort([1]), src), back.encode(real_cohort([1]), src)
+    np.testing.assert_array_equal(a.tokens, b.tokens)  # type: ignore[arg-type]
