@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 
@@ -97,6 +98,7 @@ def run(
     out: Path = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
     executor: str = typer.Option(None, "--executor", help="Override the config's executor."),
     ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join."),
+    workers: int = typer.Option(None, "--workers", help="Local executor: parallel cell processes."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the report too."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
@@ -111,6 +113,8 @@ def run(
         overrides["executor"] = executor
     if ray_address:
         overrides["ray_address"] = ray_address
+    if workers:
+        overrides["workers"] = workers
     try:
         cfg = load_config(config, overrides=overrides)
     except ConfigError as exc:
@@ -182,6 +186,63 @@ def demo(
         _fail(str(exc))
     _print_summary(res["run"].run_dir)
     typer.echo(f"report: {res['report']}\nsummary: {res['summary']}")
+
+
+def _csv(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:
+    """Comma-separated option values (None when the option was not given)."""
+    return None if not text else [cast(v.strip()) for v in text.split(",") if v.strip()]
+
+
+@app.command("sweep-imbalance")
+def sweep_imbalance(
+    out: Path = typer.Option(..., "--out", help="Output folder (rerun to resume)."),
+    imbalance: str = typer.Option("0,0.25,0.5,0.75,1", "--imbalance", help="Image shares w."),
+    site_shift: str = typer.Option("1", "--site-shift", help="Site shifts (comma-separated)."),
+    seeds: int = typer.Option(1, "--seeds", help="Training seeds per cell."),
+    n: int = typer.Option(1500, "--n", help="Simulated patients per setting."),
+    sim_seed: int = typer.Option(0, "--sim-seed", help="Simulation seed."),
+    shape: str = typer.Option("32,32,20", "--shape", help="CT volume shape X,Y,Z."),
+    config: Path = typer.Option(None, "--config", help="Base config (default: demo.yaml)."),
+    strategies: str = typer.Option(None, "--strategies", help="Strategy keys to keep."),
+    ehr_encoders: str = typer.Option(None, "--ehr-encoders", help="EHR encoder keys to keep."),
+    tasks: str = typer.Option(None, "--tasks", help="Tasks to keep."),
+    bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples."),
+    max_epochs: int = typer.Option(None, "--max-epochs", help="Override training epochs."),
+    rebalance: bool = typer.Option(False, "--rebalance", help="Add OGM-GE variants."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Gain of each fusion strategy over the best unimodal baseline against the imbalance."""
+    from rich.console import Console
+
+    from survfuse.experiment.config import ConfigError
+    from survfuse.experiment.sweep import run_sweep
+
+    try:
+        dims = _csv(shape, int) or []
+        if len(dims) != 3:
+            raise ValueError(f"--shape needs three sizes X,Y,Z, got {shape!r}")
+        res = run_sweep(
+            out,
+            imbalance=_csv(imbalance, float) or [],
+            site_shift=_csv(site_shift, float) or [],
+            seeds=seeds,
+            n=n,
+            sim_seed=sim_seed,
+            shape=(dims[0], dims[1], dims[2]),
+            config=config,
+            strategies=_csv(strategies),
+            ehr_encoders=_csv(ehr_encoders),
+            tasks=_csv(tasks),
+            bootstrap=bootstrap,
+            max_epochs=max_epochs,
+            rebalance=rebalance,
+            progress=progress,
+            console=Console(stderr=True),
+        )
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(res.summary.read_text())
+    typer.echo(f"table: {res.out / 'sweep.csv'}\nfigure: {', '.join(map(str, res.figures))}")
 
 
 def main() -> None:

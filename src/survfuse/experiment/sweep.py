@@ -1,0 +1,422 @@
+"""`run_sweep`: where does fusion help? Simulate a cohort per (imbalance, site shift), run every
+strategy through the runner, and tabulate + plot the gain over the best unimodal baseline.
+
+For each setting the simulator writes `OUT/data/<setting>/` and the runner `OUT/runs/<setting>/`
+(both reused when rerun: finished cells are cached), with the study of a base config
+(`examples/demo.yaml` by default) pointed at the simulated data and optionally reduced
+(strategies, EHR encoders, tasks, seeds, epochs, resamples). Only Harrell's C is scored.
+
+The gain of a fused model is the runner's paired difference against each task's reference, the
+best unimodal model on validation: delta = C(fused) - C(reference) on internal and external test,
+with its percentile CI over the run's shared subject-level resamples (seeds averaged). The row
+`best fusion` takes, per setting and task, the fused model with the highest validation C (never
+chosen on a test split). With `rebalance=True` every fused strategy also runs with OGM-GE
+gradient modulation (`<strategy>_ogm`), so its effect appears as extra lines. The measured CT
+share of the Shapley contributions (`survfuse.analysis`) is added to each row.
+
+Outputs: `OUT/sweep.parquet` / `sweep.csv` (one row per setting x task x split x model),
+`OUT/sweep.png` (gain vs imbalance: one panel per task x split, one line per model, one figure
+per site shift `sweep_shift<s>.png` when several) and `OUT/sweep.md`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import yaml
+
+from survfuse.experiment.config import ExperimentConfig, StrategyChoice, parse_config
+
+__all__ = ["BEST_FUSION", "SweepResult", "gain_table", "run_sweep", "sweep_config", "sweep_figure"]
+
+BEST_FUSION = "best fusion"
+TEST_SPLITS = ("internal_test", "external_test")
+GAIN_SCHEMA = {
+    "imbalance": pl.Float64,
+    "site_shift": pl.Float64,
+    "task": pl.Utf8,
+    "split": pl.Utf8,
+    "model": pl.Utf8,
+    "strategy": pl.Utf8,
+    "rebalance": pl.Boolean,
+    "reference": pl.Utf8,
+    "estimate": pl.Float64,
+    "reference_estimate": pl.Float64,
+    "gain": pl.Float64,
+    "gain_lower": pl.Float64,
+    "gain_upper": pl.Float64,
+    "validation_c": pl.Float64,
+    "ct_share": pl.Float64,
+    "imbalance_index": pl.Float64,
+    "n_seeds": pl.Int64,
+    "n_boot": pl.Int64,
+}
+
+
+@dataclass
+class SweepResult:
+    """The sweep's folder, its gain table and the figure paths."""
+
+    out: Path
+    table: pl.DataFrame
+    figures: list[Path]
+    summary: Path
+
+
+def _setting_name(imbalance: float, site_shift: float) -> str:
+    return f"imb{imbalance:g}_shift{site_shift:g}"
+
+
+def _parse_floats(values: Sequence[float], what: str) -> list[float]:
+    out = [float(v) for v in values]
+    if not out:
+        raise ValueError(f"{what}: give at least one value")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what}: values must be distinct, got {out}")
+    return out
+
+
+def sweep_config(
+    base: str | Path | dict[str, Any],
+    data_dir: Path,
+    *,
+    strategies: Sequence[str] | None = None,
+    ehr_encoders: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    seeds: int = 1,
+    bootstrap: int = 200,
+    max_epochs: int | None = None,
+    rebalance: bool = False,
+) -> ExperimentConfig:
+    """The base study pointed at `data_dir` and reduced for a sweep (see the module docstring).
+
+    strategies: keys to keep (e.g. `unimodal_ct`, `late`; unimodal baselines are always kept);
+    ehr_encoders: EHR encoder keys to keep; seeds: training seeds 0..seeds-1.
+    """
+    from survfuse.registry import look_up_option
+
+    raw: dict[str, Any] = (
+        dict(base) if isinstance(base, dict) else yaml.safe_load(Path(base).read_text())
+    )
+    raw["data"] = {
+        "cohort": str(data_dir / "cohort.parquet"),
+        "ct_index": str(data_dir / "ct_index.parquet"),
+        "meds_root": str(data_dir / "meds"),
+    }
+    cfg = parse_config(raw, source="sweep config")
+    strat = list(cfg.strategies)
+    if strategies is not None:
+        keys = [s.key for s in strat]
+        wanted = {look_up_option(k, keys, kind="strategy") for k in strategies}
+        strat = [s for s in strat if s.key in wanted or s.modality is not None]
+    if rebalance:
+        strat += [
+            StrategyChoice(
+                name=s.name,
+                label=f"{s.key}_ogm",
+                params=s.params,
+                training={**s.training, "rebalance": "ogm_ge"},
+            )
+            for s in strat
+            if s.modality is None
+        ]
+    encoders = cfg.encoders
+    if ehr_encoders is not None:
+        keys = [e.key for e in encoders.ehr]
+        wanted = {look_up_option(k, keys, kind="EHR encoder") for k in ehr_encoders}
+        encoders = encoders.model_copy(update={"ehr": [e for e in encoders.ehr if e.key in wanted]})
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    training = cfg.training
+    if max_epochs is not None:
+        training = training.model_copy(update={"max_epochs": int(max_epochs)})
+    ev = cfg.evaluation.model_copy(update={"metrics": ["harrell_c"], "bootstrap": int(bootstrap)})
+    dumped = cfg.model_copy(
+        update={
+            "strategies": strat,
+            "encoders": encoders,
+            "tasks": list(tasks) if tasks is not None else cfg.tasks,
+            "seeds": list(range(seeds)),
+            "training": training,
+            "evaluation": ev,
+        }
+    ).model_dump(mode="json")
+    return parse_config(dumped, source="sweep config")  # re-validated as a whole
+
+
+def gain_table(
+    metrics: pl.DataFrame,
+    imbalance: pl.DataFrame | None,
+    *,
+    setting: dict[str, float],
+    rebalanced: set[str] | None = None,
+) -> pl.DataFrame:
+    """Gain over the reference (best unimodal) of every fused model and of the best fusion, per
+    task x test split, from one run's `metrics.parquet` (+ its `imbalance.parquet`)."""
+    rebalanced = rebalanced or set()
+    hc = metrics.filter(pl.col("metric") == "harrell_c")
+    rows: list[dict[str, Any]] = []
+    for task in dict.fromkeys(hc["task"].to_list()):
+        t = hc.filter(pl.col("task") == task)
+        val = t.filter((pl.col("split") == "validation") & ~pl.col("unimodal"))
+        val_c = {r["model"]: r["estimate"] for r in val.iter_rows(named=True)}
+        finite = {m: c for m, c in val_c.items() if c is not None and math.isfinite(c)}
+        best = max(finite, key=lambda m: finite[m]) if finite else None
+        for split in TEST_SPLITS:
+            s = t.filter(pl.col("split") == split)
+            if not s.height:
+                continue
+            ref_rows = s.filter(pl.col("is_reference"))
+            ref_est = float(ref_rows["estimate"][0]) if ref_rows.height else math.nan
+            for r in s.filter(~pl.col("unimodal")).iter_rows(named=True):
+                share = index = math.nan
+                if imbalance is not None and imbalance.height:
+                    im = imbalance.filter(
+                        (pl.col("task") == task)
+                        & (pl.col("split") == split)
+                        & (pl.col("model") == r["model"])
+                    )
+                    for q in ("ct_share", "imbalance_index"):
+                        v = im.filter(pl.col("quantity") == q)["estimate"]
+                        if v.len():
+                            if q == "ct_share":
+                                share = float(v[0])
+                            else:
+                                index = float(v[0])
+                row = {
+                    **setting,
+                    "task": task,
+                    "split": split,
+                    "model": r["model"],
+                    "strategy": r["strategy"],
+                    "rebalance": r["strategy"] in rebalanced,
+                    "reference": r["reference"],
+                    "estimate": r["estimate"],
+                    "reference_estimate": ref_est,
+                    "gain": r["delta"],
+                    "gain_lower": r["delta_lower"],
+                    "gain_upper": r["delta_upper"],
+                    "validation_c": val_c.get(r["model"], math.nan),
+                    "ct_share": share,
+                    "imbalance_index": index,
+                    "n_seeds": r["n_seeds"],
+                    "n_boot": r["n_boot"],
+                }
+                rows.append(row)
+                if r["model"] == best:
+                    rows.append({**row, "model": BEST_FUSION, "strategy": BEST_FUSION})
+    return pl.DataFrame(rows, schema=GAIN_SCHEMA, orient="row")
+
+
+def sweep_figure(table: pl.DataFrame, *, site_shift: float | None = None) -> Any:
+    """Gain over the best unimodal baseline (95% CI) against the imbalance; one panel per task
+    x split, one line per model (`best fusion` in black)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from survfuse.report.figures import SPLIT_LABELS, WIDTH
+
+    sel = table if site_shift is None else table.filter(pl.col("site_shift") == site_shift)
+    tasks = list(dict.fromkeys(sel["task"].to_list()))
+    splits = [s for s in TEST_SPLITS if s in set(sel["split"].to_list())]
+    models = list(dict.fromkeys(sel["model"].to_list()))
+    models = [m for m in models if m != BEST_FUSION] + [BEST_FUSION]
+    fig, axes = plt.subplots(
+        max(len(tasks), 1),
+        max(len(splits), 1),
+        figsize=(WIDTH, 3.2 * max(len(tasks), 1)),
+        squeeze=False,
+        sharex=True,
+    )
+    cmap = plt.get_cmap("tab10")
+    offsets = np.linspace(-0.02, 0.02, max(len(models), 1))
+    for i, task in enumerate(tasks):
+        for j, split in enumerate(splits):
+            ax = axes[i][j]
+            part = sel.filter((pl.col("task") == task) & (pl.col("split") == split))
+            for k, model in enumerate(models):
+                p = part.filter(pl.col("model") == model).sort("imbalance")
+                if not p.height:
+                    continue
+                x = p["imbalance"].to_numpy() + offsets[k]
+                y = p["gain"].to_numpy()
+                err = np.vstack([y - p["gain_lower"].to_numpy(), p["gain_upper"].to_numpy() - y])
+                best = model == BEST_FUSION
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=np.where(np.isfinite(err), err, 0.0),
+                    marker="o",
+                    ms=4 if not best else 6,
+                    lw=2.2 if best else 1.0,
+                    capsize=2,
+                    color="black" if best else cmap(k % 10),
+                    label=model.split("/")[0],
+                )
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_title(f"{task} · {SPLIT_LABELS.get(split, split)}", fontsize=9)
+            ax.set_xlabel("imbalance w (image share of the modality-specific signal)")
+            ax.set_ylabel("Δ C vs best unimodal")
+    if tasks and splits:
+        axes[0][-1].legend(fontsize=7, loc="best")
+    title = "Fusion gain over the best unimodal baseline"
+    if site_shift is not None:
+        title += f" (site shift {site_shift:g})"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _fmt(est: float, lo: float, hi: float) -> str:
+    from survfuse.report.tables import fmt_ci
+
+    return fmt_ci(est, lo, hi)
+
+
+def summary_markdown(table: pl.DataFrame) -> str:
+    """`gain [CI]` per model (rows) and imbalance (columns), per site shift, task and split."""
+    lines = ["# survfuse sweep-imbalance", ""]
+    for shift in sorted(set(table["site_shift"].to_list())):
+        for task in dict.fromkeys(table["task"].to_list()):
+            for split in TEST_SPLITS:
+                part = table.filter(
+                    (pl.col("site_shift") == shift)
+                    & (pl.col("task") == task)
+                    & (pl.col("split") == split)
+                )
+                if not part.height:
+                    continue
+                ws = sorted(set(part["imbalance"].to_list()))
+                lines += [
+                    f"## {task}, {split}, site shift {shift:g}: Δ C vs best unimodal [95% CI]",
+                    "",
+                    "| model | " + " | ".join(f"w={w:g}" for w in ws) + " |",
+                    "|---|" + "---|" * len(ws),
+                ]
+                for model in dict.fromkeys(part["model"].to_list()):
+                    cells = []
+                    for w in ws:
+                        r = part.filter((pl.col("model") == model) & (pl.col("imbalance") == w))
+                        cells.append(
+                            _fmt(r["gain"][0], r["gain_lower"][0], r["gain_upper"][0])
+                            if r.height
+                            else "–"
+                        )
+                    lines.append(f"| {model} | " + " | ".join(cells) + " |")
+                lines.append("")
+    return "\n".join(lines)
+
+
+def run_sweep(
+    out: str | Path,
+    *,
+    imbalance: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    site_shift: Sequence[float] = (1.0,),
+    seeds: int = 1,
+    n: int = 1500,
+    sim_seed: int = 0,
+    shape: tuple[int, int, int] = (32, 32, 20),
+    config: str | Path | None = None,
+    strategies: Sequence[str] | None = None,
+    ehr_encoders: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    bootstrap: int = 200,
+    max_epochs: int | None = None,
+    rebalance: bool = False,
+    progress: bool = True,
+    console: Any = None,
+) -> SweepResult:
+    """Run the sweep (see the module docstring); rerunning resumes (data and cells are reused).
+
+    seeds: training seeds per cell (0..seeds-1, averaged by the runner); sim_seed: the
+    simulation seed (the same latent patients in every setting, so settings differ only in w
+    and the site shift).
+    """
+    from survfuse.data.simulate import simulate
+    from survfuse.experiment.demo import default_demo_config
+    from survfuse.experiment.imbalance_eval import IMBALANCE_FILE, evaluate_imbalance
+    from survfuse.experiment.rundir import RunDir, write_parquet, write_text
+    from survfuse.experiment.runner import run_experiment
+
+    ws = _parse_floats(imbalance, "imbalance")
+    shifts = _parse_floats(site_shift, "site_shift")
+    for w in ws:
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"imbalance must lie in [0, 1], got {w}")
+    for s in shifts:
+        if s < 0:
+            raise ValueError(f"site_shift must be >= 0, got {s}")
+    base = Path(config) if config is not None else default_demo_config()
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for shift in shifts:
+        for w in ws:
+            name = _setting_name(w, shift)
+            data_dir = root / "data" / name
+            if not (data_dir / "dataset.json").exists():
+                if console is not None:
+                    console.print(f"[bold]simulating[/bold] {name}: {n} patients")
+                simulate(
+                    data_dir,
+                    n=n,
+                    seed=sim_seed,
+                    imbalance=w,
+                    site_shift=shift,
+                    shape=shape,
+                    progress=progress,
+                )
+            cfg = sweep_config(
+                base,
+                data_dir,
+                strategies=strategies,
+                ehr_encoders=ehr_encoders,
+                tasks=tasks,
+                seeds=seeds,
+                bootstrap=bootstrap,
+                max_epochs=max_epochs,
+                rebalance=rebalance,
+            )
+            if console is not None:
+                console.print(f"[bold]running[/bold] {name}")
+            run_dir = root / "runs" / name
+            result = run_experiment(cfg, run_dir, progress=progress, console=console)
+            rd = RunDir(run_dir)
+            imb_path = rd.root / IMBALANCE_FILE
+            imb = (
+                pl.read_parquet(imb_path)
+                if imb_path.exists() and imb_path.stat().st_mtime >= rd.metrics.stat().st_mtime
+                else evaluate_imbalance(cfg, rd, result.specs)
+            )
+            rebalanced = {s.key for s in cfg.strategies if s.training.get("rebalance") == "ogm_ge"}
+            assert result.metrics is not None
+            frames.append(
+                gain_table(
+                    result.metrics,
+                    imb,
+                    setting={"imbalance": w, "site_shift": shift},
+                    rebalanced=rebalanced,
+                )
+            )
+    table = pl.concat(frames) if frames else pl.DataFrame(schema=GAIN_SCHEMA)
+    write_parquet(root / "sweep.parquet", table)
+    table.write_csv(root / "sweep.csv")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    for shift in shifts:
+        fig = sweep_figure(table, site_shift=shift)
+        path = root / ("sweep.png" if len(shifts) == 1 else f"sweep_shift{shift:g}.png")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        figs.append(path)
+    summary = write_text(root / "sweep.md", summary_markdown(table))
+    return SweepResult(root, table, figs, summary)

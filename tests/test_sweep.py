@@ -1,0 +1,186 @@
+"""`survfuse sweep-imbalance` on a tiny grid (2 settings, 1 fused strategy + OGM-GE variant), the
+per-run imbalance table and report section, the sweep config and the gain table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from survfuse.cli import app
+from survfuse.experiment.sweep import BEST_FUSION, gain_table, sweep_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny.yaml"
+
+
+def test_sweep_config_reduces_the_study_and_adds_ogm_variants(tmp_path: Path) -> None:
+    cfg = sweep_config(
+        TINY,
+        tmp_path,
+        strategies=["late", "concat"],
+        seeds=2,
+        bootstrap=7,
+        max_epochs=2,
+        rebalance=True,
+    )
+    keys = [s.key for s in cfg.strategies]
+    assert keys == ["unimodal_ct", "unimodal_ehr", "concat", "late", "concat_ogm", "late_ogm"]
+    assert cfg.strategy("late_ogm").training == {"rebalance": "ogm_ge"}
+    assert cfg.training_for(cfg.strategy("late_ogm")).rebalance == "ogm_ge"
+    assert cfg.training_for(cfg.strategy("late")).rebalance == "none"
+    assert cfg.seeds == [0, 1] and cfg.evaluation.bootstrap == 7
+    assert cfg.evaluation.metrics == ["harrell_c"] and cfg.training.max_epochs == 2
+    assert cfg.data.cohort == (tmp_path / "cohort.parquet").resolve()
+    with pytest.raises(ValueError, match="did you mean 'late'"):
+        sweep_config(TINY, tmp_path, strategies=["lat"])
+
+
+def _metrics_row(model: str, split: str, est: float, **kw: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "task": "t",
+        "split": split,
+        "model": model,
+        "strategy": model.split("[")[0],
+        "metric": "harrell_c",
+        "estimate": est,
+        "unimodal": model.startswith("uni"),
+        "is_reference": model == "uni_ehr[e]/cox",
+        "reference": "uni_ehr[e]/cox",
+        "delta": math.nan,
+        "delta_lower": math.nan,
+        "delta_upper": math.nan,
+        "n_seeds": 1,
+        "n_boot": 10,
+    }
+    row.update(kw)
+    return row
+
+
+def test_gain_table_picks_best_fusion_on_validation_only() -> None:
+    rows = []
+    for split in ("validation", "internal_test", "external_test"):
+        rows.append(_metrics_row("uni_ehr[e]/cox", split, 0.70))
+        rows.append(_metrics_row("uni_ct[c]/cox", split, 0.60))
+    # late is better on validation, concat better on test: the best fusion must be late
+    rows.append(_metrics_row("late[c+e]/cox", "validation", 0.75, delta=0.05))
+    rows.append(_metrics_row("concat[c+e]/cox", "validation", 0.72, delta=0.02))
+    for split in ("internal_test", "external_test"):
+        rows.append(
+            _metrics_row(
+                "late[c+e]/cox", split, 0.71, delta=0.01, delta_lower=-0.02, delta_upper=0.04
+            )
+        )
+        rows.append(
+            _metrics_row(
+                "concat[c+e]/cox", split, 0.80, delta=0.1, delta_lower=0.05, delta_upper=0.15
+            )
+        )
+    metrics = pl.DataFrame(rows)
+    t = gain_table(
+        metrics,
+        None,
+        setting={"imbalance": 0.25, "site_shift": 1.0},
+        rebalanced={"concat"},
+    )
+    assert set(t["split"]) == {"internal_test", "external_test"}  # never validation
+    best = t.filter(pl.col("model") == BEST_FUSION)
+    late = t.filter(pl.col("model") == "late[c+e]/cox")
+    assert best["gain"].to_list() == late["gain"].to_list() == [0.01, 0.01]
+    assert best["validation_c"].to_list() == [0.75, 0.75]
+    assert t.filter(pl.col("strategy") == "concat")["rebalance"].all()
+    assert (t["reference_estimate"] == 0.70).all() and (t["imbalance"] == 0.25).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sweep")
+    args = [
+        "sweep-imbalance",
+        "--out",
+        str(out),
+        "--imbalance",
+        "0,1",
+        "--n",
+        "200",
+        "--shape",
+        "16,16,10",
+        "--config",
+        str(TINY),
+        "--strategies",
+        "late",
+        "--max-epochs",
+        "3",
+        "--bootstrap",
+        "20",
+        "--rebalance",
+        "--no-progress",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "Δ C vs best unimodal" in res.output
+    return out
+
+
+def test_sweep_writes_table_figure_and_summary(tiny_sweep: Path) -> None:
+    t = pl.read_parquet(tiny_sweep / "sweep.parquet")
+    assert (tiny_sweep / "sweep.png").stat().st_size > 1000
+    assert (tiny_sweep / "sweep.csv").exists() and (tiny_sweep / "sweep.md").exists()
+    assert sorted(set(t["imbalance"])) == [0.0, 1.0]
+    assert set(t["split"]) == {"internal_test", "external_test"}
+    assert set(t["strategy"]) == {"late", "late_ogm", BEST_FUSION}
+    assert t.filter(pl.col("strategy") == "late_ogm")["rebalance"].all()
+    assert t.height == 2 * 2 * 3  # settings x splits x (late, late_ogm, best fusion)
+    # the gain is the runner's paired difference against the best unimodal model
+    run = tiny_sweep / "runs" / "imb0_shift1"
+    m = pl.read_parquet(run / "metrics.parquet").filter(
+        (pl.col("metric") == "harrell_c") & (pl.col("split") == "external_test")
+    )
+    late = m.filter(pl.col("strategy") == "late")
+    row = t.filter(
+        (pl.col("imbalance") == 0.0)
+        & (pl.col("split") == "external_test")
+        & (pl.col("strategy") == "late")
+    )
+    assert row["gain"][0] == pytest.approx(late["delta"][0])
+    assert row["gain_lower"][0] == pytest.approx(late["delta_lower"][0])
+    ref = m.filter(pl.col("is_reference"))
+    assert ref["unimodal"][0] and row["reference_estimate"][0] == pytest.approx(ref["estimate"][0])
+    assert 0.0 <= row["ct_share"][0] <= 1.0 or math.isnan(row["ct_share"][0])
+
+
+def test_every_sweep_run_has_an_imbalance_table_and_report_section(tiny_sweep: Path) -> None:
+    from survfuse.report.html import build_report
+
+    run = tiny_sweep / "runs" / "imb1_shift1"
+    imb = pl.read_parquet(run / "imbalance.parquet")
+    assert set(imb["split"]) == {"validation", "internal_test", "external_test"}
+    assert set(imb["strategy"]) == {"late", "late_ogm"}
+    for (_, _, _), part in imb.group_by("task", "split", "model"):
+        get = {(q, m): e for q, m, e in part.select("quantity", "modality", "estimate").rows()}
+        assert get[("shapley", "ct")] + get[("shapley", "ehr")] == pytest.approx(
+            get[("harrell_c", "full")] - 0.5, abs=1e-12
+        )
+    # C with both modalities is the same number as the metrics table's seed-averaged C
+    m = pl.read_parquet(run / "metrics.parquet").filter(pl.col("metric") == "harrell_c")
+    for r in imb.filter(
+        (pl.col("quantity") == "harrell_c") & (pl.col("modality") == "full")
+    ).iter_rows(named=True):
+        ref = m.filter((pl.col("model") == r["model"]) & (pl.col("split") == r["split"]))
+        assert r["estimate"] == pytest.approx(ref["estimate"][0], abs=1e-6)
+        assert r["ci_low"] == pytest.approx(ref["lower"][0], abs=1e-6)  # same resamples
+    html_path, md_path = build_report(run)
+    assert "Modality contributions" in html_path.read_text()
+    assert "Shapley CT" in md_path.read_text()
+
+
+def test_sweep_cli_errors() -> None:
+    res = CliRunner().invoke(app, ["sweep-imbalance", "--out", "x", "--imbalance", "0,1.5"])
+    assert res.exit_code == 2 and "imbalance must lie in [0, 1]" in res.output
+    res = CliRunner().invoke(app, ["sweep-imbalance", "--out", "x", "--shape", "8,8"])
+    assert res.exit_code == 2 and "three sizes" in res.output
+    with pytest.raises(ValueError, match="unknown strategy"):
+        sweep_config(TINY, Path("x"), strategies=["nope"])
