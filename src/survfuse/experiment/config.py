@@ -262,6 +262,43 @@ class EvaluationConfig(_Strict):
         return sorted(set([*self.horizons, *(round(t, 6) for t in grid), self.cal_horizon]))
 
 
+class RayResources(_Strict):
+    """Ray resources of the cells of one strategy (None: the `ray` section's value)."""
+
+    num_cpus: float | None = Field(default=None, gt=0.0)
+    num_gpus: float | None = Field(default=None, ge=0.0)
+
+
+class RayConfig(_Strict):
+    """Options of the Ray executor (the local executor ignores them); see docs/ray.md.
+
+    Each cell is a Ray task requesting `num_cpus` / `num_gpus` (overridden per strategy label
+    in `strategies`); a cell whose worker dies is re-run up to `max_retries` times, then recorded
+    as failed. Encoders of `encode_modalities` run in `encode_actors` Ray Data actors, each
+    requesting `encode_num_cpus` / `encode_num_gpus`. Bootstrap resamples are scored in Ray
+    tasks of `bootstrap_block` resamples (rounded up to whole blocks of the resample stream).
+    """
+
+    num_cpus: float | None = Field(default=None, gt=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    strategies: dict[str, RayResources] = Field(default_factory=dict)
+    max_retries: int = Field(default=2, ge=0)
+    encode_modalities: tuple[Literal["ct", "ehr"], ...] = ("ct",)
+    encode_actors: int = Field(default=2, ge=1)
+    encode_num_cpus: float = Field(default=1.0, gt=0.0)
+    encode_num_gpus: float = Field(default=0.0, ge=0.0)
+    bootstrap_block: int = Field(default=256, ge=1)
+
+    def resources(self, strategy: str, threads: int) -> dict[str, float]:
+        """`num_cpus` / `num_gpus` of a cell of `strategy` training with `threads` threads."""
+        own = self.strategies.get(strategy) or RayResources()
+        cpus = own.num_cpus if own.num_cpus is not None else self.num_cpus
+        gpus = own.num_gpus if own.num_gpus is not None else self.num_gpus
+        # Why training.threads by default: a cell runs that many torch threads, so that is
+        # what it occupies; asking for less oversubscribes the node.
+        return {"num_cpus": float(cpus if cpus is not None else threads), "num_gpus": float(gpus)}
+
+
 class ExperimentConfig(_Strict):
     """A whole study; see the module docstring for the YAML layout."""
 
@@ -277,6 +314,7 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=lambda: EvaluationConfig())
     executor: str = "local"
     ray_address: str | None = None
+    ray: RayConfig = Field(default_factory=lambda: RayConfig())
 
     @field_validator("heads")
     @classmethod
@@ -328,6 +366,8 @@ class ExperimentConfig(_Strict):
                 raise ValueError(
                     f"strategy {s.key!r}: training.{err['loc'][0]}: {err['msg']}"
                 ) from None
+        for key in self.ray.strategies:
+            look_up_option(key, keys, kind="strategy label in ray.strategies")
         if self.encoders.ct and self.data.ct_index is None:
             raise ValueError("data.ct_index is required when encoders.ct is not empty")
         if self.encoders.ehr and self.data.meds_root is None:
