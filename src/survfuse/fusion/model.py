@@ -15,7 +15,7 @@ gradient of each modality's encoder-side parameters (`strategy.modality_paramete
 
 Rebalancing (`rebalance="ogm_ge"`, off by default): OGM-GE (Peng et al., CVPR 2022) adapted to
 survival. A linear Cox probe per modality is trained on that modality's detached
-representation r_m (`FusionOutput.modality_repr`); its score is the geometric-mean partial
+representation r_m (`FusionOutput.modality_repr`; Adam, 5 steps per training step); its score is the geometric-mean partial
 likelihood per event, s_m = exp(-cox_partial_nll_m) in (0, 1] (the analogue of OGM-GE's softmax
 probability of the true class). With rho_ct = s_ct / s_ehr and rho_ehr = 1 / rho_ct, the
 dominant modality (rho_m > 1) has its encoder-side gradients scaled by
@@ -59,6 +59,8 @@ __all__ = ["FULL_BATCH_MAX", "LARGE_BATCH", "FusionSurvivalModel", "harrell_c"]
 FULL_BATCH_MAX = 4096
 LARGE_BATCH = 2048
 PREDICT_CHUNK = 4096
+PROBE_STEPS = 5
+PROBE_LR = 1e-2
 REBALANCE = ("none", "ogm_ge")
 Features = Mapping[str, ModalityFeatures]
 
@@ -280,7 +282,7 @@ class FusionSurvivalModel:
                                 for m, r in output.modality_repr.items()
                             }
                         )
-                        probe_opt = torch.optim.Adam(probes.parameters(), lr=self.lr)
+                        probe_opt = torch.optim.Adam(probes.parameters(), lr=PROBE_LR)
                     assert probe_opt is not None
                     k = self._ogm_modulate(
                         output, batch, bt, be, probes, probe_opt, mod_params, gen
@@ -360,9 +362,20 @@ class FusionSurvivalModel:
             nll = cox_partial_nll(bt[rows], be[rows], risk)
             probe_losses.append(nll)
             scores[m] = math.exp(-float(nll.detach())) if bool(be[rows].any()) else 0.0
-        probe_opt.zero_grad(set_to_none=True)
-        torch.stack(probe_losses).sum().backward()
-        probe_opt.step()
+        # a few cheap steps per training step so the linear probes track the representations
+        for step in range(PROBE_STEPS):
+            if step:
+                probe_losses = [
+                    cox_partial_nll(
+                        bt[batch[m]["present"]],
+                        be[batch[m]["present"]],
+                        probes[m](r.detach()[batch[m]["present"]])[:, 0],
+                    )
+                    for m, r in output.modality_repr.items()
+                ]
+            probe_opt.zero_grad(set_to_none=True)
+            torch.stack(probe_losses).sum().backward()
+            probe_opt.step()
         names = sorted(scores)
         coef = {m: 1.0 for m in names}
         a, b = names
