@@ -452,3 +452,36 @@ def test_rerun_into_the_same_folder_replaces_the_old_dataset(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         simulate(tmp_path / "other", n=5, shape=(8, 8, 8), progress=False)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_ehr_timelines_follow_the_latent_factors(sim_small):
+    cohort = pl.read_parquet(sim_small / "cohort.parquet")
+    oracle = pl.read_parquet(sim_small / "oracle.parquet")
+    w = MEDSDataset(sim_small / "meds").windowed(cohort.select("subject_id", "prediction_time"))
+    # several years of history before the index CT
+    first = (
+        w.filter(pl.col("code").str.starts_with("VISIT//"))
+        .group_by("subject_id")
+        .agg(
+            ((pl.col("prediction_time") - pl.col("time")).dt.total_days().max() / 365.25).alias("y")
+        )
+    )
+    assert first["y"].median() > 2.0
+    # the last lab before the index tracks its latent factor (development sites: one unit)
+    last = (
+        w.filter(pl.col("code").is_in(["LAB//creatinine//mg/dL", "LAB//NT-proBNP//pg/mL"]))
+        .sort("time")
+        .group_by("subject_id", "code")
+        .agg(pl.col("numeric_value").last())
+        .pivot(on="code", index="subject_id", values="numeric_value")
+        .join(oracle, on="subject_id")
+    )
+    rho_creat = last.select(pl.corr("LAB//creatinine//mg/dL", "latent_z_ckd", method="spearman"))
+    rho_bnp = last.select(pl.corr("LAB//NT-proBNP//pg/mL", "latent_z_hf", method="spearman"))
+    assert rho_creat.item() > 0.8 and rho_bnp.item() > 0.7
+    # hundreds of noise codes with a Zipf-like (power-law) frequency profile
+    noise = w.filter(pl.col("code").str.contains(r"^DIAGNOSIS//ICD//10//[DFGHJKLMRZ]"))
+    freq = noise["code"].value_counts(sort=True)["count"].to_numpy()
+    assert len(freq) >= 200
+    slope = np.polyfit(np.log(np.arange(1, 51)), np.log(freq[:50]), 1)[0]
+    assert -1.4 < slope < -0.8  # generated with exponent 1.1

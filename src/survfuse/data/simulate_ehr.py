@@ -9,7 +9,12 @@ never read. Codes follow the MIMIC-IV MEDS style (`DIAGNOSIS//ICD//10//I50.9`, `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+#: emit(times_us, code or code ids, value=nan): append rows to a subject's event list
+Emit = Callable[..., None]
 
 US_PER_DAY = 86_400_000_000
 DAYS_PER_YEAR = 365.25
@@ -139,15 +144,15 @@ def lab_level(name: str, lat: dict[str, float], years_before: np.ndarray) -> np.
         return np.exp(np.log(9.0) + 0.55 * lat["z_trop"] * prog + 0.5 * lat["prior_mi"])
     if name == "hemoglobin":
         return 13.8 + 1.0 * lat["male"] - 1.2 * lat["z_anemia"] * prog - 0.9 * lat["cancer"]
-    if name == "ldl":
-        return np.maximum(40.0, 115.0 + 32.0 * lat["z_ldl"] - 35.0 * lat["statin"]) + 0 * prog
-    if name == "glucose":
-        return 98.0 + 55.0 * lat["diabetes"] + 0 * prog
-    if name == "sodium":
-        return 139.0 - 1.5 * max(lat["z_hf"], 0.0) + 0 * prog
-    if name == "potassium":
-        return 4.2 + 0.25 * lat["z_ckd"] + 0 * prog
-    raise KeyError(name)
+    stable = {  # no trend over the history
+        "ldl": max(40.0, 115.0 + 32.0 * lat["z_ldl"] - 35.0 * lat["statin"]),  # statins lower it
+        "glucose": 98.0 + 55.0 * lat["diabetes"],
+        "sodium": 139.0 - 1.5 * max(lat["z_hf"], 0.0),
+        "potassium": 4.2 + 0.25 * lat["z_ckd"],
+    }
+    if name not in stable:
+        raise KeyError(f"unknown lab {name!r}")
+    return np.full(years_before.shape, stable[name])
 
 
 def render_ehr(
@@ -230,7 +235,7 @@ def render_ehr(
 
 
 def _emit_lab(
-    emit,  # type: ignore[no-untyped-def]
+    emit: Emit,
     name: str,
     lat: dict[str, float],
     t: np.ndarray,
@@ -249,7 +254,7 @@ def _emit_lab(
 
 
 def _visit_content(
-    emit,  # type: ignore[no-untyped-def]
+    emit: Emit,
     lat: dict[str, float],
     vis_t: np.ndarray,
     years_before: np.ndarray,
