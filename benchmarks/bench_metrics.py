@@ -11,6 +11,7 @@ Timings on a shared machine are noisy.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -272,12 +273,10 @@ def main() -> None:
     d = data(n, seed=5)
     rows = []
     for method in ("percentile", "bca"):
-        s, c, res = timeit_cpu(
-            lambda m=method: bootstrap(
-                "harrell_c", d["t"], d["e"], d["risk"], n_boot=1000, seed=0, method=m
-            ),
-            args.repeat,
+        call = functools.partial(
+            bootstrap, "harrell_c", d["t"], d["e"], d["risk"], n_boot=1000, seed=0, method=method
         )
+        s, c, res = timeit_cpu(call, args.repeat)
         rows.append([f"Harrell C CI, 1,000 resamples ({method})", f"{s:.3f}", f"{c:.3f}", str(res)])
     rng = np.random.default_rng(0)
     models = {f"m{k}": d["risk"] + rng.normal(scale=0.3 * k, size=n) for k in range(7)}

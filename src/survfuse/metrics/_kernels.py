@@ -13,7 +13,6 @@ from numpy.typing import NDArray
 
 __all__ = [
     "count_draws",
-    "event_time_ties",
     "pass_earlier",
     "pass_later",
     "weighted_auc",
@@ -45,14 +44,19 @@ def pass_later(t, e, rank, w, n_ranks):  # type: ignore[no-untyped-def]
 
     Comparable: t_j > t_i, or t_j == t_i and j censored (censored at t outlives a death at t).
     Weights w_j are summed (integer weights keep a smaller, exact tree); non-events get zeros.
+    Also returns the number of pairs of events at the same time, and of those with equal rank
+    (R's tied.y + tied.xy and tied.xy), counted with unit weights.
     """
     n = t.shape[0]
     tree = np.zeros(n_ranks + 1, dtype=w.dtype)
     point = np.zeros(n_ranks + 1, dtype=w.dtype)
+    same_time = np.zeros(n_ranks + 1, dtype=np.int64)  # events of the current time per rank
     less = np.zeros(n, dtype=w.dtype)
     eq = np.zeros(n, dtype=w.dtype)
     gt = np.zeros(n, dtype=w.dtype)
     total = w[0] * 0
+    tied_time = 0
+    tied_both = 0
     hi = n
     while hi > 0:
         lo = hi - 1
@@ -63,6 +67,7 @@ def pass_later(t, e, rank, w, n_ranks):  # type: ignore[no-untyped-def]
                 _add(tree, rank[p], w[p])
                 point[rank[p]] += w[p]
                 total += w[p]
+        k = 0
         for p in range(lo, hi):
             if e[p]:
                 below = _prefix(tree, rank[p] - 1)
@@ -70,13 +75,18 @@ def pass_later(t, e, rank, w, n_ranks):  # type: ignore[no-untyped-def]
                 less[p] = below
                 eq[p] = same
                 gt[p] = total - below - same
+                tied_both += same_time[rank[p]]
+                same_time[rank[p]] += 1
+                k += 1
+        tied_time += k * (k - 1) // 2
         for p in range(lo, hi):
             if e[p]:
+                same_time[rank[p]] = 0
                 _add(tree, rank[p], w[p])
                 point[rank[p]] += w[p]
                 total += w[p]
         hi = lo
-    return less, eq, gt
+    return less, eq, gt, tied_time, tied_both
 
 
 @numba.njit(cache=True)
@@ -118,41 +128,6 @@ def pass_earlier(t, e, rank, v, n_ranks):  # type: ignore[no-untyped-def]
                 gt[p] = total - below - same
         lo = hi
     return gt, eq, less
-
-
-@numba.njit(cache=True)
-def event_time_ties(t, e, rank):  # type: ignore[no-untyped-def]
-    """Pairs of events at the same time (t sorted): all such pairs, and those with equal rank."""
-    n = t.shape[0]
-    all_pairs = 0
-    both = 0
-    lo = 0
-    while lo < n:
-        hi = lo + 1
-        while hi < n and t[hi] == t[lo]:
-            hi += 1
-        k = 0
-        for p in range(lo, hi):
-            if e[p]:
-                k += 1
-        if k > 1:
-            all_pairs += k * (k - 1) // 2
-            r = np.empty(k, dtype=rank.dtype)
-            q = 0
-            for p in range(lo, hi):
-                if e[p]:
-                    r[q] = rank[p]
-                    q += 1
-            r.sort()
-            run = 1
-            for q in range(1, k + 1):
-                if q < k and r[q] == r[q - 1]:
-                    run += 1
-                else:
-                    both += run * (run - 1) // 2
-                    run = 1
-        lo = hi
-    return all_pairs, both
 
 
 @numba.njit(cache=True, parallel=True)

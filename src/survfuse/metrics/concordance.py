@@ -125,7 +125,7 @@ def concordance_index(
     # integer counts: exact, and a 4-byte tree is kinder to the cache than float64
     cdt = np.int32 if t.shape[0] < 2**31 - 1 else np.int64
     ones = np.ones(t.shape[0], dtype=cdt)
-    less, eq, gt = K.pass_later(s.time, s.event, s.rank, ones, s.n_ranks)
+    less, eq, gt, tied_all, tied_xy = K.pass_later(s.time, s.event, s.rank, ones, s.n_ranks)
     conc = float(less.sum(dtype=np.int64))
     ties = float(eq.sum(dtype=np.int64))
     disc = float(gt.sum(dtype=np.int64))
@@ -144,25 +144,18 @@ def concordance_index(
     dfbeta = (c_i - d_i) / npair - (somer / npair) * (c_i + d_i + t_i)
     infl = s.unsort(dfbeta / 2.0)
     v = _cluster_sum(infl, cluster, t.shape[0])
-    tied_y, tied_xy = _event_time_ties(s)
     return ConcordanceResult(
         estimate=(somer + 1.0) / 2.0,
         concordant=conc,
         discordant=disc,
         tied_risk=ties,
-        tied_time=tied_y,
-        tied_risk_time=tied_xy,
+        tied_time=float(tied_all - tied_xy),
+        tied_risk_time=float(tied_xy),
         variance=float(np.sum(v * v)),
         n_subjects=int(t.shape[0]),
         n_events=int(e.sum()),
         influence=infl,
     )
-
-
-def _event_time_ties(s: SortedSurvival) -> tuple[float, float]:
-    """Pairs of events at the same time: (different risk, same risk) = R's (tied.y, tied.xy)."""
-    all_pairs, both = K.event_time_ties(s.time, s.event, s.rank)
-    return float(all_pairs - both), float(both)
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,7 +223,7 @@ def concordance_index_ipcw(
     s = SortedSurvival.build(t, e, r)
     u, tau_v = uno_pair_weights(s, cens, tau)
     ones = np.ones(t.shape[0])
-    less, eq, gt = K.pass_later(s.time, s.event, s.rank, ones, s.n_ranks)
+    less, eq, gt, _, _ = K.pass_later(s.time, s.event, s.rank, ones, s.n_ranks)
     num = float(np.sum(u * (less + 0.5 * eq)))
     den = float(np.sum(u * (less + eq + gt)))
     if den == 0:
