@@ -228,7 +228,7 @@ class EHRCountsEncoder(Encoder):
     def _batch_matrix(self, batch: EventBatch, n_keys: int) -> sp.csr_matrix:
         assert self.vocab is not None
         code_idx = self.vocab.code_index(batch.code)
-        ids = self.vocab.transform(batch.code, batch.value)
+        ids = self.vocab.transform(batch.code, batch.value, code_idx)
         lookup = np.full(len(self.vocab.codes) + 1, -1, np.int64)
         lookup[self.numeric_codes] = np.arange(len(self.numeric_codes))
         num_idx = lookup[np.where(code_idx >= 0, code_idx, len(self.vocab.codes))]
@@ -276,19 +276,22 @@ class EHRCountsEncoder(Encoder):
         assert self.vocab is not None
         v, m = self.vocab.size, len(self.numeric_codes)
         width = v + 2 * m
-        dense = mat.toarray()
-        for wi in range(len(self._config["windows"])):
-            off = wi * width
-            dense[:, off : off + v] = np.log1p(dense[:, off : off + v])
-            for part in (off + v, off + v + m):
-                block = dense[:, part : part + m]
-                present = block != 0
-                # clipped: lab sentinels (e.g. 999999) must not dominate a downstream model
-                z = np.clip((block - self.numeric_mean) / self.numeric_sd, -10.0, 10.0)
-                dense[:, part : part + m] = np.where(present, z, 0.0)
-        age = dense[:, -1]
-        dense[:, -1] = np.where(age > 0, (age - self.age_stats[0]) / self.age_stats[1], 0.0)
-        return dense.astype(np.float32)
+        # transform the stored (non-zero) entries only, then densify once as float32
+        mat = sp.csr_matrix(mat, copy=True)
+        col = mat.indices
+        data = mat.data
+        within = col % width
+        is_age = col == mat.shape[1] - 1
+        is_count = (within < v) & ~is_age
+        num = np.where(within >= v + m, within - v - m, within - v)
+        is_num = ~is_count & ~is_age
+        data[is_count] = np.log1p(data[is_count])
+        # clipped: lab sentinels (e.g. 999999) must not dominate a downstream model
+        z = (data[is_num] - self.numeric_mean[num[is_num]]) / self.numeric_sd[num[is_num]]
+        data[is_num] = np.clip(z, -10.0, 10.0)
+        data[is_age] = (data[is_age] - self.age_stats[0]) / self.age_stats[1]
+        mat.data = data.astype(np.float32)
+        return np.asarray(mat.toarray(), dtype=np.float32)
 
     def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
         self.check_fitted()

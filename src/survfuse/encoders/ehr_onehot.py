@@ -64,16 +64,23 @@ def onehot_tokens(
     *,
     max_tokens: int,
     max_codes_per_token: int,
+    out: tuple[NDArray[np.int32], NDArray[np.float32], NDArray[np.bool_]] | None = None,
+    rows: NDArray[np.int64] | None = None,
 ) -> tuple[NDArray[np.int32], NDArray[np.float32], NDArray[np.bool_]]:
     """Multi-hot day tokens of `n_keys` keys from events (key, day_index, id).
 
     day_index: calendar days before the prediction date (-1 = static). Returns `token_codes`
-    [n_keys, T, K] int32 (-1 padding), `tokens` [n_keys, T, 8] float32, `mask` [n_keys, T].
+    [n_keys, T, K] int32 (-1 padding), `tokens` [n_keys, T, 8] float32, `mask` [n_keys, T];
+    with `out` (pre-filled arrays) and `rows` [n_keys], key j is written to row `rows[j]` of
+    `out` instead (no per-batch copies).
     """
     t_max, k_max = max_tokens, max_codes_per_token
-    codes = np.full((n_keys, t_max, k_max), -1, np.int32)
-    feats = np.zeros((n_keys, t_max, TIME_DIM), np.float32)
-    mask = np.zeros((n_keys, t_max), bool)
+    if out is None:
+        codes = np.full((n_keys, t_max, k_max), -1, np.int32)
+        feats = np.zeros((n_keys, t_max, TIME_DIM), np.float32)
+        mask = np.zeros((n_keys, t_max), bool)
+    else:
+        codes, feats, mask = out
     if local_key.size == 0:
         return codes, feats, mask
     # slot 0 = static, slot d + 1 = d days before; one int64 sort key dedupes (key, slot, id)
@@ -109,12 +116,15 @@ def onehot_tokens(
     keep_day = ~is_static & (rank < kept_days[k])
     keep = (keep_day | is_static) & (pos_in_slot < k_max)
     position = np.where(is_static, kept_days[k], kept_days[k] - 1 - rank)
-    kk, pp = k[keep], position[keep]
-    codes[kk, pp, pos_in_slot[keep]] = c[keep]
+    row = k if rows is None else rows[k]
+    codes[row[keep], position[keep], pos_in_slot[keep]] = c[keep]
     first = keep & new_slot
-    days = (s[first] - 1).astype(np.float64)
-    feats[k[first], position[first]] = time_features(days, is_static[first])
-    mask[k[first], position[first]] = True
+    # days are whole numbers: compute the features once per distinct day and gather
+    days = np.where(is_static[first], -1, s[first] - 1)
+    uniq, inv = np.unique(days, return_inverse=True)
+    table = time_features(uniq.astype(np.float64), uniq < 0)
+    feats[row[first], position[first]] = table[inv]
+    mask[row[first], position[first]] = True
     return codes, feats, mask
 
 
@@ -182,23 +192,29 @@ class EHROneHotEncoder(Encoder):
         self.fitted = True
         return self
 
-    def encode_batch(self, batch: EventBatch, vocab: CodeVocab, n_keys: int) -> tuple[Any, ...]:
-        """(token_codes, tokens, mask, pooled, present) of keys 0..n_keys-1 (batch.key local)."""
+    def _encode_batch(self, batch: EventBatch, out: dict[str, NDArray[Any]]) -> None:
+        """Write the features of the batch's keys into the per-key arrays `out`."""
+        assert self.vocab is not None
         cfg = self._config
-        ids = vocab.transform(batch.code, batch.value)
-        codes, feats, mask = onehot_tokens(
-            batch.key,
+        rows, local = np.unique(batch.key, return_inverse=True)
+        ids = self.vocab.transform(batch.code, batch.value)
+        onehot_tokens(
+            local,
             batch.day_index,
             ids,
-            n_keys,
+            len(rows),
             max_tokens=cfg["max_tokens"],
             max_codes_per_token=cfg["max_codes_per_token"],
+            out=(out["token_codes"], out["tokens"], out["mask"]),
+            rows=rows,
         )
-        v = vocab.size
-        counts = np.bincount(batch.key * v + ids, minlength=n_keys * v).reshape(n_keys, v)
-        total = counts.sum(axis=1, keepdims=True)
-        pooled = (counts / np.maximum(total, 1)).astype(np.float32)
-        return codes, feats, mask, pooled, total[:, 0] > 0
+        # pooled: count of each id / number of events, written only where non-zero
+        v = self.vocab.size
+        u, cnt = np.unique(local * v + ids, return_counts=True)
+        total = np.bincount(local, minlength=len(rows))
+        k = u // v
+        out["pooled"][rows[k], u % v] = cnt / total[k]
+        out["present"][rows] = total > 0
 
     def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
         self.check_fitted()
@@ -206,18 +222,19 @@ class EHROneHotEncoder(Encoder):
         cfg = self._config
         index = KeyIndex.from_cohort(cohort)
         n, t, kc, v = index.n_keys, cfg["max_tokens"], cfg["max_codes_per_token"], self.vocab.size
-        codes = np.full((n, t, kc), -1, np.int32)
-        feats = np.zeros((n, t, TIME_DIM), np.float32)
-        mask = np.zeros((n, t), bool)
-        pooled = np.zeros((n, v), np.float32)
-        present = np.zeros(n, bool)
+        out = {
+            "token_codes": np.full((n, t, kc), -1, np.int32),
+            "tokens": np.zeros((n, t, TIME_DIM), np.float32),
+            "mask": np.zeros((n, t), bool),
+            "pooled": np.zeros((n, v), np.float32),
+            "present": np.zeros(n, bool),
+        }
         for batch in iter_event_batches(
             source, index, lookback_days=cfg["lookback_days"], batch_size=cfg["batch_size"]
         ):
-            uniq, local = np.unique(batch.key, return_inverse=True)
-            batch.key = local.astype(np.int64)
-            c, f, m, p, pr = self.encode_batch(batch, self.vocab, len(uniq))
-            codes[uniq], feats[uniq], mask[uniq], pooled[uniq], present[uniq] = c, f, m, p, pr
+            self._encode_batch(batch, out)
+        codes, feats, mask = out["token_codes"], out["tokens"], out["mask"]
+        pooled, present = out["pooled"], out["present"]
         rk = index.row_key
         return ModalityFeatures(
             subject_id=cohort["subject_id"].cast(pl.Int64).to_numpy(),

@@ -202,10 +202,16 @@ class CodeVocab:
         """Index of each code in `codes` (-1 for codes never seen in training)."""
         if len(self.codes) == 0:
             return np.full(len(code), -1, np.int64)
-        mapped = code.replace_strict(
-            list(self.codes), list(range(len(self.codes))), default=-1, return_dtype=pl.Int64
-        )
-        return mapped.to_numpy().astype(np.int64)
+        cache = self.__dict__.get("_code_series")
+        if cache is None or cache[0] is not self.codes:  # built once per vocabulary
+            cache = (
+                self.codes,
+                pl.Series(self.codes.tolist(), dtype=pl.Utf8),
+                pl.Series(np.arange(len(self.codes), dtype=np.int64)),
+            )
+            self.__dict__["_code_series"] = cache
+        mapped = code.replace_strict(cache[1], cache[2], default=-1, return_dtype=pl.Int64)
+        return mapped.to_numpy()
 
     def columns(self, code_idx: NDArray[np.int64], value: NDArray[np.float64]) -> NDArray[np.int64]:
         """LUT column per event: 0 when unbinned or valueless, else 1 + quantile bin."""
@@ -220,9 +226,14 @@ class CodeVocab:
             col[np.flatnonzero(has)[binned]] = 1 + b[binned]
         return col
 
-    def transform(self, code: pl.Series, value: NDArray[np.float64]) -> NDArray[np.int32]:
-        """Token id per event [n] int32 (0 = out of vocabulary)."""
-        idx = self.code_index(code)
+    def transform(
+        self,
+        code: pl.Series,
+        value: NDArray[np.float64],
+        code_idx: NDArray[np.int64] | None = None,
+    ) -> NDArray[np.int32]:
+        """Token id per event [n] int32 (0 = out of vocabulary); pass `code_idx` if known."""
+        idx = self.code_index(code) if code_idx is None else code_idx
         col = self.columns(idx, value)
         ids = self.lut[np.maximum(idx, 0), col]
         return np.where(idx >= 0, ids, 0).astype(np.int32)
