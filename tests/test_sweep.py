@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -184,3 +185,36 @@ def test_sweep_cli_errors() -> None:
     assert res.exit_code == 2 and "three sizes" in res.output
     with pytest.raises(ValueError, match="unknown strategy"):
         sweep_config(TINY, Path("x"), strategies=["nope"])
+
+
+def test_sweep_ct_cells_hold_volume_and_cell_radiomics(tiny_sweep: Path) -> None:
+    import json
+
+    from survfuse.data.imaging import load_ct, select_studies
+    from survfuse.encoders.base import CTSource
+    from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder, radiomics_features
+    from survfuse.encoders.features import ModalityFeatures
+
+    run = tiny_sweep / "runs" / "imb1_shift1"
+    index = json.loads((run / "features" / "index.json").read_text())
+    assert list(index["ct"]) == ["ct_cells"]
+    feats = ModalityFeatures.load(run / index["ct"]["ct_cells"])
+    data = tiny_sweep / "data" / "imb1_shift1"
+    cohort = pl.read_parquet(data / "cohort.parquet")
+    enc = CTRadiomicsEncoder(grid=(2, 2, 2), n_bins=16)
+    f = enc.n_features
+    assert feats.pooled.shape == (cohort.height, 9 * f) and feats.present.all()
+    # an independent read of one subject's index CT (never a later study)
+    src = CTSource.from_index(data / "ct_index.parquet")
+    row = 5
+    study = select_studies(cohort[row : row + 1], src.index)
+    vol = load_ct(study["path"][0], enc.preprocessing())
+    cells, valid, volume = radiomics_features(
+        vol.array, grid=(2, 2, 2), hu_window=enc.hu_window, n_bins=16, spacing=tuple(vol.spacing)
+    )
+    i = int(np.flatnonzero(np.asarray(feats.subject_id) == cohort["subject_id"][row])[0])
+    np.testing.assert_allclose(feats.pooled[i, :f], volume, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        feats.pooled[i, f:], np.where(valid[:, None], cells, 0).ravel(), rtol=1e-5, atol=1e-6
+    )
+    assert feats.tokens is not None and feats.tokens.shape[1:] == (8, f + 3)

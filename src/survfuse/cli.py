@@ -209,6 +209,7 @@ def sweep_imbalance(
     bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples."),
     max_epochs: int = typer.Option(None, "--max-epochs", help="Override training epochs."),
     rebalance: bool = typer.Option(False, "--rebalance", help="Add OGM-GE variants."),
+    ct_features: str = typer.Option("cells", "--ct-features", help="cells or config."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Gain of each fusion strategy over the best unimodal baseline against the imbalance."""
@@ -236,6 +237,7 @@ def sweep_imbalance(
             bootstrap=bootstrap,
             max_epochs=max_epochs,
             rebalance=rebalance,
+            ct_features=ct_features,
             progress=progress,
             console=Console(stderr=True),
         )

@@ -6,6 +6,15 @@ For each setting the simulator writes `OUT/data/<setting>/` and the runner `OUT/
 (`examples/demo.yaml` by default) pointed at the simulated data and optionally reduced
 (strategies, EHR encoders, tasks, seeds, epochs, resamples). Only Harrell's C is scored.
 
+CT representation (`ct_features`): with "cells" (the default) the CT is encoded once per setting
+by the `ct_radiomics` statistics of the whole volume *and* of each cell of a 2x2x2 grid, all in
+the pooled vector (tokens: the cells), and given to the runner as `precomputed` embeddings.
+Why: the whole-volume radiomics vector (`ct_radiomics`'s pooled features, all that the pooled
+strategies and the unimodal baselines see) carries almost none of the simulator's image signal
+(the clot sits in a small region), so the imbalance knob would not reach those models. The
+features are unstandardised (no fitting: the fusion model standardises with training rows).
+With "config" the base config's CT encoders are used as they are.
+
 The gain of a fused model is the runner's paired difference against each task's reference, the
 best unimodal model on validation: delta = C(fused) - C(reference) on internal and external test,
 with its percentile CI over the run's shared subject-level resamples (seeds averaged). The row
@@ -31,9 +40,22 @@ import numpy as np
 import polars as pl
 import yaml
 
-from survfuse.experiment.config import ExperimentConfig, StrategyChoice, parse_config
+from survfuse.experiment.config import (
+    EncoderChoice,
+    ExperimentConfig,
+    StrategyChoice,
+    parse_config,
+)
 
-__all__ = ["BEST_FUSION", "SweepResult", "gain_table", "run_sweep", "sweep_config", "sweep_figure"]
+__all__ = [
+    "BEST_FUSION",
+    "SweepResult",
+    "gain_table",
+    "run_sweep",
+    "sweep_config",
+    "sweep_figure",
+    "write_cell_embeddings",
+]
 
 BEST_FUSION = "best fusion"
 TEST_SPLITS = ("internal_test", "external_test")
@@ -82,6 +104,38 @@ def _parse_floats(values: Sequence[float], what: str) -> list[float]:
     return out
 
 
+def write_cell_embeddings(
+    data_dir: Path, out: Path, *, grid: tuple[int, int, int] = (2, 2, 2), n_bins: int = 16
+) -> Path:
+    """CT embeddings of every cohort row as an npz for the `precomputed` encoder: pooled =
+    [whole-volume features, each grid cell's features] (raw `ct_radiomics` statistics), tokens =
+    cells + centre positions, mask = cells with voxels. Rows without a CT are left out (the
+    encoder then marks them absent with `on_missing="absent"`)."""
+    from survfuse.encoders.base import CTSource
+    from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder, grid_positions
+
+    cohort = pl.read_parquet(data_dir / "cohort.parquet").select(
+        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
+    )
+    enc = CTRadiomicsEncoder(grid=grid, n_bins=n_bins)
+    r = enc.raw(cohort, CTSource.from_index(data_dir / "ct_index.parquet"))
+    keep = r["present"]
+    cells = np.where(r["valid"][..., None], r["cells"], 0.0)[keep]
+    pos = np.broadcast_to(grid_positions(grid), (*cells.shape[:2], 3))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(
+        tmp,
+        subject_id=cohort["subject_id"].to_numpy()[keep],
+        prediction_time=cohort["prediction_time"].to_numpy()[keep],
+        pooled=np.concatenate([r["volume"][keep], cells.reshape(cells.shape[0], -1)], axis=1),
+        tokens=np.concatenate([cells, pos], axis=2).astype(np.float32),
+        mask=r["valid"][keep],
+    )
+    tmp.replace(out)
+    return out
+
+
 def sweep_config(
     base: str | Path | dict[str, Any],
     data_dir: Path,
@@ -93,11 +147,13 @@ def sweep_config(
     bootstrap: int = 200,
     max_epochs: int | None = None,
     rebalance: bool = False,
+    ct_embeddings: Path | None = None,
 ) -> ExperimentConfig:
     """The base study pointed at `data_dir` and reduced for a sweep (see the module docstring).
 
     strategies: keys to keep (e.g. `unimodal_ct`, `late`; unimodal baselines are always kept);
-    ehr_encoders: EHR encoder keys to keep; seeds: training seeds 0..seeds-1.
+    ehr_encoders: EHR encoder keys to keep; seeds: training seeds 0..seeds-1; ct_embeddings:
+    an npz of `write_cell_embeddings` that replaces the CT encoders (label `ct_cells`).
     """
     from survfuse.registry import look_up_option
 
@@ -127,6 +183,13 @@ def sweep_config(
             if s.modality is None
         ]
     encoders = cfg.encoders
+    if ct_embeddings is not None:
+        cells = {
+            "name": "precomputed",
+            "label": "ct_cells",
+            "params": {"path": str(ct_embeddings), "modality": "ct", "on_missing": "absent"},
+        }
+        encoders = encoders.model_copy(update={"ct": [EncoderChoice.model_validate(cells)]})
     if ehr_encoders is not None:
         keys = [e.key for e in encoders.ehr]
         wanted = {look_up_option(k, keys, kind="EHR encoder") for k in ehr_encoders}
@@ -331,6 +394,7 @@ def run_sweep(
     bootstrap: int = 200,
     max_epochs: int | None = None,
     rebalance: bool = False,
+    ct_features: str = "cells",
     progress: bool = True,
     console: Any = None,
 ) -> SweepResult:
@@ -345,7 +409,9 @@ def run_sweep(
     from survfuse.experiment.imbalance_eval import IMBALANCE_FILE, evaluate_imbalance
     from survfuse.experiment.rundir import RunDir, write_parquet, write_text
     from survfuse.experiment.runner import run_experiment
+    from survfuse.registry import look_up_option
 
+    ct_features = look_up_option(ct_features, ("cells", "config"), kind="ct_features")
     ws = _parse_floats(imbalance, "imbalance")
     shifts = _parse_floats(site_shift, "site_shift")
     for w in ws:
@@ -374,9 +440,17 @@ def run_sweep(
                     shape=shape,
                     progress=progress,
                 )
+            emb = None
+            if ct_features == "cells":
+                emb = data_dir / "ct_cells.npz"
+                if not emb.exists():
+                    if console is not None:
+                        console.print(f"[bold]encoding[/bold] CT cells of {name}")
+                    write_cell_embeddings(data_dir, emb)
             cfg = sweep_config(
                 base,
                 data_dir,
+                ct_embeddings=emb,
                 strategies=strategies,
                 ehr_encoders=ehr_encoders,
                 tasks=tasks,
