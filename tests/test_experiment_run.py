@@ -17,6 +17,9 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from typer.testing import CliRunner
+
+from survfuse.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -40,7 +43,10 @@ def tiny_config(sim_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         "ct_index": str(sim_small / "ct_index.parquet"),
         "meds_root": str(sim_small / "meds"),
     }
-    path = tmp_path_factory.mktemp("tiny_config") / "tiny.yaml"
+    folder = tmp_path_factory.mktemp("tiny_config")
+    # One feature store shared by the runs of this module: each encoder encodes the cohort once.
+    raw["feature_store"] = str(folder / "store")
+    path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -49,10 +55,13 @@ def tiny_config(sim_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def tiny_run(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted `survfuse run` + `survfuse report` of the tiny config."""
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    proc = _cli("run", str(tiny_config), "--out", str(out), "--no-progress", "--no-report")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rep = _cli("report", str(out))
-    assert rep.returncode == 0, rep.stderr[-3000:]
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["run", str(tiny_config), "--out", str(out), "--no-progress", "--no-report"]
+    )
+    assert res.exit_code == 0, res.output[-3000:]
+    rep = runner.invoke(app, ["report", str(out)])
+    assert rep.exit_code == 0, rep.output[-3000:]
     return out
 
 
@@ -144,7 +153,10 @@ def test_resume_after_kill_recomputes_only_unfinished_cells(
     assert 1 <= len(done_before) < n_cells
     assert not (out / "metrics.parquet").exists()
 
-    again = _cli("run", str(tiny_config), "--out", str(out), "--no-progress", "--no-report")
+    # Resume with two worker processes: results must not depend on the executor's parallelism.
+    again = _cli(
+        "run", str(tiny_config), "--out", str(out), "--no-progress", "--no-report", "--workers", "2"
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     for cell, status in done_before.items():  # finished cells were not retrained
         assert (out / "cells" / cell / "status.json").read_text() == status
@@ -166,17 +178,9 @@ def test_predict_new_patients_including_missing_modalities(tiny_run: Path, tmp_p
     new.write_parquet(tmp_path / "new.parquet")
     cell = next(p.name for p in (tiny_run / "cells").iterdir() if ".late." in p.name)
     out = tmp_path / "pred.parquet"
-    proc = _cli(
-        "predict",
-        str(tiny_run),
-        "--cell",
-        cell,
-        "--cohort",
-        str(tmp_path / "new.parquet"),
-        "--out",
-        str(out),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--cohort", str(tmp_path / "new.parquet"), "--out", str(out)]
+    res = CliRunner().invoke(app, ["predict", str(tiny_run), "--cell", cell, *args])
+    assert res.exit_code == 0, res.output[-3000:]
     pred = pl.read_parquet(out)
     assert pred.height == new.height
     assert np.isfinite(pred["risk"].to_numpy()).all()
@@ -189,10 +193,8 @@ def test_predict_new_patients_including_missing_modalities(tiny_run: Path, tmp_p
     np.testing.assert_allclose(joined["risk"], joined["risk_run"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(joined["surv_365"], joined["surv_365_run"], rtol=1e-5, atol=1e-6)
 
-    bad = _cli(
-        "predict", str(tiny_run), "--cell", cell.replace("late", "lat"), "--cohort", str(out)
-    )
-    assert bad.returncode == 2 and "did you mean" in bad.stderr
+    bad = CliRunner().invoke(app, ["predict", str(tiny_run), "--cell", "lat", *args])
+    assert bad.exit_code == 2 and "unknown cell 'lat'" in bad.output
 
 
 def _chromium() -> str:

@@ -22,7 +22,7 @@ import survfuse
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, atomic_dir, write_json
 
-__all__ = ["CellResult", "run_cell", "surv_column", "task_columns"]
+__all__ = ["CellResult", "record_failure", "run_cell", "surv_column", "task_columns"]
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,13 @@ def _select(features: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
 def build_model(spec: CellSpec) -> Any:
     from survfuse.fusion import FusionSurvivalModel
 
+    training = {k: v for k, v in spec.training.items() if k != "threads"}
     return FusionSurvivalModel(
         spec.strategy_name,
         head=spec.head,
         strategy_params=dict(spec.strategy_params),
         seed=spec.seed,
-        **spec.training,
+        **training,
     )
 
 
@@ -137,8 +138,15 @@ def run_cell(spec: CellSpec, run_dir: str | Path) -> CellResult:
         )
 
     def fill(out: Path) -> None:
+        import torch
+
         write_json(out / "spec.json", spec.model_dump(mode="json"))
-        _train_and_predict(spec, rd, out)
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(spec.training.get("threads", 1)))
+        try:
+            _train_and_predict(spec, rd, out)
+        finally:
+            torch.set_num_threads(before)
         status(out, "done")
 
     try:
@@ -146,11 +154,40 @@ def run_cell(spec: CellSpec, run_dir: str | Path) -> CellResult:
         return CellResult(spec.cell_id, "done", _time.perf_counter() - t0)
     except Exception as exc:  # a failed cell is recorded and the grid goes on
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        tb = traceback.format_exc()
+        return record_failure(
+            spec, run_dir, error, traceback.format_exc(), seconds=_time.perf_counter() - t0
+        )
 
-        def fill_failed(out: Path) -> None:
-            write_json(out / "spec.json", spec.model_dump(mode="json"))
-            status(out, "failed", error, tb)
 
-        atomic_dir(rd.cell(spec.cell_id), fill_failed)
-        return CellResult(spec.cell_id, "failed", _time.perf_counter() - t0, error)
+def record_failure(
+    spec: CellSpec,
+    run_dir: str | Path,
+    error: str,
+    tb: str | None = None,
+    *,
+    seconds: float = 0.0,
+) -> CellResult:
+    """Write a failed cell folder (spec.json + status.json with the error); rerunning retries it.
+
+    Executors call this when a worker died before `run_cell` could record anything.
+    """
+    rd = RunDir(run_dir)
+
+    def fill(out: Path) -> None:
+        write_json(out / "spec.json", spec.model_dump(mode="json"))
+        write_json(
+            out / "status.json",
+            {
+                "cell_id": spec.cell_id,
+                "status": "failed",
+                "digest": spec.digest(),
+                "seconds": round(seconds, 3),
+                "finished": _time.time(),
+                "survfuse_version": survfuse.__version__,
+                "error": error,
+                "traceback": tb,
+            },
+        )
+
+    atomic_dir(rd.cell(spec.cell_id), fill)
+    return CellResult(spec.cell_id, "failed", seconds, error)

@@ -140,6 +140,9 @@ class TrainingConfig(_Strict):
     rebalance_params: dict[str, Any] = Field(default_factory=dict)
     head_params: dict[str, Any] = Field(default_factory=dict)
     device: str = "cpu"  # CPU results are the reference; "auto" uses CUDA when available
+    # torch intra-op threads while a cell trains: fixed so results do not depend on the machine's
+    # core count or on how many cells run side by side (see `workers`).
+    threads: int = Field(default=1, ge=1)
 
 
 class StrategyChoice(_Strict):
@@ -313,6 +316,10 @@ class ExperimentConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     evaluation: EvaluationConfig = Field(default_factory=lambda: EvaluationConfig())
     executor: str = "local"
+    workers: int = Field(default=1, ge=1)  # local executor: cells trained in parallel processes
+    # FeatureStore folder; default RUN_DIR/features/store. Share one between runs (or configs)
+    # so each encoder encodes a cohort once. Relative paths resolve against the config's folder.
+    feature_store: Path | None = None
     ray_address: str | None = None
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
 
@@ -498,7 +505,9 @@ def parse_config(
             "meds_root": _resolve(data.meds_root, base),
         }
     )
-    return cfg.model_copy(update={"data": resolved})
+    return cfg.model_copy(
+        update={"data": resolved, "feature_store": _resolve(cfg.feature_store, base)}
+    )
 
 
 def load_config(

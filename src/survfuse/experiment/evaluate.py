@@ -495,7 +495,9 @@ def evaluate_run(
     from survfuse.experiment.rundir import write_parquet
 
     groups = build_groups(cfg, rd, specs)
-    if executor is not None and type(executor).__name__ != "LocalExecutor":
+    if executor is not None and hasattr(executor, "score_groups"):
+        scores = executor.score_groups(groups)  # e.g. Ray: resample blocks fanned out
+    elif executor is not None and type(executor).__name__ != "LocalExecutor":
         scores = executor.map(_score_group_plain, groups)
     else:
         scores = []

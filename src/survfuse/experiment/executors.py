@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from survfuse.experiment.cell import CellResult, run_cell
+from survfuse.experiment.cell import CellResult, record_failure, run_cell
 from survfuse.experiment.grid import CellSpec
 from survfuse.registry import look_up_option
 
@@ -74,13 +74,18 @@ class Executor(abc.ABC):
 
 
 class LocalExecutor(Executor):
-    """Runs every cell in this process, in order."""
+    """Runs the cells on this machine: in this process, or in `workers` spawned processes.
+
+    Results do not depend on `workers`: each cell trains with its configured torch thread
+    count (`training.threads`) whichever process runs it.
+    """
 
     name = "local"
 
-    def __init__(self, **options: Any) -> None:
-        # Why accept and ignore options: CLI flags meant for other executors (e.g. an address)
-        # must not break a local run.
+    def __init__(self, workers: int = 1, **options: Any) -> None:
+        # Why accept and ignore options: settings meant for other executors (e.g. a Ray
+        # address) must not break a local run.
+        self.workers = max(1, int(workers))
         self.ignored_options = sorted(options)
 
     def run(
@@ -90,13 +95,41 @@ class LocalExecutor(Executor):
         *,
         on_result: Callable[[CellResult], None] | None = None,
     ) -> list[CellResult]:
-        results = []
-        for spec in specs:
-            result = run_cell(spec, run_dir)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
-        return results
+        if self.workers == 1 or len(specs) <= 1:
+            results = []
+            for spec in specs:
+                result = run_cell(spec, run_dir)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+            return results
+        return self._run_pool(specs, run_dir, on_result)
+
+    def _run_pool(
+        self,
+        specs: Sequence[CellSpec],
+        run_dir: Path,
+        on_result: Callable[[CellResult], None] | None,
+    ) -> list[CellResult]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        by_id: dict[str, CellResult] = {}
+        # spawn, not fork: torch and numba state must not be copied into the workers.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
+            futures = {pool.submit(run_cell, spec, run_dir): spec for spec in specs}
+            for fut in as_completed(futures):
+                spec = futures[fut]
+                try:
+                    result = fut.result()
+                except Exception as exc:  # a worker died (e.g. out of memory): record, go on
+                    error = f"worker died: {type(exc).__name__}: {' '.join(str(exc).split())}"
+                    result = record_failure(spec, run_dir, error)
+                by_id[spec.cell_id] = result
+                if on_result is not None:
+                    on_result(result)
+        return [by_id[s.cell_id] for s in specs]
 
 
 def register_executor(name: str, factory: Callable[..., Executor]) -> None:

@@ -12,6 +12,7 @@ Steps (each safe to repeat after a crash):
 from __future__ import annotations
 
 import time as _time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ from survfuse.experiment.executors import Executor, get_executor
 from survfuse.experiment.grid import CellSpec, expand_grid
 from survfuse.experiment.rundir import RunDir, write_json, write_parquet, write_text
 
-__all__ = ["RunResult", "encode_features", "prepare_cohort", "run_experiment", "sources"]
+__all__ = [
+    "POST_EVALUATION",
+    "RunResult",
+    "encode_features",
+    "prepare_cohort",
+    "run_experiment",
+    "sources",
+]
 
 
 @dataclass
@@ -89,6 +97,16 @@ def _keys(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _meta(folder: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        out: dict[str, Any] = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
 def encode_features(
     cfg: ExperimentConfig,
     rd: RunDir,
@@ -103,7 +121,7 @@ def encode_features(
     from survfuse.encoders.features import ModalityFeatures
     from survfuse.encoders.store import FeatureStore
 
-    store = FeatureStore(rd.store)
+    store = FeatureStore(cfg.feature_store or rd.store)
     srcs = sources(cfg)
     keys = _keys(cohort)
     train_keys = _keys(cohort.filter(pl.col("split") == "train"))
@@ -123,13 +141,23 @@ def encode_features(
                 candidate = last.directory / "results" / hash_keys(sid, feats.prediction_time)[:20]
                 if (candidate / "meta.json").exists():
                     folder = candidate
-            if folder is None:  # an executor that encoded elsewhere: keep a copy in the run
+            if folder is None or not folder.is_relative_to(rd.root):
+                # Encoded elsewhere (another executor or a shared store outside the run):
+                # keep a copy inside the run so the run folder is self-contained.
                 folder = rd.root / "features" / modality / choice.key
-                ModalityFeatures.save(feats, folder)
+                if _meta(folder).get("fingerprint") != feats.meta.get("fingerprint") or (
+                    "fingerprint" not in feats.meta
+                ):
+                    ModalityFeatures.save(feats, folder)
             encoder.save(rd.encoder_dir(modality, choice.key))
             index.setdefault(modality, {})[choice.key] = str(folder.relative_to(rd.root))
     write_json(rd.features_index, index)
     return index
+
+
+# Analyses that run after the metrics of every run (e.g. the modality-imbalance analysis):
+# each is called as hook(cfg, run_dir, specs, executor) and writes its own files into the run.
+POST_EVALUATION: list[Callable[[ExperimentConfig, RunDir, list[CellSpec], Executor], None]] = []
 
 
 def _remove_partial_cells(rd: RunDir) -> None:
@@ -168,7 +196,10 @@ def run_experiment(
     write_text(rd.config, cfg.dump())
     own_executor = executor is None
     if executor is None:
-        options = {"address": cfg.ray_address} if cfg.ray_address else {}
+        options: dict[str, Any] = {"workers": cfg.workers}
+        if cfg.ray_address:
+            options["address"] = cfg.ray_address
+        options["ray"] = cfg.ray  # the Ray executor's options (others ignore them)
         executor = get_executor(cfg.executor, **options)
     try:
         cohort = prepare_cohort(cfg, rd)
@@ -212,6 +243,8 @@ def run_experiment(
 
             executor.run(todo, rd.root, on_result=done)
         metrics = evaluate_run(cfg, rd, specs, executor=executor, progress=progress)
+        for hook in POST_EVALUATION:
+            hook(cfg, rd, specs, executor)
         seconds = _time.perf_counter() - t0
         info = {
             "survfuse_version": survfuse.__version__,
