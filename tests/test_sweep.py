@@ -173,7 +173,11 @@ def test_every_sweep_run_has_an_imbalance_table_and_report_section(tiny_sweep: P
         ref = m.filter((pl.col("model") == r["model"]) & (pl.col("split") == r["split"]))
         assert r["estimate"] == pytest.approx(ref["estimate"][0], abs=1e-6)
         assert r["ci_low"] == pytest.approx(ref["lower"][0], abs=1e-6)  # same resamples
+    # a run without the table (e.g. made before this analysis existed) gets it from the report
+    (run / "imbalance.parquet").unlink()
     html_path, md_path = build_report(run)
+    again = pl.read_parquet(run / "imbalance.parquet")
+    assert again.equals(imb)
     assert "Modality contributions" in html_path.read_text()
     assert "Shapley CT" in md_path.read_text()
 

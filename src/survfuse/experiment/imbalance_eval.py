@@ -25,7 +25,13 @@ from survfuse.experiment.evaluate import group_seed
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, write_parquet
 
-__all__ = ["IMBALANCE_FILE", "ablation_predictions", "evaluate_imbalance", "imbalance_hook"]
+__all__ = [
+    "IMBALANCE_FILE",
+    "ablation_predictions",
+    "ensure_imbalance",
+    "evaluate_imbalance",
+    "imbalance_hook",
+]
 
 IMBALANCE_FILE = "imbalance.parquet"
 MODEL_COLUMNS = {
@@ -186,6 +192,31 @@ def evaluate_imbalance(
         table.write_csv(tmp)
         tmp.replace(path.with_suffix(".csv"))
     return table
+
+
+def ensure_imbalance(run_dir: str | Path) -> Path | None:
+    """`RUN_DIR/imbalance.parquet`, computed now from the run folder alone (its resolved config
+    and the cells' spec.json) when it is missing or older than `metrics.parquet`; None when
+    the run has no metrics yet."""
+    import json
+
+    from survfuse.experiment.config import parse_config
+
+    rd = RunDir(run_dir)
+    path = rd.root / IMBALANCE_FILE
+    if not rd.metrics.exists():
+        return None
+    if path.exists() and path.stat().st_mtime >= rd.metrics.stat().st_mtime:
+        return path
+    cfg = parse_config(rd.read_config_yaml(), source=str(rd.config))
+    specs = []
+    if rd.cells.exists():
+        for d in sorted(rd.cells.iterdir()):
+            f = d / "spec.json"
+            if d.is_dir() and not d.name.startswith(".") and f.exists():
+                specs.append(CellSpec.model_validate(json.loads(f.read_text())))
+    evaluate_imbalance(cfg, rd, specs)
+    return path
 
 
 def imbalance_hook(cfg: ExperimentConfig, rd: RunDir, specs: list[CellSpec], executor: Any) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from survfuse.experiment.imbalance_eval import IMBALANCE_FILE
+from survfuse.experiment.imbalance_eval import ensure_imbalance
 from survfuse.report import figures, tables
 
 if TYPE_CHECKING:
@@ -154,8 +154,8 @@ def imbalance_section(ctx: ReportContext) -> Section | None:
     """The "Modality contributions" section, or None when the run has no imbalance table."""
     from survfuse.report.html import Section
 
-    path = ctx.rd.root / IMBALANCE_FILE
-    if not path.exists():
+    path = ensure_imbalance(ctx.rd.root)  # computed here when the run did not write it
+    if path is None or not path.exists():
         return None
     imb = pl.read_parquet(path)
     if not imb.height:
