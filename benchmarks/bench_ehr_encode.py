@@ -1,0 +1,299 @@
+"""Benchmark the EHR encoders on a synthetic MEDS dataset (default 100k subjects, ~10M events).
+
+Per encoder: fit time (on a training subset), encode wall time for the whole cohort, windowed
+events encoded per second and the peak RSS of a fresh process that does only that (each run is a
+spawned subprocess pinned to `--cores` CPUs, POLARS_MAX_THREADS set to match). Peers in the same
+table: `MEDSDataset.windowed` alone (the data layer's share of every encoder), and a plain
+polars / pandas bag-of-codes count over the same windowed events (what a user would write by
+hand; no vocabulary, no numeric features, no look-back windows). CLMBR is measured on a subset:
+pretraining tokens/s and encode events/s.
+
+    .venv/bin/python benchmarks/bench_ehr_encode.py                 # 100k subjects, ~10M events
+    .venv/bin/python benchmarks/bench_ehr_encode.py --subjects 20000 # quicker
+
+`--sim N` instead compares CLMBR with ehr_counts on the simulator (n = N subjects): validation
+perplexity vs the unigram baseline, and the internal-test C-index of a penalised Cox model
+(scikit-survival Coxnet) on each encoder's pooled features for the simulated PE-mortality outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+US_PER_DAY = 86_400_000_000
+
+
+# ---------------------------------------------------------------------- synthetic MEDS
+def make_meds(root: Path, n_subjects: int, events_per_subject: int, seed: int = 0) -> int:
+    """Write a synthetic MEDS dataset (4 shards); return the number of events.
+
+    Codes follow a Zipf law over 20,000 codes; 200 lab codes carry numeric values; each subject
+    has visits (days) over ~5 years before its prediction time (one year after the last visit
+    for 90% of the events, so ~10% of events fall after prediction_time and must be dropped),
+    one static code and MEDS_BIRTH.
+    """
+    rng = np.random.default_rng(seed)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    n_codes, n_labs = 20_000, 200
+    names = np.array([f"DX//{i}" for i in range(n_codes)] + [f"LAB//{i}" for i in range(n_labs)])
+    base = np.datetime64("2015-01-01T00:00:00", "us").astype(np.int64)
+    pt = base + rng.integers(0, 365, n_subjects) * US_PER_DAY + 5 * 365 * US_PER_DAY
+    total = 0
+    for shard, ids in enumerate(np.array_split(np.arange(n_subjects), 4)):
+        counts = rng.poisson(events_per_subject, ids.size).clip(1)
+        sid = np.repeat(ids, counts)
+        n = sid.size
+        # visit days: ~ events_per_subject / 10 visits per subject
+        day = rng.integers(0, 6 * 365, n)
+        time = pt[sid] - day * US_PER_DAY + (day < 365) * 400 * US_PER_DAY  # some after pt
+        lab = rng.random(n) < 0.3
+        code = np.where(lab, n_codes + rng.integers(0, n_labs, n), (rng.zipf(1.3, n) - 1) % n_codes)
+        value = np.where(lab, rng.normal(100, 20, n), np.nan).astype(np.float32)
+        ev = pl.DataFrame(
+            {
+                "subject_id": sid.astype(np.int64),
+                "time": time.astype("datetime64[us]"),
+                "code": names[code],
+                "numeric_value": value,
+            }
+        ).with_columns(pl.col("numeric_value").fill_nan(None))
+        static = pl.DataFrame(
+            {
+                "subject_id": ids.astype(np.int64),
+                "time": np.full(ids.size, np.datetime64("NaT"), "datetime64[us]"),
+                "code": np.where(rng.random(ids.size) < 0.5, "GENDER//F", "GENDER//M"),
+                "numeric_value": np.full(ids.size, np.nan, np.float32),
+            }
+        ).with_columns(pl.col("numeric_value").fill_nan(None))
+        birth = static.with_columns(
+            (pl.lit(base) - pl.lit(60 * 365 * US_PER_DAY)).cast(pl.Datetime("us")).alias("time"),
+            pl.lit("MEDS_BIRTH").alias("code"),
+        )
+        out = pl.concat([static, birth, ev]).sort("subject_id", "time", nulls_last=False)
+        out.write_parquet(root / "data" / f"{shard}.parquet")
+        total += out.height
+    cohort = pl.DataFrame(
+        {
+            "subject_id": np.arange(n_subjects, dtype=np.int64),
+            "prediction_time": pt.astype("datetime64[us]"),
+        }
+    )
+    cohort.write_parquet(root / "cohort.parquet")
+    return total
+
+
+# ---------------------------------------------------------------------- one measured run
+def _configs() -> dict[str, dict[str, Any]]:
+    return {
+        "ehr_counts": dict(max_codes=512, max_numeric=64),
+        "ehr_onehot": dict(max_codes=2048, max_tokens=64, max_codes_per_token=64),
+        "ehr_clmbr": dict(
+            max_codes=1024,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            max_len=256,
+            epochs=1,
+            batch_size=32,
+            progress=False,
+            device="cpu",
+            num_threads=1,  # 2 torch threads on a shared 2-core machine oversubscribe badly
+        ),
+    }
+
+
+def _run(task: str, root: str, n_fit: int, n_encode: int, cores: int, q: Any) -> None:
+    os.sched_setaffinity(0, list(range(min(cores, os.cpu_count() or 1))))
+    import torch
+
+    torch.set_num_threads(cores)
+    from survfuse.data.meds import MEDSDataset
+    from survfuse.encoders import build_encoder
+
+    src = MEDSDataset(root)
+    cohort = pl.read_parquet(Path(root) / "cohort.parquet")
+    fit_rows, rows = cohort.head(n_fit), cohort.head(n_encode)
+    out: dict[str, Any] = {"task": task}
+    t0, c0 = time.perf_counter(), time.process_time()
+    if task == "windowed":
+        n = 0
+        for frame in src.iter_windowed(rows, batch_size=4096):
+            n += frame.height
+        out["events"] = n
+    elif task in ("polars", "pandas"):
+        n = 0
+        for frame in src.iter_windowed(rows, batch_size=4096):
+            n += frame.height
+            if task == "polars":
+                frame.group_by("subject_id", "prediction_time", "code").len()
+            else:
+                frame.to_pandas().groupby(["subject_id", "prediction_time", "code"]).size()
+        out["events"] = n
+    else:
+        enc = build_encoder(task, **_configs()[task])
+        enc.fit(fit_rows, src)
+        out["fit_s"] = time.perf_counter() - t0
+        if task == "ehr_clmbr":
+            out["tokens_per_s"] = enc.history[-1]["tokens_per_s"]  # type: ignore[attr-defined]
+        t0, c0 = time.perf_counter(), time.process_time()
+        f = enc.encode(rows, src)
+        out["wall_s"] = time.perf_counter() - t0
+        out["cpu_s"] = time.process_time() - c0
+        out["rows"] = len(f)
+        out["events"] = sum(fr.height for fr in src.iter_windowed(rows, batch_size=4096))
+    out.setdefault("wall_s", time.perf_counter() - t0)
+    out.setdefault("cpu_s", time.process_time() - c0)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q.put(out)
+
+
+def measure(task: str, root: Path, n_fit: int, n_encode: int, cores: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    os.environ["POLARS_MAX_THREADS"] = str(cores)
+    p = ctx.Process(target=_run, args=(task, str(root), n_fit, n_encode, cores, q))
+    p.start()
+    res: dict[str, Any] = q.get()
+    p.join()
+    return res
+
+
+def bench(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_ehr_") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        n_events = make_meds(root, args.subjects, args.events_per_subject)
+        print(
+            f"synthetic MEDS: {args.subjects:,} subjects, {n_events:,} events "
+            f"({time.perf_counter() - t0:.1f} s to write); {args.cores} cores; the machine is "
+            "shared, so timings are noisy"
+        )
+        print("wall events/s is what a user sees; events per CPU-second is the less load-sensitive")
+        rows = []
+        for task in ("windowed", "polars", "pandas", "ehr_counts", "ehr_onehot"):
+            rows.append(measure(task, root, args.fit_subjects, args.subjects, args.cores))
+            print(rows[-1], flush=True)
+        clmbr = measure("ehr_clmbr", root, args.clmbr_subjects, args.clmbr_subjects, args.cores)
+        print(clmbr, flush=True)
+        ref = rows[0]["wall_s"]
+        print(
+            f"\n{'run':<26}{'events':>12}{'wall s':>9}{'events/s':>13}{'x windowed':>11}"
+            f"{'CPU s':>8}{'ev/CPU-s':>12}{'peak RSS MB':>13}{'fit s':>8}"
+        )
+        for r in [*rows, clmbr]:
+            eps = r["events"] / r["wall_s"]
+            name = r["task"] if r["task"].startswith("ehr") else f"peer: {r['task']}"
+            if r["task"] == "ehr_clmbr":
+                name = f"ehr_clmbr ({args.clmbr_subjects:,} subj.)"
+            print(
+                f"{name:<26}{r['events']:>12,}{r['wall_s']:>9.2f}{eps:>13,.0f}"
+                f"{r['wall_s'] / ref:>11.2f}{r['cpu_s']:>8.2f}{r['events'] / r['cpu_s']:>12,.0f}"
+                f"{r['peak_rss_mb']:>13.0f}"
+                f"{r.get('fit_s', float('nan')):>8.1f}"
+            )
+        print(
+            f"\nCLMBR pretraining: {clmbr['tokens_per_s']:,.0f} tokens/s (d_model 64, 2 layers, "
+            f"max_len 256, {args.cores} cores)"
+        )
+
+
+# ---------------------------------------------------------------------- simulator comparison
+def sim_compare(args: argparse.Namespace) -> None:
+    import warnings
+
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+    from sksurv.metrics import concordance_index_censored
+    from sksurv.util import Surv
+
+    from survfuse.data.meds import MEDSDataset
+    from survfuse.data.simulate import simulate
+    from survfuse.data.splits import attach_splits, make_splits
+    from survfuse.encoders.ehr_clmbr import EHRCLMBREncoder
+    from survfuse.encoders.ehr_counts import EHRCountsEncoder
+
+    with tempfile.TemporaryDirectory(prefix="bench_ehr_sim_") as tmp:
+        root = simulate(Path(tmp), n=args.sim, shape=(16, 16, 8), seed=0, progress=False)
+        src = MEDSDataset(root / "meds")
+        cohort = pl.read_parquet(root / "cohort.parquet")
+        cohort = attach_splits(cohort, make_splits(cohort, external_sites=["C"], seed=0))
+        train = cohort.filter(pl.col("split") == "train")
+        test = cohort.filter(pl.col("split") == "internal_test")
+        t0 = time.perf_counter()
+        clmbr = EHRCLMBREncoder(
+            epochs=args.epochs,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            max_len=256,
+            lr=3e-3,
+            device="auto",
+            num_threads=1,
+            progress=True,
+        ).fit(train, src)
+        print(f"CLMBR pretraining {time.perf_counter() - t0:.0f} s")
+        for h in clmbr.history:
+            print({k: round(v, 3) for k, v in h.items()})
+        counts = EHRCountsEncoder().fit(train, src)
+
+        def c_index(enc: Any, alpha: float) -> float:
+            x_tr = enc.encode(train, src).pooled.astype(float)
+            x_te = enc.encode(test, src).pooled.astype(float)
+            keep = x_tr.std(0) > 0
+            mu, sd = x_tr[:, keep].mean(0), x_tr[:, keep].std(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = CoxnetSurvivalAnalysis(
+                    l1_ratio=0.01, alphas=np.geomspace(1.0, alpha, 10), max_iter=100_000
+                ).fit(
+                    np.clip((x_tr[:, keep] - mu) / sd, -5, 5),
+                    Surv.from_arrays(train["event"].to_numpy(), train["time"].to_numpy()),
+                )
+            risk = model.predict(np.clip((x_te[:, keep] - mu) / sd, -5, 5))
+            return float(
+                concordance_index_censored(test["event"].to_numpy(), test["time"].to_numpy(), risk)[
+                    0
+                ]
+            )
+
+        last = clmbr.history[-1]
+        print(f"\nsimulator n={args.sim}: train {train.height}, internal test {test.height}")
+        print(
+            f"validation perplexity {last['val_perplexity']:.1f} vs unigram "
+            f"{last['unigram_perplexity']:.1f}; held-out test perplexity "
+            f"{clmbr.validation_perplexity(test, src):.1f}"
+        )
+        print(f"{'alpha':>8}{'C ehr_clmbr':>14}{'C ehr_counts':>14}{'diff':>8}")
+        for alpha in (0.03, 0.1, 0.3):
+            a, b = c_index(clmbr, alpha), c_index(counts, alpha)
+            print(f"{alpha:>8}{a:>14.3f}{b:>14.3f}{a - b:>8.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--subjects", type=int, default=100_000)
+    ap.add_argument("--events-per-subject", type=int, default=100)
+    ap.add_argument("--fit-subjects", type=int, default=10_000)
+    ap.add_argument("--clmbr-subjects", type=int, default=2_000)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--sim", type=int, default=0, help="simulator comparison with n subjects")
+    ap.add_argument("--epochs", type=int, default=8, help="CLMBR epochs for --sim")
+    args = ap.parse_args(argv)
+    if args.sim:
+        sim_compare(args)
+    else:
+        bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
