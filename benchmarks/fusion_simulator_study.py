@@ -66,11 +66,16 @@ def encode(root: Path, seed: int) -> tuple[pl.DataFrame, dict[str, ModalityFeatu
     df = attach_splits(cohort, splits)
     train = df.filter(pl.col("split") == "train")
     keys = df.select("subject_id", "prediction_time")
+    cache = {m: root / f"features_{m}_split{seed}" for m in ("ct", "ehr")}
+    if all((p / "meta.json").exists() for p in cache.values()):
+        return df, {m: ModalityFeatures.load(p, mmap=False) for m, p in cache.items()}
     ct_src = CTSource.from_index(root / "ct_index.parquet")
     meds = MEDSDataset(root / "meds")
     ct_enc = CTRadiomicsEncoder().fit(train, ct_src)
     ehr_enc = EHROneHotEncoder().fit(train, meds)
     feats = {"ct": ct_enc.encode(keys, ct_src), "ehr": ehr_enc.encode(keys, meds)}
+    for m, p in cache.items():  # encoders are fitted on this split's training rows
+        feats[m].save(p)
     return df, feats
 
 

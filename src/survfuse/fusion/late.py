@@ -137,8 +137,8 @@ class Late(FusionStrategy):
         k = outs.shape[-1]
         mu = (outs * present[..., None]).sum(1) / present.sum(1).clamp_min(1)[:, None]
         self.stack_mu = mu.detach().clone()
-        beta = torch.ones(len(MODALITIES), requires_grad=True)
-        bias = torch.zeros(k, requires_grad=True)
+        beta = torch.ones(len(MODALITIES), device=outs.device, requires_grad=True)
+        bias = torch.zeros(k, device=outs.device, requires_grad=True)
         opt = torch.optim.LBFGS([beta, bias], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
         centred = (outs - mu[:, None, :]) * present[..., None]
 
@@ -153,5 +153,5 @@ class Late(FusionStrategy):
         opt.step(closure)
         self.stack_beta = beta.detach().clone()
         self.stack_bias = bias.detach().clone()
-        self.stack_fitted = torch.tensor(True)
+        self.stack_fitted = torch.tensor(True, device=outs.device)
         self.train(was_training)

@@ -1,0 +1,179 @@
+"""Training time per epoch and peak RSS of every fusion strategy (issue 9).
+
+Synthetic `ModalityFeatures` (survfuse.fusion.synthetic): CT with 64 dense tokens (dim 32),
+EHR with 256 sparse code tokens (4 codes each, vocabulary 1,000). Each (strategy, n) runs in a
+fresh subprocess so its peak RSS (ru_maxrss) is its own. At n <= 5,000 the model trains to early
+stopping (15% validation, max 100 epochs, patience 10) and the wall time to stop is reported
+(target: <= 60 s at 3,000 patients on 2 cores); larger n run `--epochs-large` epochs.
+
+Peer, in the same subprocess and on the same pooled features: an MLP with torchsurv's Cox loss
+(`torchsurv.loss.cox.neg_partial_log_likelihood`), full batch, same epochs as survfuse `concat`;
+the table gives survfuse's time per epoch / the peer's.
+
+    .venv/bin/python benchmarks/bench_fusion.py --n 3000,30000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "unimodal_ct": ("unimodal", {"modality": "ct"}),
+    "unimodal_ehr": ("unimodal", {"modality": "ehr"}),
+    "concat": ("concat", {}),
+    "late": ("late", {}),
+    "contrastive": ("contrastive", {}),
+    "cross_attention": ("cross_attention", {}),
+    "co_attention": ("co_attention", {}),
+}
+
+
+def peer_epoch_seconds(feats: Any, time_: np.ndarray, event: np.ndarray, epochs: int) -> float:
+    """torchsurv Cox loss + a torch MLP on the concatenated pooled features, full batch."""
+    import torch
+    from torchsurv.loss.cox import neg_partial_log_likelihood
+
+    x = torch.from_numpy(np.concatenate([feats["ct"].pooled, feats["ehr"].pooled], 1))
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], 32), torch.nn.GELU(), torch.nn.Linear(32, 1)
+    )
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    ev = torch.from_numpy(event)
+    tt = torch.from_numpy(time_)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        opt.zero_grad()
+        neg_partial_log_likelihood(net(x), ev, tt).backward()
+        opt.step()
+    return (time.perf_counter() - started) / max(epochs, 1)
+
+
+def child(name: str, n: int, epochs_large: int, threads: int) -> None:
+    import torch
+
+    from survfuse.fusion import FusionSurvivalModel
+    from survfuse.fusion.synthetic import synthetic_features
+
+    torch.set_num_threads(threads)
+    data = synthetic_features(
+        n,
+        seed=0,
+        ct_tokens=64,
+        ct_dim=32,
+        ehr_tokens=256,
+        codes_per_token=4,
+        vocab_size=1000,
+        p_missing_ct=0.1,
+        p_missing_ehr=0.1,
+    )
+    rng = np.random.default_rng(0)
+    val = np.zeros(n, bool)
+    val[rng.permutation(n)[: int(0.15 * n)]] = True
+    tr = {m: f.select(~val) for m, f in data.features.items()}
+    va = {m: f.select(val) for m, f in data.features.items()}
+    small = n <= 5000
+    strategy, params = STRATEGIES[name]
+    model = FusionSurvivalModel(
+        strategy,
+        strategy_params=params,
+        seed=0,
+        device="cpu",
+        max_epochs=100 if small else epochs_large,
+        patience=10,
+    )
+    started = time.perf_counter()
+    model.fit(
+        tr, data.time[~val], data.event[~val], validation=(va, data.time[val], data.event[val])
+    )
+    total = time.perf_counter() - started
+    per_epoch = float(np.median([h["seconds"] for h in model.history]))
+    peer = None
+    if name == "concat":
+        peer = peer_epoch_seconds(tr, data.time[~val], data.event[~val], len(model.history))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(
+        json.dumps(
+            {
+                "strategy": name,
+                "n": n,
+                "epochs": len(model.history),
+                "sec_per_epoch": per_epoch,
+                "fit_seconds": total,
+                "peak_rss_mb": rss,
+                "peer_sec_per_epoch": peer,
+                "best_val_c": max(h.get("val_c_index", float("nan")) for h in model.history),
+            }
+        )
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", default="3000,30000")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--epochs-large", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per (strategy, n)")
+    p.add_argument("--child", nargs=2, metavar=("STRATEGY", "N"))
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.epochs_large, args.threads)
+        return
+    rows = []
+    for n in [int(v) for v in args.n.split(",")]:
+        for name in args.strategies.split(","):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                str(n),
+                "--epochs-large",
+                str(args.epochs_large),
+                "--threads",
+                str(args.threads),
+            ]
+            try:
+                res = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=args.timeout, check=True
+                )
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                row = {"strategy": name, "n": n, "timeout": args.timeout}
+            except subprocess.CalledProcessError as err:
+                row = {"strategy": name, "n": n, "error": err.stderr.strip().splitlines()[-1]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        f"\n{'strategy':16s} {'n':>6s} {'epochs':>6s} {'s/epoch':>8s} {'fit s':>8s} "
+        f"{'peak MB':>8s} {'vs torchsurv MLP':>16s}"
+    )
+    for r in rows:
+        if "sec_per_epoch" not in r:
+            print(
+                f"{r['strategy']:16s} {r['n']:>6d}  {'timeout' if 'timeout' in r else r.get('error')}"
+            )
+            continue
+        ratio = (
+            f"{r['sec_per_epoch'] / r['peer_sec_per_epoch']:.1f}x"
+            if r["peer_sec_per_epoch"]
+            else ""
+        )
+        print(
+            f"{r['strategy']:16s} {r['n']:>6d} {r['epochs']:>6d} {r['sec_per_epoch']:>8.3f} "
+            f"{r['fit_seconds']:>8.1f} {r['peak_rss_mb']:>8.0f} {ratio:>16s}"
+        )
+
+
+if __name__ == "__main__":
+    main()
