@@ -254,3 +254,31 @@ def test_gradient_norms_logged_and_ogm_ge_damps_the_dominant_modality() -> None:
     coef_ehr = np.mean([h["ogm_coef_ehr"] for h in late_epochs])
     assert coef_ehr == 1.0 and coef_ct < 0.95
     assert all(0 < h["ogm_coef_ct"] <= 1 for h in ogm.history)
+
+
+def test_modality_dropout_only_drops_one_of_two_present_modalities() -> None:
+    from survfuse.fusion.base import drop_modalities
+
+    batch = to_batch(DATA.features, modalities=("ct", "ehr"), with_tokens=True)
+    dropped = drop_modalities(batch, 0.5, torch.Generator().manual_seed(0))
+    before = torch.stack([batch[m]["present"] for m in ("ct", "ehr")])
+    after = torch.stack([dropped[m]["present"] for m in ("ct", "ehr")])
+    assert (after <= before).all()
+    # nobody loses a modality they had alone, and nobody loses both
+    assert (after.any(0) == before.any(0)).all()
+    lost = (before & ~after).any(0)
+    assert 0 < int(lost.sum()) < int(before.all(0).sum())
+    for m in ("ct", "ehr"):
+        assert not (dropped[m]["mask"] & ~dropped[m]["present"][:, None]).any()
+    assert drop_modalities(batch, 0.0, torch.Generator()) is batch
+
+
+def test_token_code_beyond_vocabulary_is_a_clear_error() -> None:
+    ehr = DATA.features["ehr"]
+    codes = np.array(ehr.token_codes, copy=True)
+    codes[3, 0, 0] = ehr.vocab_size
+    bad = {**DATA.features, "ehr": replace(ehr, token_codes=codes)}
+    with pytest.raises(ValueError, match=r"modality 'ehr': token code 20 >= meta\['vocab_size'\]"):
+        FusionSurvivalModel("co_attention", max_epochs=1, device="cpu").fit(
+            bad, DATA.time, DATA.event
+        )
