@@ -52,9 +52,12 @@ def _ablation_file(rd: RunDir, spec: CellSpec) -> Path:
     return rd.root / "imbalance" / "ablation" / f"{spec.cell_id}.{spec.digest()[:16]}.parquet"
 
 
-def ablation_predictions(rd: RunDir, spec: CellSpec) -> pl.DataFrame:
-    """Risk of one finished fused cell for every cohort row: `full`, `ct` (only CT present),
-    `ehr` (only EHR present); cached per cell digest."""
+def ablation_predictions(
+    rd: RunDir, spec: CellSpec, rows: np.ndarray | None = None
+) -> pl.DataFrame:
+    """Risk of one finished fused cell per cohort row: `full`, `ct` (only CT present), `ehr`
+    (only EHR present); predicted for `rows` only (default: all; NaN elsewhere, e.g. the
+    training rows, which no analysis scores). Cached per cell digest."""
     from survfuse.analysis import ablation_risks
     from survfuse.fusion import FusionSurvivalModel
 
@@ -63,8 +66,15 @@ def ablation_predictions(rd: RunDir, spec: CellSpec) -> pl.DataFrame:
         return pl.read_parquet(path)
     model = FusionSurvivalModel.load(rd.cell(spec.cell_id) / "model", device="cpu")
     features = load_features(rd, spec)
-    risks = ablation_risks(model, features)
-    df = pl.DataFrame({k: risks[k] for k in ("full", "ct", "ehr")})
+    n = len(next(iter(features.values())))
+    idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    risks = ablation_risks(model, {m: f.select(idx) for m, f in features.items()})
+    cols = {}
+    for k in ("full", "ct", "ehr"):
+        col = np.full(n, np.nan)
+        col[idx] = risks[k]
+        cols[k] = col
+    df = pl.DataFrame(cols)
     write_parquet(path, df)
     return df
 
@@ -131,10 +141,11 @@ def evaluate_imbalance(
         if sorted(s.modalities) == ["ct", "ehr"]:
             fused.setdefault((s.task, s.model), []).append(s)
     ev = cfg.evaluation
+    eval_rows = np.flatnonzero(np.isin(split, list(EVAL_SPLITS)))
     frames: list[pl.DataFrame] = []
     for (task, model), cells in fused.items():
         cells = sorted(cells, key=lambda c: c.seed)
-        abl = [ablation_predictions(rd, c) for c in cells]
+        abl = [ablation_predictions(rd, c, eval_rows) for c in cells]
         base = _baselines(done, cells[0], metrics)
         tcol, ecol = task_columns(task)
         time = cohort[tcol].cast(pl.Float64).to_numpy()
