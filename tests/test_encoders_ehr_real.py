@@ -97,6 +97,7 @@ def test_mimic_demo_all_encoders_and_counts_cox(tmp_path: Path) -> None:
             max_len=64,
             epochs=1,
             progress=False,
+            num_threads=1,
             device="cpu",
         ),
     }
