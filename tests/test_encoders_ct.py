@@ -231,3 +231,14 @@ def test_radiomics_save_load_keeps_fitted_state(tmp_path: Path) -> None:
     assert type(back) is type(enc) and back.fingerprint() == enc.fingerprint()
     a, b = enc.encode(real_cohort([1]), src), back.encode(real_cohort([1]), src)
     np.testing.assert_array_equal(a.tokens, b.tokens)  # type: ignore[arg-type]
+
+
+def test_precomputed_subject_only_keys_warn_for_repeated_subjects(tmp_path: Path) -> None:
+    pq = tmp_path / "emb.parquet"
+    pl.DataFrame({"subject_id": [1, 2], "f0": [1.0, 2.0]}).write_parquet(pq)
+    coh = pl.DataFrame(
+        {"subject_id": [1, 1, 2], "prediction_time": [T0, T0 + dt.timedelta(days=30), T0]}
+    )
+    with pytest.warns(UserWarning, match="keyed by subject_id only"):
+        f = build_encoder("precomputed", path=pq).encode(coh, None)
+    np.testing.assert_array_equal(f.pooled[:, 0], [1.0, 1.0, 2.0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -78,7 +79,6 @@ def test_uno_matches_sksurv_on_real_lung_and_documents_r_n_g2_gap() -> None:
 
 
 def test_uno_train_test_split_matches_sksurv_on_metabric() -> None:
-    h5py = pytest.importorskip("h5py")
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "tabular" / "deepsurv"
     with h5py.File(path / "metabric_IHC4_clinical_train_test.h5") as f:
         tr_t, tr_e = f["train"]["t"][:].astype(float), f["train"]["e"][:].astype(bool)

@@ -17,6 +17,7 @@ them (`on_missing="error"`, the default) or become `present=False` (`on_missing=
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,15 @@ class PrecomputedEncoder(Encoder):
             by = ["subject_id", "study_time"]
         else:
             by = ["subject_id"]
+            if cohort.select("subject_id").is_duplicated().any():
+                # One embedding per subject reused at several prediction times may hold data
+                # recorded after the earlier ones: the leakage rule cannot be checked here.
+                warnings.warn(
+                    f"{path}: embeddings are keyed by subject_id only, but the cohort has "
+                    "several prediction times per subject; the same embedding is used for all "
+                    "of them (add prediction_time or study_time keys to rule out leakage)",
+                    stacklevel=3,
+                )
         dup = keys.filter(pl.struct(by).is_duplicated())
         if dup.height:
             raise ValueError(f"{path}: duplicate key {dup.select(by).row(0, named=True)}")
