@@ -35,6 +35,7 @@ import polars as pl
 import torch
 from torch import nn
 
+from survfuse.device import resolve_device
 from survfuse.encoders.base import (
     CTSource,
     Encoder,
@@ -108,13 +109,6 @@ PRESETS: dict[str, Preset] = {
     ),
     "generic": Preset(network="", network_args={}, preprocessing={}, out_channels=None),
 }
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`"auto"` -> CUDA when available else CPU; anything else as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _build_network(name: str, args: dict[str, Any]) -> nn.Module:
