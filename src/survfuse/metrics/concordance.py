@@ -39,22 +39,31 @@ class SortedSurvival:
     def build(
         cls, time: NDArray[np.float64], event: NDArray[np.bool_], risk: NDArray[np.float64]
     ) -> SortedSurvival:
-        # any order within tied times works: the kernels treat a block of tied times together
-        order = np.argsort(time)
-        r = risk[order]
-        ro = np.argsort(r)
-        rs = r[ro]
-        new = np.empty(rs.shape[0], dtype=np.int64)
-        new[0] = 1
-        np.not_equal(rs[1:], rs[:-1], out=new[1:])
-        rank = np.empty(rs.shape[0], dtype=np.int64)
-        rank[ro] = np.cumsum(new)
-        return cls(order, time[order], event[order], rank, int(rank.max()))
+        return _sort_and_rank(time, event, risk)[0]
 
     def unsort(self, x: NDArray[np.float64]) -> NDArray[np.float64]:
         out = np.empty_like(x)
         out[self.order] = x
         return out
+
+
+def _order(x: NDArray[np.float64]) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Ascending order of x and the sorted values (ties in any order), by sorting packed
+    uint64 keys (value bits, row index) with np.sort, which is far faster than np.argsort."""
+    shift = max(1, (x.shape[0] - 1).bit_length())
+    keys = np.sort(K.sort_keys(np.ascontiguousarray(x), shift))
+    return K.keyed_order(keys, x, shift)  # type: ignore[no-any-return]
+
+
+def _sort_and_rank(
+    time: NDArray[np.float64], event: NDArray[np.bool_], risk: NDArray[np.float64]
+) -> tuple[SortedSurvival, NDArray[np.int64], NDArray[np.int64]]:
+    """SortedSurvival plus, per sorted row, how many rows have a lower / lower-or-equal risk."""
+    # any order within tied times works: the kernels treat a block of tied times together
+    order, ts = _order(time)
+    es, rs = K.permute_survival(order, event, risk)
+    rank, below, upto, n_ranks = K.dense_ranks(*_order(rs))
+    return SortedSurvival(order, ts, es, rank, int(n_ranks)), below, upto
 
 
 def _validate(
@@ -121,28 +130,18 @@ def concordance_index(
     subject for the variance. Raises NoComparablePairError when no pair is comparable.
     """
     t, e, r = _validate(time, event, risk)
-    s = SortedSurvival.build(t, e, r)
-    # integer counts: exact, and a 4-byte tree is kinder to the cache than float64
-    cdt = np.int32 if t.shape[0] < 2**31 - 1 else np.int64
-    ones = np.ones(t.shape[0], dtype=cdt)
-    less, eq, gt, tied_all, tied_xy = K.pass_later(s.time, s.event, s.rank, ones, s.n_ranks)
-    conc = float(less.sum(dtype=np.int64))
-    ties = float(eq.sum(dtype=np.int64))
-    disc = float(gt.sum(dtype=np.int64))
+    s, below, upto = _sort_and_rank(t, e, r)
+    infl, conc_i, disc_i, ties_i, tied_all, tied_xy = K.harrell_sweep(
+        s.time, s.event, s.rank, below, upto, s.n_ranks, s.order
+    )
+    conc, disc, ties = float(conc_i), float(disc_i), float(ties_i)
     npair = conc + disc + ties
     if npair == 0:
         raise NoComparablePairError(
             f"no comparable pair among {t.shape[0]} subjects with {int(e.sum())} events: "
             "Harrell's C is undefined"
         )
-    # influence: pairs seen from the earlier (event) member plus from the later member
-    egt, eeq, elt = K.pass_earlier(s.time, s.event, s.rank, s.event.astype(cdt), s.n_ranks)
-    c_i = (less + egt).astype(np.float64)
-    d_i = (gt + elt).astype(np.float64)
-    t_i = (eq + eeq).astype(np.float64)
     somer = (conc - disc) / npair
-    dfbeta = (c_i - d_i) / npair - (somer / npair) * (c_i + d_i + t_i)
-    infl = s.unsort(dfbeta / 2.0)
     v = _cluster_sum(infl, cluster, t.shape[0])
     return ConcordanceResult(
         estimate=(somer + 1.0) / 2.0,
