@@ -231,5 +231,11 @@ def ensure_imbalance(run_dir: str | Path) -> Path | None:
 
 
 def imbalance_hook(cfg: ExperimentConfig, rd: RunDir, specs: list[CellSpec], executor: Any) -> None:
-    """`runner.POST_EVALUATION` hook: the imbalance table of every run."""
-    evaluate_imbalance(cfg, rd, specs)
+    """`runner.POST_EVALUATION` hook: the imbalance table of every run. A failure here is a
+    warning, not a failed run (the metrics are already written; the report retries it)."""
+    try:
+        evaluate_imbalance(cfg, rd, specs)
+    except Exception as exc:  # the analysis must not fail a finished run
+        warnings.warn(
+            f"modality-imbalance analysis failed: {type(exc).__name__}: {exc}", stacklevel=2
+        )

@@ -25,6 +25,7 @@ from survfuse.experiment.cell import CellResult
 from survfuse.experiment.config import MODALITIES, ExperimentConfig, build_encoder
 from survfuse.experiment.executors import Executor, get_executor
 from survfuse.experiment.grid import CellSpec, expand_grid
+from survfuse.experiment.imbalance_eval import imbalance_hook
 from survfuse.experiment.rundir import RunDir, write_json, write_parquet, write_text
 
 __all__ = [
@@ -157,7 +158,9 @@ def encode_features(
 
 # Analyses that run after the metrics of every run (e.g. the modality-imbalance analysis):
 # each is called as hook(cfg, run_dir, specs, executor) and writes its own files into the run.
-POST_EVALUATION: list[Callable[[ExperimentConfig, RunDir, list[CellSpec], Executor], None]] = []
+POST_EVALUATION: list[Callable[[ExperimentConfig, RunDir, list[CellSpec], Executor], None]] = [
+    imbalance_hook,
+]
 
 
 def _remove_partial_cells(rd: RunDir) -> None:
