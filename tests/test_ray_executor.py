@@ -72,6 +72,16 @@ def test_ray_section_resources_and_errors(sim_small: Path, tmp_path: Path) -> No
         parse_config(raw)
 
 
+def test_get_executor_builds_ray_executor_with_config_options() -> None:
+    from survfuse.experiment.executors import get_executor
+
+    ex = get_executor("ray", workers=2, address="127.0.0.1:1", ray=RayConfig(max_retries=5))
+    assert type(ex).__name__ == "RayExecutor" and ex.name == "ray"
+    assert ex.options.max_retries == 5 and ex.address == "127.0.0.1:1"
+    assert ex.ignored_options == ["workers"]  # a local-executor option does not break it
+    assert not ex._owns_runtime  # nothing is started or joined before work arrives
+
+
 # ----------------------------------------------------------------------------- Ray runtime
 @pytest.fixture(scope="module")
 def ray_runtime() -> Any:
