@@ -301,3 +301,39 @@ def test_shapes_order_and_duplicates(mimic: tuple[pl.DataFrame, pl.DataFrame]) -
     np.testing.assert_allclose(f.pooled.sum(1)[f.present], 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="position"):
         build_encoder("ehr_clmbr", position="rotery")
+
+
+def test_counts_age_with_finite_windows(mimic: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    # every window finite: the birth event (decades back) is outside all of them, yet age_years
+    # must still be the years from MEDS_BIRTH to prediction_time (reference: the raw events)
+    events, cohort = mimic
+    src = MEDSDataset(MIMIC)
+    train = cohort.filter(pl.col("split") == "train")
+    enc = EHRCountsEncoder(windows=(30, 365), max_codes=100, max_numeric=8).fit(train, src)
+    birth = (
+        events.filter(pl.col("code") == "MEDS_BIRTH")
+        .group_by("subject_id")
+        .agg(pl.col("time").max())
+    )
+    want = (
+        cohort.join(birth, on="subject_id", how="left", maintain_order="left")
+        .select(
+            ((pl.col("prediction_time") - pl.col("time")).dt.total_microseconds() / 86_400e6)
+            .fill_null(0.0)
+            .alias("d")
+        )["d"]
+        .to_numpy()
+        / 365.25
+    )
+    assert (want > 18).sum() > 90  # the demo's subjects have a birth event
+    mat = enc.count_matrix(cohort, src)
+    assert enc.feature_names[-1] == "age_years"
+    np.testing.assert_allclose(mat[:, -1].toarray().ravel(), want, rtol=1e-9)
+    train_age = want[cohort["split"].to_numpy() == "train"]
+    train_age = train_age[train_age > 0]
+    np.testing.assert_allclose(enc.age_stats, [train_age.mean(), train_age.std()], rtol=1e-9)
+    # the windows still bound the counts: nothing older than 365 days is counted
+    assert enc.vocab is not None
+    ref = windowed_events(src, KeyIndex.from_cohort(cohort), lookback_days=365)
+    width = enc.vocab.size + 2 * len(enc.numeric_codes)
+    assert int(mat[:, width : width + enc.vocab.size].sum()) == len(ref)

@@ -9,7 +9,8 @@ no value binning), the row of a prediction holds
 
 where the numeric codes are the `max_numeric` vocabulary codes with the most training values,
 plus one last column `age_years`: years since the subject's `birth_code` event (MEDS_BIRTH; 0 when
-absent or outside every window), which counts cannot express and which most risks depend on.
+absent; read whatever the windows, as birth lies decades back), which counts cannot express and
+which most risks depend on.
 `count_matrix` returns these raw values as a `scipy.sparse.csr_matrix` [N, F] (for GBMs);
 `encode` gives `ModalityFeatures` with pooled only: dense float32 [N, F] with `log1p` counts and
 numeric values z-scored by training mean / sd and clipped to +-10 (absent values stay 0). `meta["feature_names"]`
@@ -162,18 +163,34 @@ class EHRCountsEncoder(Encoder):
 
     @property
     def _lookback(self) -> float | None:
+        """Longest look-back of the windows (None = all history)."""
         wins = self._config["windows"]
         return None if any(w is None for w in wins) else max(wins)
+
+    @property
+    def _read_lookback(self) -> float | None:
+        """Look-back of the event read: all history when ages are computed, because the birth
+        event lies decades before any finite window (the windows are applied per feature)."""
+        return None if self._config["birth_code"] is not None else self._lookback
+
+    def _in_lookback(self, batch: EventBatch) -> EventBatch:
+        """The events within the longest window (static events always), i.e. what the count
+        features can see; the read may hold older events for the age."""
+        lb = self._lookback
+        if lb is None or self._read_lookback is not None:
+            return batch
+        return batch.take(~(batch.days_before > lb))
 
     def fit(self, cohort: pl.DataFrame, source: Any) -> EHRCountsEncoder:
         """Vocabulary, numeric codes and their mean / sd from the training rows `cohort`."""
         cfg = self._config
-        events = windowed_events(
-            source,
-            KeyIndex.from_cohort(cohort),
-            lookback_days=self._lookback,
-            batch_size=cfg["batch_size"],
+        index = KeyIndex.from_cohort(cohort)
+        read = windowed_events(
+            source, index, lookback_days=self._read_lookback, batch_size=cfg["batch_size"]
         )
+        age = self._age(read, index.n_keys)
+        events = self._in_lookback(read)
+        del read
         vocab = fit_vocab(events, max_codes=cfg["max_codes"], min_subjects=cfg["min_subjects"])
         idx = vocab.code_index(events.code)
         in_vocab = (idx >= 0) & (vocab.lut[np.maximum(idx, 0), 0] > 0)
@@ -195,8 +212,6 @@ class EHRCountsEncoder(Encoder):
         self.numeric_mean = stats["mean"].to_numpy().astype(np.float64)
         sd = stats["sd"].fill_null(0.0).to_numpy().astype(np.float64)
         self.numeric_sd = np.where(sd > 0, sd, 1.0)
-        index = KeyIndex.from_cohort(cohort)
-        age = self._age(events, index.n_keys)
         age = age[age > 0]
         sd_age = float(age.std()) if age.size > 1 else 1.0
         self.age_stats = np.array([float(age.mean()) if age.size else 0.0, sd_age or 1.0])
@@ -254,7 +269,10 @@ class EHRCountsEncoder(Encoder):
         parts: list[sp.csr_matrix] = []
         order: list[NDArray[np.int64]] = []
         for batch in iter_event_batches(
-            source, index, lookback_days=self._lookback, batch_size=self._config["batch_size"]
+            source,
+            index,
+            lookback_days=self._read_lookback,
+            batch_size=self._config["batch_size"],
         ):
             uniq, local = np.unique(batch.key, return_inverse=True)
             batch.key = local.astype(np.int64)

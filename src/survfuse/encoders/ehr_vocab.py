@@ -93,6 +93,18 @@ class EventBatch:
     def __len__(self) -> int:
         return int(self.key.shape[0])
 
+    def take(self, keep: NDArray[np.bool_]) -> EventBatch:
+        """The events where `keep` [n] is True (order kept)."""
+        return EventBatch(
+            key=self.key[keep],
+            subject_id=self.subject_id[keep],
+            days_before=self.days_before[keep],
+            day_index=self.day_index[keep],
+            code=self.code.filter(pl.Series(keep)),
+            value=self.value[keep],
+            time_us=self.time_us[keep],
+        )
+
 
 def _to_batch(frame: pl.DataFrame, keys: pl.DataFrame) -> EventBatch:
     """Arrays of one windowed frame; the key of each event comes from its (subject, time) run."""
