@@ -96,3 +96,13 @@ def test_motor_targets_by_hand_and_training(
     assert enc.model is not None and enc.model.motor is not None
     assert np.isfinite(enc.history[0]["train_loss"])
     assert torch.isfinite(next(enc.model.parameters())).all()
+
+
+def test_device_through_the_shared_resolver() -> None:
+    # survfuse.device.resolve_device: did-you-mean for a misspelt name, clear no-CUDA error
+    assert EHRCLMBREncoder(device="cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="cuda"):
+        _ = EHRCLMBREncoder(device="cdua").device
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            _ = EHRCLMBREncoder(device="cuda").device

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from survfuse.device import resolve_device
 from survfuse.encoders.base import Encoder, hash_arrays, hash_config, register_encoder
 from survfuse.encoders.ehr_onehot import TIME_DIM, time_features
 from survfuse.encoders.ehr_vocab import (
@@ -69,13 +70,6 @@ __all__ = [
 
 MOTOR_PIECES = (0.0, 1.0, 7.0, 30.0, 90.0, 365.0, 1095.0, math.inf)  # piece edges, days
 POSITIONS = ("rotary", "time")
-
-
-def resolve_device(device: str) -> torch.device:
-    """`"auto"` -> CUDA when available, else CPU; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ---------------------------------------------------------------------- timelines
