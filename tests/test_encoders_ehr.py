@@ -337,3 +337,79 @@ def test_counts_age_with_finite_windows(mimic: tuple[pl.DataFrame, pl.DataFrame]
     ref = windowed_events(src, KeyIndex.from_cohort(cohort), lookback_days=365)
     width = enc.vocab.size + 2 * len(enc.numeric_codes)
     assert int(mat[:, width : width + enc.vocab.size].sum()) == len(ref)
+
+
+def _reference_onehot(
+    key: np.ndarray, day_index: np.ndarray, ids: np.ndarray, n_keys: int, t_max: int, k_max: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The previous, sort-based ehr_onehot featurisation (kept as the reference for the
+    compiled one): one global sort of packed (key, slot, id), ranks by cumulative sums."""
+    codes = np.full((n_keys, t_max, k_max), -1, np.int32)
+    feats = np.zeros((n_keys, t_max, 8), np.float32)
+    mask = np.zeros((n_keys, t_max), bool)
+    slot = day_index + 1
+    slot = np.where(slot == 0, (1 << 18) - 1, slot).astype(np.int64)
+    u = np.unique((key.astype(np.int64) << 40) | (slot << 22) | ids.astype(np.int64))
+    k, s, c = u >> 40, (u >> 22) & ((1 << 18) - 1), (u & ((1 << 22) - 1)).astype(np.int32)
+    idx = np.arange(u.shape[0])
+    new_key = np.ones(u.shape[0], bool)
+    new_key[1:] = k[1:] != k[:-1]
+    new_slot = new_key.copy()
+    new_slot[1:] |= s[1:] != s[:-1]
+    slot_no = np.cumsum(new_slot) - 1
+    rank = slot_no - np.maximum.accumulate(np.where(new_key, slot_no, 0))
+    pos_in_slot = idx - np.maximum.accumulate(np.where(new_slot, idx, 0))
+    is_static = s == (1 << 18) - 1
+    has_static = np.zeros(n_keys, bool)
+    has_static[k[is_static]] = True
+    n_days = np.bincount(k[new_slot & ~is_static], minlength=n_keys)
+    kept = np.minimum(n_days, t_max - has_static.astype(np.int64))
+    keep = ((~is_static & (rank < kept[k])) | is_static) & (pos_in_slot < k_max)
+    position = np.where(is_static, kept[k], kept[k] - 1 - rank)
+    codes[k[keep], position[keep], pos_in_slot[keep]] = c[keep]
+    first = keep & new_slot
+    days = np.where(is_static[first], -1, s[first] - 1)
+    feats[k[first], position[first]] = time_features(days.astype(np.float64), days < 0)
+    mask[k[first], position[first]] = True
+    return codes, feats, mask
+
+
+def test_onehot_compiled_equals_reference(
+    mimic: tuple[pl.DataFrame, pl.DataFrame],
+) -> None:
+    # random events, also out of order (the kernel then sorts them itself)
+    rng = np.random.default_rng(5)
+    n, n_keys = 5000, 60
+    key = np.sort(rng.integers(0, n_keys, n))
+    day = rng.integers(0, 400, n) * (rng.random(n) < 0.9) + rng.integers(0, 3, n)
+    day[rng.random(n) < 0.05] = -1
+    ids = rng.integers(0, 40, n).astype(np.int32)
+    for t_max, k_max in ((8, 3), (3, 64), (1, 2)):
+        want = _reference_onehot(key, day, ids, n_keys, t_max, k_max)
+        perm = rng.permutation(n)
+        got = onehot_tokens(
+            key[perm], day[perm], ids[perm], n_keys, max_tokens=t_max, max_codes_per_token=k_max
+        )
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    # the encoder on real data: tokens (padded to max_codes_per_token) and pooled
+    _, cohort = mimic
+    src = MEDSDataset(MIMIC)
+    enc = EHROneHotEncoder(max_codes=200, max_tokens=16, max_codes_per_token=32)
+    enc.fit(cohort.filter(pl.col("split") == "train"), src)
+    assert enc.vocab is not None
+    f = enc.encode(cohort, src)
+    index = KeyIndex.from_cohort(cohort)
+    ev = windowed_events(src, index, lookback_days=None)
+    ev_ids = enc.vocab.transform(ev.code, ev.value)
+    codes, feats, mask = _reference_onehot(ev.key, ev.day_index, ev_ids, index.n_keys, 16, 32)
+    k = f.token_codes.shape[2]
+    assert 1 < k <= 32 and (codes[..., k:] == -1).all()
+    np.testing.assert_array_equal(f.token_codes, codes[..., :k])
+    np.testing.assert_array_equal(f.tokens, feats)
+    np.testing.assert_array_equal(f.mask, mask)
+    pooled = np.zeros((index.n_keys, enc.vocab.size), np.float32)
+    u, cnt = np.unique(ev.key * enc.vocab.size + ev_ids, return_counts=True)
+    total = np.bincount(ev.key, minlength=index.n_keys)
+    pooled[u // enc.vocab.size, u % enc.vocab.size] = cnt / total[u // enc.vocab.size]
+    np.testing.assert_array_equal(f.pooled, pooled)

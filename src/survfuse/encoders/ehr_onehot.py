@@ -6,8 +6,10 @@ events form one extra token, placed last and counted in `max_tokens`). A token i
 token ids of its day (a training-split `CodeVocab`: top `max_codes` codes by subject frequency,
 numeric values binned by training quantiles, id 0 = out of vocabulary), stored sparse:
 
-- `token_codes` [N, T, K] int32: ids of the day, ascending, -1 padding (K = `max_codes_per_token`;
-  a day with more distinct ids keeps the K smallest = most frequent in training);
+- `token_codes` [N, T, K] int32: ids of the day, ascending, -1 padding (a day with more than
+  `max_codes_per_token` distinct ids keeps the smallest = most frequent in training; K = the most
+  ids any token of the encoded rows has, at most `max_codes_per_token`, so days with one or two
+  codes cost no [T, 64] block of padding; the fusion embedding-bag sums over any K);
 - `tokens` [N, T, 8] float32 time-before-index features of each day d (days between the event
   date and the prediction date): `log1p(d)`, `sin/cos(2 pi d / P)` for P in 7, 30.4375, 365.25
   days, and a static flag;
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numba
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray
@@ -29,7 +32,6 @@ from numpy.typing import NDArray
 from survfuse.encoders.base import Encoder, register_encoder
 from survfuse.encoders.ehr_vocab import (
     CodeVocab,
-    EventBatch,
     KeyIndex,
     expand_rows,
     fit_vocab,
@@ -56,6 +58,215 @@ def time_features(days: NDArray[np.float64], static: NDArray[np.bool_]) -> NDArr
     return np.concatenate([out, static[:, None].astype(np.float64)], axis=1).astype(np.float32)
 
 
+_MAX_DAYS = 1 << 22  # ~11,000 years: a larger day index is a broken time column
+
+
+@numba.njit(cache=True)
+def _plan_tokens(
+    starts: NDArray[np.int64],
+    rows: NDArray[np.int64],
+    day: NDArray[np.int64],
+    ids: NDArray[np.int32],
+    t_max: int,
+    k_max: int,
+    pooled: NDArray[np.float32],
+    tok_row: NDArray[np.int64],
+    tok_pos: NDArray[np.int32],
+    tok_day: NDArray[np.int64],
+    tok_len: NDArray[np.int32],
+    flat: NDArray[np.int32],
+) -> tuple[int, int]:
+    """One pass over events grouped by key (key j = events starts[j]:starts[j + 1], static
+    events first, then time order, so `day` is non-increasing after them).
+
+    Per key: the most recent `t_max` days (minus one slot for the static token) become tokens;
+    a token's ids are sorted, de-duplicated and cut to `k_max` and appended to `flat`; token t
+    goes to output row `tok_row[t]`, position `tok_pos[t]` (chronological, static last), has
+    day index `tok_day[t]` (-1 = static) and `tok_len[t]` ids. With a non-empty `pooled`,
+    `pooled[rows[j], id] = count of id / number of events` is written on the way (ids < V).
+    Returns (number of tokens, ids written to flat).
+    """
+    n_keys = starts.shape[0] - 1
+    do_pooled = pooled.shape[0] > 0
+    counts = np.zeros(pooled.shape[1] if do_pooled else 1, np.int64)
+    touched = np.empty(ids.shape[0], np.int64)
+    buf = np.empty(ids.shape[0], np.int32)
+    nt = 0
+    nf = 0
+    for j in range(n_keys):
+        a = starts[j]
+        b = starts[j + 1]
+        row = rows[j]
+        if do_pooled:
+            nu = 0
+            for e in range(a, b):
+                c = ids[e]
+                if counts[c] == 0:
+                    touched[nu] = c
+                    nu += 1
+                counts[c] += 1
+            total = b - a
+            for u in range(nu):
+                c = touched[u]
+                pooled[row, c] = np.float32(counts[c] / total)
+                counts[c] = 0
+        s = a
+        while s < b and day[s] == -1:
+            s += 1
+        has_static = 1 if s > a else 0
+        n_days = 0
+        for e in range(s, b):
+            if e == s or day[e] != day[e - 1]:
+                n_days += 1
+        kept = min(n_days, t_max - has_static)
+        skip = n_days - kept
+        # timed days oldest first; the static token (events a:s) last
+        run = 0
+        e = s
+        while e < b or (has_static and run <= n_days):
+            if e < b:
+                lo = e
+                while e < b and day[e] == day[lo]:
+                    e += 1
+                hi = e
+                run += 1
+                if run <= skip:
+                    continue
+                pos = run - skip - 1
+                dval = day[lo]
+            else:
+                lo, hi = a, s
+                pos = kept
+                dval = -1
+                run += 1
+            m = hi - lo
+            for q in range(m):
+                buf[q] = ids[lo + q]
+            part = buf[:m]
+            part.sort()
+            n_u = 0
+            for q in range(m):
+                if n_u < k_max and (q == 0 or part[q] != part[q - 1]):
+                    flat[nf + n_u] = part[q]
+                    n_u += 1
+            tok_row[nt] = row
+            tok_pos[nt] = pos
+            tok_day[nt] = dval
+            tok_len[nt] = n_u
+            nf += n_u
+            nt += 1
+    return nt, nf
+
+
+@numba.njit(cache=True)
+def _fill_tokens(
+    tok_row: NDArray[np.int64],
+    tok_pos: NDArray[np.int32],
+    tok_day: NDArray[np.int64],
+    tok_len: NDArray[np.int32],
+    flat: NDArray[np.int32],
+    table: NDArray[np.float32],
+    codes: NDArray[np.int32],
+    feats: NDArray[np.float32],
+    mask: NDArray[np.bool_],
+) -> None:
+    """Scatter planned tokens into `codes` [N, T, K], `feats` [N, T, 8] (row d + 1 of `table`
+    for day d) and `mask` [N, T]."""
+    off = 0
+    k_out = codes.shape[2]
+    for t in range(tok_row.shape[0]):
+        r = tok_row[t]
+        p = tok_pos[t]
+        n = tok_len[t]
+        for q in range(min(n, k_out)):
+            codes[r, p, q] = flat[off + q]
+        off += n
+        f = table[tok_day[t] + 1]
+        for q in range(f.shape[0]):
+            feats[r, p, q] = f[q]
+        mask[r, p] = True
+
+
+class _TokenPlan:
+    """Planned tokens of several batches, scattered into dense arrays once K is known."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[NDArray[Any], ...]] = []
+        self.max_day = -1
+
+    def add(
+        self,
+        key: NDArray[np.int64],
+        day_index: NDArray[np.int64],
+        ids: NDArray[np.int32],
+        rows: NDArray[np.int64] | None,
+        *,
+        max_tokens: int,
+        max_codes_per_token: int,
+        pooled: NDArray[np.float32] | None = None,
+    ) -> NDArray[np.int64]:
+        """Plan the tokens of events (key, day_index, id); key k goes to row `rows[k]` (key
+        itself when None). Returns the distinct keys seen."""
+        n = key.shape[0]
+        if n == 0:
+            return np.zeros(0, np.int64)
+        if day_index.max() >= _MAX_DAYS or day_index.min() < -1:
+            raise ValueError(
+                f"ehr_onehot: day index out of range [-1, {_MAX_DAYS}) "
+                f"(got {day_index.min()}..{day_index.max()}); check the event times"
+            )
+        # events must come grouped by key, static first, then in time order (days
+        # non-increasing); the data layer yields them so; anything else is sorted here
+        slot = np.where(day_index < 0, _MAX_DAYS, day_index)
+        brk = np.flatnonzero(key[1:] != key[:-1]) + 1
+        run_keys = key[np.concatenate([[0], brk])]
+        same = key[1:] == key[:-1]
+        if np.unique(run_keys).size != run_keys.size or np.any(same & (slot[1:] > slot[:-1])):
+            order = np.lexsort((-slot, key))  # stable: same-day events keep their order
+            key, day_index, ids = key[order], day_index[order], ids[order]
+            brk = np.flatnonzero(key[1:] != key[:-1]) + 1
+            run_keys = key[np.concatenate([[0], brk])]
+        starts = np.concatenate([[0], brk, [n]]).astype(np.int64)
+        out_rows = run_keys if rows is None else rows[run_keys]
+        n_tok_max = min(n, run_keys.size * max_tokens)
+        tok_row = np.empty(n_tok_max, np.int64)
+        tok_pos = np.empty(n_tok_max, np.int32)
+        tok_day = np.empty(n_tok_max, np.int64)
+        tok_len = np.empty(n_tok_max, np.int32)
+        flat = np.empty(n, np.int32)
+        nt, nf = _plan_tokens(
+            starts,
+            out_rows.astype(np.int64),
+            day_index.astype(np.int64),
+            ids.astype(np.int32),
+            max_tokens,
+            max_codes_per_token,
+            np.zeros((0, 1), np.float32) if pooled is None else pooled,
+            tok_row,
+            tok_pos,
+            tok_day,
+            tok_len,
+            flat,
+        )
+        self.parts.append((tok_row[:nt], tok_pos[:nt], tok_day[:nt], tok_len[:nt], flat[:nf]))
+        self.max_day = max(self.max_day, int(day_index.max()))
+        return run_keys
+
+    @property
+    def width(self) -> int:
+        """Most ids in one token (the K that loses nothing)."""
+        return max((int(p[3].max()) for p in self.parts if p[3].size), default=0)
+
+    def fill(
+        self, codes: NDArray[np.int32], feats: NDArray[np.float32], mask: NDArray[np.bool_]
+    ) -> None:
+        """Write the planned tokens into pre-filled arrays (-1 / 0 / False)."""
+        days = np.arange(-1, self.max_day + 1, dtype=np.float64)
+        table = time_features(days, days < 0)
+        for row, pos, day, n_ids, flat in self.parts:
+            _fill_tokens(row, pos, day, n_ids, flat, table, codes, feats, mask)
+
+
 def onehot_tokens(
     local_key: NDArray[np.int64],
     day_index: NDArray[np.int64],
@@ -64,67 +275,26 @@ def onehot_tokens(
     *,
     max_tokens: int,
     max_codes_per_token: int,
-    out: tuple[NDArray[np.int32], NDArray[np.float32], NDArray[np.bool_]] | None = None,
-    rows: NDArray[np.int64] | None = None,
 ) -> tuple[NDArray[np.int32], NDArray[np.float32], NDArray[np.bool_]]:
     """Multi-hot day tokens of `n_keys` keys from events (key, day_index, id).
 
     day_index: calendar days before the prediction date (-1 = static). Returns `token_codes`
-    [n_keys, T, K] int32 (-1 padding), `tokens` [n_keys, T, 8] float32, `mask` [n_keys, T];
-    with `out` (pre-filled arrays) and `rows` [n_keys], key j is written to row `rows[j]` of
-    `out` instead (no per-batch copies).
+    [n_keys, T, K] int32 (-1 padding, K = `max_codes_per_token`), `tokens` [n_keys, T, 8]
+    float32, `mask` [n_keys, T].
     """
-    t_max, k_max = max_tokens, max_codes_per_token
-    if out is None:
-        codes = np.full((n_keys, t_max, k_max), -1, np.int32)
-        feats = np.zeros((n_keys, t_max, TIME_DIM), np.float32)
-        mask = np.zeros((n_keys, t_max), bool)
-    else:
-        codes, feats, mask = out
-    if local_key.size == 0:
-        return codes, feats, mask
-    # slot 0 = static, slot d + 1 = d days before; one int64 sort key dedupes (key, slot, id)
-    slot = day_index + 1
-    if slot.max() >= (1 << 18) - 1 or ids.max() >= 1 << 22 or n_keys >= 1 << 23:
-        raise ValueError("ehr_onehot: more than 2^18 days, 2^22 codes or 2^23 keys per batch")
-    # the static slot sorts after every day: slot 0 -> 2^18 - 1 (the largest)
-    slot = np.where(slot == 0, (1 << 18) - 1, slot).astype(np.int64)
-    packed = (local_key << 40) | (slot << 22) | ids.astype(np.int64)
-    u = np.asarray(pl.Series(packed).unique().sort().to_numpy())
-    k = u >> 40
-    s = (u >> 22) & ((1 << 18) - 1)
-    c = (u & ((1 << 22) - 1)).astype(np.int32)
-    n = u.shape[0]
-    idx = np.arange(n)
-    new_key = np.ones(n, bool)
-    new_key[1:] = k[1:] != k[:-1]
-    new_slot = new_key.copy()
-    new_slot[1:] |= s[1:] != s[:-1]
-    # rank of the slot within its key: 0 = most recent day (static counts last, largest slot)
-    slot_no = np.cumsum(new_slot) - 1
-    key_first_slot = np.maximum.accumulate(np.where(new_key, slot_no, 0))
-    rank = slot_no - key_first_slot
-    # position of the code within its slot
-    slot_start = np.maximum.accumulate(np.where(new_slot, idx, 0))
-    pos_in_slot = idx - slot_start
-    is_static = s == (1 << 18) - 1
-    # static token last; days most recent first in rank, chronological in position
-    has_static = np.zeros(n_keys, bool)
-    has_static[k[is_static]] = True
-    n_days = np.bincount(k[new_slot & ~is_static], minlength=n_keys)
-    kept_days = np.minimum(n_days, t_max - has_static.astype(np.int64))
-    keep_day = ~is_static & (rank < kept_days[k])
-    keep = (keep_day | is_static) & (pos_in_slot < k_max)
-    position = np.where(is_static, kept_days[k], kept_days[k] - 1 - rank)
-    row = k if rows is None else rows[k]
-    codes[row[keep], position[keep], pos_in_slot[keep]] = c[keep]
-    first = keep & new_slot
-    # days are whole numbers: compute the features once per distinct day and gather
-    days = np.where(is_static[first], -1, s[first] - 1)
-    uniq, inv = np.unique(days, return_inverse=True)
-    table = time_features(uniq.astype(np.float64), uniq < 0)
-    feats[row[first], position[first]] = table[inv]
-    mask[row[first], position[first]] = True
+    codes = np.full((n_keys, max_tokens, max_codes_per_token), -1, np.int32)
+    feats = np.zeros((n_keys, max_tokens, TIME_DIM), np.float32)
+    mask = np.zeros((n_keys, max_tokens), bool)
+    plan = _TokenPlan()
+    plan.add(
+        np.asarray(local_key, np.int64),
+        np.asarray(day_index, np.int64),
+        np.asarray(ids, np.int32),
+        None,
+        max_tokens=max_tokens,
+        max_codes_per_token=max_codes_per_token,
+    )
+    plan.fill(codes, feats, mask)
     return codes, feats, mask
 
 
@@ -192,49 +362,35 @@ class EHROneHotEncoder(Encoder):
         self.fitted = True
         return self
 
-    def _encode_batch(self, batch: EventBatch, out: dict[str, NDArray[Any]]) -> None:
-        """Write the features of the batch's keys into the per-key arrays `out`."""
-        assert self.vocab is not None
-        cfg = self._config
-        rows, local = np.unique(batch.key, return_inverse=True)
-        ids = self.vocab.transform(batch.code, batch.value)
-        onehot_tokens(
-            local,
-            batch.day_index,
-            ids,
-            len(rows),
-            max_tokens=cfg["max_tokens"],
-            max_codes_per_token=cfg["max_codes_per_token"],
-            out=(out["token_codes"], out["tokens"], out["mask"]),
-            rows=rows,
-        )
-        # pooled: count of each id / number of events, written only where non-zero
-        v = self.vocab.size
-        u, cnt = np.unique(local * v + ids, return_counts=True)
-        total = np.bincount(local, minlength=len(rows))
-        k = u // v
-        out["pooled"][rows[k], u % v] = cnt / total[k]
-        out["present"][rows] = total > 0
-
     def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
         self.check_fitted()
         assert self.vocab is not None
         cfg = self._config
         index = KeyIndex.from_cohort(cohort)
-        n, t, kc, v = index.n_keys, cfg["max_tokens"], cfg["max_codes_per_token"], self.vocab.size
-        out = {
-            "token_codes": np.full((n, t, kc), -1, np.int32),
-            "tokens": np.zeros((n, t, TIME_DIM), np.float32),
-            "mask": np.zeros((n, t), bool),
-            "pooled": np.zeros((n, v), np.float32),
-            "present": np.zeros(n, bool),
-        }
+        n, t, v = index.n_keys, cfg["max_tokens"], self.vocab.size
+        # pooled is written by the planning pass; tokens are planned batch by batch and
+        # scattered once, with K = the most ids any token has (<= max_codes_per_token)
+        pooled = np.zeros((n, v), np.float32)
+        present = np.zeros(n, bool)
+        plan = _TokenPlan()
         for batch in iter_event_batches(
             source, index, lookback_days=cfg["lookback_days"], batch_size=cfg["batch_size"]
         ):
-            self._encode_batch(batch, out)
-        codes, feats, mask = out["token_codes"], out["tokens"], out["mask"]
-        pooled, present = out["pooled"], out["present"]
+            ids = self.vocab.transform(batch.code, batch.value)
+            seen = plan.add(
+                batch.key,
+                batch.day_index,
+                ids,
+                None,
+                max_tokens=t,
+                max_codes_per_token=cfg["max_codes_per_token"],
+                pooled=pooled,
+            )
+            present[seen] = True
+        codes = np.full((n, t, max(plan.width, 1)), -1, np.int32)
+        feats = np.zeros((n, t, TIME_DIM), np.float32)
+        mask = np.zeros((n, t), bool)
+        plan.fill(codes, feats, mask)
         rk = index.row_key
         return ModalityFeatures(
             subject_id=cohort["subject_id"].cast(pl.Int64).to_numpy(),
