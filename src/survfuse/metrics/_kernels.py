@@ -338,26 +338,34 @@ def permute_survival(order, e, r):  # type: ignore[no-untyped-def]
 
 @numba.njit(cache=True)
 def dense_ranks(idx, xs):  # type: ignore[no-untyped-def]
-    """From a risk order `idx` and sorted values `xs`: per row, the dense rank 1..K, the number
-    of rows with a smaller value (`below`) and with a smaller or equal value (`upto`)."""
+    """Dense risk ranks 1..K per row from a risk order `idx` and the sorted values `xs`."""
     n = idx.shape[0]
     rank = np.empty(n, dtype=np.int64)
-    below = np.empty(n, dtype=np.int64)
-    upto = np.empty(n, dtype=np.int64)
     k = 0
+    for q in range(n):
+        if q == 0 or xs[q] != xs[q - 1]:
+            k += 1
+        rank[idx[q]] = k
+    return rank, k
+
+
+@numba.njit(cache=True)
+def risk_groups(idx, xs):  # type: ignore[no-untyped-def]
+    """Per row, its group of equal risks as positions [lo, hi) in risk order, packed
+    lo + hi << 32 (one scattered write per row): lo rows have a lower risk, hi a lower or
+    equal one."""
+    n = idx.shape[0]
+    out = np.empty(n, dtype=np.int64)
     lo = 0
     while lo < n:
         hi = lo + 1
         while hi < n and xs[hi] == xs[lo]:
             hi += 1
-        k += 1
+        g = np.int64(lo) + (np.int64(hi) << 32)
         for q in range(lo, hi):
-            i = idx[q]
-            rank[i] = k
-            below[i] = lo
-            upto[i] = hi
+            out[idx[q]] = g
         lo = hi
-    return rank, below, upto, k
+    return out
 
 
 # ----------------------------------------------------------------------------- fused Harrell C
@@ -365,43 +373,48 @@ _E1 = np.int64(1) << np.int64(32)  # one event in the high half of a packed coun
 _LOW = _E1 - np.int64(1)  # all subjects in the low half
 
 
-@numba.njit(cache=True, inline="always")
-def _add_packed(tree, i, v):  # type: ignore[no-untyped-def]
-    k = tree.shape[0]
-    while i < k:
-        tree[i] += v
-        i += i & (-i)
+_LEAF = 7  # leaf blocks of 128 counters: one block scan replaces the cache-missing tree levels
 
 
 @numba.njit(cache=True, inline="always")
-def _below_and_at(tree, i):  # type: ignore[no-untyped-def]
-    """(prefix sum over ranks < i, value at rank i) in one walk: the walk from i - 1 passes
-    i - lowbit(i), and tree[i] minus the nodes above that point is the value at i."""
-    stop = i - (i & (-i))
-    j = i - 1
-    part = tree[0] * 0
-    while j > stop:
-        part += tree[j]
-        j -= j & (-j)
-    at = tree[i] - part
-    below = part
+def _add_blocked(leaf, blk, i, v):  # type: ignore[no-untyped-def]
+    """Add v at index i of a blocked prefix counter: plain counts in `leaf`, a Fenwick tree
+    over the sums of 128-counter blocks in `blk` (small enough to stay in cache)."""
+    leaf[i] += v
+    j = (i >> _LEAF) + 1
+    k = blk.shape[0]
+    while j < k:
+        blk[j] += v
+        j += j & (-j)
+
+
+@numba.njit(cache=True, inline="always")
+def _below_and_at(leaf, blk, i):  # type: ignore[no-untyped-def]
+    """(sum over indices < i, value at i): a fixed-length masked scan of i's block (contiguous,
+    vectorised) plus a prefix walk over the earlier blocks."""
+    base = i & ~((1 << _LEAF) - 1)
+    s = leaf[0] * 0
+    for q in range(1 << _LEAF):
+        s += leaf[base + q] * (base + q < i)
+    j = i >> _LEAF
     while j > 0:
-        below += tree[j]
+        s += blk[j]
         j -= j & (-j)
-    return below, at
+    return s, leaf[i]
 
 
 @numba.njit(cache=True)
-def harrell_sweep(t, e, rank, below, upto, n_ranks, order):  # type: ignore[no-untyped-def]
+def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
     """Harrell's counts and IJ influence in one forward pass over time (unit weights).
 
-    One Fenwick tree over risk ranks holds two counters per node packed in an int64: events
-    seen (high 32 bits) and all subjects seen (low 32 bits). For subject p at time T:
+    One prefix counter over risk ranks (`_add_blocked`) holds two counters per entry packed in
+    an int64: events seen (high 32 bits) and all subjects seen (low 32 bits). For subject p at time T:
       - earlier comparable events (events before T; for a censored p also events at T) by
         rank >, ==, < rank_p come from the high half;
       - for an event p, its comparable later subjects are everyone except subjects before T
-        and events at T: counts by rank <, ==, > come from `below`/`upto` (all subjects)
-        minus the low half.
+        and events at T: counts by rank <, ==, > come from its risk group [lo, hi) (all
+        subjects, `group` = lo + hi << 32 from `risk_groups`) minus the low half.
+    The tree is indexed by lo + 1, shared by all rows of a group of equal risks.
     c_p = later-lower + earlier-higher, d_p = later-higher + earlier-lower, t_p = ties;
     dfbeta_p = (c_p - d_p) / npair - somer / npair * (c_p + d_p + t_p) (R's IJ, as in
     `pass_later` + `pass_earlier`), returned / 2 in input row order (`order[p]` = row).
@@ -409,8 +422,11 @@ def harrell_sweep(t, e, rank, below, upto, n_ranks, order):  # type: ignore[no-u
     tied in risk.
     """
     n = t.shape[0]
-    tree = np.zeros(n_ranks + 1, dtype=np.int64)
-    same_time = np.zeros(n_ranks + 1, dtype=np.int64)
+    if n >= 2**31:
+        raise ValueError("harrell_sweep packs counts in 32 bits: n must be < 2^31")
+    tree = np.zeros(((n + 1) | ((1 << _LEAF) - 1)) + 1, dtype=np.int64)
+    blk = np.zeros((tree.shape[0] >> _LEAF) + 1, dtype=np.int64)
+    same_time = np.zeros(n + 1, dtype=np.int64)
     cd = np.empty(n, dtype=np.int64)
     cdt = np.empty(n, dtype=np.int64)
     e_tot = 0
@@ -432,14 +448,17 @@ def harrell_sweep(t, e, rank, below, upto, n_ranks, order):  # type: ignore[no-u
         if k == 1:
             for p in range(lo, hi):
                 if e[p]:
-                    b, a = _below_and_at(tree, rank[p])
+                    blo = group[p] & _LOW
+                    bhi = group[p] >> 32
+                    rk = blo + 1
+                    b, a = _below_and_at(tree, blk, rk)
                     elt = b >> 32
                     eeq = a >> 32
                     alt = b & _LOW
                     aeq = a & _LOW
-                    less = below[p] - alt
-                    eq = upto[p] - below[p] - aeq - 1
-                    gt = n - upto[p] - (a_tot - alt - aeq)
+                    less = blo - alt
+                    eq = bhi - blo - aeq - 1
+                    gt = n - bhi - (a_tot - alt - aeq)
                     egt = e_tot - elt - eeq
                     conc += less
                     disc += gt
@@ -448,28 +467,32 @@ def harrell_sweep(t, e, rank, below, upto, n_ranks, order):  # type: ignore[no-u
                     d = gt + elt
                     cd[p] = c - d
                     cdt[p] = c + d + eq + eeq
-                    _add_packed(tree, rank[p], _E1 + 1)
+                    _add_blocked(tree, blk, rk, _E1 + 1)
             e_tot += 1
             a_tot += 1
         elif k > 1:
             # block events first join "all subjects" so each excludes the others at T
             for p in range(lo, hi):
                 if e[p]:
-                    _add_packed(tree, rank[p], np.int64(1))
-                    tied_both += same_time[rank[p]]
-                    same_time[rank[p]] += 1
+                    rk = (group[p] & _LOW) + 1
+                    _add_blocked(tree, blk, rk, np.int64(1))
+                    tied_both += same_time[rk]
+                    same_time[rk] += 1
             a_tot += k
             tied_all += k * (k - 1) // 2
             for p in range(lo, hi):
                 if e[p]:
-                    b, a = _below_and_at(tree, rank[p])
+                    blo = group[p] & _LOW
+                    bhi = group[p] >> 32
+                    rk = blo + 1
+                    b, a = _below_and_at(tree, blk, rk)
                     elt = b >> 32
                     eeq = a >> 32
                     alt = b & _LOW
                     aeq = a & _LOW
-                    less = below[p] - alt
-                    eq = upto[p] - below[p] - aeq
-                    gt = n - upto[p] - (a_tot - alt - aeq)
+                    less = blo - alt
+                    eq = bhi - blo - aeq
+                    gt = n - bhi - (a_tot - alt - aeq)
                     egt = e_tot - elt - eeq
                     conc += less
                     disc += gt
@@ -480,18 +503,21 @@ def harrell_sweep(t, e, rank, below, upto, n_ranks, order):  # type: ignore[no-u
                     cdt[p] = c + d + eq + eeq
             for p in range(lo, hi):
                 if e[p]:
-                    _add_packed(tree, rank[p], _E1)
-                    same_time[rank[p]] = 0
+                    rk = (group[p] & _LOW) + 1
+                    _add_blocked(tree, blk, rk, _E1)
+                    same_time[rk] = 0
             e_tot += k
         for p in range(lo, hi):
             if not e[p]:
-                b, a = _below_and_at(tree, rank[p])
+                blo = group[p] & _LOW
+                rk = blo + 1
+                b, a = _below_and_at(tree, blk, rk)
                 elt = b >> 32
                 eeq = a >> 32
                 egt = e_tot - elt - eeq
                 cd[p] = egt - elt
                 cdt[p] = egt + elt + eeq
-                _add_packed(tree, rank[p], np.int64(1))
+                _add_blocked(tree, blk, rk, np.int64(1))
                 a_tot += 1
         lo = hi
     infl = np.empty(n, dtype=np.float64)

@@ -39,7 +39,7 @@ class SortedSurvival:
     def build(
         cls, time: NDArray[np.float64], event: NDArray[np.bool_], risk: NDArray[np.float64]
     ) -> SortedSurvival:
-        return _sort_and_rank(time, event, risk)[0]
+        return _sort_and_rank(time, event, risk)
 
     def unsort(self, x: NDArray[np.float64]) -> NDArray[np.float64]:
         out = np.empty_like(x)
@@ -55,15 +55,21 @@ def _order(x: NDArray[np.float64]) -> tuple[NDArray[np.int64], NDArray[np.float6
     return K.keyed_order(keys, x, shift)  # type: ignore[no-any-return]
 
 
-def _sort_and_rank(
+def _sort_by_time(
     time: NDArray[np.float64], event: NDArray[np.bool_], risk: NDArray[np.float64]
-) -> tuple[SortedSurvival, NDArray[np.int64], NDArray[np.int64]]:
-    """SortedSurvival plus, per sorted row, how many rows have a lower / lower-or-equal risk."""
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.bool_], NDArray[np.float64]]:
     # any order within tied times works: the kernels treat a block of tied times together
     order, ts = _order(time)
     es, rs = K.permute_survival(order, event, risk)
-    rank, below, upto, n_ranks = K.dense_ranks(*_order(rs))
-    return SortedSurvival(order, ts, es, rank, int(n_ranks)), below, upto
+    return order, ts, es, rs
+
+
+def _sort_and_rank(
+    time: NDArray[np.float64], event: NDArray[np.bool_], risk: NDArray[np.float64]
+) -> SortedSurvival:
+    order, ts, es, rs = _sort_by_time(time, event, risk)
+    rank, n_ranks = K.dense_ranks(*_order(rs))
+    return SortedSurvival(order, ts, es, rank, int(n_ranks))
 
 
 def _validate(
@@ -130,10 +136,9 @@ def concordance_index(
     subject for the variance. Raises NoComparablePairError when no pair is comparable.
     """
     t, e, r = _validate(time, event, risk)
-    s, below, upto = _sort_and_rank(t, e, r)
-    infl, conc_i, disc_i, ties_i, tied_all, tied_xy = K.harrell_sweep(
-        s.time, s.event, s.rank, below, upto, s.n_ranks, s.order
-    )
+    order, ts, es, rs = _sort_by_time(t, e, r)
+    group = K.risk_groups(*_order(rs))
+    infl, conc_i, disc_i, ties_i, tied_all, tied_xy = K.harrell_sweep(ts, es, group, order)
     conc, disc, ties = float(conc_i), float(disc_i), float(ties_i)
     npair = conc + disc + ties
     if npair == 0:
