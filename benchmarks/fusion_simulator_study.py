@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> pl.DataFrame:
                     seed=seed,
                     max_epochs=args.max_epochs,
                     patience=args.patience,
+                    lr=args.lr,
+                    weight_decay=args.weight_decay,
                     device="cpu",
                 )
                 tr, va, te = part["train"], part["validation"], part["internal_test"]
@@ -181,6 +183,8 @@ def main() -> None:
     p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
     p.add_argument("--max-epochs", type=int, default=100)
     p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--out", default="/tmp/fusion_study")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")

@@ -146,9 +146,13 @@ class FusionOutput:
 class FeatureNorm(nn.Module):
     """Standardise pooled and dense token features with training statistics (buffers).
 
-    x' = (x - mean) / std, statistics over present rows (pooled) and real tokens (tokens);
-    absent rows / padding tokens are left at zero.
+    x' = clip((x - mean) / std, -CLIP, CLIP), statistics over present rows (pooled) and real
+    tokens (tokens); absent rows / padding tokens are left at zero. The clip (CLIP = 5) matters
+    for sparse count features: a code seen in 1 of 2,000 training patients would otherwise get a
+    z-score near 45 and swamp every other input.
     """
+
+    CLIP = 5.0
 
     pooled_mean: Tensor
     pooled_std: Tensor
@@ -189,11 +193,14 @@ class FeatureNorm(nn.Module):
         out = dict(m)
         present = m["present"][:, None]
         out["pooled"] = torch.where(
-            present, (m["pooled"] - self.pooled_mean) / self.pooled_std, 0.0
+            present,
+            ((m["pooled"] - self.pooled_mean) / self.pooled_std).clamp(-self.CLIP, self.CLIP),
+            0.0,
         )
         if "tokens" in m:
             real = m["mask"][..., None]
-            out["tokens"] = torch.where(real, (m["tokens"] - self.token_mean) / self.token_std, 0.0)
+            z = ((m["tokens"] - self.token_mean) / self.token_std).clamp(-self.CLIP, self.CLIP)
+            out["tokens"] = torch.where(real, z, 0.0)
         return out
 
 
