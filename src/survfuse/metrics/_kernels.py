@@ -285,6 +285,8 @@ def sort_keys(x, shift):  # type: ignore[no-untyped-def]
     out = np.empty(n, dtype=np.uint64)
     for i in range(n):
         b = xb[i]
+        if b == _TOP:  # -0.0 == 0.0: same key bits, so equal values stay in index order
+            b = np.uint64(0)
         m = ~b if b & _TOP else b | _TOP
         out[i] = ((m >> sh) << sh) | np.uint64(i)
     return out
@@ -350,12 +352,15 @@ def dense_ranks(idx, xs):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True)
-def risk_groups(idx, xs):  # type: ignore[no-untyped-def]
+def risk_groups(idx, xs, t, e):  # type: ignore[no-untyped-def]
     """Per row, its group of equal risks as positions [lo, hi) in risk order, packed
     lo + hi << 32 (one scattered write per row): lo rows have a lower risk, hi a lower or
-    equal one."""
+    equal one. Rows are in time order (`t`, `e`) and `idx` lists a group's rows in
+    ascending row order (as `keyed_order` does), so the events of a group tied in time are
+    consecutive there: also returns their number of pairs (R's tied.xy)."""
     n = idx.shape[0]
     out = np.empty(n, dtype=np.int64)
+    tied_xy = 0
     lo = 0
     while lo < n:
         hi = lo + 1
@@ -364,8 +369,20 @@ def risk_groups(idx, xs):  # type: ignore[no-untyped-def]
         g = np.int64(lo) + (np.int64(hi) << 32)
         for q in range(lo, hi):
             out[idx[q]] = g
+        if hi - lo > 1:
+            m = 0
+            last = -1
+            for q in range(lo, hi):
+                p = idx[q]
+                if e[p]:
+                    if last >= 0 and t[p] == t[last]:
+                        m += 1
+                        tied_xy += m
+                    else:
+                        m = 0
+                    last = p
         lo = hi
-    return out
+    return out, tied_xy
 
 
 # ----------------------------------------------------------------------------- fused Harrell C
@@ -418,15 +435,14 @@ def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
     c_p = later-lower + earlier-higher, d_p = later-higher + earlier-lower, t_p = ties;
     dfbeta_p = (c_p - d_p) / npair - somer / npair * (c_p + d_p + t_p) (R's IJ, as in
     `pass_later` + `pass_earlier`), returned / 2 in input row order (`order[p]` = row).
-    Also returns concordant, discordant, tied risk, event pairs tied in time and those also
-    tied in risk.
+    Also returns concordant, discordant, tied risk and event pairs tied in time (those also
+    tied in risk come from `risk_groups`).
     """
     n = t.shape[0]
     if n >= 2**31:
         raise ValueError("harrell_sweep packs counts in 32 bits: n must be < 2^31")
     tree = np.zeros(((n + 1) | ((1 << _LEAF) - 1)) + 1, dtype=np.int64)
     blk = np.zeros((tree.shape[0] >> _LEAF) + 1, dtype=np.int64)
-    same_time = np.zeros(n + 1, dtype=np.int64)
     cd = np.empty(n, dtype=np.int64)
     cdt = np.empty(n, dtype=np.int64)
     e_tot = 0
@@ -435,7 +451,6 @@ def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
     disc = 0
     ties = 0
     tied_all = 0
-    tied_both = 0
     lo = 0
     while lo < n:
         hi = lo + 1
@@ -476,8 +491,6 @@ def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
                 if e[p]:
                     rk = (group[p] & _LOW) + 1
                     _add_blocked(tree, blk, rk, np.int64(1))
-                    tied_both += same_time[rk]
-                    same_time[rk] += 1
             a_tot += k
             tied_all += k * (k - 1) // 2
             for p in range(lo, hi):
@@ -505,7 +518,6 @@ def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
                 if e[p]:
                     rk = (group[p] & _LOW) + 1
                     _add_blocked(tree, blk, rk, _E1)
-                    same_time[rk] = 0
             e_tot += k
         for p in range(lo, hi):
             if not e[p]:
@@ -529,4 +541,4 @@ def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
         f = somer / npair
         for p in range(n):
             infl[order[p]] = (float(cd[p]) / npair - f * float(cdt[p])) / 2.0
-    return infl, conc, disc, ties, tied_all, tied_both
+    return infl, conc, disc, ties, tied_all

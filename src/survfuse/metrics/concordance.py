@@ -137,8 +137,8 @@ def concordance_index(
     """
     t, e, r = _validate(time, event, risk)
     order, ts, es, rs = _sort_by_time(t, e, r)
-    group = K.risk_groups(*_order(rs))
-    infl, conc_i, disc_i, ties_i, tied_all, tied_xy = K.harrell_sweep(ts, es, group, order)
+    group, tied_xy = K.risk_groups(*_order(rs), ts, es)
+    infl, conc_i, disc_i, ties_i, tied_all = K.harrell_sweep(ts, es, group, order)
     conc, disc, ties = float(conc_i), float(disc_i), float(ties_i)
     npair = conc + disc + ties
     if npair == 0:
