@@ -92,6 +92,7 @@ def test_gain_table_picks_best_fusion_on_validation_only() -> None:
     late = t.filter(pl.col("model") == "late[c+e]/cox")
     assert best["gain"].to_list() == late["gain"].to_list() == [0.01, 0.01]
     assert best["validation_c"].to_list() == [0.75, 0.75]
+    assert best["selected"].to_list() == ["late", "late"]
     assert t.filter(pl.col("strategy") == "concat")["rebalance"].all()
     assert (t["reference_estimate"] == 0.70).all() and (t["imbalance"] == 0.25).all()
 

@@ -19,7 +19,7 @@ The gain of a fused model is the runner's paired difference against each task's 
 best unimodal model on validation: delta = C(fused) - C(reference) on internal and external test,
 with its percentile CI over the run's shared subject-level resamples (seeds averaged). The row
 `best fusion` takes, per setting and task, the fused model with the highest validation C (never
-chosen on a test split). With `rebalance=True` every fused strategy also runs with OGM-GE
+chosen on a test split; column `selected` names it). With `rebalance=True` every fused strategy also runs with OGM-GE
 gradient modulation (`<strategy>_ogm`), so its effect appears as extra lines. The measured CT
 share of the Shapley contributions (`survfuse.analysis`) is added to each row.
 
@@ -66,6 +66,7 @@ GAIN_SCHEMA = {
     "split": pl.Utf8,
     "model": pl.Utf8,
     "strategy": pl.Utf8,
+    "selected": pl.Utf8,
     "rebalance": pl.Boolean,
     "reference": pl.Utf8,
     "estimate": pl.Float64,
@@ -258,6 +259,7 @@ def gain_table(
                     "split": split,
                     "model": r["model"],
                     "strategy": r["strategy"],
+                    "selected": r["strategy"],
                     "rebalance": r["strategy"] in rebalanced,
                     "reference": r["reference"],
                     "estimate": r["estimate"],
@@ -328,13 +330,16 @@ def sweep_figure(table: pl.DataFrame, *, site_shift: float | None = None) -> Any
             ax.set_title(f"{task} · {SPLIT_LABELS.get(split, split)}", fontsize=9)
             ax.set_xlabel("imbalance w (image share of the modality-specific signal)")
             ax.set_ylabel("Δ C vs best unimodal")
-    if tasks and splits:
-        axes[0][-1].legend(fontsize=7, loc="best")
     title = "Fusion gain over the best unimodal baseline"
     if site_shift is not None:
         title += f" (site shift {site_shift:g})"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    rows = math.ceil(len(labels) / 3)
+    bottom = 0.03 + 0.03 * rows / max(len(tasks), 1)
+    if handles:  # below the panels, so it never hides a point
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0.0, bottom, 1.0, 0.97))
     return fig
 
 
@@ -368,11 +373,14 @@ def summary_markdown(table: pl.DataFrame) -> str:
                     cells = []
                     for w in ws:
                         r = part.filter((pl.col("model") == model) & (pl.col("imbalance") == w))
-                        cells.append(
+                        cell = (
                             _fmt(r["gain"][0], r["gain_lower"][0], r["gain_upper"][0])
                             if r.height
                             else "–"
                         )
+                        if r.height and model == BEST_FUSION:
+                            cell += f" ({r['selected'][0]})"
+                        cells.append(cell)
                     lines.append(f"| {model} | " + " | ".join(cells) + " |")
                 lines.append("")
     return "\n".join(lines)
