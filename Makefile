@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.survfuse-installed
 
-.PHONY: test test-slow lint venv clean
+.PHONY: test test-slow lint venv clean demo
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ test: lint
 
 test-slow: venv
 	$(VENV)/bin/pytest -q -m slow
+
+# The whole study in one command: simulate 3,000 patients, run examples/demo.yaml, write
+# demo_out/run/report.html and summary.md, print the C-index table.
+demo: venv
+	$(VENV)/bin/survfuse demo --out demo_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

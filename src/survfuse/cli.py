@@ -56,7 +56,10 @@ def _print_summary(run_dir: Path) -> None:
     from survfuse.report.tables import c_index_table, rich_table
 
     metrics = pl.read_parquet(Path(run_dir) / "metrics.parquet")
-    Console().print(rich_table(c_index_table(metrics), title="Harrell C (95% bootstrap CI)"))
+    console = Console()
+    if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
+        console = Console(width=150)
+    console.print(rich_table(c_index_table(metrics), title="Harrell C (95% bootstrap CI)"))
 
 
 @app.command("simulate")

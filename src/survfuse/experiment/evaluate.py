@@ -473,11 +473,23 @@ def assemble_table(
         "p_holm": pl.Float64,
     }
     df = pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
-    split_order = {s: i for i, s in enumerate(EVAL_SPLITS)}
+    # Rows in config order: tasks, splits, models (grid order), metrics, horizons.
+    orders = {
+        "task": {t: i for i, t in enumerate(cfg.tasks)},
+        "split": {s: i for i, s in enumerate(EVAL_SPLITS)},
+        "model": {
+            m: i for i, m in enumerate(dict.fromkeys(m.model for g in groups for m in g.models))
+        },
+        "metric": {m: i for i, m in enumerate(cfg.evaluation.metrics)},
+    }
+    keys = [f"_{c}" for c in orders]
     return (
-        df.with_columns(pl.col("split").replace_strict(split_order, default=99).alias("_o"))
-        .sort("task", "_o", "model", "metric", "horizon", nulls_last=False)
-        .drop("_o")
+        df.with_columns(
+            pl.col(c).replace_strict(o, default=len(o), return_dtype=pl.Int64).alias(f"_{c}")
+            for c, o in orders.items()
+        )
+        .sort([*keys[:3], keys[3], "horizon"], nulls_last=False)
+        .drop(keys)
     )
 
 

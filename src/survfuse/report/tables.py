@@ -73,7 +73,8 @@ def _with_labels(metrics: pl.DataFrame) -> pl.DataFrame:
 
 
 def _model_order(metrics: pl.DataFrame) -> list[str]:
-    # Unimodal baselines first, then fused models, each in config order of first appearance.
+    # Unimodal baselines first, then fused models, each in order of first appearance (the
+    # metrics table is in config order).
     seen: dict[str, bool] = {}
     for r in metrics.iter_rows(named=True):
         seen.setdefault(r["model"], bool(r["unimodal"]))
