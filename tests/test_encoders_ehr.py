@@ -413,3 +413,104 @@ def test_onehot_compiled_equals_reference(
     total = np.bincount(ev.key, minlength=index.n_keys)
     pooled[u // enc.vocab.size, u % enc.vocab.size] = cnt / total[u // enc.vocab.size]
     np.testing.assert_array_equal(f.pooled, pooled)
+
+
+def _reference_window_counts(
+    key: np.ndarray,
+    days_before: np.ndarray,
+    ids: np.ndarray,
+    num_idx: np.ndarray,
+    value: np.ndarray,
+    time_us: np.ndarray,
+    n_keys: int,
+    vocab_size: int,
+    n_numeric: int,
+    windows: list[float | None],
+) -> np.ndarray:
+    """The previous numpy / polars ehr_counts featurisation (reference for the compiled one):
+    np.unique counts, a polars group-by for last / mean after a (key, time, value) sort."""
+    width = vocab_size + 2 * n_numeric
+    out = np.zeros((n_keys, len(windows) * width))
+    static = np.isnan(days_before)
+    has_num = (num_idx >= 0) & np.isfinite(value)
+    for wi, w in enumerate(windows):
+        inw = static | (days_before <= w) if w is not None else np.ones(key.shape[0], bool)
+        off = wi * width
+        u, c = np.unique(key[inw] * vocab_size + ids[inw], return_counts=True)
+        out[u // vocab_size, off + u % vocab_size] = c
+        sel = np.flatnonzero(inw & has_num)
+        sel = sel[np.lexsort((value[sel], time_us[sel], key[sel]))]
+        frame = (
+            pl.DataFrame({"k": key[sel], "m": num_idx[sel], "v": value[sel]})
+            .group_by("k", "m")
+            .agg(pl.col("v").last().alias("last"), pl.col("v").mean())
+        )
+        k, m = frame["k"].to_numpy(), frame["m"].to_numpy()
+        out[k, off + vocab_size + m] = frame["last"].to_numpy()
+        out[k, off + vocab_size + n_numeric + m] = frame["v"].to_numpy()
+    return out
+
+
+def _assert_counts_equal(got: np.ndarray, want: np.ndarray, v: int, m: int) -> None:
+    """Counts, last values and age bit for bit; means to rounding (the kernel sums with Kahan
+    compensation in (time, value) order, polars' group-by mean sometimes sums differently)."""
+    assert got.shape == want.shape
+    col = np.arange(got.shape[1])
+    width = v + 2 * m
+    is_mean = (col % width >= v + m) & (col < (got.shape[1] // width) * width)
+    assert is_mean.sum() == m * (got.shape[1] // width)
+    np.testing.assert_array_equal(got[:, ~is_mean], want[:, ~is_mean])
+    np.testing.assert_allclose(got[:, is_mean], want[:, is_mean], rtol=1e-13, atol=0)
+
+
+def test_counts_compiled_equals_reference(mimic: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    # random events with static events and tied times (the "last" tie rule, the mean's order)
+    rng = np.random.default_rng(11)
+    n, n_keys = 6000, 50
+    key = np.sort(rng.integers(0, n_keys, n))
+    t = rng.integers(0, 300, n) * 86_400_000_000
+    static = rng.random(n) < 0.05
+    t[static] = np.iinfo(np.int64).min
+    order = np.lexsort((t, key))
+    key, t, static = key[order], t[order], static[order]
+    days = np.where(static, np.nan, (300 * 86_400_000_000 - t) / 86_400e6)
+    ids = rng.integers(0, 30, n).astype(np.int32)
+    num = np.where(ids < 6, ids, -1)
+    val = np.where(num >= 0, rng.normal(0, 1, n) * rng.choice([1e-3, 1, 1e4], n), np.nan)
+    val[rng.random(n) < 0.05] = np.nan
+    wins: list[float | None] = [7.0, 90.0, None]
+    want = _reference_window_counts(key, days, ids, num, val, t, n_keys + 3, 30, 6, wins)
+    got = window_counts(
+        key, days, ids, num, val, t, n_keys + 3, vocab_size=30, n_numeric=6, windows=wins
+    )
+    _assert_counts_equal(got.toarray(), want, 30, 6)
+    # the encoder on real data, windows (30, 365, all)
+    _, cohort = mimic
+    src = MEDSDataset(MIMIC)
+    enc = EHRCountsEncoder(max_codes=300, max_numeric=32)
+    enc.fit(cohort.filter(pl.col("split") == "train"), src)
+    assert enc.vocab is not None
+    index = KeyIndex.from_cohort(cohort)
+    ev = windowed_events(src, index, lookback_days=None)
+    code_idx = enc.vocab.code_index(ev.code)
+    lookup = np.full(len(enc.vocab.codes) + 1, -1, np.int64)
+    lookup[enc.numeric_codes] = np.arange(len(enc.numeric_codes))
+    ref = _reference_window_counts(
+        ev.key,
+        ev.days_before,
+        enc.vocab.transform(ev.code, ev.value, code_idx),
+        lookup[np.where(code_idx >= 0, code_idx, len(enc.vocab.codes))],
+        ev.value,
+        ev.time_us,
+        index.n_keys,
+        enc.vocab.size,
+        len(enc.numeric_codes),
+        [30.0, 365.0, None],
+    )
+    ref = np.concatenate([ref, enc._age(ev, index.n_keys)[:, None]], axis=1)
+    _assert_counts_equal(
+        enc.count_matrix(cohort, src).toarray(),
+        ref[index.row_key],
+        enc.vocab.size,
+        len(enc.numeric_codes),
+    )

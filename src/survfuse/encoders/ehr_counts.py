@@ -14,7 +14,9 @@ which most risks depend on.
 `count_matrix` returns these raw values as a `scipy.sparse.csr_matrix` [N, F] (for GBMs);
 `encode` gives `ModalityFeatures` with pooled only: dense float32 [N, F] with `log1p` counts and
 numeric values z-scored by training mean / sd and clipped to +-10 (absent values stay 0). `meta["feature_names"]`
-names the F columns, e.g. `"30d/count/LAB//CREAT"`, `"all/mean/LAB//CREAT"`.
+names the F columns, e.g. `"30d/count/LAB//CREAT"`, `"all/mean/LAB//CREAT"`. One compiled (numba)
+pass per batch of keys fills every window's CSR rows (means summed in (time, value) order with
+Kahan compensation).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import numba
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
@@ -45,6 +48,178 @@ def _window_name(w: float | None) -> str:
     return "all" if w is None else f"{w:g}d"
 
 
+@numba.njit(cache=True)
+def _count_rows(
+    starts: NDArray[np.int64],
+    days_before: NDArray[np.float64],
+    ids: NDArray[np.int32],
+    num_idx: NDArray[np.int64],
+    value: NDArray[np.float64],
+    time_us: NDArray[np.int64],
+    age: NDArray[np.float64],
+    windows: NDArray[np.float64],
+    vocab_size: int,
+    n_numeric: int,
+    indptr: NDArray[np.int64],
+    cols: NDArray[np.int64],
+    vals: NDArray[np.float64],
+) -> int:
+    """CSR rows (ascending columns) of the keys starts[j]:starts[j + 1]; returns nnz.
+
+    Events of a key are in time order. Per window (days_before <= w, NaN = static = always):
+    counts per id, then per numeric code the last value (latest time, ties -> largest value)
+    and the mean, summed in (time, value) order with Kahan compensation (polars' mean, so the
+    features match the group-by this replaces bit for bit); then `age[j]` when > 0.
+    """
+    width = vocab_size + 2 * n_numeric
+    cnt = np.zeros(vocab_size, np.int64)
+    touched = np.empty(vocab_size, np.int64)
+    m_sum = np.zeros(max(n_numeric, 1))
+    m_comp = np.zeros(max(n_numeric, 1))
+    m_cnt = np.zeros(max(n_numeric, 1), np.int64)
+    m_last = np.zeros(max(n_numeric, 1))
+    m_touched = np.empty(max(n_numeric, 1), np.int64)
+    nbuf = np.empty(ids.shape[0], np.int64)
+    nnz = 0
+    indptr[0] = 0
+    for j in range(starts.shape[0] - 1):
+        a = starts[j]
+        b = starts[j + 1]
+        # numeric events in (time, value) order: time order is given, sort the ties by value
+        n_num = 0
+        for e in range(a, b):
+            if num_idx[e] >= 0 and np.isfinite(value[e]):
+                q = n_num
+                while q > 0 and (
+                    time_us[nbuf[q - 1]] == time_us[e] and value[nbuf[q - 1]] > value[e]
+                ):
+                    nbuf[q] = nbuf[q - 1]
+                    q -= 1
+                nbuf[q] = e
+                n_num += 1
+        for wi in range(windows.shape[0]):
+            w = windows[wi]
+            off = wi * width
+            nu = 0
+            for e in range(a, b):
+                d = days_before[e]
+                if np.isnan(d) or d <= w:
+                    c = ids[e]
+                    if cnt[c] == 0:
+                        touched[nu] = c
+                        nu += 1
+                    cnt[c] += 1
+            tk = np.sort(touched[:nu])
+            for u in range(nu):
+                c = tk[u]
+                cols[nnz] = off + c
+                vals[nnz] = cnt[c]
+                nnz += 1
+                cnt[c] = 0
+            nm = 0
+            for q in range(n_num):
+                e = nbuf[q]
+                d = days_before[e]
+                if np.isnan(d) or d <= w:
+                    m = num_idx[e]
+                    if m_cnt[m] == 0:
+                        m_touched[nm] = m
+                        nm += 1
+                    y = value[e] - m_comp[m]
+                    t = m_sum[m] + y
+                    m_comp[m] = (t - m_sum[m]) - y
+                    m_sum[m] = t
+                    m_cnt[m] += 1
+                    m_last[m] = value[e]
+            tm = np.sort(m_touched[:nm])
+            for u in range(nm):
+                m = tm[u]
+                cols[nnz] = off + vocab_size + m
+                vals[nnz] = m_last[m]
+                nnz += 1
+            for u in range(nm):
+                m = tm[u]
+                cols[nnz] = off + vocab_size + n_numeric + m
+                vals[nnz] = m_sum[m] / m_cnt[m]
+                nnz += 1
+                m_sum[m] = 0.0
+                m_comp[m] = 0.0
+                m_cnt[m] = 0
+        if age[j] > 0:
+            cols[nnz] = windows.shape[0] * width
+            vals[nnz] = age[j]
+            nnz += 1
+        indptr[j + 1] = nnz
+    return nnz
+
+
+def _key_runs(
+    key: NDArray[np.int64], time_us: NDArray[np.int64]
+) -> tuple[NDArray[np.int64] | None, NDArray[np.int64], NDArray[np.int64]]:
+    """(order that groups events by key in time order, or None when they already are; run
+    starts [n_runs + 1]; key of each run [n_runs])."""
+    order = None
+    n = key.shape[0]
+    same = key[1:] == key[:-1]
+    run_keys = key[np.concatenate([[0], np.flatnonzero(~same) + 1])]
+    if np.unique(run_keys).size != run_keys.size or np.any(same & (time_us[1:] < time_us[:-1])):
+        order = np.lexsort((time_us, key))
+        key = key[order]
+        same = key[1:] == key[:-1]
+        run_keys = key[np.concatenate([[0], np.flatnonzero(~same) + 1])]
+    starts = np.concatenate([[0], np.flatnonzero(~same) + 1, [n]]).astype(np.int64)
+    return order, starts, run_keys
+
+
+def _window_rows(
+    key: NDArray[np.int64],
+    days_before: NDArray[np.float64],
+    ids: NDArray[np.int32],
+    num_idx: NDArray[np.int64],
+    value: NDArray[np.float64],
+    time_us: NDArray[np.int64],
+    n_keys: int,
+    *,
+    vocab_size: int,
+    n_numeric: int,
+    windows: Sequence[float | None],
+    age: NDArray[np.float64] | None,
+) -> tuple[sp.csr_matrix, NDArray[np.int64]]:
+    """(CSR features of the keys that have events, in run order; the key of each row)."""
+    width = len(windows) * (vocab_size + 2 * n_numeric) + (age is not None)
+    n = key.shape[0]
+    order, starts, run_keys = _key_runs(np.asarray(key, np.int64), np.asarray(time_us, np.int64))
+    arrays: list[NDArray[Any]] = [days_before, ids, num_idx, value, time_us]
+    if order is not None:
+        arrays = [x[order] for x in arrays]
+    d, i, m, v, t = arrays
+    n_runs = run_keys.shape[0]
+    run_age = np.zeros(n_runs) if age is None else np.asarray(age, np.float64)[run_keys]
+    wins = np.array([np.inf if w is None else float(w) for w in windows])
+    per_key = min(vocab_size, n) + 2 * min(max(n_numeric, 0), n)
+    cap = min(len(windows) * (n + 2 * n), n_runs * len(windows) * per_key) + n_runs
+    indptr = np.empty(n_runs + 1, np.int64)
+    cols = np.empty(cap, np.int64)
+    vals = np.empty(cap, np.float64)
+    nnz = _count_rows(
+        starts,
+        np.asarray(d, np.float64),
+        np.asarray(i, np.int32),
+        np.asarray(m, np.int64),
+        np.asarray(v, np.float64),
+        np.asarray(t, np.int64),
+        run_age,
+        wins,
+        vocab_size,
+        n_numeric,
+        indptr,
+        cols,
+        vals,
+    )
+    runs = sp.csr_matrix((vals[:nnz], cols[:nnz], indptr), shape=(n_runs, width))
+    return runs, run_keys
+
+
 def window_counts(
     key: NDArray[np.int64],
     days_before: NDArray[np.float64],
@@ -57,51 +232,50 @@ def window_counts(
     vocab_size: int,
     n_numeric: int,
     windows: Sequence[float | None],
+    age: NDArray[np.float64] | None = None,
 ) -> sp.csr_matrix:
-    """Raw count / last / mean features [n_keys, len(windows) * (V + 2 M)] as CSR float64.
+    """Raw count / last / mean features [n_keys, len(windows) * (V + 2 M)] as CSR float64
+    (one more last column with `age` [n_keys] when given; stored where > 0).
 
-    key: [n] local key per event (events in time order within a key); days_before: [n] (NaN =
+    key: [n] key per event (events in time order within a key); days_before: [n] (NaN =
     static, in every window); ids: [n] token ids; num_idx: [n] numeric-code index or -1;
     value: [n] (NaN = none); time_us: [n] event times (orders ties for "last").
     """
-    width = vocab_size + 2 * n_numeric
-    rows: list[NDArray[np.int64]] = []
-    cols: list[NDArray[np.int64]] = []
-    vals: list[NDArray[np.float64]] = []
-    static = np.isnan(days_before)
-    has_num = (num_idx >= 0) & np.isfinite(value)
-    for wi, w in enumerate(windows):
-        inw = static | (days_before <= w) if w is not None else np.ones(key.shape[0], bool)
-        off = wi * width
-        # counts: one int64 per (key, id); unique with counts sorts once
-        packed = key[inw] * vocab_size + ids[inw]
-        u, c = np.unique(packed, return_counts=True)
-        rows.append(u // vocab_size)
-        cols.append(off + u % vocab_size)
-        vals.append(c.astype(np.float64))
-        sel = np.flatnonzero(inw & has_num)
-        if sel.size:
-            # "last" = latest time; ties at that time (MEDS leaves them unordered) -> max value;
-            # this order also fixes the summation order of the mean
-            sel = sel[np.lexsort((value[sel], time_us[sel], key[sel]))]
-            frame = (
-                pl.DataFrame({"k": key[sel], "m": num_idx[sel], "v": value[sel]})
-                .group_by("k", "m")
-                .agg(pl.col("v").last().alias("last"), pl.col("v").mean())
-            )
-            k = frame["k"].to_numpy().astype(np.int64)
-            m = frame["m"].to_numpy().astype(np.int64)
-            rows += [k, k]
-            cols += [off + vocab_size + m, off + vocab_size + n_numeric + m]
-            vals += [frame["last"].to_numpy(), frame["v"].to_numpy()]
-    shape = (n_keys, len(windows) * width)
-    if not rows:
-        return sp.csr_matrix(shape, dtype=np.float64)
-    mat = sp.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=shape
+    width = len(windows) * (vocab_size + 2 * n_numeric) + (age is not None)
+    if key.shape[0] == 0:
+        return sp.csr_matrix((n_keys, width), dtype=np.float64)
+    runs, run_keys = _window_rows(
+        key,
+        days_before,
+        ids,
+        num_idx,
+        value,
+        time_us,
+        n_keys,
+        vocab_size=vocab_size,
+        n_numeric=n_numeric,
+        windows=windows,
+        age=age,
     )
-    mat.sum_duplicates()
-    return mat
+    return _gather_rows([runs], [run_keys], np.arange(n_keys, dtype=np.int64), width)
+
+
+def _gather_rows(
+    parts: list[sp.csr_matrix], keys: list[NDArray[np.int64]], rows: NDArray[np.int64], width: int
+) -> sp.csr_matrix:
+    """Rows `rows` (key indices) of the stacked per-key matrices `parts` (rows `keys`); keys
+    without a row are all zero."""
+    if not parts:
+        return sp.csr_matrix((rows.shape[0], width), dtype=np.float64)
+    stacked = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+    k = np.concatenate(keys)
+    n_keys = max(int(rows.max(initial=-1)), int(k.max(initial=-1))) + 1
+    if k.shape[0] == rows.shape[0] and np.array_equal(k, rows):
+        return stacked
+    where = np.full(n_keys, stacked.shape[0], np.int64)
+    where[k] = np.arange(k.shape[0])
+    stacked = sp.vstack([stacked, sp.csr_matrix((1, width))], format="csr")
+    return stacked[where[rows]]
 
 
 @register_encoder("ehr_counts")
@@ -233,61 +407,53 @@ class EHRCountsEncoder(Encoder):
     def _age(self, batch: EventBatch, n_keys: int) -> NDArray[np.float64]:
         """[n_keys] years since the latest birth_code event of each key (0 when none)."""
         age = np.zeros(n_keys)
-        code = self._config["birth_code"]
-        if code is None or len(batch) == 0:
-            return age
-        hit = (batch.code == code).to_numpy() & np.isfinite(batch.days_before)
-        np.maximum.at(age, batch.key[hit], batch.days_before[hit] / 365.25)
+        self._add_age(age, batch)
         return age
 
-    def _batch_matrix(self, batch: EventBatch, n_keys: int) -> sp.csr_matrix:
-        assert self.vocab is not None
-        code_idx = self.vocab.code_index(batch.code)
-        ids = self.vocab.transform(batch.code, batch.value, code_idx)
-        lookup = np.full(len(self.vocab.codes) + 1, -1, np.int64)
-        lookup[self.numeric_codes] = np.arange(len(self.numeric_codes))
-        num_idx = lookup[np.where(code_idx >= 0, code_idx, len(self.vocab.codes))]
-        counts = window_counts(
-            batch.key,
-            batch.days_before,
-            ids,
-            num_idx,
-            batch.value,
-            batch.time_us,
-            n_keys,
-            vocab_size=self.vocab.size,
-            n_numeric=len(self.numeric_codes),
-            windows=self._config["windows"],
-        )
-        age = sp.csr_matrix(self._age(batch, n_keys)[:, None])
-        return sp.hstack([counts, age], format="csr")
+    def _add_age(self, age: NDArray[np.float64], batch: EventBatch) -> None:
+        """age[key] = max(age[key], years since each birth_code event of the batch)."""
+        code = self._config["birth_code"]
+        if code is None or len(batch) == 0:
+            return
+        hit = (batch.code == code).to_numpy() & np.isfinite(batch.days_before)
+        np.maximum.at(age, batch.key[hit], batch.days_before[hit] / 365.25)
 
     def count_matrix(self, cohort: pl.DataFrame, source: Any) -> sp.csr_matrix:
         """Raw features [N, F] (CSR float64) in `cohort`'s row order; columns `feature_names`."""
         self.check_fitted()
+        assert self.vocab is not None
         index = KeyIndex.from_cohort(cohort)
+        lookup = np.full(len(self.vocab.codes) + 1, -1, np.int64)
+        lookup[self.numeric_codes] = np.arange(len(self.numeric_codes))
+        age = np.zeros(index.n_keys)
         parts: list[sp.csr_matrix] = []
-        order: list[NDArray[np.int64]] = []
+        keys: list[NDArray[np.int64]] = []
         for batch in iter_event_batches(
             source,
             index,
             lookback_days=self._read_lookback,
             batch_size=self._config["batch_size"],
         ):
-            uniq, local = np.unique(batch.key, return_inverse=True)
-            batch.key = local.astype(np.int64)
-            parts.append(self._batch_matrix(batch, len(uniq)))
-            order.append(uniq)
-        width = len(self.feature_names)
-        if not parts:
-            return sp.csr_matrix((len(index.row_key), width), dtype=np.float64)
-        stacked = sp.vstack(parts, format="csr")
-        keys = np.concatenate(order)
-        # key -> stacked row (keys without events point at an all-zero extra row)
-        where = np.full(index.n_keys, stacked.shape[0], np.int64)
-        where[keys] = np.arange(keys.shape[0])
-        stacked = sp.vstack([stacked, sp.csr_matrix((1, width))], format="csr")
-        return stacked[where[index.row_key]]
+            code_idx = self.vocab.code_index(batch.code)
+            ids = self.vocab.transform(batch.code, batch.value, code_idx)
+            num_idx = lookup[np.where(code_idx >= 0, code_idx, len(self.vocab.codes))]
+            self._add_age(age, batch)
+            runs, run_keys = _window_rows(
+                batch.key,
+                batch.days_before,
+                ids,
+                num_idx,
+                batch.value,
+                batch.time_us,
+                index.n_keys,
+                vocab_size=self.vocab.size,
+                n_numeric=len(self.numeric_codes),
+                windows=self._config["windows"],
+                age=age,
+            )
+            parts.append(runs)
+            keys.append(run_keys)
+        return _gather_rows(parts, keys, index.row_key, len(self.feature_names))
 
     def pooled_from_counts(self, mat: sp.csr_matrix) -> NDArray[np.float32]:
         """Dense pooled features: log1p(counts), numeric values z-scored by training stats."""
