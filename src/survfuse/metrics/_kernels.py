@@ -339,6 +339,28 @@ def permute_survival(order, e, r):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True)
+def time_order(keys, t, e, r, shift):  # type: ignore[no-untyped-def]
+    """`keyed_order` of the time keys and event / risk in that order, in one gather loop."""
+    n = keys.shape[0]
+    mask = (np.uint64(1) << np.uint64(shift)) - np.uint64(1)
+    idx = np.empty(n, dtype=np.int64)
+    ts = np.empty(n, dtype=np.float64)
+    es = np.empty(n, dtype=np.bool_)
+    rs = np.empty(n, dtype=np.float64)
+    for k in range(n):
+        i = np.int64(keys[k] & mask)
+        idx[k] = i
+        ts[k] = t[i]
+        es[k] = e[i]
+        rs[k] = r[i]
+        if k > 0 and ts[k] < ts[k - 1]:
+            idx, ts = keyed_order(keys, t, shift)
+            es, rs = permute_survival(idx, e, r)
+            return idx, ts, es, rs
+    return idx, ts, es, rs
+
+
+@numba.njit(cache=True)
 def dense_ranks(idx, xs):  # type: ignore[no-untyped-def]
     """Dense risk ranks 1..K per row from a risk order `idx` and the sorted values `xs`."""
     n = idx.shape[0]
@@ -420,6 +442,9 @@ def _below_and_at(leaf, blk, i):  # type: ignore[no-untyped-def]
     return s, leaf[i]
 
 
+_SMALL_TIE = 64  # events tied in time up to which the sweep ranks them by insertion sort
+
+
 @numba.njit(cache=True)
 def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
     """Harrell's counts and IJ influence in one forward pass over time (unit weights).
@@ -445,6 +470,8 @@ def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
     blk = np.zeros((tree.shape[0] >> _LEAF) + 1, dtype=np.int64)
     cd = np.empty(n, dtype=np.int64)
     cdt = np.empty(n, dtype=np.int64)
+    buf_r = np.empty(_SMALL_TIE, dtype=np.int64)
+    buf_p = np.empty(_SMALL_TIE, dtype=np.int64)
     e_tot = 0
     a_tot = 0
     conc = 0
@@ -460,20 +487,41 @@ def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
         for p in range(lo, hi):
             if e[p]:
                 k += 1
-        if k == 1:
+        if 0 < k <= _SMALL_TIE:
+            # events tied at T are not comparable: rank them among themselves (insertion
+            # sort of their group indices) so each queries the counter once, before any of
+            # them is added, and the block's own events are added once
+            m = 0
             for p in range(lo, hi):
                 if e[p]:
+                    rk = group[p] & _LOW
+                    j = m
+                    while j > 0 and buf_r[j - 1] > rk:
+                        buf_r[j] = buf_r[j - 1]
+                        buf_p[j] = buf_p[j - 1]
+                        j -= 1
+                    buf_r[j] = rk
+                    buf_p[j] = p
+                    m += 1
+            tied_all += k * (k - 1) // 2
+            j0 = 0
+            while j0 < k:
+                j1 = j0 + 1
+                while j1 < k and buf_r[j1] == buf_r[j0]:
+                    j1 += 1
+                for j in range(j0, j1):
+                    p = buf_p[j]
                     blo = group[p] & _LOW
                     bhi = group[p] >> 32
-                    rk = blo + 1
-                    b, a = _below_and_at(tree, blk, rk)
+                    b, a = _below_and_at(tree, blk, blo + 1)
                     elt = b >> 32
                     eeq = a >> 32
-                    alt = b & _LOW
-                    aeq = a & _LOW
+                    # not later than p: subjects before T, and events at T (p included)
+                    alt = (b & _LOW) + j0
+                    aeq = (a & _LOW) + (j1 - j0)
                     less = blo - alt
-                    eq = bhi - blo - aeq - 1
-                    gt = n - bhi - (a_tot - alt - aeq)
+                    eq = bhi - blo - aeq
+                    gt = n - bhi - (a_tot + k - alt - aeq)
                     egt = e_tot - elt - eeq
                     conc += less
                     disc += gt
@@ -482,11 +530,13 @@ def harrell_sweep(t, e, group, order):  # type: ignore[no-untyped-def]
                     d = gt + elt
                     cd[p] = c - d
                     cdt[p] = c + d + eq + eeq
-                    _add_blocked(tree, blk, rk, _E1 + 1)
-            e_tot += 1
-            a_tot += 1
-        elif k > 1:
-            # block events first join "all subjects" so each excludes the others at T
+                j0 = j1
+            for j in range(k):
+                _add_blocked(tree, blk, buf_r[j] + 1, _E1 + 1)
+            e_tot += k
+            a_tot += k
+        elif k > _SMALL_TIE:
+            # many events tied at T: they first join "all subjects" so each excludes the others
             for p in range(lo, hi):
                 if e[p]:
                     rk = (group[p] & _LOW) + 1
