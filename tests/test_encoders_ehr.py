@@ -7,6 +7,7 @@ to tmp_path where a test needs to alter events.
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -514,3 +515,56 @@ def test_counts_compiled_equals_reference(mimic: tuple[pl.DataFrame, pl.DataFram
         enc.vocab.size,
         len(enc.numeric_codes),
     )
+
+
+class _CountingSource:
+    """A MEDSDataset that counts `iter_windowed` calls (each one re-reads MEDS shards)."""
+
+    def __init__(self, src: MEDSDataset) -> None:
+        self.src, self.calls = src, 0
+
+    def input_files(self) -> list[Path]:
+        return self.src.input_files()
+
+    def iter_windowed(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        return self.src.iter_windowed(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_store_encodes_chunk_runs_in_one_call_and_resumes(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
+    _, cohort = mimic
+    src = _CountingSource(MEDSDataset(MIMIC))
+    train = cohort.filter(pl.col("split") == "train")
+    enc = EHROneHotEncoder(max_codes=200, max_tokens=16, max_codes_per_token=32).fit(train, src)
+    direct = enc.encode(cohort, src)
+    store = FeatureStore(tmp_path / "store")
+    src.calls = 0
+    stored = store.encode(enc, cohort, src, chunk_size=16, progress=False)
+    assert store.last_run is not None and store.last_run.n_chunks == 7
+    assert src.calls == 1  # 7 chunks of 16 rows, one windowed read
+    for name, arr in arrays(direct).items():
+        np.testing.assert_array_equal(arr, arrays(stored)[name], err_msg=name)
+    # each chunk as if encoded alone (its own token width), so caches do not depend on grouping
+    chunk_dirs = list((store.last_run.directory / "chunks").iterdir())
+    assert len(chunk_dirs) == 7
+    # in chunk order (chunks hold the keys sorted by subject_id)
+    chunk_dirs.sort(key=lambda d: int(ModalityFeatures.load(d).subject_id.min()))
+    for d in chunk_dirs:
+        part = ModalityFeatures.load(d)
+        rows = pl.DataFrame(
+            {"subject_id": part.subject_id, "prediction_time": part.prediction_time}
+        )
+        alone = enc.encode(rows, src)
+        for name, arr in arrays(alone).items():
+            np.testing.assert_array_equal(arr, arrays(part)[name], err_msg=f"{d.name}.{name}")
+    # resume: lost consecutive chunks (and the result) are encoded again, in one call
+    for d in chunk_dirs[2:5]:
+        shutil.rmtree(d)
+    shutil.rmtree(store.last_run.directory / "results")
+    src.calls = 0
+    again = store.encode(enc, cohort, src, chunk_size=16, progress=False)
+    assert store.last_run.encoded_chunks == 3 and src.calls == 1
+    for name, arr in arrays(direct).items():
+        np.testing.assert_array_equal(arr, arrays(again)[name], err_msg=name)

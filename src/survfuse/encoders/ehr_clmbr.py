@@ -314,6 +314,9 @@ class EHRCLMBREncoder(Encoder):
 
     modality: ClassVar[Any] = "ehr"
     learns: ClassVar[bool] = True
+    # FeatureStore: encode this many rows per call (each call re-reads the MEDS shards of
+    # its subjects, so 256-row chunks one by one would read the data many times over)
+    store_batch_rows: ClassVar[int] = 32_768
     _RUNTIME = ("device", "checkpoint_dir", "progress", "num_threads")
 
     def __init__(

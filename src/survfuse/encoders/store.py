@@ -73,8 +73,41 @@ def _unique_sorted(
     return first, inverse
 
 
+def _chunk_groups(
+    todo: list[int], chunks: list[tuple[int, int]], batch_rows: int
+) -> list[list[int]]:
+    """Runs of consecutive chunks to encode in one `encode` call, each at most `batch_rows`
+    rows (one chunk per call when the encoder sets no `store_batch_rows`)."""
+    groups: list[list[int]] = []
+    for i in todo:
+        g = groups[-1] if groups else None
+        if g is not None and g[-1] == i - 1 and chunks[i][1] - chunks[g[0]][0] <= batch_rows:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _chunk_part(feats: ModalityFeatures, a: int, b: int, offset: int) -> ModalityFeatures:
+    """Rows [a, b) of a multi-chunk encode (rows start at `offset`), as if encoded alone:
+    token_codes cut to the chunk's widest token, the manifest to the chunk's subjects."""
+    part = feats.select(np.arange(a - offset, b - offset))
+    if part.token_codes is not None and part.token_codes.shape[2] > 1:
+        width = max(int((part.token_codes >= 0).sum(axis=2).max(initial=0)), 1)
+        part.token_codes = np.ascontiguousarray(part.token_codes[:, :, :width])
+    if part.meta.get("manifest"):
+        sids = set(part.subject_id.tolist())
+        part.meta["manifest"] = [m for m in part.meta["manifest"] if m.get("subject_id") in sids]
+    return part
+
+
 class FeatureStore:
-    """Disk cache of encoder outputs; see the module docstring for the layout."""
+    """Disk cache of encoder outputs; see the module docstring for the layout.
+
+    An encoder with a `store_batch_rows` attribute (the EHR encoders: each `encode` call
+    re-reads the MEDS shards its subjects live in) encodes runs of consecutive chunks in one
+    call of up to that many rows; each chunk is still saved on its own, atomically.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -229,14 +262,16 @@ class FeatureStore:
             transient=False,
         ) as bar:
             task = bar.add_task("encode", total=n_rows)
-            for i in todo:
-                a, b = chunks[i]
+            for group in _chunk_groups(todo, chunks, int(getattr(encoder, "store_batch_rows", 0))):
+                a, b = chunks[group[0]][0], chunks[group[-1]][1]
                 rows = cohort[first[a:b].tolist()]
                 feats = encoder.encode(rows, source)
                 self._check_chunk(feats, rows, encoder.name)
-                feats.meta.setdefault("encoder", encoder.name)
-                feats.save(chunk_dirs[i])
-                bar.advance(task, b - a)
+                for i in group:
+                    part = feats if len(group) == 1 else _chunk_part(feats, *chunks[i], a)
+                    part.meta.setdefault("encoder", encoder.name)
+                    part.save(chunk_dirs[i])
+                    bar.advance(task, chunks[i][1] - chunks[i][0])
 
     @staticmethod
     def _check_chunk(feats: ModalityFeatures, rows: pl.DataFrame, name: str) -> None:
