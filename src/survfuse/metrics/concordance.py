@@ -1,4 +1,9 @@
-"""Harrell's and Uno's concordance in O(n log n) with a Fenwick tree over risk ranks."""
+"""Harrell's and Uno's concordance in O(n log n).
+
+Harrell's C: one forward sweep over time with a prefix counter over risk groups
+(`_kernels.harrell_sweep`), orders from np.sort of packed uint64 keys. Uno's C and the
+resampling kernels: Fenwick trees over dense risk ranks (`SortedSurvival`).
+"""
 
 from __future__ import annotations
 
