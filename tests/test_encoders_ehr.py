@@ -509,12 +509,12 @@ def test_counts_compiled_equals_reference(mimic: tuple[pl.DataFrame, pl.DataFram
         [30.0, 365.0, None],
     )
     ref = np.concatenate([ref, enc._age(ev, index.n_keys)[:, None]], axis=1)
-    _assert_counts_equal(
-        enc.count_matrix(cohort, src).toarray(),
-        ref[index.row_key],
-        enc.vocab.size,
-        len(enc.numeric_codes),
-    )
+    mat = enc.count_matrix(cohort, src)
+    _assert_counts_equal(mat.toarray(), ref[index.row_key], enc.vocab.size, len(enc.numeric_codes))
+    # encode writes the pooled rows directly: the same as transforming the raw matrix
+    f = enc.encode(cohort, src)
+    np.testing.assert_array_equal(f.pooled, enc.pooled_from_counts(mat))
+    np.testing.assert_array_equal(f.present, np.diff(mat.indptr) > 0)
 
 
 class _CountingSource:

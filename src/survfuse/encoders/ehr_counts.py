@@ -21,7 +21,7 @@ Kahan compensation).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numba
@@ -35,6 +35,7 @@ from survfuse.encoders.ehr_vocab import (
     CodeVocab,
     EventBatch,
     KeyIndex,
+    expand_rows,
     fit_vocab,
     iter_event_batches,
     windowed_events,
@@ -151,6 +152,48 @@ def _count_rows(
             nnz += 1
         indptr[j + 1] = nnz
     return nnz
+
+
+@numba.njit(cache=True)
+def _scatter_pooled(
+    indptr: NDArray[np.int64],
+    cols: NDArray[np.int64],
+    vals: NDArray[np.float64],
+    rows: NDArray[np.int64],
+    log1p_count: NDArray[np.float64],
+    vocab_size: int,
+    n_numeric: int,
+    mean: NDArray[np.float64],
+    sd: NDArray[np.float64],
+    age_mean: float,
+    age_sd: float,
+    out: NDArray[np.float32],
+    present: NDArray[np.bool_],
+) -> None:
+    """Write CSR row r (raw features) to dense row `rows[r]` of `out`, transformed as
+    `pooled_from_counts` does (same float64 arithmetic, then float32): counts -> log1p (a
+    table), numeric values -> clip((x - mean) / sd, -10, 10), age -> (x - mean) / sd."""
+    width = vocab_size + 2 * n_numeric
+    age_col = out.shape[1] - 1
+    for r in range(rows.shape[0]):
+        row = rows[r]
+        if indptr[r + 1] > indptr[r]:
+            present[row] = True
+        for q in range(indptr[r], indptr[r + 1]):
+            c = cols[q]
+            x = vals[q]
+            if c == age_col:
+                y = (x - age_mean) / age_sd
+            else:
+                w = c % width
+                if w < vocab_size:
+                    y = log1p_count[np.int64(x)]
+                else:
+                    k = w - vocab_size
+                    if k >= n_numeric:
+                        k -= n_numeric
+                    y = min(max((x - mean[k]) / sd[k], -10.0), 10.0)
+            out[row, c] = np.float32(y)
 
 
 def _key_runs(
@@ -421,16 +464,14 @@ class EHRCountsEncoder(Encoder):
         hit = (batch.code == code).to_numpy() & np.isfinite(batch.days_before)
         np.maximum.at(age, batch.key[hit], batch.days_before[hit] / 365.25)
 
-    def count_matrix(self, cohort: pl.DataFrame, source: Any) -> sp.csr_matrix:
-        """Raw features [N, F] (CSR float64) in `cohort`'s row order; columns `feature_names`."""
-        self.check_fitted()
+    def _iter_rows(
+        self, index: KeyIndex, source: Any
+    ) -> Iterator[tuple[sp.csr_matrix, NDArray[np.int64]]]:
+        """Per windowed batch: raw features of its keys (CSR, run order) and their keys."""
         assert self.vocab is not None
-        index = KeyIndex.from_cohort(cohort)
         lookup = np.full(len(self.vocab.codes) + 1, -1, np.int64)
         lookup[self.numeric_codes] = np.arange(len(self.numeric_codes))
         age = np.zeros(index.n_keys)
-        parts: list[sp.csr_matrix] = []
-        keys: list[NDArray[np.int64]] = []
         for batch in iter_event_batches(
             source,
             index,
@@ -441,7 +482,7 @@ class EHRCountsEncoder(Encoder):
             ids = self.vocab.transform(batch.code, batch.value, code_idx)
             num_idx = lookup[np.where(code_idx >= 0, code_idx, len(self.vocab.codes))]
             self._add_age(age, batch)
-            runs, run_keys = _window_rows(
+            yield _window_rows(
                 batch.key,
                 batch.days_before,
                 ids,
@@ -454,6 +495,14 @@ class EHRCountsEncoder(Encoder):
                 windows=self._config["windows"],
                 age=age,
             )
+
+    def count_matrix(self, cohort: pl.DataFrame, source: Any) -> sp.csr_matrix:
+        """Raw features [N, F] (CSR float64) in `cohort`'s row order; columns `feature_names`."""
+        self.check_fitted()
+        index = KeyIndex.from_cohort(cohort)
+        parts: list[sp.csr_matrix] = []
+        keys: list[NDArray[np.int64]] = []
+        for runs, run_keys in self._iter_rows(index, source):
             parts.append(runs)
             keys.append(run_keys)
         return _gather_rows(parts, keys, index.row_key, len(self.feature_names))
@@ -482,12 +531,36 @@ class EHRCountsEncoder(Encoder):
 
     def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
         self.check_fitted()
-        mat = self.count_matrix(cohort, source)
-        present = np.diff(mat.indptr) > 0
+        assert self.vocab is not None
+        index = KeyIndex.from_cohort(cohort)
+        # each batch's raw rows go straight into the dense pooled matrix, transformed as
+        # pooled_from_counts(count_matrix(...)) would (no stacked sparse matrix, no copies)
+        pooled = np.zeros((index.n_keys, len(self.feature_names)), np.float32)
+        present = np.zeros(index.n_keys, bool)
+        for runs, run_keys in self._iter_rows(index, source):
+            is_count = runs.indices % (self.vocab.size + 2 * len(self.numeric_codes)) < (
+                self.vocab.size
+            )
+            top = int(runs.data[is_count].max(initial=0))
+            _scatter_pooled(
+                runs.indptr.astype(np.int64),
+                runs.indices.astype(np.int64),
+                runs.data,
+                run_keys,
+                np.log1p(np.arange(top + 1, dtype=np.float64)),
+                self.vocab.size,
+                len(self.numeric_codes),
+                self.numeric_mean,
+                self.numeric_sd,
+                float(self.age_stats[0]),
+                float(self.age_stats[1]),
+                pooled,
+                present,
+            )
         return ModalityFeatures(
             subject_id=cohort["subject_id"].cast(pl.Int64).to_numpy(),
             prediction_time=cohort["prediction_time"].cast(pl.Datetime("us")).to_numpy(),
-            pooled=self.pooled_from_counts(mat),
-            present=present,
+            pooled=expand_rows(pooled, index.row_key),
+            present=expand_rows(present, index.row_key),
             meta={"encoder": self.name, "feature_names": self.feature_names},
         )
