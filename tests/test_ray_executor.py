@@ -173,9 +173,10 @@ def test_bootstrap_blocks_equal_local_score_group(runs: dict) -> None:
     remote, cfg = runs["ray"], runs["cfg"]
     groups = build_groups(cfg, RunDir(remote.run_dir), remote.specs)
     assert groups and groups[0].n_boot == 300
-    # 260 resamples: blocks of 128, 128 and 4, one per task.
-    groups = [dataclasses.replace(groups[-1], n_boot=260)]
-    fanned = score_groups_on_ray(groups, block=100)
+    # 260 resamples: blocks of 128, 128 and 4, one per task (as if the cluster had 8 CPUs);
+    # the second group is scored in a single task.
+    groups = [dataclasses.replace(groups[-1], n_boot=260), groups[0]]
+    fanned = score_groups_on_ray(groups, block=100, cpus=8)
     for g, got in zip(groups, fanned, strict=True):
         want = score_group(g)
         assert got["point"] == want["point"]

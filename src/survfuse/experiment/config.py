@@ -279,7 +279,7 @@ class RayConfig(_Strict):
     in `strategies`); a cell whose worker dies is re-run up to `max_retries` times, then recorded
     as failed. Encoders of `encode_modalities` run in `encode_actors` Ray Data actors, each
     requesting `encode_num_cpus` / `encode_num_gpus`. Bootstrap resamples are scored in Ray
-    tasks of `bootstrap_block` resamples (rounded up to whole blocks of the resample stream).
+    tasks of at least `bootstrap_block` resamples (only as many as keep the cluster busy).
     """
 
     num_cpus: float | None = Field(default=None, gt=0.0)

@@ -13,8 +13,9 @@
 - Encoding: encoders of `ray.encode_modalities` (default: CT) encode through Ray Data
   (`survfuse.encoders.ray_encode`) into the same feature store; others encode on the driver.
 - Bootstrap: each task x split's resamples are drawn on the driver from the same seeded stream
-  as the local evaluation (`Resampler.weights`, 128 resamples a block) and scored in Ray tasks of
-  about `ray.bootstrap_block` resamples, so the CIs and p-values equal the local ones.
+  as the local evaluation (`Resampler.weights`, 128 resamples a block) and scored in Ray tasks
+  (as many per task x split as keep the cluster's CPUs busy, each of at least
+  `ray.bootstrap_block` resamples), so the CIs and p-values equal the local ones.
 
 The run directory, data, feature store and any checkpoints must be on storage every node sees at
 the same path (see docs/ray.md).
@@ -22,7 +23,6 @@ the same path (see docs/ray.md).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -42,7 +42,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 CellFn = Callable[[CellSpec, str], CellResult]
-_RESAMPLE_BLOCK = 128  # rows per block of `Resampler.weights` (its fixed chunk)
 
 
 def _cell_task(cell_fn: CellFn, spec: CellSpec, run_dir: str) -> CellResult:
@@ -202,11 +201,15 @@ class RayExecutor(Executor):
         return score_groups_on_ray(groups, block=self.options.bootstrap_block)
 
 
-def score_block(g: Any, blocks: Sequence[NDArray[np.float64]]) -> dict[str, dict[Any, Any]]:
-    """Seed-averaged resampled statistics of every model of group `g` on weight blocks.
+def score_block(
+    g: Any, blocks: Sequence[NDArray[np.float64]], *, points: bool = False
+) -> dict[str, Any]:
+    """Seed-averaged statistics of every model of group `g` on weight blocks (+ points).
 
-    Exactly the per-block step of `evaluate.score_group`: for weights w [b, N] each model's
-    statistic is the NaN-mean over its seeds of `scorer.boot(w)`; blocks are concatenated.
+    Exactly the steps of `evaluate.score_group`, with the scorers built once per call: for
+    weights w [b, N] each model's statistic is the NaN-mean over its seeds of `scorer.boot(w)`
+    (blocks concatenated in order); with `points`, also each model's NaN-mean point estimate.
+    Returns {"boot": {model: {key: [sum b] array}}, "point": {model: {key: value}} or None}.
     """
     from survfuse.experiment.evaluate import _nanmean_rows, make_scorers
 
@@ -214,6 +217,15 @@ def score_block(g: Any, blocks: Sequence[NDArray[np.float64]]) -> dict[str, dict
         m.model: [make_scorers(g, m.risk[s], m.surv[s]) for s in range(len(m.seeds))]
         for m in g.models
     }
+    point = None
+    if points:
+        point = {
+            model: {
+                k: float(_nanmean_rows(np.array([[sc[k].point()] for sc in per_seed]))[0])
+                for k in per_seed[0]
+            }
+            for model, per_seed in scorers.items()
+        }
     parts: dict[str, dict[Any, list[NDArray[np.float64]]]] = {
         model: {k: [] for k in per_seed[0]} for model, per_seed in scorers.items()
     }
@@ -222,59 +234,57 @@ def score_block(g: Any, blocks: Sequence[NDArray[np.float64]]) -> dict[str, dict
             for k in per_seed[0]:
                 vals = np.stack([sc[k].boot(w) for sc in per_seed])
                 parts[model][k].append(_nanmean_rows(vals))
-    return {
-        model: {k: np.concatenate(v) if v else np.empty(0) for k, v in keys.items()}
+    boot = {
+        model: {k: np.concatenate(v) if v else np.full(0, np.nan) for k, v in keys.items()}
         for model, keys in parts.items()
     }
+    return {"boot": boot, "point": point}
 
 
-def _points(g: Any) -> dict[str, Any]:
-    from survfuse.experiment.evaluate import score_group
-
-    return score_group(dataclasses.replace(g, n_boot=0))
-
-
-def score_groups_on_ray(groups: Sequence[Any], *, block: int = 256) -> list[dict[str, Any]]:
+def score_groups_on_ray(
+    groups: Sequence[Any], *, block: int = 256, cpus: int | None = None
+) -> list[dict[str, Any]]:
     """Score groups like `evaluate.score_group`, resample blocks in parallel Ray tasks.
 
     The weights come from `Resampler.weights(n_boot, group_seed(...))` on the driver, the same
-    stream as the local evaluation, and are cut into tasks of ceil(block / 128) of its 128-row
-    blocks, so every resample and every statistic equals the local one.
+    stream as the local evaluation (blocks of 128 resamples), so every resample and every
+    statistic equals the local one. Each group is cut into just enough tasks to keep `cpus`
+    (default: the cluster's CPUs) busy, each of at least `block` resamples: every task builds
+    the scorers once, so fewer, larger tasks waste less.
     """
     import ray
 
     from survfuse.experiment.evaluate import group_seed
     from survfuse.metrics import Resampler
 
-    per_task = max(1, math.ceil(block / _RESAMPLE_BLOCK))
-    points_remote = ray.remote(_points)
-    block_remote = ray.remote(score_block)
+    if not groups:
+        return []
+    n_cpus = cpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_group = max(1, math.ceil(n_cpus / len(groups)))
+    remote: Any = ray.remote(score_block)
     jobs = []
     for g in groups:
         g_ref = ray.put(g)
-        point_ref = points_remote.remote(g_ref)
-        block_refs = []
+        blocks: list[NDArray[np.float64]] = []
         if g.n_boot > 0:
             res = Resampler.build(g.time.shape[0], g.subject_id)
-            batch: list[NDArray[np.float64]] = []
-            for w in res.weights(g.n_boot, group_seed(g.seed, g.task, g.split)):
-                batch.append(w)
-                if len(batch) == per_task:
-                    block_refs.append(block_remote.remote(g_ref, batch))
-                    batch = []
-            if batch:
-                block_refs.append(block_remote.remote(g_ref, batch))
-        jobs.append((point_ref, block_refs))
+            blocks = list(res.weights(g.n_boot, group_seed(g.seed, g.task, g.split)))
+        most = max(1, math.ceil(g.n_boot / max(1, block)))
+        n_tasks = max(1, min(per_group, most, len(blocks)))
+        cuts = np.linspace(0, len(blocks), n_tasks + 1).round().astype(int)
+        refs = [
+            remote.remote(g_ref, blocks[cuts[i] : cuts[i + 1]], points=(i == 0))
+            for i in range(n_tasks)
+        ]
+        jobs.append(refs)
     out = []
-    for point_ref, block_refs in jobs:
-        result: dict[str, Any] = ray.get(point_ref)
-        if block_refs:
-            pieces = ray.get(block_refs)
-            result["boot"] = {
-                model: {k: np.concatenate([p[model][k] for p in pieces]) for k in keys}
-                for model, keys in result["boot"].items()
-            }
-        out.append(result)
+    for refs in jobs:
+        pieces = ray.get(refs)
+        boot = {
+            model: {k: np.concatenate([p["boot"][model][k] for p in pieces]) for k in keys}
+            for model, keys in pieces[0]["boot"].items()
+        }
+        out.append({"point": pieces[0]["point"], "boot": boot})
     return out
 
 
