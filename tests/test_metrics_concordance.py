@@ -188,3 +188,30 @@ def test_constant_risk_is_half_and_undefined_cases_raise() -> None:
 def test_bad_input_names_index(time: list, event: list, risk: list, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         concordance_index(time, event, risk)
+
+
+def _brute_counts(t: np.ndarray, e: np.ndarray, r: np.ndarray) -> tuple[int, int, int]:
+    """O(n^2) pair count with exact float comparisons: i before j when t_i < t_j, or tied
+    times with i an event and j censored (R's rule); the pair counts when i is an event."""
+    before = (t[:, None] < t[None, :]) | ((t[:, None] == t[None, :]) & e[:, None] & ~e[None, :])
+    comparable = before & e[:, None]
+    conc = int((comparable & (r[:, None] > r[None, :])).sum())
+    disc = int((comparable & (r[:, None] < r[None, :])).sum())
+    tied = int((comparable & (r[:, None] == r[None, :])).sum())
+    return conc, disc, tied
+
+
+def test_near_equal_keys_and_signed_zero_match_exact_pair_counts() -> None:
+    # The sorts pack float bits with row indices; values one ulp apart and -0.0 vs 0.0
+    # must still order exactly as float comparison does.
+    rng = np.random.default_rng(7)
+    n = 400
+    t = 1e9 + 1e-3 * rng.random(n)
+    t[::7] = t[0]  # ties in time
+    t[1::11] = np.nextafter(t[0], np.inf)  # one ulp above the tie
+    e = rng.random(n) < 0.6
+    r = rng.choice([-0.0, 0.0, 1.0, np.nextafter(1.0, 2.0), 1e-300, -1e-300], size=n)
+    res = concordance_index(t, e, r)
+    conc, disc, tied = _brute_counts(t, e, r)
+    assert (res.concordant, res.discordant, res.tied_risk) == (conc, disc, tied)
+    assert res.estimate == pytest.approx((conc + 0.5 * tied) / (conc + disc + tied), abs=1e-15)
