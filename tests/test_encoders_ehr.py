@@ -568,3 +568,17 @@ def test_store_encodes_chunk_runs_in_one_call_and_resumes(
     assert store.last_run.encoded_chunks == 3 and src.calls == 1
     for name, arr in arrays(direct).items():
         np.testing.assert_array_equal(arr, arrays(again)[name], err_msg=name)
+
+
+def test_output_array_fills_and_restores_numpy_hugepage_setting() -> None:
+    from survfuse.encoders import ehr_vocab
+
+    a = ehr_vocab.output_array((4, 3, 2), np.int32, -1)
+    assert a.dtype == np.int32 and a.shape == (4, 3, 2) and (a == -1).all()
+    assert (ehr_vocab.output_array((5,), np.float32) == 0).all()
+    switch = ehr_vocab._set_madvise_hugepage
+    assert switch is not None  # numpy's private switch is where this numpy has it
+    before = switch(True)
+    switch(before)
+    ehr_vocab.output_array((2,), bool)
+    assert switch(before) == before  # the allocation left numpy's setting as it was

@@ -38,6 +38,7 @@ from survfuse.encoders.ehr_vocab import (
     expand_rows,
     fit_vocab,
     iter_event_batches,
+    output_array,
     windowed_events,
 )
 from survfuse.encoders.features import ModalityFeatures
@@ -250,7 +251,8 @@ def _window_rows(
         np.asarray(i, np.int32),
         np.asarray(m, np.int64),
         np.asarray(v, np.float64),
-        np.asarray(t, np.int64),
+        # writable like the others (polars may hand out read-only views): one compiled variant
+        np.require(t, np.int64, ["C", "W"]),
         run_age,
         wins,
         vocab_size,
@@ -535,7 +537,7 @@ class EHRCountsEncoder(Encoder):
         index = KeyIndex.from_cohort(cohort)
         # each batch's raw rows go straight into the dense pooled matrix, transformed as
         # pooled_from_counts(count_matrix(...)) would (no stacked sparse matrix, no copies)
-        pooled = np.zeros((index.n_keys, len(self.feature_names)), np.float32)
+        pooled = output_array((index.n_keys, len(self.feature_names)), np.float32)
         present = np.zeros(index.n_keys, bool)
         for runs, run_keys in self._iter_rows(index, source):
             is_count = runs.indices % (self.vocab.size + 2 * len(self.numeric_codes)) < (

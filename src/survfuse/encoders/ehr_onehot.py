@@ -36,6 +36,7 @@ from survfuse.encoders.ehr_vocab import (
     expand_rows,
     fit_vocab,
     iter_event_batches,
+    output_array,
     windowed_events,
 )
 from survfuse.encoders.features import ModalityFeatures
@@ -373,7 +374,7 @@ class EHROneHotEncoder(Encoder):
         n, t, v = index.n_keys, cfg["max_tokens"], self.vocab.size
         # pooled is written by the planning pass; tokens are planned batch by batch and
         # scattered once, with K = the most ids any token has (<= max_codes_per_token)
-        pooled = np.zeros((n, v), np.float32)
+        pooled = output_array((n, v), np.float32)
         present = np.zeros(n, bool)
         plan = _TokenPlan()
         for batch in iter_event_batches(
@@ -390,9 +391,9 @@ class EHROneHotEncoder(Encoder):
                 pooled=pooled,
             )
             present[seen] = True
-        codes = np.full((n, t, max(plan.width, 1)), -1, np.int32)
-        feats = np.zeros((n, t, TIME_DIM), np.float32)
-        mask = np.zeros((n, t), bool)
+        codes = output_array((n, t, max(plan.width, 1)), np.int32, -1)
+        feats = output_array((n, t, TIME_DIM), np.float32)
+        mask = output_array((n, t), bool)
         plan.fill(codes, feats, mask)
         rk = index.row_key
         return ModalityFeatures(

@@ -348,6 +348,26 @@ def fit_vocab(
     )
 
 
+# numpy's switch for madvise(MADV_HUGEPAGE) on new arrays (a private name; None if it moves)
+_set_madvise_hugepage: Any = getattr(
+    getattr(np, "_core", np).multiarray, "_set_madvise_hugepage", None
+)
+
+
+def output_array(shape: tuple[int, ...], dtype: Any, fill: Any = 0) -> NDArray[Any]:
+    """A new output array filled with `fill`, allocated without numpy's transparent-huge-page
+    advice. Why: the encoders' dense outputs are written once, and on a busy machine the first
+    touch of huge pages triggers memory compaction that cost ~5x the whole write (1.7 s vs
+    0.3 s CPU for 770 MB); the setting is restored right after the allocation."""
+    prev = _set_madvise_hugepage(False) if _set_madvise_hugepage is not None else None
+    try:
+        out: NDArray[Any] = np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)
+    finally:
+        if prev is not None:
+            _set_madvise_hugepage(prev)
+    return out
+
+
 def expand_rows(per_key: NDArray[Any], row_key: NDArray[np.int64]) -> NDArray[Any]:
     """Per-key array -> per-cohort-row array (identity when keys are the rows)."""
     if row_key.shape[0] == per_key.shape[0] and np.array_equal(
