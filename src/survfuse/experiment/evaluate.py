@@ -509,7 +509,18 @@ def evaluate_run(
     groups = build_groups(cfg, rd, specs)
     if executor is not None and hasattr(executor, "score_groups"):
         scores = executor.score_groups(groups)  # e.g. Ray: resample blocks fanned out
-    elif executor is not None and type(executor).__name__ != "LocalExecutor":
+    elif executor is not None and (
+        type(executor).__name__ != "LocalExecutor" or getattr(executor, "workers", 1) > 1
+    ):
+        # Task x split groups are independent: score them in the executor's workers (the
+        # resamples depend only on the evaluation seed, task and split, so results are equal).
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[bold]bootstrap[/bold] {len(groups)} task x split groups x "
+                f"{cfg.evaluation.bootstrap} resamples ({executor.name} workers)"
+            )
         scores = executor.map(_score_group_plain, groups)
     else:
         scores = []

@@ -105,6 +105,18 @@ class LocalExecutor(Executor):
             return results
         return self._run_pool(specs, run_dir, on_result)
 
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """`fn` over items, in `workers` spawned processes when there are several."""
+        items = list(items)
+        if self.workers == 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
+            return list(pool.map(fn, items))
+
     def _run_pool(
         self,
         specs: Sequence[CellSpec],
