@@ -143,6 +143,25 @@ class FusionOutput:
 
 
 # ----------------------------------------------------------------------------- layers
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 (a well-mixed hash; wraps modulo 2**64 by design)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _seeded_subsample(f: ModalityFeatures, rows: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """`k` of `rows`, a seeded random subsample that does not depend on the cohort's row order:
+    rows are ranked by a seeded hash of (subject_id, prediction_time) and the k smallest kept."""
+    sid = np.asarray(f.subject_id)[rows].astype(np.int64).view(np.uint64)
+    pt = np.asarray(f.prediction_time)[rows].astype("datetime64[us]").astype(np.int64)
+    key = _splitmix64(_splitmix64(sid ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) ^ pt.view(np.uint64))
+    order = np.lexsort((pt, sid, key))
+    return np.sort(rows[order[:k]])
+
+
 class FeatureNorm(nn.Module):
     """Standardise pooled and dense token features with training statistics (buffers).
 
@@ -166,8 +185,14 @@ class FeatureNorm(nn.Module):
         self.register_buffer("token_mean", torch.zeros(spec.token_dim))
         self.register_buffer("token_std", torch.ones(spec.token_dim))
 
+    # token statistics use at most this many present rows (a seeded random subsample)
+    TOKEN_STAT_ROWS = 2000
+
     @torch.no_grad()
-    def fit(self, f: ModalityFeatures) -> None:
+    def fit(self, f: ModalityFeatures, seed: int = 0) -> None:
+        """Fit the statistics; token statistics use a seeded random subsample of
+        `TOKEN_STAT_ROWS` present rows that is independent of the cohort's row order."""
+
         def stats(x: np.ndarray) -> tuple[Tensor, Tensor]:
             if x.shape[0] == 0:
                 return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
@@ -183,7 +208,9 @@ class FeatureNorm(nn.Module):
         self.pooled_std.copy_(sd)
         if f.tokens is not None and f.mask is not None:
             # subsample rows so statistics of a memory-mapped 100k cohort stay cheap
-            rows = np.flatnonzero(present)[:2000]
+            rows = np.flatnonzero(present)
+            if rows.size > self.TOKEN_STAT_ROWS:
+                rows = _seeded_subsample(f, rows, self.TOKEN_STAT_ROWS, seed)
             tok = np.asarray(f.tokens[rows])[np.asarray(f.mask[rows])]
             mu, sd = stats(tok)
             self.token_mean.copy_(mu)
@@ -433,6 +460,10 @@ class FusionStrategy(nn.Module, abc.ABC):
             parts.append(self.output_head.loss(output.out, time, event))
         if output.aux_loss is not None:
             parts.append(output.aux_loss)
+        if not parts:
+            # nothing to optimise in this batch (e.g. the align stage without a pair of patients
+            # having both modalities): a zero attached to the graph, so backward() still works
+            return output.out.sum() * 0.0
         return torch.stack(parts).sum()
 
     def config(self) -> dict[str, Any]:

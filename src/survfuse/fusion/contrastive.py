@@ -28,11 +28,13 @@ def symmetric_info_nce(z_a: Tensor, z_b: Tensor, logit_scale: Tensor) -> Tensor:
 class Contrastive(FusionStrategy):
     """Projection heads to a shared space, InfoNCE alignment, survival on the aligned embedding.
 
-    z_m = normalize(P_m(MLP_m(pooled_m))) [N, d]; fused e = sum_m p_m z_m / sum_m p_m (present
-    modalities only) -> MLP -> head. Loss = head loss(e) + lambda * InfoNCE(z_ct, z_ehr) over the
-    patients with both modalities (learnable temperature: logit scale s = log(1/0.07) at start,
-    clamped to <= log(100) as in CLIP). `align_epochs` > 0 gives the two-stage schedule: the first
-    `align_epochs` epochs optimise InfoNCE only, then survival + lambda * InfoNCE.
+        z_m = normalize(P_m(MLP_m(pooled_m))) [N, d]; fused e = sum_m p_m z_m / sum_m p_m (present
+        modalities only) -> MLP -> head. Loss = head loss(e) + lambda * InfoNCE(z_ct, z_ehr) over the
+        patients with both modalities (learnable temperature: logit scale s = log(1/0.07) at start,
+        clamped to <= log(100) as in CLIP). `align_epochs` > 0 gives the two-stage schedule: the first
+        `align_epochs` epochs optimise InfoNCE only (unweighted, also with lambda = 0; a batch with
+    fewer than two patients having both modalities gives a zero loss), then survival +
+    lambda * InfoNCE.
     """
 
     def __init__(
@@ -94,9 +96,12 @@ class Contrastive(FusionStrategy):
         out = self.head(self.fused(e))
         aux = None
         both = present.bool().all(0)
-        if self.training and self.lam > 0 and int(both.sum()) >= 2:
+        align = self.training_stage() == "align"
+        # the align stage optimises InfoNCE alone whatever `lam` is (lam weights it only in the
+        # survival stage); InfoNCE needs at least two patients with both modalities
+        if self.training and (align or self.lam > 0) and int(both.sum()) >= 2:
             with torch.no_grad():
                 self.logit_scale.clamp_(max=math.log(100.0))
             nce = symmetric_info_nce(z["ct"][both], z["ehr"][both], self.logit_scale)
-            aux = nce if self.training_stage() == "align" else self.lam * nce
+            aux = nce if align else self.lam * nce
         return FusionOutput(out=out, risk=self.head.risk(out), aux_loss=aux, modality_repr=z)

@@ -16,8 +16,10 @@ gradient of each modality's encoder-side parameters (`strategy.modality_paramete
 Rebalancing (`rebalance="ogm_ge"`, off by default): OGM-GE (Peng et al., CVPR 2022) adapted to
 survival. A linear Cox probe per modality is trained on that modality's detached
 representation r_m (`FusionOutput.modality_repr`; Adam, 5 steps per training step); its score is the geometric-mean partial
-likelihood per event, s_m = exp(-cox_partial_nll_m) in (0, 1] (the analogue of OGM-GE's softmax
-probability of the true class). With rho_ct = s_ct / s_ehr and rho_ehr = 1 / rho_ct, the
+likelihood per event relative to the null model (risk 0), s_m = exp(nll_null - nll_m) (the
+analogue of OGM-GE's softmax probability of the true class), both computed on the batch rows
+where *both* modalities are present: the Cox NLL grows with risk-set size, so scoring each probe on
+its own present rows would favour the modality that is missing more often. With rho_ct = s_ct / s_ehr and rho_ehr = 1 / rho_ct, the
 dominant modality (rho_m > 1) has its encoder-side gradients scaled by
 k_m = 1 - tanh(alpha * (rho_m - 1)) and, for generalisation enhancement, Gaussian noise with the
 gradient's own standard deviation added (`noise=True`); the other modality is untouched.
@@ -26,6 +28,7 @@ gradient's own standard deviation added (`noise=True`); the other modality is un
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import time as _time
@@ -38,6 +41,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
+from survfuse.device import resolve_device
 from survfuse.encoders.features import ModalityFeatures
 from survfuse.fusion.base import (
     Batch,
@@ -65,11 +69,25 @@ REBALANCE = ("none", "ogm_ge")
 Features = Mapping[str, ModalityFeatures]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`"auto"` = CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+REBALANCE_PARAMS = ("alpha", "noise")
+# FusionStrategy.__init__ arguments the estimator passes itself (not strategy_params)
+_RESERVED = ("self", "specs", "head", "head_params", "in_features")
+
+
+def check_params(params: Mapping[str, Any], target: Any, *, kind: str) -> None:
+    """Every key of `params` must be a keyword argument of `target`'s `__init__` (did-you-mean
+    error otherwise); a target that accepts **kwargs accepts anything."""
+    sig = inspect.signature(target.__init__)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    allowed = [
+        name
+        for name, p in sig.parameters.items()
+        if name not in _RESERVED
+        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    for key in params:
+        look_up_option(key, allowed, kind=kind)
 
 
 def harrell_c(time: ArrayLike, event: ArrayLike, risk: ArrayLike) -> float:
@@ -90,7 +108,8 @@ class FusionSurvivalModel:
 
     `strategy_params` go to the strategy (e.g. `{"modality": "ehr"}` for `unimodal`,
     `{"direction": "both"}` for `cross_attention`), `head_params` to the head.
-    `rebalance_params` for OGM-GE: `alpha` (default 0.5), `noise` (default True).
+    `rebalance_params` for OGM-GE: `alpha` (default 0.5), `noise` (default True), scored on
+    the rows where both modalities are present (see the module docstring).
     Without `validation` the model trains `max_epochs` epochs and keeps the last weights.
     """
 
@@ -114,10 +133,16 @@ class FusionSurvivalModel:
         device: str = "auto",
         verbose: bool = False,
     ) -> None:
-        FUSIONS.get(strategy)  # did-you-mean error early
         from survfuse.registry import HEADS
 
-        HEADS.get(head)
+        # every option is validated here, not at fit(): did-you-mean errors for misspelt names
+        strategy_cls = FUSIONS.get(strategy)
+        head_cls = HEADS.get(head)
+        check_params(strategy_params or {}, strategy_cls, kind=f"{strategy} strategy parameter")
+        check_params(head_params or {}, head_cls, kind=f"{head} head parameter")
+        for key in rebalance_params or {}:
+            look_up_option(key, REBALANCE_PARAMS, kind="rebalance parameter")
+        resolve_device(device)
         self.strategy_name = strategy
         self.head = head
         self.strategy_params = dict(strategy_params or {})
@@ -197,7 +222,7 @@ class FusionSurvivalModel:
             module = self._build(specs)
             check_modalities(features, module.modalities)
             for m in module.modalities:
-                module.feature_norm(m).fit(features[m])
+                module.feature_norm(m).fit(features[m], seed=self.seed)
             for h in module.survival_heads():
                 h.prepare(t, e)
             module.to(dev)
@@ -356,12 +381,28 @@ class FusionSurvivalModel:
         """Train the per-modality Cox probes one step and scale the dominant modality's grads."""
         scores: dict[str, float] = {}
         probe_losses: list[Tensor] = []
+        # Scores on the rows where every modality is present: the Cox NLL grows with the size of
+        # the risk sets, so scoring each probe on its own present rows would favour the modality
+        # that is missing more often. Each score is the improvement over the null model (risk 0)
+        # on those shared rows, s_m = exp(nll_null - nll_m) (1 = uninformative).
+        both = torch.stack([batch[m]["present"] for m in output.modality_repr]).all(0)
+        scorable = bool(be[both].any())
+        nll_null = (
+            float(cox_partial_nll(bt[both], be[both], torch.zeros_like(bt[both])))
+            if scorable
+            else 0.0
+        )
         for m, r in output.modality_repr.items():
             rows = batch[m]["present"]
             risk = probes[m](r.detach()[rows])[:, 0]
-            nll = cox_partial_nll(bt[rows], be[rows], risk)
-            probe_losses.append(nll)
-            scores[m] = math.exp(-float(nll.detach())) if bool(be[rows].any()) else 0.0
+            probe_losses.append(cox_partial_nll(bt[rows], be[rows], risk))
+            if scorable:
+                with torch.no_grad():
+                    shared = probes[m](r.detach()[both])[:, 0]
+                    nll = float(cox_partial_nll(bt[both], be[both], shared))
+                scores[m] = math.exp(nll_null - nll)
+            else:
+                scores[m] = 0.0
         # a few cheap steps per training step so the linear probes track the representations
         for step in range(PROBE_STEPS):
             if step:

@@ -1,0 +1,149 @@
+"""Regression tests of the fusion estimator's options and training edge cases (issue 9 review):
+OGM-GE scoring under missingness, the contrastive align stage, option validation, and
+order-independent token normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from survfuse.fusion import FusionSurvivalModel
+from survfuse.fusion.base import FeatureNorm, FusionOutput, ModalitySpec
+from survfuse.fusion.synthetic import synthetic_features
+from survfuse.registry import UnknownNameError
+from survfuse.survival.losses import cox_partial_nll
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- 1. OGM-GE scoring
+def test_ogm_ge_uninformative_probes_are_not_rebalanced_by_missingness() -> None:
+    # Both probes predict risk 0 (uninformative); EHR is missing for a random half. Scored on
+    # each modality's own rows, the Cox NLL of the smaller risk sets is lower and EHR would look
+    # "dominant" (coefficient ~0.64 for alpha 0.5); scored on the shared rows both are equal.
+    n = 256
+    rng = np.random.default_rng(0)
+    time = torch.as_tensor(rng.exponential(365.0, n))
+    event = torch.as_tensor(rng.random(n) < 0.7)
+    present_ehr = torch.as_tensor(rng.random(n) < 0.5)
+    # the premise: the null NLL really does depend on the number of rows
+    null_all = float(cox_partial_nll(time, event, torch.zeros(n, dtype=torch.float64)))
+    half = present_ehr
+    null_half = float(cox_partial_nll(time[half], event[half], torch.zeros(int(half.sum()))))
+    assert math.exp(-null_half) > 1.3 * math.exp(-null_all)
+
+    batch = {
+        "ct": {"present": torch.ones(n, dtype=torch.bool)},
+        "ehr": {"present": present_ehr},
+    }
+    reprs = {m: torch.randn(n, 4, generator=torch.Generator().manual_seed(1)) for m in batch}
+    output = FusionOutput(out=torch.zeros(n, 1), risk=torch.zeros(n), modality_repr=reprs)
+    probes = nn.ModuleDict({m: nn.Linear(4, 1) for m in batch})
+    for p in probes.parameters():
+        nn.init.zeros_(p)
+    opt = torch.optim.Adam(probes.parameters(), lr=1e-2)
+    model = FusionSurvivalModel("concat", rebalance="ogm_ge", device="cpu")
+    coef = model._ogm_modulate(
+        output, batch, time, event, probes, opt, {"ct": [], "ehr": []}, torch.Generator()
+    )
+    assert coef == {"ct": pytest.approx(1.0), "ehr": pytest.approx(1.0)}
+
+
+# ----------------------------------------------------------------------------- 2. align stage
+SMALL = synthetic_features(48, seed=3, ct_tokens=4, ehr_tokens=4)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_contrastive_align_stage_uses_info_nce_whatever_lambda(lam: float) -> None:
+    model = FusionSurvivalModel(
+        "contrastive",
+        strategy_params={"hidden": 8, "proj_dim": 8, "lam": lam, "align_epochs": 2},
+        max_epochs=4,
+        seed=0,
+        device="cpu",
+    ).fit(SMALL.features, SMALL.time, SMALL.event)
+    stages = [h["stage"] for h in model.history]
+    assert stages == ["align", "align", "survival", "survival"]
+    # the align-stage loss is the (unweighted) InfoNCE: positive, near log(48) at the start
+    assert 1.0 < model.history[0]["train_loss"] < 2 * math.log(48)
+
+
+def test_contrastive_align_stage_without_paired_patients_gives_zero_loss() -> None:
+    # every patient misses one modality: no InfoNCE pair exists, the align epochs train on a zero
+    # loss (no crash), then the survival stage runs normally
+    data = synthetic_features(40, seed=4, ct_tokens=4, ehr_tokens=4)
+    ct, ehr = data.features["ct"], data.features["ehr"]
+    from dataclasses import replace
+
+    half = np.arange(40) % 2 == 0
+    feats = {"ct": replace(ct, present=half), "ehr": replace(ehr, present=~half)}
+    model = FusionSurvivalModel(
+        "contrastive",
+        strategy_params={"hidden": 8, "proj_dim": 8, "align_epochs": 2},
+        max_epochs=3,
+        seed=0,
+        device="cpu",
+    ).fit(feats, data.time, data.event)
+    assert [h["train_loss"] for h in model.history[:2]] == [0.0, 0.0]
+    assert model.history[2]["stage"] == "survival" and model.history[2]["train_loss"] > 0
+    assert np.isfinite(model.predict_risk(feats)).all()
+
+
+# ----------------------------------------------------------------------------- 3. validation
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rebalance": "ogm_ge", "rebalance_params": {"alpah": 5}}, "did you mean 'alpha'"),
+        ({"strategy_params": {"hiden": 8}}, "did you mean 'hidden'"),
+        ({"head_params": {"tie": "breslow"}}, "did you mean 'ties'"),
+        ({"device": "gpu"}, "unknown device 'gpu'"),
+    ],
+)
+def test_misspelt_options_fail_in_the_constructor(kwargs: dict, message: str) -> None:
+    with pytest.raises(UnknownNameError, match=message):
+        FusionSurvivalModel("concat", **kwargs)
+
+
+def test_strategy_params_checked_against_the_strategy_signature() -> None:
+    FusionSurvivalModel("cross_attention", strategy_params={"direction": "both", "d_model": 8})
+    with pytest.raises(UnknownNameError, match="cross_attention strategy parameter 'guide'"):
+        FusionSurvivalModel("cross_attention", strategy_params={"guide": "ct"})
+
+
+# ----------------------------------------------------------------------------- 4. token statistics
+def test_token_statistics_do_not_depend_on_row_order() -> None:
+    data = synthetic_features(2600, seed=8, ct_tokens=4, ct_dim=3, ehr_tokens=2)
+    ct = data.features["ct"]
+    from dataclasses import replace
+
+    perm = np.random.default_rng(0).permutation(len(ct))
+    shuffled = replace(
+        ct,
+        subject_id=ct.subject_id[perm],
+        prediction_time=ct.prediction_time[perm],
+        pooled=ct.pooled[perm],
+        present=ct.present[perm],
+        tokens=ct.tokens[perm],  # type: ignore[index]
+        mask=ct.mask[perm],  # type: ignore[index]
+    )
+    spec = ModalitySpec.of(ct)
+    a, b, c = FeatureNorm(spec), FeatureNorm(spec), FeatureNorm(spec)
+    a.fit(ct, seed=0)
+    b.fit(shuffled, seed=0)
+    c.fit(ct, seed=1)
+    torch.testing.assert_close(a.token_mean, b.token_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.token_std, b.token_std, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a.token_mean, c.token_mean)  # another seed, another subsample
+    # the subsample is a subsample (2,000 of 2,600 rows), close to the full-data statistics
+    full = ct.tokens[ct.mask].astype(np.float64)  # type: ignore[index]
+    np.testing.assert_allclose(a.token_mean.numpy(), full.mean(0), atol=0.05)
