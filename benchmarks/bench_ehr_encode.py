@@ -1,6 +1,7 @@
 """Benchmark the EHR encoders on a synthetic MEDS dataset (default 100k subjects, ~10M events).
 
-Per encoder: fit time (on a training subset), encode wall time for the whole cohort, windowed
+Per encoder: fit time (on a training subset), encode wall time for the whole cohort (ehr_counts
+also through a `FeatureStore`, chunks written and assembled), windowed
 events encoded per second and the peak RSS of a fresh process that does only that (each run is a
 spawned subprocess pinned to `--cores` CPUs, POLARS_MAX_THREADS set to match). Peers in the same
 table: `MEDSDataset.windowed` alone (the data layer's share of every encoder), and a plain
@@ -141,12 +142,26 @@ def _run(task: str, root: str, n_fit: int, n_encode: int, cores: int, q: Any) ->
                 frame.to_pandas().groupby(["subject_id", "prediction_time", "code"]).size()
         out["events"] = n
     else:
-        enc = build_encoder(task, **_configs()[task])
+        name, _, via = task.partition(":")
+        enc = build_encoder(name, **_configs()[name])
         enc.fit(fit_rows, src)
         out["fit_s"] = time.perf_counter() - t0
         if task == "ehr_clmbr":
             out["tokens_per_s"] = enc.history[-1]["tokens_per_s"]  # type: ignore[attr-defined]
         t0, c0 = time.perf_counter(), time.process_time()
+        if via == "store":  # through the FeatureStore: chunks written, result assembled
+            from survfuse.encoders import FeatureStore
+
+            with tempfile.TemporaryDirectory(prefix="bench_ehr_store_") as d:
+                f = FeatureStore(d).encode(enc, rows, src, progress=False)
+                n_rows = len(f)
+            out["wall_s"] = time.perf_counter() - t0
+            out["cpu_s"] = time.process_time() - c0
+            out["rows"] = n_rows
+            out["events"] = sum(fr.height for fr in src.iter_windowed(rows, batch_size=4096))
+            out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            q.put(out)
+            return
         f = enc.encode(rows, src)
         out["wall_s"] = time.perf_counter() - t0
         out["cpu_s"] = time.process_time() - c0
@@ -181,7 +196,8 @@ def bench(args: argparse.Namespace) -> None:
         )
         print("wall events/s is what a user sees; events per CPU-second is the less load-sensitive")
         rows = []
-        for task in ("windowed", "polars", "pandas", "ehr_counts", "ehr_onehot"):
+        tasks = ("windowed", "polars", "pandas", "ehr_counts", "ehr_onehot", "ehr_counts:store")
+        for task in tasks:
             rows.append(measure(task, root, args.fit_subjects, args.subjects, args.cores))
             print(rows[-1], flush=True)
         clmbr = measure("ehr_clmbr", root, args.clmbr_subjects, args.clmbr_subjects, args.cores)
@@ -194,6 +210,7 @@ def bench(args: argparse.Namespace) -> None:
         for r in [*rows, clmbr]:
             eps = r["events"] / r["wall_s"]
             name = r["task"] if r["task"].startswith("ehr") else f"peer: {r['task']}"
+            name = name.replace(":store", " (FeatureStore)")
             if r["task"] == "ehr_clmbr":
                 name = f"ehr_clmbr ({args.clmbr_subjects:,} subj.)"
             print(
