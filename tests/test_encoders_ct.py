@@ -242,3 +242,19 @@ def test_precomputed_subject_only_keys_warn_for_repeated_subjects(tmp_path: Path
     with pytest.warns(UserWarning, match="keyed by subject_id only"):
         f = build_encoder("precomputed", path=pq).encode(coh, None)
     np.testing.assert_array_equal(f.pooled[:, 0], [1.0, 1.0, 2.0])
+
+
+def test_radiomics_pooled_volume_plus_cells(tmp_path: Path) -> None:
+    src = CTSource(ct_index(REAL))
+    coh = real_cohort([1])
+    base = build_encoder("ct_radiomics", grid=[2, 2, 1]).fit(coh, src).encode(coh, src)
+    wide = build_encoder("ct_radiomics", grid=[2, 2, 1], pooled="volume+cells").fit(coh, src)
+    f = wide.encode(coh, src)
+    n_feat = base.pooled.shape[1]
+    assert f.pooled.shape == (1, n_feat * 5)
+    np.testing.assert_array_equal(f.pooled[:, :n_feat], base.pooled)
+    # each cell's block is that token's standardised features (position columns excluded)
+    tokens = np.asarray(base.tokens)[:, :, :n_feat]
+    np.testing.assert_array_equal(f.pooled[:, n_feat:], tokens.reshape(1, -1))
+    with pytest.raises(ValueError, match="did you mean 'volume"):
+        build_encoder("ct_radiomics", pooled="volume+cell")

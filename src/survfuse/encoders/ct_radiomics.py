@@ -12,7 +12,9 @@ Per region (the whole volume, and each cell of a `grid` of 3-D patches) it compu
   (in HU/1000 per mm).
 
 Each grid cell is one token (its features + its normalised centre position); `pooled` is the
-whole-volume feature vector. Features are standardised with training-split statistics (`fit`).
+whole-volume feature vector (`pooled="volume"`), or that vector followed by every cell's
+features (`pooled="volume+cells"`, for a coarse grid): whole-volume statistics dilute focal
+findings (a clot, a dilated ventricle), so pooled-only fusion strategies see them only this way. Features are standardised with training-split statistics (`fit`).
 All per-cell sums (histogram, moments, texture) come from one compiled (numba) pass over the
 voxels with a precomputed voxel -> cell label map; the whole-volume features are the sums over
 cells, so the volume and all cells cost one pass.
@@ -284,12 +286,17 @@ def grid_positions(grid: tuple[int, int, int]) -> NDArray[np.float32]:
     return np.stack([m.ravel() for m in mesh], axis=1).astype(np.float32)
 
 
+POOLED_MODES = ("volume", "volume+cells")
+
+
 @register_encoder("ct_radiomics")
 class CTRadiomicsEncoder(Encoder):
     """HU histograms, tissue fractions, first-order and texture statistics per volume and cell.
 
     tokens [N, prod(grid), F + 3] (features standardised, then the cell centre position),
-    mask [N, prod(grid)], pooled [N, F] (standardised whole-volume features).
+    mask [N, prod(grid)], pooled [N, F] (standardised whole-volume features) or, with
+    `pooled="volume+cells"`, [N, F * (1 + prod(grid))] (volume then each cell, zeros for cells
+    outside the volume).
     """
 
     modality = "ct"
@@ -301,9 +308,12 @@ class CTRadiomicsEncoder(Encoder):
         preprocessing: dict[str, Any] | None = None,
         grid: tuple[int, int, int] | list[int] = (4, 4, 4),
         n_bins: int = 16,
+        pooled: str = "volume",
     ) -> None:
         from survfuse.data.imaging import CTPreprocessing
+        from survfuse.registry import look_up_option
 
+        pooled = look_up_option(pooled, POOLED_MODES, kind="ct_radiomics pooled mode")
         prep = CTPreprocessing(**{**DEFAULT_PREPROCESSING, **(preprocessing or {})}).model_dump(
             mode="json"
         )
@@ -316,9 +326,10 @@ class CTRadiomicsEncoder(Encoder):
             raise ValueError(f"grid must be three positive ints, got {grid}")
         if n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-        super().__init__(preprocessing=prep, grid=list(grid), n_bins=int(n_bins))
+        super().__init__(preprocessing=prep, grid=list(grid), n_bins=int(n_bins), pooled=pooled)
         self.grid: tuple[int, int, int] = grid  # type: ignore[assignment]
         self.n_bins = int(n_bins)
+        self.pooled_mode = pooled
         self.hu_window = (float(prep["hu_window"][0]), float(prep["hu_window"][1]))
         self._stats: dict[str, NDArray[np.float64]] = {}
 
@@ -407,6 +418,9 @@ class CTRadiomicsEncoder(Encoder):
         tokens = np.concatenate([feats, pos * mask[..., None]], axis=2).astype(np.float32)
         pooled = ((r["volume"] - st["pooled_mean"]) / st["pooled_std"]).astype(np.float32)
         pooled[~r["present"]] = 0
+        if self.pooled_mode == "volume+cells":
+            flat = feats.reshape(feats.shape[0], -1).astype(np.float32)
+            pooled = np.concatenate([pooled, flat], axis=1)
         return ModalityFeatures(
             subject_id=sid,
             prediction_time=pt,
