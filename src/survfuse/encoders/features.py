@@ -260,7 +260,9 @@ class ModalityFeatures:
                 if name == "prediction_time":
                     arr = arr.astype("datetime64[us]").astype(np.int64)
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
-            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+            (tmp / "meta.json").write_text(
+                json.dumps(self.meta, sort_keys=True, separators=(",", ":"))
+            )
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
