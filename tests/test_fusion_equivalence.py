@@ -178,6 +178,25 @@ def test_fully_masked_attention_gives_zero_not_nan() -> None:
     assert torch.isfinite(p).all() and (p[1] == 0).all() and (pw[1] == 0).all()
 
 
+def test_fused_attention_path_equals_explicit_weights_path() -> None:
+    # training/prediction use torch's fused scaled_dot_product_attention (need_weights=False);
+    # it must agree with the explicit softmax path, including rows without any real key
+    torch.manual_seed(2)
+    att = MaskedAttention(8, heads=2)
+    q = torch.randn(4, 3, 8)
+    k = torch.randn(4, 6, 8)
+    mask = torch.tensor(
+        [[True] * 6, [False] * 6, [True, False, True, False, False, True], [False] * 5 + [True]]
+    )
+    for training in (True, False):  # no attention-weight dropout: identical in both modes
+        att.train(training)
+        explicit, w = att(q, k, mask, need_weights=True)
+        fused, none = att(q, k, mask, need_weights=False)
+        assert w is not None and none is None
+        torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused[1], att.o.bias.expand(3, 8))
+
+
 def test_code_tokens_are_an_embedding_bag_sum() -> None:
     spec = ModalitySpec(pooled_dim=3, token_dim=0, vocab_size=7, num_tokens=2)
     emb = ModalityEmbedding(spec, 4)
