@@ -435,6 +435,19 @@ class FusionStrategy(nn.Module, abc.ABC):
                 )
         self.modalities = modalities
         self.norms = nn.ModuleDict({m: FeatureNorm(self.specs[m]) for m in modalities})
+        # Input balance: Adam moves every weight by ~lr per step, so a Linear on d standardised
+        # inputs changes its output ~d times faster than one on a single input. A 521-dimensional
+        # pure-noise EHR vector then fits the training risk sets within a few full-batch steps,
+        # long before a 6-dimensional informative CT vector is learned, and early stopping keeps
+        # that epoch (C ~0.55 vs 0.67 CT-only). Scaling each modality's standardised pooled
+        # vector by d_min / d_m gives every modality the same function-space learning speed; a
+        # single-modality strategy is unchanged (scale 1).
+        dims = [self.specs[m].pooled_dim for m in modalities if self.specs[m].pooled_dim > 0]
+        d_min = min(dims) if dims else 1
+        self.pooled_scale = {
+            m: d_min / self.specs[m].pooled_dim if self.specs[m].pooled_dim > 0 else 1.0
+            for m in modalities
+        }
 
     def make_head(self, in_features: int) -> Any:
         return HEADS.get(self.head_name)(in_features, **self.head_params)
@@ -466,6 +479,9 @@ class FusionStrategy(nn.Module, abc.ABC):
 
     def forward(self, batch: Batch) -> FusionOutput:
         normed = {m: self.norms[m](batch[m]) for m in self.modalities}
+        for m, scale in getattr(self, "pooled_scale", {}).items():
+            if scale != 1.0:
+                normed[m] = {**normed[m], "pooled": normed[m]["pooled"] * scale}
         return self.fuse(normed)
 
     @abc.abstractmethod
