@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -45,17 +45,10 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from survfuse.device import resolve_device
-from survfuse.encoders.base import Encoder, hash_arrays, hash_config, register_encoder
+from survfuse.encoders.base import hash_arrays, hash_config, register_encoder
+from survfuse.encoders.ehr_common import EHREncoder, cohort_features, fit_cohort_vocab
 from survfuse.encoders.ehr_onehot import TIME_DIM, time_features
-from survfuse.encoders.ehr_vocab import (
-    CodeVocab,
-    EventBatch,
-    KeyIndex,
-    expand_rows,
-    fit_vocab,
-    iter_event_batches,
-    windowed_events,
-)
+from survfuse.encoders.ehr_vocab import CodeVocab, EventBatch, KeyIndex, iter_event_batches
 from survfuse.encoders.features import ModalityFeatures
 from survfuse.registry import look_up_option
 
@@ -299,7 +292,7 @@ def unigram_perplexity(
 
 # ---------------------------------------------------------------------- encoder
 @register_encoder("ehr_clmbr")
-class EHRCLMBREncoder(Encoder):
+class EHRCLMBREncoder(EHREncoder):
     """CLMBR-style pretrained causal transformer (see module docstring).
 
     Config: vocabulary `max_codes` (1024), `n_bins` (5), `min_values` (20), `lookback_days`
@@ -312,11 +305,6 @@ class EHRCLMBREncoder(Encoder):
     setting; 1 avoids oversubscription on a busy machine).
     """
 
-    modality: ClassVar[Any] = "ehr"
-    learns: ClassVar[bool] = True
-    # FeatureStore: encode this many rows per call (each call re-reads the MEDS shards of
-    # its subjects, so 256-row chunks one by one would read the data many times over)
-    store_batch_rows: ClassVar[int] = 32_768
     _RUNTIME = ("device", "checkpoint_dir", "progress", "num_threads")
 
     def __init__(
@@ -447,11 +435,13 @@ class EHRCLMBREncoder(Encoder):
         """Fit the vocabulary and pretrain on the training rows' timelines (one per subject:
         its latest prediction_time, cut into `max_len` pieces from the end)."""
         c = self._config
-        events = windowed_events(
-            source, KeyIndex.from_cohort(cohort), lookback_days=c["lookback_days"]
-        )
-        self.vocab = fit_vocab(
-            events, max_codes=c["max_codes"], n_bins=c["n_bins"], min_values=c["min_values"]
+        self.vocab = fit_cohort_vocab(
+            cohort,
+            source,
+            lookback_days=c["lookback_days"],
+            max_codes=c["max_codes"],
+            n_bins=c["n_bins"],
+            min_values=c["min_values"],
         )
         latest = (
             cohort.select(
@@ -696,13 +686,12 @@ class EHRCLMBREncoder(Encoder):
                 mask[k, :take] = True
                 present[k] = True
         self.model = model.cpu()
-        rk = index.row_key
-        return ModalityFeatures(
-            subject_id=cohort["subject_id"].cast(pl.Int64).to_numpy(),
-            prediction_time=cohort["prediction_time"].cast(pl.Datetime("us")).to_numpy(),
-            pooled=expand_rows(pooled, rk),
-            present=expand_rows(present, rk),
-            tokens=expand_rows(tokens, rk),
-            mask=expand_rows(mask, rk),
+        return cohort_features(
+            cohort,
+            index,
+            pooled=pooled,
+            present=present,
+            tokens=tokens,
+            mask=mask,
             meta={"encoder": self.name, "history": self.history},
         )

@@ -22,7 +22,7 @@ Kahan compensation).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numba
 import numpy as np
@@ -30,12 +30,12 @@ import polars as pl
 import scipy.sparse as sp
 from numpy.typing import NDArray
 
-from survfuse.encoders.base import Encoder, register_encoder
+from survfuse.encoders.base import register_encoder
+from survfuse.encoders.ehr_common import EHREncoder, cohort_features
 from survfuse.encoders.ehr_vocab import (
     CodeVocab,
     EventBatch,
     KeyIndex,
-    expand_rows,
     fit_vocab,
     iter_event_batches,
     output_array,
@@ -324,18 +324,12 @@ def _gather_rows(
 
 
 @register_encoder("ehr_counts")
-class EHRCountsEncoder(Encoder):
+class EHRCountsEncoder(EHREncoder):
     """Windowed bag-of-codes counts plus last/mean numeric values (see module docstring).
 
     Config: `windows` (look-back days, None = all; default (30, 365, None)), `max_codes` (V,
     512), `max_numeric` (M, 64), `min_subjects` (1), `batch_size` (keys per windowed batch).
     """
-
-    modality: ClassVar[Any] = "ehr"
-    learns: ClassVar[bool] = True
-    # FeatureStore: encode this many rows per call (each call re-reads the MEDS shards of
-    # its subjects, so 256-row chunks one by one would read the data many times over)
-    store_batch_rows: ClassVar[int] = 32_768
 
     def __init__(
         self,
@@ -559,10 +553,10 @@ class EHRCountsEncoder(Encoder):
                 pooled,
                 present,
             )
-        return ModalityFeatures(
-            subject_id=cohort["subject_id"].cast(pl.Int64).to_numpy(),
-            prediction_time=cohort["prediction_time"].cast(pl.Datetime("us")).to_numpy(),
-            pooled=expand_rows(pooled, index.row_key),
-            present=expand_rows(present, index.row_key),
+        return cohort_features(
+            cohort,
+            index,
+            pooled=pooled,
+            present=present,
             meta={"encoder": self.name, "feature_names": self.feature_names},
         )

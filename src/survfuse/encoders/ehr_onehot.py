@@ -22,23 +22,16 @@ numeric values binned by training quantiles, id 0 = out of vocabulary), stored s
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import numba
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
-from survfuse.encoders.base import Encoder, register_encoder
-from survfuse.encoders.ehr_vocab import (
-    CodeVocab,
-    KeyIndex,
-    expand_rows,
-    fit_vocab,
-    iter_event_batches,
-    output_array,
-    windowed_events,
-)
+from survfuse.encoders.base import register_encoder
+from survfuse.encoders.ehr_common import EHREncoder, cohort_features, fit_cohort_vocab
+from survfuse.encoders.ehr_vocab import CodeVocab, KeyIndex, iter_event_batches, output_array
 from survfuse.encoders.features import ModalityFeatures
 
 __all__ = ["EHROneHotEncoder", "onehot_tokens", "time_features"]
@@ -300,7 +293,7 @@ def onehot_tokens(
 
 
 @register_encoder("ehr_onehot")
-class EHROneHotEncoder(Encoder):
+class EHROneHotEncoder(EHREncoder):
     """Multi-hot event-day tokens over a training-split vocabulary (see module docstring).
 
     Config: `max_codes` (V, default 2048), `n_bins` (quantile bins per numeric code, default 5),
@@ -308,12 +301,6 @@ class EHROneHotEncoder(Encoder):
     (None = all history), `max_tokens` (64), `max_codes_per_token` (64), `batch_size` (keys per
     windowed batch, 4096).
     """
-
-    modality: ClassVar[Any] = "ehr"
-    learns: ClassVar[bool] = True
-    # FeatureStore: encode this many rows per call (each call re-reads the MEDS shards of
-    # its subjects, so 256-row chunks one by one would read the data many times over)
-    store_batch_rows: ClassVar[int] = 32_768
 
     def __init__(
         self,
@@ -350,14 +337,11 @@ class EHROneHotEncoder(Encoder):
     def fit(self, cohort: pl.DataFrame, source: Any) -> EHROneHotEncoder:
         """Fit the vocabulary and quantile bins on the training rows `cohort`."""
         cfg = self._config
-        events = windowed_events(
+        self.vocab = fit_cohort_vocab(
+            cohort,
             source,
-            KeyIndex.from_cohort(cohort),
             lookback_days=cfg["lookback_days"],
             batch_size=cfg["batch_size"],
-        )
-        self.vocab = fit_vocab(
-            events,
             max_codes=cfg["max_codes"],
             n_bins=cfg["n_bins"],
             min_values=cfg["min_values"],
@@ -395,15 +379,14 @@ class EHROneHotEncoder(Encoder):
         feats = output_array((n, t, TIME_DIM), np.float32)
         mask = output_array((n, t), bool)
         plan.fill(codes, feats, mask)
-        rk = index.row_key
-        return ModalityFeatures(
-            subject_id=cohort["subject_id"].cast(pl.Int64).to_numpy(),
-            prediction_time=cohort["prediction_time"].cast(pl.Datetime("us")).to_numpy(),
-            pooled=expand_rows(pooled, rk),
-            present=expand_rows(present, rk),
-            tokens=expand_rows(feats, rk),
-            mask=expand_rows(mask, rk),
-            token_codes=expand_rows(codes, rk),
+        return cohort_features(
+            cohort,
+            index,
+            pooled=pooled,
+            present=present,
+            tokens=feats,
+            mask=mask,
+            token_codes=codes,
             meta={
                 "encoder": self.name,
                 "vocab_size": v,
