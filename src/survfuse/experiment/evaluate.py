@@ -36,6 +36,7 @@ from survfuse.experiment.rundir import RunDir
 
 __all__ = [
     "HIGHER_IS_BETTER",
+    "MODEL_SCHEMA",
     "CalibrationScorer",
     "GroupData",
     "evaluate_run",
@@ -43,6 +44,19 @@ __all__ = [
     "make_scorers",
     "score_group",
 ]
+
+# Columns that identify a model of a task x split, first in every per-model table of a run
+# (metrics.parquet here, imbalance.parquet in `imbalance_eval`).
+MODEL_SCHEMA = {
+    "task": pl.Utf8,
+    "split": pl.Utf8,
+    "model": pl.Utf8,
+    "strategy": pl.Utf8,
+    "fusion": pl.Utf8,
+    "ct_encoder": pl.Utf8,
+    "ehr_encoder": pl.Utf8,
+    "head": pl.Utf8,
+}
 
 # Direction of each metric (for the report's wording of a difference).
 HIGHER_IS_BETTER = {
@@ -445,14 +459,7 @@ def assemble_table(
                 r["p_holm"] = float(a)
         rows.extend(block)
     schema = {
-        "task": pl.Utf8,
-        "split": pl.Utf8,
-        "model": pl.Utf8,
-        "strategy": pl.Utf8,
-        "fusion": pl.Utf8,
-        "ct_encoder": pl.Utf8,
-        "ehr_encoder": pl.Utf8,
-        "head": pl.Utf8,
+        **MODEL_SCHEMA,
         "unimodal": pl.Boolean,
         "metric": pl.Utf8,
         "horizon": pl.Float64,

@@ -21,7 +21,7 @@ import polars as pl
 
 from survfuse.experiment.cell import load_features, task_columns
 from survfuse.experiment.config import EVAL_SPLITS, ExperimentConfig
-from survfuse.experiment.evaluate import group_seed
+from survfuse.experiment.evaluate import MODEL_SCHEMA, group_seed
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, write_parquet
 
@@ -35,14 +35,7 @@ __all__ = [
 
 IMBALANCE_FILE = "imbalance.parquet"
 MODEL_COLUMNS = {
-    "task": pl.Utf8,
-    "split": pl.Utf8,
-    "model": pl.Utf8,
-    "strategy": pl.Utf8,
-    "fusion": pl.Utf8,
-    "ct_encoder": pl.Utf8,
-    "ehr_encoder": pl.Utf8,
-    "head": pl.Utf8,
+    **MODEL_SCHEMA,
     "n_seeds": pl.Int64,
     "reference_modality": pl.Utf8,
 }
