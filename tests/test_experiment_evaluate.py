@@ -11,7 +11,6 @@ from survfuse.experiment.evaluate import (
     CalibrationScorer,
     GroupData,
     ModelPreds,
-    holm,
     score_group,
 )
 from survfuse.experiment.grid import CellSpec
@@ -20,6 +19,7 @@ from survfuse.metrics import (
     concordance_index,
     concordance_index_ipcw,
     cumulative_dynamic_auc,
+    holm,
     integrated_brier_score,
     kaplan_meier,
 )

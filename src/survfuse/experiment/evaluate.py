@@ -40,7 +40,6 @@ __all__ = [
     "CalibrationScorer",
     "GroupData",
     "evaluate_run",
-    "holm",
     "make_scorers",
     "score_group",
 ]
@@ -220,18 +219,6 @@ def make_scorers(
 
 
 # ----------------------------------------------------------------------------- statistics
-def holm(p: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Holm step-down adjustment (`survfuse.metrics.holm`) over the finite p-values; NaN stays."""
-    from survfuse.metrics import holm as _holm
-
-    p = np.asarray(p, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        out[ok] = _holm(p[ok])
-    return out
-
-
 def group_seed(seed: int, task: str, split: str) -> int:
     """The resampling seed of one task x split: shared by every model (paired resamples)."""
     return (int(seed) * 1_000_003 + zlib.crc32(f"{task}|{split}".encode())) % (2**32)
@@ -397,6 +384,8 @@ def assemble_table(
     cfg: ExperimentConfig, groups: list[GroupData], scores: list[dict[str, Any]]
 ) -> pl.DataFrame:
     """The long metrics table (one row per task x split x model x metric x horizon)."""
+    from survfuse.metrics import holm
+
     alpha = cfg.evaluation.alpha
     rows: list[dict[str, Any]] = []
     references: dict[str, str | None] = {}
