@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_TASK",
     "Cohort",
     "load_cohort",
+    "outcome_columns",
     "task_columns",
     "validate_cohort",
 ]
@@ -40,15 +41,21 @@ class CohortError(ValueError):
     """A cohort that breaks the rules; the message names the column and the offending subject."""
 
 
+def outcome_columns(task: str) -> tuple[str, str]:
+    """Cohort columns of a task's outcome: `default` -> (time, event), else `<task>_time/_event`."""
+    return ("time", "event") if task == DEFAULT_TASK else (f"{task}_time", f"{task}_event")
+
+
 def task_columns(columns: list[str]) -> dict[str, tuple[str, str]]:
-    """Task name -> (time column, event column): "default" -> (time, event), plus every
-    `<task>_time` that has a matching `<task>_event`."""
-    out = {DEFAULT_TASK: ("time", "event")}
+    """Task name -> (time column, event column) of the tasks a cohort's `columns` hold:
+    "default" -> (time, event), plus every `<task>_time` that has a matching `<task>_event`
+    (the names `outcome_columns` gives)."""
+    out = {DEFAULT_TASK: outcome_columns(DEFAULT_TASK)}
     for col in columns:
         if col.endswith("_time") and col != "prediction_time":
             task = col[: -len("_time")]
             if f"{task}_event" in columns and task:
-                out[task] = (col, f"{task}_event")
+                out[task] = outcome_columns(task)
     return out
 
 

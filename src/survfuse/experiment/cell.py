@@ -19,10 +19,11 @@ import numpy as np
 import polars as pl
 
 import survfuse
+from survfuse.data.cohort import outcome_columns
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, atomic_dir, write_json
 
-__all__ = ["CellResult", "record_failure", "run_cell", "surv_column", "task_columns"]
+__all__ = ["CellResult", "record_failure", "run_cell", "surv_column"]
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,6 @@ class CellResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def task_columns(task: str) -> tuple[str, str]:
-    """Cohort columns of a task's outcome: `default` -> (time, event), else `<task>_time/_event`."""
-    return ("time", "event") if task == "default" else (f"{task}_time", f"{task}_event")
 
 
 def surv_column(t: float) -> str:
@@ -73,7 +69,7 @@ def build_model(spec: CellSpec) -> Any:
 
 def _train_and_predict(spec: CellSpec, run_dir: RunDir, out: Path) -> None:
     cohort = pl.read_parquet(run_dir.cohort)
-    tcol, ecol = task_columns(spec.task)
+    tcol, ecol = outcome_columns(spec.task)
     time = cohort[tcol].cast(pl.Float64).to_numpy()
     event = cohort[ecol].cast(pl.Boolean).to_numpy()
     split = cohort["split"].to_numpy()

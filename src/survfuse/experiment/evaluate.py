@@ -29,7 +29,8 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
-from survfuse.experiment.cell import surv_column, task_columns
+from survfuse.data.cohort import outcome_columns
+from survfuse.experiment.cell import surv_column
 from survfuse.experiment.config import EVAL_SPLITS, ExperimentConfig
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir
@@ -307,7 +308,7 @@ def build_groups(cfg: ExperimentConfig, rd: RunDir, specs: list[CellSpec]) -> li
     times = np.asarray(ev.survival_times(), dtype=np.float64)
     groups = []
     for task in cfg.tasks:
-        tcol, ecol = task_columns(task)
+        tcol, ecol = outcome_columns(task)
         time = cohort[tcol].cast(pl.Float64).to_numpy()
         event = cohort[ecol].cast(pl.Boolean).to_numpy()
         train = split == "train"

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from survfuse.experiment.cell import load_features, task_columns
+from survfuse.data.cohort import outcome_columns
+from survfuse.experiment.cell import load_features
 from survfuse.experiment.config import EVAL_SPLITS, ExperimentConfig
 from survfuse.experiment.evaluate import MODEL_SCHEMA, group_seed
 from survfuse.experiment.grid import CellSpec
@@ -140,7 +141,7 @@ def evaluate_imbalance(
         cells = sorted(cells, key=lambda c: c.seed)
         abl = [ablation_predictions(rd, c, eval_rows) for c in cells]
         base = _baselines(done, cells[0], metrics)
-        tcol, ecol = task_columns(task)
+        tcol, ecol = outcome_columns(task)
         time = cohort[tcol].cast(pl.Float64).to_numpy()
         event = cohort[ecol].cast(pl.Boolean).to_numpy()
         reference: str | None = None

@@ -23,7 +23,8 @@ import polars as pl
 import yaml
 
 import survfuse
-from survfuse.experiment.cell import surv_column, task_columns
+from survfuse.data.cohort import outcome_columns
+from survfuse.experiment.cell import surv_column
 from survfuse.experiment.rundir import RunDir, write_text
 from survfuse.report import figures, tables
 from survfuse.report.imbalance_section import imbalance_section
@@ -164,7 +165,7 @@ def _other_metrics(ctx: ReportContext) -> Section | None:
 
 
 def _outcome(ctx: ReportContext, task: str) -> tuple[np.ndarray, np.ndarray]:
-    tcol, ecol = task_columns(task)
+    tcol, ecol = outcome_columns(task)
     return (
         ctx.cohort[tcol].cast(pl.Float64).to_numpy(),
         ctx.cohort[ecol].cast(pl.Boolean).to_numpy(),
