@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from survfuse.atomic import atomic_dir
 
 
 def _as(a: Any, dtype: Any) -> Any:
@@ -248,11 +248,8 @@ class ModalityFeatures:
     # ------------------------------------------------------------------ disk
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write arrays + meta.json atomically (a temp folder renamed into place)."""
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+
+        def fill(tmp: Path) -> None:
             for name in _ARRAYS:
                 arr = getattr(self, name)
                 if arr is None:
@@ -263,13 +260,8 @@ class ModalityFeatures:
             (tmp / "meta.json").write_text(
                 json.dumps(self.meta, sort_keys=True, separators=(",", ":"))
             )
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+
+        return atomic_dir(Path(directory), fill)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, mmap: bool = True) -> ModalityFeatures:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from survfuse.atomic import atomic_dir
 
 __all__ = [
     "RunDir",
@@ -58,22 +58,6 @@ def write_parquet(path: Path, df: pl.DataFrame) -> Path:
     df.write_parquet(tmp)
     os.replace(tmp, path)
     return path
-
-
-def atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Create `target` by filling a temp sibling folder and renaming it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 class RunDir:
