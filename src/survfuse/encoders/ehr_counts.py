@@ -38,6 +38,7 @@ from survfuse.encoders.ehr_vocab import (
     KeyIndex,
     fit_vocab,
     iter_event_batches,
+    key_runs,
     output_array,
     windowed_events,
 )
@@ -197,24 +198,6 @@ def _scatter_pooled(
             out[row, c] = np.float32(y)
 
 
-def _key_runs(
-    key: NDArray[np.int64], time_us: NDArray[np.int64]
-) -> tuple[NDArray[np.int64] | None, NDArray[np.int64], NDArray[np.int64]]:
-    """(order that groups events by key in time order, or None when they already are; run
-    starts [n_runs + 1]; key of each run [n_runs])."""
-    order = None
-    n = key.shape[0]
-    same = key[1:] == key[:-1]
-    run_keys = key[np.concatenate([[0], np.flatnonzero(~same) + 1])]
-    if np.unique(run_keys).size != run_keys.size or np.any(same & (time_us[1:] < time_us[:-1])):
-        order = np.lexsort((time_us, key))
-        key = key[order]
-        same = key[1:] == key[:-1]
-        run_keys = key[np.concatenate([[0], np.flatnonzero(~same) + 1])]
-    starts = np.concatenate([[0], np.flatnonzero(~same) + 1, [n]]).astype(np.int64)
-    return order, starts, run_keys
-
-
 def _window_rows(
     key: NDArray[np.int64],
     days_before: NDArray[np.float64],
@@ -232,7 +215,7 @@ def _window_rows(
     """(CSR features of the keys that have events, in run order; the key of each row)."""
     width = len(windows) * (vocab_size + 2 * n_numeric) + (age is not None)
     n = key.shape[0]
-    order, starts, run_keys = _key_runs(np.asarray(key, np.int64), np.asarray(time_us, np.int64))
+    order, starts, run_keys = key_runs(np.asarray(key, np.int64), np.asarray(time_us, np.int64))
     arrays: list[NDArray[Any]] = [days_before, ids, num_idx, value, time_us]
     if order is not None:
         arrays = [x[order] for x in arrays]

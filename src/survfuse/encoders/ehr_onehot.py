@@ -31,7 +31,13 @@ from numpy.typing import NDArray
 
 from survfuse.encoders.base import register_encoder
 from survfuse.encoders.ehr_common import EHREncoder, cohort_features, fit_cohort_vocab
-from survfuse.encoders.ehr_vocab import CodeVocab, KeyIndex, iter_event_batches, output_array
+from survfuse.encoders.ehr_vocab import (
+    CodeVocab,
+    KeyIndex,
+    iter_event_batches,
+    key_runs,
+    output_array,
+)
 from survfuse.encoders.features import ModalityFeatures
 
 __all__ = ["EHROneHotEncoder", "onehot_tokens", "time_features"]
@@ -212,15 +218,10 @@ class _TokenPlan:
         # events must come grouped by key, static first, then in time order (days
         # non-increasing); the data layer yields them so; anything else is sorted here
         slot = np.where(day_index < 0, _MAX_DAYS, day_index)
-        brk = np.flatnonzero(key[1:] != key[:-1]) + 1
-        run_keys = key[np.concatenate([[0], brk])]
-        same = key[1:] == key[:-1]
-        if np.unique(run_keys).size != run_keys.size or np.any(same & (slot[1:] > slot[:-1])):
-            order = np.lexsort((-slot, key))  # stable: same-day events keep their order
-            key, day_index, ids = key[order], day_index[order], ids[order]
-            brk = np.flatnonzero(key[1:] != key[:-1]) + 1
-            run_keys = key[np.concatenate([[0], brk])]
-        starts = np.concatenate([[0], brk, [n]]).astype(np.int64)
+        # stable: same-day events keep their order
+        order, starts, run_keys = key_runs(key, -slot)
+        if order is not None:
+            day_index, ids = day_index[order], ids[order]
         out_rows = run_keys if rows is None else rows[run_keys]
         n_tok_max = min(n, run_keys.size * max_tokens)
         tok_row = np.empty(n_tok_max, np.int64)

@@ -30,6 +30,7 @@ __all__ = [
     "KeyIndex",
     "fit_vocab",
     "iter_event_batches",
+    "key_runs",
     "windowed_events",
 ]
 
@@ -375,3 +376,22 @@ def expand_rows(per_key: NDArray[Any], row_key: NDArray[np.int64]) -> NDArray[An
     ):
         return per_key
     return per_key[row_key]
+
+
+def key_runs(
+    key: NDArray[np.int64], time_us: NDArray[np.int64]
+) -> tuple[NDArray[np.int64] | None, NDArray[np.int64], NDArray[np.int64]]:
+    """Runs of events by key: (stable order that groups the events by key with `time_us`
+    non-decreasing within a key, or None when they already are; run starts [n_runs + 1] in
+    that order; key of each run [n_runs]). `time_us` is any int64 sort key."""
+    order = None
+    n = key.shape[0]
+    same = key[1:] == key[:-1]
+    run_keys = key[np.concatenate([[0], np.flatnonzero(~same) + 1])]
+    if np.unique(run_keys).size != run_keys.size or np.any(same & (time_us[1:] < time_us[:-1])):
+        order = np.lexsort((time_us, key))
+        key = key[order]
+        same = key[1:] == key[:-1]
+        run_keys = key[np.concatenate([[0], np.flatnonzero(~same) + 1])]
+    starts = np.concatenate([[0], np.flatnonzero(~same) + 1, [n]]).astype(np.int64)
+    return order, starts, run_keys
