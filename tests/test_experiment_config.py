@@ -177,3 +177,17 @@ def test_grid_expansion(tmp_path: Path, sim_small: Path) -> None:
     changed = {k for k in d1 if d1[k] != d2[k]}
     assert changed and all(".late." in k for k in changed)
     assert len(changed) == 2 * 2 * 2
+
+
+def test_cli_ray_address_with_local_executor_is_an_error(tmp_path: Path, sim_small: Path) -> None:
+    from typer.testing import CliRunner
+
+    from survfuse.cli import app
+
+    path = _write(tmp_path, sim_small, lambda r: None)
+    out = tmp_path / "run"
+    args = ["run", str(path), "--out", str(out), "--executor", "local"]
+    result = CliRunner().invoke(app, [*args, "--ray-address", "127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "--ray-address 127.0.0.1:1 needs --executor ray" in result.output
+    assert not out.exists()

@@ -100,7 +100,9 @@ def run(
     config: Path = typer.Argument(..., help="Experiment config (YAML)."),
     out: Path = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
     executor: str = typer.Option(None, "--executor", help="Override the config's executor."),
-    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join."),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Ray cluster to join (implies --executor ray)."
+    ),
     workers: int = typer.Option(None, "--workers", help="Local executor: parallel cell processes."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the report too."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
@@ -112,6 +114,10 @@ def run(
     from survfuse.experiment.runner import run_experiment
 
     overrides: dict[str, object] = {}
+    if ray_address and executor not in (None, "ray"):
+        _fail(f"--ray-address {ray_address} needs --executor ray (got --executor {executor})")
+    if ray_address:
+        executor = "ray"  # an address only means something to the Ray executor
     if executor:
         overrides["executor"] = executor
     if ray_address:
