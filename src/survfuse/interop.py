@@ -48,15 +48,21 @@ def _as_1d(x: ArrayLike, name: str) -> NDArray[Any]:
     return arr
 
 
-def _check_time(time: ArrayLike, name: str = "time") -> NDArray[np.float64]:
-    raw = _as_1d(time, name)
+def _finite_1d(x: ArrayLike, name: str) -> NDArray[np.float64]:
+    """1-d numeric (not bool) array of finite values, as float64."""
+    raw = _as_1d(x, name)
     if raw.dtype == bool or not np.issubdtype(raw.dtype, np.number):
         raise ValueError(f"{name} must be numeric, got dtype {raw.dtype}")
-    t = raw.astype(np.float64)
-    bad = ~np.isfinite(t)
+    out = raw.astype(np.float64)
+    bad = ~np.isfinite(out)
     if bad.any():
         i = _first_bad(bad)
-        raise ValueError(f"{name} must be finite; {name}[{i}] = {t[i]}")
+        raise ValueError(f"{name} must be finite; {name}[{i}] = {out[i]}")
+    return out
+
+
+def _check_time(time: ArrayLike, name: str = "time") -> NDArray[np.float64]:
+    t = _finite_1d(time, name)
     neg = t < 0
     if neg.any():
         i = _first_bad(neg)
@@ -80,14 +86,7 @@ def _check_event(event: ArrayLike, name: str = "event") -> NDArray[np.bool_]:
 
 def check_risk(risk: ArrayLike, n: int | None = None, name: str = "risk") -> NDArray[np.float64]:
     """Validate a risk vector (finite floats, optional expected length)."""
-    raw = _as_1d(risk, name)
-    if raw.dtype == bool or not np.issubdtype(raw.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got dtype {raw.dtype}")
-    r = raw.astype(np.float64)
-    bad = ~np.isfinite(r)
-    if bad.any():
-        i = _first_bad(bad)
-        raise ValueError(f"{name} must be finite; {name}[{i}] = {r[i]}")
+    r = _finite_1d(risk, name)
     if n is not None and r.shape[0] != n:
         raise ValueError(f"length mismatch: {name} has {r.shape[0]} values, time has {n}")
     return r
