@@ -24,6 +24,7 @@ __all__ = [
     "SurvivalData",
     "check_risk",
     "check_survival",
+    "check_time_grid",
     "from_lifelines",
     "from_pycox",
     "from_sksurv",
@@ -82,6 +83,26 @@ def _check_event(event: ArrayLike, name: str = "event") -> NDArray[np.bool_]:
         i = _first_bad(bad)
         raise ValueError(f"{name} must be 0/1 (True = observed); {name}[{i}] = {raw[i]}")
     return vals == 1
+
+
+def check_time_grid(times: ArrayLike, *, nonnegative: bool = False) -> NDArray[np.float64]:
+    """Evaluation times [K]: non-empty, 1-d, finite (and >= 0 when `nonnegative`), strictly
+    increasing."""
+    tt = np.atleast_1d(np.asarray(times, dtype=np.float64))
+    if tt.ndim != 1 or tt.shape[0] == 0:
+        raise ValueError(f"times must be a non-empty 1-d array, got shape {tt.shape}")
+    bad = ~np.isfinite(tt)
+    if nonnegative:
+        bad |= tt < 0
+    if bad.any():
+        i = _first_bad(bad)
+        what = "finite and >= 0" if nonnegative else "finite"
+        raise ValueError(f"times must be {what}; times[{i}] = {tt[i]}")
+    dec = np.diff(tt) <= 0
+    if dec.any():
+        i = _first_bad(dec) + 1
+        raise ValueError(f"times must be strictly increasing; times[{i}] = {tt[i]}")
+    return tt
 
 
 def check_risk(risk: ArrayLike, n: int | None = None, name: str = "risk") -> NDArray[np.float64]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from survfuse.interop import check_survival
+from survfuse.interop import check_survival, check_time_grid
 from survfuse.metrics import _kernels as K
 from survfuse.metrics.ipcw import CensoringModel
 from survfuse.metrics.km import kaplan_meier
@@ -27,17 +27,7 @@ class TimeDependentAUC:
 
 def check_times(times: ArrayLike, time: NDArray[np.float64]) -> NDArray[np.float64]:
     """Evaluation times: 1-d, finite, strictly increasing, inside [min(time), max(time))."""
-    tt = np.atleast_1d(np.asarray(times, dtype=np.float64))
-    if tt.ndim != 1 or tt.shape[0] == 0:
-        raise ValueError(f"times must be a non-empty 1-d array, got shape {tt.shape}")
-    bad = ~np.isfinite(tt)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"times must be finite; times[{i}] = {tt[i]}")
-    dec = np.diff(tt) <= 0
-    if dec.any():
-        i = int(np.flatnonzero(dec)[0]) + 1
-        raise ValueError(f"times must be strictly increasing; times[{i}] = {tt[i]}")
+    tt = check_time_grid(times)
     lo, hi = float(time.min()), float(time.max())
     if tt[0] < lo or tt[-1] >= hi:
         raise ValueError(f"all times must be within the follow-up of the test data [{lo}; {hi})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from survfuse.interop import check_survival
+from survfuse.interop import check_survival, check_time_grid
 from survfuse.metrics.ipcw import CensoringModel
 
 __all__ = ["brier_losses", "brier_score", "integrated_brier_score"]
@@ -24,21 +24,6 @@ def _check_surv(surv: ArrayLike, n: int, n_times: int) -> NDArray[np.float64]:
     return s
 
 
-def _check_grid(times: ArrayLike) -> NDArray[np.float64]:
-    tt = np.atleast_1d(np.asarray(times, dtype=np.float64))
-    if tt.ndim != 1 or tt.shape[0] == 0:
-        raise ValueError(f"times must be a non-empty 1-d array, got shape {tt.shape}")
-    bad = ~np.isfinite(tt) | (tt < 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"times must be finite and >= 0; times[{i}] = {tt[i]}")
-    dec = np.diff(tt) <= 0
-    if dec.any():
-        i = int(np.flatnonzero(dec)[0]) + 1
-        raise ValueError(f"times must be strictly increasing; times[{i}] = {tt[i]}")
-    return tt
-
-
 def brier_losses(
     time: ArrayLike,
     event: ArrayLike,
@@ -54,7 +39,7 @@ def brier_losses(
     censored subjects before t_k contribute 0. G: censoring Kaplan-Meier of the training data.
     """
     t, e = check_survival(time, event)
-    tt = _check_grid(times)
+    tt = check_time_grid(times, nonnegative=True)
     s = _check_surv(surv, t.shape[0], tt.shape[0])
     cens = CensoringModel(train_time, train_event)
     g_t = cens.survival(tt, "time")
@@ -100,7 +85,7 @@ def integrated_brier_score(
     train_event: ArrayLike,
 ) -> float:
     """IBS = trapezoid integral of BS(t) over `times` / (t_K - t_1) (needs >= 2 times)."""
-    tt = _check_grid(times)
+    tt = check_time_grid(times, nonnegative=True)
     if tt.shape[0] < 2:
         raise ValueError("integrated_brier_score needs at least two times")
     bs = brier_score(time, event, surv, tt, train_time=train_time, train_event=train_event)
