@@ -136,7 +136,7 @@ def test_ray_data_ct_features_equal_local_store(runs: dict) -> None:
     from survfuse.encoders.base import CTSource
     from survfuse.encoders.features import ModalityFeatures
     from survfuse.encoders.store import FeatureStore
-    from survfuse.experiment.config import build_encoder
+    from survfuse.experiment.config import encoder_from_choice
 
     local, remote, cfg = runs["local"], runs["ray"], runs["cfg"]
     index = json.loads((remote.run_dir / "features" / "index.json").read_text())
@@ -158,7 +158,7 @@ def test_ray_data_ct_features_equal_local_store(runs: dict) -> None:
     keys = cohort.select("subject_id", "prediction_time")
     train = cohort.filter(pl.col("split") == "train").select("subject_id", "prediction_time")
     store = FeatureStore(store_b)
-    enc = build_encoder(cfg.encoders.ct[0])
+    enc = encoder_from_choice(cfg.encoders.ct[0])
     again = store.encode(enc, keys, CTSource.from_index(cfg.data.ct_index), fit_cohort=train)
     assert store.last_run is not None and store.last_run.encoded_chunks == 0
     assert np.array_equal(np.asarray(again.pooled), fb.pooled)

@@ -576,7 +576,7 @@ def check_inputs(cfg: ExperimentConfig, *, source: str = "config") -> None:
             )
     for modality in MODALITIES:
         for choice in getattr(cfg.encoders, modality):
-            build_encoder(choice, source=source, where=f"encoders.{modality}")
+            encoder_from_choice(choice, source=source, where=f"encoders.{modality}")
 
 
 def cohort_tasks(columns: list[str]) -> list[str]:
@@ -586,7 +586,9 @@ def cohort_tasks(columns: list[str]) -> list[str]:
     return list(task_columns(list(columns)))
 
 
-def build_encoder(choice: EncoderChoice, *, source: str = "config", where: str = "encoders") -> Any:
+def encoder_from_choice(
+    choice: EncoderChoice, *, source: str = "config", where: str = "encoders"
+) -> Any:
     """Instantiate an encoder from its choice; bad parameters become a ConfigError."""
     from survfuse.registry import ENCODERS
 

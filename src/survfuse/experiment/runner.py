@@ -22,7 +22,7 @@ import polars as pl
 
 import survfuse
 from survfuse.experiment.cell import CellResult
-from survfuse.experiment.config import MODALITIES, ExperimentConfig, build_encoder
+from survfuse.experiment.config import MODALITIES, ExperimentConfig, encoder_from_choice
 from survfuse.experiment.executors import Executor, get_executor
 from survfuse.experiment.grid import CellSpec, expand_grid
 from survfuse.experiment.imbalance_eval import imbalance_hook
@@ -131,7 +131,7 @@ def encode_features(
         for choice in getattr(cfg.encoders, modality):
             if console is not None:
                 console.print(f"[bold]encoding[/bold] {modality}: {choice.key}")
-            encoder = build_encoder(choice, where=f"encoders.{modality}")
+            encoder = encoder_from_choice(choice, where=f"encoders.{modality}")
             feats = executor.encode(
                 store, encoder, keys, srcs[modality], fit_cohort=train_keys, progress=progress
             )
