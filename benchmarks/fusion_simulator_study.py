@@ -60,18 +60,22 @@ def bootstrap_c(
     return np.asarray(out)
 
 
-def encode(root: Path, seed: int) -> tuple[pl.DataFrame, dict[str, ModalityFeatures]]:
+def encode(
+    root: Path, seed: int, ct_pooled: str = "volume+cells", ct_grid: tuple[int, ...] = (2, 2, 2)
+) -> tuple[pl.DataFrame, dict[str, ModalityFeatures]]:
     cohort = pl.read_parquet(root / "cohort.parquet")
     splits = make_splits(cohort, external_sites=("C",), seed=seed)
     df = attach_splits(cohort, splits)
     train = df.filter(pl.col("split") == "train")
     keys = df.select("subject_id", "prediction_time")
-    cache = {m: root / f"features_{m}_split{seed}" for m in ("ct", "ehr")}
+    grid = "x".join(map(str, ct_grid))
+    tag = {"ct": f"ct_{ct_pooled.replace('+', '_')}_{grid}", "ehr": "ehr"}
+    cache = {m: root / f"features_{tag[m]}_split{seed}" for m in ("ct", "ehr")}
     if all((p / "meta.json").exists() for p in cache.values()):
         return df, {m: ModalityFeatures.load(p, mmap=False) for m, p in cache.items()}
     ct_src = CTSource.from_index(root / "ct_index.parquet")
     meds = MEDSDataset(root / "meds")
-    ct_enc = CTRadiomicsEncoder().fit(train, ct_src)
+    ct_enc = CTRadiomicsEncoder(pooled=ct_pooled, grid=ct_grid).fit(train, ct_src)
     ehr_enc = EHROneHotEncoder().fit(train, meds)
     feats = {"ct": ct_enc.encode(keys, ct_src), "ehr": ehr_enc.encode(keys, meds)}
     for m, p in cache.items():  # encoders are fitted on this split's training rows
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> pl.DataFrame:
                     interaction=args.interaction,
                     progress=False,
                 )
-            df, feats = encode(root, seed)
+            df, feats = encode(root, seed, args.ct_pooled, args.ct_grid)
             t_prep = time.perf_counter() - t0
             split = df["split"].to_numpy()
             tt = df["time"].to_numpy().astype(np.float64)
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> pl.DataFrame:
                     lr=args.lr,
                     weight_decay=args.weight_decay,
                     device="cpu",
+                    **args.fit_kwargs,
                 )
                 tr, va, te = part["train"], part["validation"], part["internal_test"]
                 model.fit(
@@ -186,6 +191,23 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument(
+        "--ct-pooled",
+        default="volume+cells",
+        help="ct_radiomics pooled vector: volume (whole-volume statistics) or volume+cells",
+    )
+    p.add_argument(
+        "--ct-grid",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=(2, 2, 2),
+        help="ct_radiomics grid (tokens = cells), as in examples/demo.yaml",
+    )
+    p.add_argument(
+        "--fit-kwargs",
+        type=json.loads,
+        default={},
+        help="extra FusionSurvivalModel arguments as JSON, e.g. '{\"modality_dropout\": 0.2}'",
+    )
     p.add_argument("--out", default="/tmp/fusion_study")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument(

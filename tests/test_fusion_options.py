@@ -155,16 +155,19 @@ def test_pure_noise_high_dimensional_modality_does_not_collapse_fusion(strategy:
     # EHR is 521-dimensional pure noise (w_ehr = 0), CT carries the whole log-hazard. Before the
     # input balance (FusionStrategy.pooled_scale) the EHR branch fitted the training risk sets
     # within ~3 full-batch steps and early stopping kept that epoch: test C 0.55 (concat),
-    # 0.60 (late), 0.63 (contrastive) vs 0.67 CT-only. With the sqrt(d_min / d_m) balance
-    # (a compromise with the low-dimensional-noise case in test_analysis_imbalance.py) fusion
-    # stays within 0.03 of CT-only: concat 0.643, late/contrastive ~0.65-0.66.
+    # 0.60 (late), 0.63 (contrastive) vs 0.67 CT-only. With the sqrt(d_min / d_m) balance alone
+    # (branch_stopping=False) fusion stays within 0.03 of CT-only: concat 0.643, late 0.650,
+    # contrastive 0.648; this test keeps that guarantee for the input balance by itself.
+    # Branch stopping (the default) brings them within 0.01: tests/test_fusion_branches.py.
     kw = {"ct_tokens": 8, "ct_dim": 6, "ehr_tokens": 16, "vocab_size": 521, "w_ehr": 0.0}
     tr = synthetic_features(1200, seed=0, **kw)  # type: ignore[arg-type]
     va = synthetic_features(300, seed=100, **kw)  # type: ignore[arg-type]
     te = synthetic_features(1500, seed=200, **kw)  # type: ignore[arg-type]
 
     def test_c(name: str, params: dict[str, object]) -> float:
-        model = FusionSurvivalModel(name, strategy_params=params, seed=0, device="cpu")
+        model = FusionSurvivalModel(
+            name, strategy_params=params, seed=0, device="cpu", branch_stopping=False
+        )
         model.fit(tr.features, tr.time, tr.event, validation=(va.features, va.time, va.event))
         from survfuse.metrics import concordance_index
 

@@ -138,6 +138,10 @@ class TrainingConfig(_Strict):
     grad_clip: float = Field(default=1.0, gt=0.0)
     rebalance: str = "none"
     rebalance_params: dict[str, Any] = Field(default_factory=dict)
+    # per-modality probes, early stopping and freezing (survfuse.fusion.branches)
+    branch_stopping: bool = True
+    branch_loss: float = Field(default=1.0, ge=0.0)
+    branch_patience: int | None = Field(default=None, ge=1)
     head_params: dict[str, Any] = Field(default_factory=dict)
     device: str = "cpu"  # CPU results are the reference; "auto" uses CUDA when available
     # torch intra-op threads while a cell trains: fixed so results do not depend on the machine's

@@ -9,6 +9,14 @@ mini-batches of `LARGE_BATCH` = 2048 patients, with risk sets inside each batch 
 large-batch approximation of the partial likelihood; it needs many patients per batch, hence
 the large size). An explicit `batch_size` overrides both.
 
+Branch stopping (`branch_stopping=True`, the default for strategies with two modalities): a
+linear Cox probe per modality on the strategy's modality representation adds its partial
+likelihood to the loss (`branch_loss`, deep supervision), and each modality's encoder side is
+restored to its best-probe epoch and frozen once neither it nor the fused model improved for
+`branch_patience` epochs (default `patience`); training does not stop before every branch is
+frozen (at most 2 x `patience` epochs without a better fused model). Why and how:
+`survfuse.fusion.branches`. History records gain `val_c_index_<m>` and `frozen_<m>`.
+
 Imbalance diagnostics (issue 11): every epoch logs, in `history`, the mean L2 norm of the
 gradient of each modality's encoder-side parameters (`strategy.modality_parameters()`),
 `grad_norm_ct`, `grad_norm_ehr`, and their ratio `grad_ratio` = ct / ehr.
@@ -52,6 +60,7 @@ from survfuse.fusion.base import (
     drop_modalities,
     to_batch,
 )
+from survfuse.fusion.branches import BranchStopper, probe_scores
 from survfuse.interop import check_survival
 from survfuse.metrics import concordance_index
 from survfuse.metrics.concordance import NoComparablePairError
@@ -129,6 +138,9 @@ class FusionSurvivalModel:
         grad_clip: float = 1.0,
         rebalance: str = "none",
         rebalance_params: Mapping[str, Any] | None = None,
+        branch_stopping: bool = True,
+        branch_loss: float = 1.0,
+        branch_patience: int | None = None,
         seed: int = 0,
         device: str = "auto",
         verbose: bool = False,
@@ -158,6 +170,13 @@ class FusionSurvivalModel:
         self.grad_clip = float(grad_clip)
         self.rebalance = look_up_option(rebalance, REBALANCE, kind="rebalance")
         self.rebalance_params = {"alpha": 0.5, "noise": True, **dict(rebalance_params or {})}
+        if branch_loss < 0:
+            raise ValueError(f"branch_loss must be >= 0, got {branch_loss}")
+        if branch_patience is not None and branch_patience < 1:
+            raise ValueError(f"branch_patience must be >= 1, got {branch_patience}")
+        self.branch_stopping = bool(branch_stopping)
+        self.branch_loss = float(branch_loss)
+        self.branch_patience = branch_patience
         self.seed = int(seed)
         self.device = device
         self.verbose = verbose
@@ -165,6 +184,7 @@ class FusionSurvivalModel:
         self.module: FusionStrategy | None = None
         self.specs: dict[str, ModalitySpec] = {}
         self.best_epoch: int | None = None
+        self.branch_summary: dict[str, dict[str, float | int | None]] = {}
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
@@ -183,6 +203,9 @@ class FusionSurvivalModel:
             "grad_clip": self.grad_clip,
             "rebalance": self.rebalance,
             "rebalance_params": self.rebalance_params,
+            "branch_stopping": self.branch_stopping,
+            "branch_loss": self.branch_loss,
+            "branch_patience": self.branch_patience,
             "seed": self.seed,
             "device": self.device,
         }
@@ -272,11 +295,20 @@ class FusionSurvivalModel:
 
         probes: nn.ModuleDict | None = None
         probe_opt: torch.optim.Optimizer | None = None
+        stopper: BranchStopper | None = None
+        branch_opt: torch.optim.Optimizer | None = None
+        if self.branch_stopping and len(mod_params) >= 2:
+            stopper = BranchStopper(
+                mod_params,
+                patience=self.branch_patience or self.patience,
+                loss_weight=self.branch_loss,
+            )
         best_score = -math.inf
         best_state: dict[str, Tensor] | None = None
         bad_epochs = 0
         self.history = []
         self.best_epoch = None
+        self.branch_summary = {}
         for epoch in range(self.max_epochs):
             started = _time.perf_counter()
             module.set_epoch(epoch)
@@ -296,6 +328,16 @@ class FusionSurvivalModel:
                 output = module(batch)
                 loss = module.loss(output, bt, be)
                 opt.zero_grad(set_to_none=True)
+                if stopper is not None and stage == "survival":
+                    if branch_opt is None:
+                        branch_opt = torch.optim.AdamW(
+                            stopper.probe_parameters(output.modality_repr), lr=self.lr
+                        )
+                    present = {m: batch[m]["present"] for m in output.modality_repr}
+                    branch = stopper.loss(output.modality_repr, present, bt, be)
+                    if branch is not None:
+                        loss = loss + branch
+                    branch_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for m, ps in mod_params.items():
                     gnorm[m].append(_grad_norm(ps))
@@ -317,6 +359,8 @@ class FusionSurvivalModel:
                 if self.grad_clip > 0:
                     nn.utils.clip_grad_norm_(params, self.grad_clip)
                 opt.step()
+                if branch_opt is not None and stage == "survival":
+                    branch_opt.step()
                 losses.append(float(loss.detach()))
             record: dict[str, Any] = {
                 "epoch": epoch,
@@ -333,24 +377,43 @@ class FusionSurvivalModel:
                     record[f"ogm_coef_{m}"] = float(np.mean(vals))
             if val is not None:
                 vf, vt, ve = val
-                vrisk = self._risk_np(vf)
+                vout, vreprs, vpresent = self._forward_all(vf)
+                vrisk = module.output_head.risk(vout).cpu().numpy().astype(np.float64)
                 c = harrell_c(vt, ve, vrisk)
                 record["val_c_index"] = c
+                improved = froze = False
                 if stage == "survival":
                     score = c if math.isfinite(c) else -math.inf
-                    if score > best_score + 1e-6 or best_state is None:
+                    improved = score > best_score + 1e-6 or best_state is None
+                if stopper is not None and stage == "survival":
+                    branch_c = probe_scores(stopper, vreprs, vpresent, vt, ve, harrell_c)
+                    for m, bc in branch_c.items():
+                        record[f"val_c_index_{m}"] = bc
+                    for m in stopper.update(epoch, branch_c, fused_improved=improved):
+                        record[f"frozen_{m}"] = True
+                        froze = True
+                if stage == "survival":
+                    if improved:
                         best_score = score
                         best_state = copy.deepcopy(module.state_dict())
                         self.best_epoch = epoch
                         bad_epochs = 0
                     else:
                         bad_epochs += 1
+                    if froze:  # the fusion layers get `patience` epochs to adapt to the freeze
+                        bad_epochs = 0
             record["seconds"] = _time.perf_counter() - started
             self.history.append(record)
             if self.verbose:
                 print(record)
-            if val is not None and bad_epochs >= self.patience:
+            # wait for every branch to be frozen (a slower modality may still be learning), but
+            # not beyond 2 x patience epochs without a better fused model
+            branches_done = stopper is None or stopper.all_frozen or bad_epochs >= 2 * self.patience
+            if val is not None and bad_epochs >= self.patience and branches_done:
                 break
+        if stopper is not None:
+            stopper.release()
+            self.branch_summary = stopper.summary()
         if best_state is not None:
             module.load_state_dict(best_state)
         elif self.history:
@@ -456,6 +519,42 @@ class FusionSurvivalModel:
             )
             outs.append(module(batch).out)
         return torch.cat(outs) if outs else torch.zeros(0, 1, device=dev)
+
+    @torch.no_grad()
+    def _forward_all(
+        self, features: Features
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Head outputs [N, K], modality representations {m: [N, d_m]} and presence {m: [N]}
+        of every row (eval mode, in chunks)."""
+        module = self._module
+        was_training = module.training
+        module.eval()
+        dev = next(module.parameters()).device
+        n = len(features[module.modalities[0]])
+        outs: list[Tensor] = []
+        reprs: dict[str, list[Tensor]] = {}
+        present: dict[str, list[Tensor]] = {}
+        for start in range(0, n, PREDICT_CHUNK):
+            idx = np.arange(start, min(n, start + PREDICT_CHUNK))
+            batch = to_batch(
+                features,
+                idx,
+                modalities=module.modalities,
+                with_tokens=module.uses_tokens,
+                device=dev,
+            )
+            o = module(batch)
+            outs.append(o.out)
+            for m, r in o.modality_repr.items():
+                reprs.setdefault(m, []).append(r)
+                present.setdefault(m, []).append(batch[m]["present"])
+        module.train(was_training)
+        out = torch.cat(outs) if outs else torch.zeros(0, 1, device=dev)
+        return (
+            out,
+            {m: torch.cat(v) for m, v in reprs.items()},
+            {m: torch.cat(v) for m, v in present.items()},
+        )
 
     def _risk_np(self, features: Features) -> NDArray[np.float64]:
         module = self._module
