@@ -500,25 +500,11 @@ class FusionSurvivalModel:
         return coef
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
     def _outputs(self, features: Features, *, record_attention: bool = False) -> Tensor:
-        module = self._module
-        check_modalities(features, module.modalities)
-        module.eval()
-        dev = next(module.parameters()).device
-        n = len(features[module.modalities[0]])
-        outs = []
-        for start in range(0, n, PREDICT_CHUNK):
-            idx = np.arange(start, min(n, start + PREDICT_CHUNK))
-            batch = to_batch(
-                features,
-                idx,
-                modalities=module.modalities,
-                with_tokens=module.uses_tokens,
-                device=dev,
-            )
-            outs.append(module(batch).out)
-        return torch.cat(outs) if outs else torch.zeros(0, 1, device=dev)
+        """Head outputs [N, K] of every row, in eval mode."""
+        check_modalities(features, self._module.modalities)
+        self._module.eval()
+        return self._forward_all(features)[0]
 
     @torch.no_grad()
     def _forward_all(
