@@ -500,7 +500,7 @@ class FusionSurvivalModel:
         return coef
 
     # ------------------------------------------------------------------ inference
-    def _outputs(self, features: Features, *, record_attention: bool = False) -> Tensor:
+    def _outputs(self, features: Features) -> Tensor:
         """Head outputs [N, K] of every row, in eval mode."""
         check_modalities(features, self._module.modalities)
         self._module.eval()
