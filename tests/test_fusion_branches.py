@@ -31,7 +31,12 @@ def test_stalled_branch_is_restored_to_its_best_snapshot_and_frozen() -> None:
     assert all(p.requires_grad for p in ct.parameters())
     # a frozen branch keeps its state whatever its later score
     assert stopper.update(3, {"ct": 0.66, "ehr": 0.99}) == []
-    assert stopper.summary()["ehr"] == {"best_val_c": 0.70, "best_epoch": 0, "frozen_at": 2}
+    assert stopper.summary()["ehr"] == {
+        "best_val_c": 0.70,
+        "best_epoch": 0,
+        "frozen_at": 2,
+        "dropped_at": None,
+    }
     assert stopper.update(4, {"ct": 0.50}) == ["ct"] and stopper.all_frozen
     stopper.release()
     assert all(p.requires_grad for p in [*ct.parameters(), *ehr.parameters()])
@@ -58,6 +63,71 @@ def test_probe_loss_skips_frozen_branches_and_weights_the_rest() -> None:
     assert both is not None and only_ct is not None
     torch.testing.assert_close(both, 0.5 * (ref_ct + ref_ehr))
     torch.testing.assert_close(only_ct, 0.5 * ref_ct)
+
+
+def _stopper(patience: int = 3, **kw: object) -> tuple[BranchStopper, nn.Module, nn.Module]:
+    ct, ehr = nn.Linear(3, 2), nn.Linear(4, 2)
+    params = {"ct": list(ct.parameters()), "ehr": list(ehr.parameters())}
+    return BranchStopper(params, patience=patience, loss_weight=1.0, **kw), ct, ehr  # type: ignore[arg-type]
+
+
+def test_chance_test_uses_the_standard_error_of_the_best_epoch() -> None:
+    stopper, _, _ = _stopper(drop_alpha=0.05)
+    # z = (0.56 - 0.5) / 0.03 = 2.0 > 1.645: above chance; (0.54 - 0.5) / 0.03 = 1.33: not
+    stopper.update(0, {"ct": 0.56, "ehr": 0.54}, std_errors={"ct": 0.03, "ehr": 0.03})
+    assert stopper.above_chance("ct") and not stopper.above_chance("ehr")
+    # a worse later epoch changes neither the best C nor its standard error
+    stopper.update(1, {"ct": 0.50, "ehr": 0.40}, std_errors={"ct": 0.001, "ehr": 0.001})
+    assert stopper.best_se == {"ct": 0.03, "ehr": 0.03}
+    # at alpha = 0.1 (z = 1.28) the EHR branch passes; without a standard error: C > 0.5
+    loose, _, _ = _stopper(drop_alpha=0.1)
+    loose.update(0, {"ct": 0.56, "ehr": 0.54}, std_errors={"ct": 0.03, "ehr": 0.03})
+    assert loose.above_chance("ehr")
+    bare, _, _ = _stopper()
+    bare.update(0, {"ct": 0.501, "ehr": 0.499})
+    assert bare.above_chance("ct") and not bare.above_chance("ehr")
+
+
+def test_chance_level_branch_is_dropped_after_patience_when_the_other_has_signal() -> None:
+    stopper, _, ehr = _stopper(patience=3)
+    se = {"ct": 0.02, "ehr": 0.02}
+    start = [p.detach().clone() for p in ehr.parameters()]
+    for epoch, ehr_c in enumerate([0.49, 0.495, 0.50]):  # creeping up: never stalls
+        with torch.no_grad():
+            for p in ehr.parameters():
+                p.add_(1.0)
+        assert stopper.update(epoch, {"ct": 0.6 + epoch / 100, "ehr": ehr_c}, std_errors=se) == []
+        # a candidate once scored `patience` times
+        assert stopper.drop_candidates() == ([] if epoch < 2 else ["ehr"])
+    stopper.drop("ehr", 2)
+    assert stopper.dropped == {"ehr": 2} and stopper.frozen == {"ehr": 2}
+    # restored to its best-epoch snapshot (epoch 2: the creep's last gain) and frozen
+    assert all(not p.requires_grad for p in ehr.parameters())
+    for p, p0 in zip(ehr.parameters(), start, strict=True):
+        torch.testing.assert_close(p.detach(), p0 + 3.0)
+    assert stopper.drop_candidates() == [] and stopper.summary()["ehr"]["dropped_at"] == 2
+
+
+def test_no_branch_is_dropped_when_none_carries_signal_or_when_disabled() -> None:
+    both, _, _ = _stopper(patience=1)
+    both.update(0, {"ct": 0.51, "ehr": 0.49}, std_errors={"ct": 0.03, "ehr": 0.03})
+    assert both.drop_candidates() == []
+    off, _, _ = _stopper(patience=1, drop_alpha=None)
+    off.update(0, {"ct": 0.9, "ehr": 0.45}, std_errors={"ct": 0.01, "ehr": 0.03})
+    assert off.drop_candidates() == []
+    with pytest.raises(ValueError, match="drop_alpha"):
+        _stopper(drop_alpha=1.5)
+
+
+def test_mask_modalities_marks_the_modality_missing_for_everyone() -> None:
+    from survfuse.fusion.base import mask_modalities, to_batch
+
+    data = synthetic_features(10, seed=0)
+    batch = to_batch(data.features, modalities=("ct", "ehr"), with_tokens=True)
+    masked = mask_modalities(batch, ["ehr"])
+    assert not masked["ehr"]["present"].any() and not masked["ehr"]["mask"].any()
+    assert masked["ct"] is batch["ct"] and batch["ehr"]["present"].all()  # input untouched
+    assert mask_modalities(batch, []) is batch
 
 
 NOISE_EHR = {"ct_tokens": 8, "ct_dim": 6, "ehr_tokens": 16, "vocab_size": 521, "w_ehr": 0.0}
@@ -102,6 +172,12 @@ def test_branch_stopping_lets_fusion_match_ct_only_when_ehr_is_noise(
     # per-branch validation C-indices are in the training curve, and a frozen branch is marked
     assert {"val_c_index_ct", "val_c_index_ehr"} <= set(model.history[0])
     assert any(r.get("frozen_ehr") for r in model.history)
+    # the noise EHR fails the chance test: dropped, so the EHR input no longer moves the risk
+    assert model.dropped_modalities == ["ehr"] and any(r.get("dropped_ehr") for r in model.history)
+    te = noise_ehr[2]
+    shuffled = dict(te.features)
+    shuffled["ehr"] = te.features["ehr"].select(np.random.default_rng(1).permutation(len(te.time)))
+    np.testing.assert_array_equal(model.predict_risk(shuffled), model.predict_risk(te.features))
     # after fit every branch is trainable again (a fitted model is a plain module)
     branches = model.module.modality_parameters().values()  # type: ignore[union-attr]
     assert all(p.requires_grad for ps in branches for p in ps)
@@ -116,14 +192,43 @@ def test_branch_stopping_is_deterministic_and_saved_in_the_config(
     m1.save(tmp_path / "m")
     loaded = FusionSurvivalModel.load(tmp_path / "m")
     assert loaded.branch_patience == 3 and loaded.branch_loss == 0.5 and loaded.branch_stopping
+    assert loaded.dropped_modalities == m1.dropped_modalities == ["ehr"]
     te = noise_ehr[2]
     np.testing.assert_array_equal(loaded.predict_risk(te.features), m1.predict_risk(te.features))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"branch_loss": -1.0}, "branch_loss"), ({"branch_patience": 0}, "branch_patience")],
+    [
+        ({"branch_loss": -1.0}, "branch_loss"),
+        ({"branch_patience": 0}, "branch_patience"),
+        ({"branch_drop_alpha": 0.0}, "branch_drop_alpha"),
+    ],
 )
 def test_branch_options_are_validated(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FusionSurvivalModel("late", **kwargs)
+
+
+def test_informative_branches_are_kept() -> None:
+    # both modalities carry signal (w_ct = w_ehr = 1): neither is dropped, and switching the
+    # chance test off (branch_drop_alpha=None) gives the same model
+    data = tuple(
+        synthetic_features(n, seed=s, vocab_size=40) for n, s in ((800, 0), (300, 100), (800, 200))
+    )
+    c, model = _fit(data, "late", {})
+    c_off, _ = _fit(data, "late", {}, branch_drop_alpha=None)
+    assert model.dropped_modalities == [] and c == c_off
+    assert all(v["dropped_at"] is None for v in model.branch_summary.values())
+
+
+def test_a_chance_branch_is_kept_when_masking_it_would_hurt_the_fused_model(
+    noise_ehr: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the guard: a probe at chance does not prove the fusion layers ignore a modality, so the
+    # drop also needs the fused validation C without it to be at least the C with it
+    monkeypatch.setattr(FusionSurvivalModel, "_val_c", lambda self, *a, **k: float("-inf"))
+    _, model = _fit(noise_ehr, "late", {})
+    assert model.dropped_modalities == []
+    assert any("val_c_index_without_ehr" in r for r in model.history)
+    assert model.branch_summary["ehr"]["dropped_at"] is None

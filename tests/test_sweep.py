@@ -12,7 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from survfuse.cli import app
-from survfuse.experiment.sweep import BEST_FUSION, gain_table, sweep_config
+from survfuse.experiment.sweep import (
+    BEST_FUSION,
+    gain_table,
+    pool_replicates,
+    summary_markdown,
+    sweep_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -97,6 +103,70 @@ def test_gain_table_picks_best_fusion_on_validation_only() -> None:
     assert (t["reference_estimate"] == 0.70).all() and (t["imbalance"] == 0.25).all()
 
 
+def _gain_row(sim_seed: int, imbalance: float, model: str, gain: float, half: float, **kw: object):
+    row = {
+        "imbalance": imbalance,
+        "site_shift": 1.0,
+        "sim_seed": sim_seed,
+        "task": "pe",
+        "split": "internal_test",
+        "model": model,
+        "strategy": model,
+        "selected": model,
+        "rebalance": False,
+        "reference": "uni_ct",
+        "estimate": 0.7 + gain,
+        "reference_estimate": 0.7,
+        "gain": gain,
+        "gain_lower": gain - half,
+        "gain_upper": gain + half,
+        "validation_c": 0.7,
+        "ct_share": float("nan") if sim_seed else 0.5,
+        "imbalance_index": 0.2,
+        "n_seeds": 2,
+        "n_boot": 200,
+    }
+    row.update(kw)
+    return row
+
+
+def test_pool_replicates_averages_cohorts_with_a_normal_interval() -> None:
+    z = 1.959963984540054
+    rows = [
+        _gain_row(0, 0.5, "late", 0.04, 0.02),
+        _gain_row(1, 0.5, "late", 0.02, 0.04),
+        _gain_row(0, 0.5, BEST_FUSION, 0.04, 0.02, selected="late"),
+        _gain_row(1, 0.5, BEST_FUSION, 0.03, 0.02, selected="concat"),
+        _gain_row(2, 0.5, BEST_FUSION, 0.05, 0.02, selected="late"),
+        _gain_row(0, 1.0, "late", -0.01, 0.03),  # one cohort: its own interval, untouched
+    ]
+    pooled = pool_replicates(pl.DataFrame(rows))
+    late = pooled.filter((pl.col("model") == "late") & (pl.col("imbalance") == 0.5)).row(
+        0, named=True
+    )
+    # se_r = half-width / z; se = sqrt(se_0^2 + se_1^2) / 2
+    se = math.sqrt((0.02 / z) ** 2 + (0.04 / z) ** 2) / 2
+    assert late["gain"] == pytest.approx(0.03) and late["n_replicates"] == 2
+    assert late["gain_lower"] == pytest.approx(0.03 - z * se)
+    assert late["gain_upper"] == pytest.approx(0.03 + z * se)
+    assert late["ct_share"] == pytest.approx(0.5)  # NaN in one cohort: mean of the others
+    best = pooled.filter(pl.col("model") == BEST_FUSION).row(0, named=True)
+    assert best["selected"] == "late x2, concat x1" and best["gain"] == pytest.approx(0.04)
+    single = pooled.filter(pl.col("imbalance") == 1.0).row(0, named=True)
+    one = rows[-1]
+    assert [single[k] for k in ("gain", "gain_lower", "gain_upper")] == [
+        one["gain"],
+        one["gain_lower"],
+        one["gain_upper"],
+    ]
+    assert "sim_seed" not in pooled.columns and pooled.height == 3
+    # the summary names where the best fusion peaks
+    md = summary_markdown(pooled)
+    assert "Best fusion peaks at w=0.5" not in md  # one imbalance for best fusion: no claim line
+    two = pool_replicates(pl.DataFrame([*rows, _gain_row(0, 1.0, BEST_FUSION, -0.01, 0.03)]))
+    assert "Best fusion peaks at w=0.5" in summary_markdown(two)
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sweep")
@@ -119,6 +189,8 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--bootstrap",
         "20",
         "--rebalance",
+        "--replicates",
+        "2",
         "--no-progress",
     ]
     res = CliRunner().invoke(app, args)
@@ -136,14 +208,22 @@ def test_sweep_writes_table_figure_and_summary(tiny_sweep: Path) -> None:
     assert set(t["strategy"]) == {"late", "late_ogm", BEST_FUSION}
     assert t.filter(pl.col("strategy") == "late_ogm")["rebalance"].all()
     assert t.height == 2 * 2 * 3  # settings x splits x (late, late_ogm, best fusion)
+    # two simulated cohorts per setting; the pooled gain is their mean
+    per = pl.read_parquet(tiny_sweep / "sweep_replicates.parquet")
+    assert sorted(set(per["sim_seed"])) == [0, 1] and per.height == 2 * t.height
+    assert (t["n_replicates"] == 2).all()
+    key = ["imbalance", "split", "model"]
+    means = per.group_by(key).agg(pl.col("gain").mean().alias("m")).join(t, on=key)
+    np.testing.assert_allclose(means["m"], means["gain"])
     # the gain is the runner's paired difference against the best unimodal model
-    run = tiny_sweep / "runs" / "imb0_shift1"
+    run = tiny_sweep / "runs" / "imb0_shift1_sim0"
     m = pl.read_parquet(run / "metrics.parquet").filter(
         (pl.col("metric") == "harrell_c") & (pl.col("split") == "external_test")
     )
     late = m.filter(pl.col("strategy") == "late")
-    row = t.filter(
-        (pl.col("imbalance") == 0.0)
+    row = per.filter(
+        (pl.col("sim_seed") == 0)
+        & (pl.col("imbalance") == 0.0)
         & (pl.col("split") == "external_test")
         & (pl.col("strategy") == "late")
     )
@@ -157,7 +237,7 @@ def test_sweep_writes_table_figure_and_summary(tiny_sweep: Path) -> None:
 def test_every_sweep_run_has_an_imbalance_table_and_report_section(tiny_sweep: Path) -> None:
     from survfuse.report.html import build_report
 
-    run = tiny_sweep / "runs" / "imb1_shift1"
+    run = tiny_sweep / "runs" / "imb1_shift1_sim0"
     imb = pl.read_parquet(run / "imbalance.parquet")
     assert set(imb["split"]) == {"validation", "internal_test", "external_test"}
     assert set(imb["strategy"]) == {"late", "late_ogm"}
@@ -200,11 +280,11 @@ def test_sweep_ct_cells_hold_volume_and_cell_radiomics(tiny_sweep: Path) -> None
     from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder, radiomics_features
     from survfuse.encoders.features import ModalityFeatures
 
-    run = tiny_sweep / "runs" / "imb1_shift1"
+    run = tiny_sweep / "runs" / "imb1_shift1_sim0"
     index = json.loads((run / "features" / "index.json").read_text())
     assert list(index["ct"]) == ["ct_cells"]
     feats = ModalityFeatures.load(run / index["ct"]["ct_cells"])
-    data = tiny_sweep / "data" / "imb1_shift1"
+    data = tiny_sweep / "data" / "imb1_shift1_sim0"
     cohort = pl.read_parquet(data / "cohort.parquet")
     enc = CTRadiomicsEncoder(grid=(2, 2, 2), n_bins=16)
     f = enc.n_features

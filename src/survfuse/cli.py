@@ -209,7 +209,10 @@ def sweep_imbalance(
     site_shift: str = typer.Option("1", "--site-shift", help="Site shifts (comma-separated)."),
     seeds: int = typer.Option(1, "--seeds", help="Training seeds per cell."),
     n: int = typer.Option(1500, "--n", help="Simulated patients per setting."),
-    sim_seed: int = typer.Option(0, "--sim-seed", help="Simulation seed."),
+    sim_seed: int = typer.Option(0, "--sim-seed", help="First simulation seed."),
+    replicates: int = typer.Option(
+        1, "--replicates", help="Independent simulated cohorts per setting (gains pooled)."
+    ),
     shape: str = typer.Option("32,32,20", "--shape", help="CT volume shape X,Y,Z."),
     config: Path = typer.Option(None, "--config", help="Base config (default: demo.yaml)."),
     strategies: str = typer.Option(None, "--strategies", help="Strategy keys to keep."),
@@ -238,6 +241,7 @@ def sweep_imbalance(
             seeds=seeds,
             n=n,
             sim_seed=sim_seed,
+            replicates=replicates,
             shape=(dims[0], dims[1], dims[2]),
             config=config,
             strategies=_csv(strategies),

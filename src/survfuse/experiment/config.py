@@ -142,6 +142,8 @@ class TrainingConfig(_Strict):
     branch_stopping: bool = True
     branch_loss: float = Field(default=1.0, ge=0.0)
     branch_patience: int | None = Field(default=None, ge=1)
+    # one-sided level of the chance test that drops a noise branch; None: never drop
+    branch_drop_alpha: float | None = Field(default=0.05, gt=0.0, lt=1.0)
     head_params: dict[str, Any] = Field(default_factory=dict)
     device: str = "cpu"  # CPU results are the reference; "auto" uses CUDA when available
     # torch intra-op threads while a cell trains: fixed so results do not depend on the machine's

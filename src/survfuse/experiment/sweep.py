@@ -1,8 +1,11 @@
 """`run_sweep`: where does fusion help? Simulate a cohort per (imbalance, site shift), run every
 strategy through the runner, and tabulate + plot the gain over the best unimodal baseline.
 
-For each setting the simulator writes `OUT/data/<setting>/` and the runner `OUT/runs/<setting>/`
-(both reused when rerun: finished cells are cached), with the study of a base config
+A setting is (imbalance w, site shift, simulation seed); `replicates` R simulates R independent
+cohorts per (w, shift) (seeds `sim_seed`, `sim_seed` + 1, ...), so the sweep's gains are not
+one cohort's luck. For each setting the simulator writes `OUT/data/<setting>/` and the runner
+`OUT/runs/<setting>/` (both reused when rerun: finished cells are cached), with the study of a
+base config
 (`examples/demo.yaml` by default) pointed at the simulated data and optionally reduced
 (strategies, EHR encoders, tasks, seeds, epochs, resamples). Only Harrell's C is scored.
 
@@ -23,8 +26,14 @@ chosen on a test split; column `selected` names it). With `rebalance=True` every
 gradient modulation (`<strategy>_ogm`), so its effect appears as extra lines. The measured CT
 share of the Shapley contributions (`survfuse.analysis`) is added to each row.
 
-Outputs: `OUT/sweep.parquet` / `sweep.csv` (one row per setting x task x split x model),
-`OUT/sweep.png` (gain vs imbalance: one panel per task x split, one line per model, one figure
+Pooling replicates: the gain of a model at (w, shift, task, split) is the mean over the R
+cohorts, g = mean_r g_r, with a normal-approximation interval g -/+ 1.96 se,
+se = sqrt(sum_r se_r^2) / R and se_r = (upper_r - lower_r) / (2 * 1.96) (the cohorts are
+independent); with R = 1 the run's own percentile interval is kept. `best fusion` is selected on
+validation within each cohort (column `selected` counts the choices).
+
+Outputs: `OUT/sweep.parquet` / `sweep.csv` (pooled: one row per w x shift x task x split x
+model), `OUT/sweep_replicates.parquet` / `.csv` (one row per cohort), `OUT/sweep.png` (gain vs imbalance: one panel per task x split, one line per model, one figure
 per site shift `sweep_shift<s>.png` when several) and `OUT/sweep.md`.
 """
 
@@ -39,6 +48,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import yaml
+from numpy.typing import NDArray
 
 from survfuse.experiment.config import (
     EncoderChoice,
@@ -51,6 +61,7 @@ __all__ = [
     "BEST_FUSION",
     "SweepResult",
     "gain_table",
+    "pool_replicates",
     "run_sweep",
     "sweep_config",
     "sweep_figure",
@@ -62,6 +73,7 @@ TEST_SPLITS = ("internal_test", "external_test")
 GAIN_SCHEMA = {
     "imbalance": pl.Float64,
     "site_shift": pl.Float64,
+    "sim_seed": pl.Int64,
     "task": pl.Utf8,
     "split": pl.Utf8,
     "model": pl.Utf8,
@@ -92,8 +104,8 @@ class SweepResult:
     summary: Path
 
 
-def _setting_name(imbalance: float, site_shift: float) -> str:
-    return f"imb{imbalance:g}_shift{site_shift:g}"
+def _setting_name(imbalance: float, site_shift: float, sim_seed: int) -> str:
+    return f"imb{imbalance:g}_shift{site_shift:g}_sim{sim_seed}"
 
 
 def _parse_floats(values: Sequence[float], what: str) -> list[float]:
@@ -218,7 +230,7 @@ def gain_table(
     metrics: pl.DataFrame,
     imbalance: pl.DataFrame | None,
     *,
-    setting: dict[str, float],
+    setting: dict[str, float | int],
     rebalanced: set[str] | None = None,
 ) -> pl.DataFrame:
     """Gain over the reference (best unimodal) of every fused model and of the best fusion, per
@@ -277,6 +289,63 @@ def gain_table(
                 if r["model"] == best:
                     rows.append({**row, "model": BEST_FUSION, "strategy": BEST_FUSION})
     return pl.DataFrame(rows, schema=GAIN_SCHEMA, orient="row")
+
+
+Z95 = 1.959963984540054  # the standard normal 97.5% quantile
+POOLED_KEYS = ("imbalance", "site_shift", "task", "split", "model")
+
+
+def pool_replicates(table: pl.DataFrame) -> pl.DataFrame:
+    """Mean gain over the simulated cohorts of each (w, shift, task, split, model), with the
+    normal-approximation interval of the module docstring (the run's own interval when a group
+    has one cohort). Columns: those of `GAIN_SCHEMA` without `sim_seed`, plus `n_replicates`;
+    `selected` lists how often each strategy was the validation-selected best fusion."""
+    if not table.height:
+        schema = {k: v for k, v in GAIN_SCHEMA.items() if k != "sim_seed"}
+        return pl.DataFrame(schema={**schema, "n_replicates": pl.Int64})
+    se = (pl.col("gain_upper") - pl.col("gain_lower")) / (2 * Z95)
+    mean_cols = ["estimate", "reference_estimate", "validation_c", "ct_share", "imbalance_index"]
+    rows = []
+    for key, part in table.group_by(list(POOLED_KEYS), maintain_order=True):
+        r = len(part)
+        first = part.row(0, named=True)
+        if r == 1:
+            gain, lo, hi = first["gain"], first["gain_lower"], first["gain_upper"]
+        else:
+            gain = float(part["gain"].mean())  # type: ignore[arg-type]
+            pooled_se = math.sqrt(float(part.select(se.pow(2).sum()).item())) / r
+            lo, hi = gain - Z95 * pooled_se, gain + Z95 * pooled_se
+        counts: dict[str, int] = {}
+        for sel in part["selected"].to_list():
+            counts[sel] = counts.get(sel, 0) + 1
+        selected = (
+            first["selected"]
+            if len(counts) == 1
+            else ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        )
+        rows.append(
+            {
+                **dict(zip(POOLED_KEYS, key, strict=True)),
+                "strategy": first["strategy"],
+                "selected": selected,
+                "rebalance": first["rebalance"],
+                "reference": first["reference"],
+                **{c: _nanmean(part[c].to_numpy()) for c in mean_cols},
+                "gain": gain,
+                "gain_lower": lo,
+                "gain_upper": hi,
+                "n_seeds": first["n_seeds"],
+                "n_boot": first["n_boot"],
+                "n_replicates": r,
+            }
+        )
+    order = [k for k in GAIN_SCHEMA if k != "sim_seed"] + ["n_replicates"]
+    return pl.DataFrame(rows).select(order)
+
+
+def _nanmean(x: NDArray[np.float64]) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
 
 
 def sweep_figure(table: pl.DataFrame, *, site_shift: float | None = None) -> Any:
@@ -382,8 +451,21 @@ def summary_markdown(table: pl.DataFrame) -> str:
                             cell += f" ({r['selected'][0]})"
                         cells.append(cell)
                     lines.append(f"| {model} | " + " | ".join(cells) + " |")
-                lines.append("")
+                lines += ["", _peak_line(part), ""]
     return "\n".join(lines)
+
+
+def _peak_line(part: pl.DataFrame) -> str:
+    """Where the best fusion's gain peaks and what it is at the extremes of w (the study's
+    claim: largest at balanced contributions, shrinking toward 0 at the extremes)."""
+    best = part.filter(pl.col("model") == BEST_FUSION).sort("imbalance")
+    if best.height < 2:
+        return ""
+    ws, g = best["imbalance"].to_list(), best["gain"].to_list()
+    lo, hi = best["gain_lower"].to_list(), best["gain_upper"].to_list()
+    k = int(np.nanargmax(np.asarray(g, dtype=np.float64)))
+    ends = ", ".join(f"w={ws[i]:g}: {_fmt(g[i], lo[i], hi[i])}" for i in (0, len(ws) - 1))
+    return f"Best fusion peaks at w={ws[k]:g} ({_fmt(g[k], lo[k], hi[k])}); extremes {ends}."
 
 
 def run_sweep(
@@ -394,6 +476,7 @@ def run_sweep(
     seeds: int = 1,
     n: int = 1500,
     sim_seed: int = 0,
+    replicates: int = 1,
     shape: tuple[int, int, int] = (32, 32, 20),
     config: str | Path | None = None,
     strategies: Sequence[str] | None = None,
@@ -408,9 +491,9 @@ def run_sweep(
 ) -> SweepResult:
     """Run the sweep (see the module docstring); rerunning resumes (data and cells are reused).
 
-    seeds: training seeds per cell (0..seeds-1, averaged by the runner); sim_seed: the
-    simulation seed (the same latent patients in every setting, so settings differ only in w
-    and the site shift).
+    seeds: training seeds per cell (0..seeds-1, averaged by the runner); sim_seed: the first
+    simulation seed (within a replicate the same latent patients in every setting, so settings
+    differ only in w and the site shift); replicates: independent cohorts per (w, shift).
     """
     from survfuse.data.simulate import simulate
     from survfuse.experiment.demo import default_demo_config
@@ -428,67 +511,72 @@ def run_sweep(
     for s in shifts:
         if s < 0:
             raise ValueError(f"site_shift must be >= 0, got {s}")
+    if replicates < 1:
+        raise ValueError(f"replicates must be >= 1, got {replicates}")
     base = Path(config) if config is not None else default_demo_config()
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     frames = []
-    for shift in shifts:
-        for w in ws:
-            name = _setting_name(w, shift)
-            data_dir = root / "data" / name
-            if not (data_dir / "dataset.json").exists():
-                if console is not None:
-                    console.print(f"[bold]simulating[/bold] {name}: {n} patients")
-                simulate(
-                    data_dir,
-                    n=n,
-                    seed=sim_seed,
-                    imbalance=w,
-                    site_shift=shift,
-                    shape=shape,
-                    progress=progress,
-                )
-            emb = None
-            if ct_features == "cells":
-                emb = data_dir / "ct_cells.npz"
-                if not emb.exists():
-                    if console is not None:
-                        console.print(f"[bold]encoding[/bold] CT cells of {name}")
-                    write_cell_embeddings(data_dir, emb)
-            cfg = sweep_config(
-                base,
-                data_dir,
-                ct_embeddings=emb,
-                strategies=strategies,
-                ehr_encoders=ehr_encoders,
-                tasks=tasks,
-                seeds=seeds,
-                bootstrap=bootstrap,
-                max_epochs=max_epochs,
-                rebalance=rebalance,
-            )
+    settings = [(shift, w, sim_seed + r) for r in range(replicates) for shift in shifts for w in ws]
+    for shift, w, seed in settings:
+        name = _setting_name(w, shift, seed)
+        data_dir = root / "data" / name
+        if not (data_dir / "dataset.json").exists():
             if console is not None:
-                console.print(f"[bold]running[/bold] {name}")
-            run_dir = root / "runs" / name
-            result = run_experiment(cfg, run_dir, progress=progress, console=console)
-            rd = RunDir(run_dir)
-            imb_path = rd.root / IMBALANCE_FILE
-            imb = (
-                pl.read_parquet(imb_path)
-                if imb_path.exists() and imb_path.stat().st_mtime >= rd.metrics.stat().st_mtime
-                else evaluate_imbalance(cfg, rd, result.specs)
+                console.print(f"[bold]simulating[/bold] {name}: {n} patients")
+            simulate(
+                data_dir,
+                n=n,
+                seed=seed,
+                imbalance=w,
+                site_shift=shift,
+                shape=shape,
+                progress=progress,
             )
-            rebalanced = {s.key for s in cfg.strategies if s.training.get("rebalance") == "ogm_ge"}
-            assert result.metrics is not None
-            frames.append(
-                gain_table(
-                    result.metrics,
-                    imb,
-                    setting={"imbalance": w, "site_shift": shift},
-                    rebalanced=rebalanced,
-                )
+        emb = None
+        if ct_features == "cells":
+            emb = data_dir / "ct_cells.npz"
+            if not emb.exists():
+                if console is not None:
+                    console.print(f"[bold]encoding[/bold] CT cells of {name}")
+                write_cell_embeddings(data_dir, emb)
+        cfg = sweep_config(
+            base,
+            data_dir,
+            ct_embeddings=emb,
+            strategies=strategies,
+            ehr_encoders=ehr_encoders,
+            tasks=tasks,
+            seeds=seeds,
+            bootstrap=bootstrap,
+            max_epochs=max_epochs,
+            rebalance=rebalance,
+        )
+        if console is not None:
+            console.print(f"[bold]running[/bold] {name}")
+        run_dir = root / "runs" / name
+        result = run_experiment(cfg, run_dir, progress=progress, console=console)
+        rd = RunDir(run_dir)
+        imb_path = rd.root / IMBALANCE_FILE
+        imb = (
+            pl.read_parquet(imb_path)
+            if imb_path.exists() and imb_path.stat().st_mtime >= rd.metrics.stat().st_mtime
+            else evaluate_imbalance(cfg, rd, result.specs)
+        )
+        rebalanced = {s.key for s in cfg.strategies if s.training.get("rebalance") == "ogm_ge"}
+        assert result.metrics is not None
+        frames.append(
+            gain_table(
+                result.metrics,
+                imb,
+                setting={"imbalance": w, "site_shift": shift, "sim_seed": seed},
+                rebalanced=rebalanced,
             )
-    table = pl.concat(frames) if frames else pl.DataFrame(schema=GAIN_SCHEMA)
+        )
+    per_cohort = pl.concat(frames) if frames else pl.DataFrame(schema=GAIN_SCHEMA)
+    write_parquet(root / "sweep_replicates.parquet", per_cohort)
+    per_cohort.write_csv(root / "sweep_replicates.csv")
+    table = pool_replicates(per_cohort)
     write_parquet(root / "sweep.parquet", table)
     table.write_csv(root / "sweep.csv")
     import matplotlib.pyplot as plt

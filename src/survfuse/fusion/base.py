@@ -106,6 +106,22 @@ def batch_size_of(batch: Batch) -> int:
     return int(next(iter(batch.values()))["present"].shape[0])
 
 
+def mask_modalities(batch: Batch, modalities: Iterable[str]) -> Batch:
+    """The batch with `modalities` missing for every patient (`present` and `mask` False; a new
+    dict of shallow copies): how a fused model sees a modality it has dropped."""
+    names = set(modalities) & set(batch)
+    if not names:
+        return batch
+    out: Batch = dict(batch)
+    for m in names:
+        d = dict(batch[m])
+        d["present"] = torch.zeros_like(d["present"])
+        if "mask" in d:
+            d["mask"] = torch.zeros_like(d["mask"])
+        out[m] = d
+    return out
+
+
 def drop_modalities(batch: Batch, p: float, generator: torch.Generator) -> Batch:
     """Modality dropout: a patient with both modalities loses one (chosen at random) with prob. p.
 

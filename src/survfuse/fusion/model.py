@@ -14,8 +14,11 @@ linear Cox probe per modality on the strategy's modality representation adds its
 likelihood to the loss (`branch_loss`, deep supervision), and each modality's encoder side is
 restored to its best-probe epoch and frozen once neither it nor the fused model improved for
 `branch_patience` epochs (default `patience`); training does not stop before every branch is
-frozen (at most 2 x `patience` epochs without a better fused model). Why and how:
-`survfuse.fusion.branches`. History records gain `val_c_index_<m>` and `frozen_<m>`.
+frozen (at most 2 x `patience` epochs without a better fused model). A branch whose best
+validation C is not above chance (one-sided level `branch_drop_alpha`, 0.05) while another
+branch is above it is dropped: masked as missing for every patient from then on, in training
+and prediction (`dropped_modalities`, saved with the model). Why and how:
+`survfuse.fusion.branches`. History records gain `val_c_index_<m>`, `frozen_<m>`, `dropped_<m>`.
 
 Imbalance diagnostics (issue 11): every epoch logs, in `history`, the mean L2 norm of the
 gradient of each modality's encoder-side parameters (`strategy.modality_parameters()`),
@@ -58,6 +61,7 @@ from survfuse.fusion.base import (
     ModalitySpec,
     check_modalities,
     drop_modalities,
+    mask_modalities,
     to_batch,
 )
 from survfuse.fusion.branches import BranchStopper, probe_scores
@@ -141,6 +145,7 @@ class FusionSurvivalModel:
         branch_stopping: bool = True,
         branch_loss: float = 1.0,
         branch_patience: int | None = None,
+        branch_drop_alpha: float | None = 0.05,
         seed: int = 0,
         device: str = "auto",
         verbose: bool = False,
@@ -174,7 +179,12 @@ class FusionSurvivalModel:
             raise ValueError(f"branch_loss must be >= 0, got {branch_loss}")
         if branch_patience is not None and branch_patience < 1:
             raise ValueError(f"branch_patience must be >= 1, got {branch_patience}")
+        if branch_drop_alpha is not None and not 0.0 < branch_drop_alpha < 1.0:
+            raise ValueError(
+                f"branch_drop_alpha must lie in (0, 1) or be None, got {branch_drop_alpha}"
+            )
         self.branch_stopping = bool(branch_stopping)
+        self.branch_drop_alpha = branch_drop_alpha
         self.branch_loss = float(branch_loss)
         self.branch_patience = branch_patience
         self.seed = int(seed)
@@ -185,6 +195,8 @@ class FusionSurvivalModel:
         self.specs: dict[str, ModalitySpec] = {}
         self.best_epoch: int | None = None
         self.branch_summary: dict[str, dict[str, float | int | None]] = {}
+        # modalities masked as missing for every patient (chance-level branches; see branches.py)
+        self.dropped_modalities: list[str] = []
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
@@ -206,6 +218,7 @@ class FusionSurvivalModel:
             "branch_stopping": self.branch_stopping,
             "branch_loss": self.branch_loss,
             "branch_patience": self.branch_patience,
+            "branch_drop_alpha": self.branch_drop_alpha,
             "seed": self.seed,
             "device": self.device,
         }
@@ -302,6 +315,7 @@ class FusionSurvivalModel:
                 mod_params,
                 patience=self.branch_patience or self.patience,
                 loss_weight=self.branch_loss,
+                drop_alpha=self.branch_drop_alpha,
             )
         best_score = -math.inf
         best_state: dict[str, Tensor] | None = None
@@ -309,6 +323,7 @@ class FusionSurvivalModel:
         self.history = []
         self.best_epoch = None
         self.branch_summary = {}
+        self.dropped_modalities = []
         for epoch in range(self.max_epochs):
             started = _time.perf_counter()
             module.set_epoch(epoch)
@@ -324,6 +339,7 @@ class FusionSurvivalModel:
                     batch = to_batch(features, idx, modalities=mods, with_tokens=tok, device=dev)
                     it = torch.as_tensor(idx, device=dev)
                     bt, be = t_all[it], e_all[it]
+                batch = mask_modalities(batch, self.dropped_modalities)
                 batch = drop_modalities(batch, self.modality_dropout, gen)
                 output = module(batch)
                 loss = module.loss(output, bt, be)
@@ -378,20 +394,32 @@ class FusionSurvivalModel:
             if val is not None:
                 vf, vt, ve = val
                 vout, vreprs, vpresent = self._forward_all(vf)
-                vrisk = module.output_head.risk(vout).cpu().numpy().astype(np.float64)
-                c = harrell_c(vt, ve, vrisk)
+                c = harrell_c(vt, ve, module.output_head.risk(vout).cpu().numpy())
                 record["val_c_index"] = c
-                improved = froze = False
+                improved = froze = dropped = False
                 if stage == "survival":
                     score = c if math.isfinite(c) else -math.inf
                     improved = score > best_score + 1e-6 or best_state is None
                 if stopper is not None and stage == "survival":
-                    branch_c = probe_scores(stopper, vreprs, vpresent, vt, ve, harrell_c)
+                    scored = probe_scores(stopper, vreprs, vpresent, vt, ve)
+                    branch_c = {m: c_se[0] for m, c_se in scored.items()}
                     for m, bc in branch_c.items():
                         record[f"val_c_index_{m}"] = bc
-                    for m in stopper.update(epoch, branch_c, fused_improved=improved):
+                    se = {m: c_se[1] for m, c_se in scored.items()}
+                    for m in stopper.update(
+                        epoch, branch_c, fused_improved=improved, std_errors=se
+                    ):
                         record[f"frozen_{m}"] = True
                         froze = True
+                    for m in stopper.drop_candidates():
+                        # drop only if the fused model does not get worse without it
+                        without = self._val_c(vf, vt, ve, mask=[m])
+                        record[f"val_c_index_without_{m}"] = without
+                        if math.isfinite(c) and without >= c:
+                            stopper.drop(m, epoch)
+                            record[f"dropped_{m}"] = record[f"frozen_{m}"] = True
+                            self.dropped_modalities.append(m)
+                            dropped = True
                 if stage == "survival":
                     if improved:
                         best_score = score
@@ -402,6 +430,8 @@ class FusionSurvivalModel:
                         bad_epochs += 1
                     if froze:  # the fusion layers get `patience` epochs to adapt to the freeze
                         bad_epochs = 0
+                    if dropped:  # keep only weights trained without the dropped modality
+                        best_score, best_state, self.best_epoch = -math.inf, None, None
             record["seconds"] = _time.perf_counter() - started
             self.history.append(record)
             if self.verbose:
@@ -424,6 +454,7 @@ class FusionSurvivalModel:
                 raise ValueError("late fusion with combine='stacking' needs validation data")
             vf, vt, ve = val
             vb = to_batch(vf, modalities=mods, with_tokens=tok, device=dev)
+            vb = mask_modalities(vb, self.dropped_modalities)
             module.fit_stacking(
                 vb, torch.as_tensor(vt, device=dev), torch.as_tensor(ve, device=dev)
             )  # type: ignore[operator]
@@ -506,12 +537,19 @@ class FusionSurvivalModel:
         self._module.eval()
         return self._forward_all(features)[0]
 
+    def _val_c(
+        self, features: Features, time: NDArray[np.float64], event: NDArray[np.bool_], mask: Any
+    ) -> float:
+        """Harrell's C of the model with the modalities `mask` also masked as missing."""
+        out = self._forward_all(features, mask=mask)[0]
+        return harrell_c(time, event, self._module.output_head.risk(out).cpu().numpy())
+
     @torch.no_grad()
     def _forward_all(
-        self, features: Features
+        self, features: Features, *, mask: Any = ()
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Head outputs [N, K], modality representations {m: [N, d_m]} and presence {m: [N]}
-        of every row (eval mode, in chunks)."""
+        of every row (eval mode, in chunks); dropped modalities and `mask` are masked."""
         module = self._module
         was_training = module.training
         module.eval()
@@ -529,7 +567,7 @@ class FusionSurvivalModel:
                 with_tokens=module.uses_tokens,
                 device=dev,
             )
-            o = module(batch)
+            o = module(mask_modalities(batch, [*self.dropped_modalities, *mask]))
             outs.append(o.out)
             for m, r in o.modality_repr.items():
                 reprs.setdefault(m, []).append(r)
@@ -567,6 +605,7 @@ class FusionSurvivalModel:
         module.eval()
         dev = next(module.parameters()).device
         batch = to_batch(features, modalities=module.modalities, with_tokens=True, device=dev)
+        batch = mask_modalities(batch, self.dropped_modalities)
         setattr(module, "record_attention", True)  # noqa: B010  (a flag only attention strategies have)
         try:
             extras = module(batch).extras
@@ -587,6 +626,7 @@ class FusionSurvivalModel:
             "specs": {m: s.to_dict() for m, s in self.specs.items()},
             "history": self.history,
             "best_epoch": self.best_epoch,
+            "dropped_modalities": self.dropped_modalities,
         }
         (out / "config.json").write_text(json.dumps(cfg, indent=2, default=float))
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -610,6 +650,7 @@ class FusionSurvivalModel:
         model.specs = {m: ModalitySpec(**s) for m, s in cfg["specs"].items()}
         model.history = cfg.get("history", [])
         model.best_epoch = cfg.get("best_epoch")
+        model.dropped_modalities = list(cfg.get("dropped_modalities", []))
         module = model._build(model.specs)
         module.load_state_dict(load_file(str(src / "model.safetensors")))
         module.to(resolve_device(model.device)).eval()
