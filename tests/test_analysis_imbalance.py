@@ -199,15 +199,24 @@ def ehr_only_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     def rows(idx: np.ndarray) -> dict[str, Any]:
         return {m: f.select(idx) for m, f in feats.items()}
 
-    def fit(strategy: str, **params: Any) -> FusionSurvivalModel:
+    def fit(strategy: str, drop: float | None = 0.05, **params: Any) -> FusionSurvivalModel:
         m = FusionSurvivalModel(
-            strategy, strategy_params=params, max_epochs=30, patience=5, seed=0, device="cpu"
+            strategy,
+            strategy_params=params,
+            max_epochs=30,
+            patience=5,
+            seed=0,
+            device="cpu",
+            branch_drop_alpha=drop,
         )
         return m.fit(
             rows(train), time[train], event[train], validation=(rows(val), time[val], event[val])
         )
 
-    fused = fit("concat")
+    # without the chance-level drop, so that the fused model does see the noise CT and the
+    # ablation has something to measure (the default drops it: test_..._dropped_ct below)
+    fused = fit("concat", drop=None)
+    default = fit("concat")
     uni = {m: fit("unimodal", modality=m).predict_risk(rows(test)) for m in ("ct", "ehr")}
     res = analyse_imbalance(
         fused,
@@ -221,6 +230,8 @@ def ehr_only_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     return {
         "res": res,
+        "default": default,
+        "default_risks": ablation_risks(default, rows(test)),
         "risk": fused.predict_risk(rows(test)),
         "time": time[test],
         "event": event[test],
@@ -245,6 +256,16 @@ def test_simulated_ablating_uninformative_ct_changes_c_less_than_ci(
     half_width = (full.ci_high - full.ci_low) / 2
     assert abs(res["ablation_drop[ct]"].estimate) < half_width
     assert res["ablation_drop[ct]"].ci_low < 0 < res["ablation_drop[ct]"].ci_high
+
+
+def test_simulated_default_model_drops_the_uninformative_ct(
+    ehr_only_cohort: dict[str, Any],
+) -> None:
+    # branch stopping's chance test drops the CT (imbalance 0): masking it changes nothing
+    model, risks = ehr_only_cohort["default"], ehr_only_cohort["default_risks"]
+    assert model.dropped_modalities == ["ct"]
+    np.testing.assert_array_equal(risks["ehr"], risks["full"])
+    assert not np.allclose(risks["ct"], risks["full"])
 
 
 def test_simulated_ablating_informative_ehr_drops_c_to_ct_baseline(

@@ -303,3 +303,37 @@ def test_sweep_ct_cells_hold_volume_and_cell_radiomics(tiny_sweep: Path) -> None
         feats.pooled[i, f:], np.where(valid[:, None], cells, 0).ravel(), rtol=1e-5, atol=1e-6
     )
     assert feats.tokens is not None and feats.tokens.shape[1:] == (8, f + 3)
+
+
+def test_report_lists_the_modalities_branch_stopping_dropped(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from survfuse.report.imbalance_section import dropped_table
+
+    def cell(cid: str, strategy: str, seed: int, history: list[dict]) -> dict:
+        (tmp_path / cid).mkdir()
+        pl.DataFrame(history, infer_schema_length=None).write_parquet(
+            tmp_path / cid / "history.parquet"
+        )
+        return {
+            "cell_id": cid,
+            "status": "done",
+            "modalities": ["ct", "ehr"],
+            "task": "pe",
+            "strategy": strategy,
+            "seed": seed,
+            "ct_encoder": "ct_radiomics",
+            "ehr_encoder": "ehr_onehot",
+        }
+
+    cells = [
+        cell("a", "late", 0, [{"epoch": 0}, {"epoch": 1, "dropped_ehr": True}, {"epoch": 2}]),
+        cell("b", "late", 1, [{"epoch": 0}, {"epoch": 1}]),
+        cell("c", "late", 2, [{"epoch": 0}, {"epoch": 4, "dropped_ehr": True}]),
+        cell("d", "concat", 0, [{"epoch": 0}]),
+    ]
+    ctx = SimpleNamespace(rd=SimpleNamespace(cell=lambda cid: tmp_path / cid), cells=cells)
+    t = dropped_table(ctx)  # type: ignore[arg-type]
+    assert t.rows() == [
+        ("pe", "late (ct_radiomics + ehr_onehot)", "EHR", "2 of 3 (0, 2)", "1, 4"),
+    ]

@@ -100,7 +100,11 @@ def _train_and_predict(spec: CellSpec, run_dir: RunDir, out: Path) -> None:
         cols[surv_column(float(t))] = surv[:, j]
     pl.DataFrame(cols).write_parquet(out / "predictions.parquet")
     model.save(out / "model")
-    history = pl.DataFrame(list(model.history)) if model.history else pl.DataFrame({"epoch": []})
+    history = (  # every epoch's keys (a branch may be frozen or dropped late in training)
+        pl.DataFrame(list(model.history), infer_schema_length=None)
+        if model.history
+        else pl.DataFrame({"epoch": []})
+    )
     history.write_parquet(out / "history.parquet")
 
 

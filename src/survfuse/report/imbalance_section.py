@@ -3,7 +3,8 @@
 A table per task x test split x fused model (C with both modalities, with only CT, with only
 EHR, the Shapley contributions to C - 0.5, the imbalance index and the gain over the better
 unimodal baseline, each with its bootstrap CI), a bar chart of the Shapley contributions, and
-the training-time gradient-norm ratio (CT / EHR encoder-side parameters) per epoch.
+the training-time gradient-norm ratio (CT / EHR encoder-side parameters) per epoch, and the
+modalities that branch stopping dropped as chance-level (`dropped_<m>` in a cell's history).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ if TYPE_CHECKING:
 
     from survfuse.report.html import ReportContext, Section
 
-__all__ = ["contribution_figure", "contribution_table", "grad_ratio_figure", "imbalance_section"]
+__all__ = [
+    "contribution_figure",
+    "contribution_table",
+    "dropped_table",
+    "grad_ratio_figure",
+    "imbalance_section",
+]
 
 TEST_SPLITS = ("internal_test", "external_test")
 COLUMNS = {
@@ -150,6 +157,40 @@ def _grad_curves(ctx: ReportContext) -> dict[str, list[tuple[str, pl.DataFrame]]
     return out
 
 
+def dropped_table(ctx: ReportContext) -> pl.DataFrame:
+    """Fused models whose training dropped a chance-level modality: task, model, the dropped
+    modality, the seeds that dropped it (of the model's finished seeds) and at which epoch."""
+    found: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+    n_seeds: dict[tuple[str, str], int] = {}
+    for c in ctx.cells:
+        if c["status"] != "done" or len(c["modalities"]) != 2:
+            continue
+        model = tables.model_label(c)
+        n_seeds[(c["task"], model)] = n_seeds.get((c["task"], model), 0) + 1
+        f = ctx.rd.cell(c["cell_id"]) / "history.parquet"
+        hist = pl.read_parquet(f) if f.exists() else pl.DataFrame()
+        for m in ("ct", "ehr"):
+            col = f"dropped_{m}"
+            if col in hist.columns:
+                epochs = hist.filter(pl.col(col).fill_null(False))["epoch"].to_list()
+                if epochs:
+                    found.setdefault((c["task"], model, m), []).append((c["seed"], epochs[0]))
+    rows = [
+        {
+            "task": task,
+            "model": model,
+            "dropped": m.upper(),
+            "seeds": f"{len(hits)} of {n_seeds[(task, model)]} "
+            f"({', '.join(str(s) for s, _ in sorted(hits))})",
+            "epoch": ", ".join(str(e) for _, e in sorted(hits)),
+        }
+        for (task, model, m), hits in found.items()
+    ]
+    return pl.DataFrame(
+        rows, schema={k: pl.Utf8 for k in ("task", "model", "dropped", "seeds", "epoch")}
+    )
+
+
 def imbalance_section(ctx: ReportContext) -> Section | None:
     """The "Modality contributions" section, or None when the run has no imbalance table."""
     from survfuse.report.html import Section
@@ -188,6 +229,16 @@ def imbalance_section(ctx: ReportContext) -> Section | None:
             f"<p>{html.escape(note)}</p>" + figures_img(grad_ratio_figure(curves), "grad ratio")
         )
         md += "\n" + note + " (figure in report.html)\n"
+    dropped = dropped_table(ctx)
+    if dropped.height:
+        note = (
+            "Dropped modalities: branch stopping masked these modalities as missing for every "
+            "patient because their probe's validation C-index was not above chance while the "
+            "other modality's was, and masking them did not lower the fused validation C-index "
+            "(survfuse.fusion.branches). Their Shapley contribution is then exactly 0."
+        )
+        parts_html.append(f"<p>{html.escape(note)}</p>" + tables.to_html(dropped))
+        md += "\n" + note + "\n\n" + tables.to_markdown(dropped) + "\n"
     return Section("Modality contributions", "".join(parts_html), md)
 
 
