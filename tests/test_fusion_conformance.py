@@ -12,7 +12,7 @@ import torch
 import survfuse.fusion
 import survfuse.survival  # noqa: F401  (registers the heads)
 from survfuse.fusion import FusionSurvivalModel
-from survfuse.fusion.base import to_batch
+from survfuse.fusion.base import MODALITIES, to_batch
 from survfuse.fusion.synthetic import synthetic_features
 from survfuse.registry import FUSIONS, HEADS, UnknownNameError
 
@@ -20,11 +20,16 @@ from survfuse.registry import FUSIONS, HEADS, UnknownNameError
 VARIANTS: list[tuple[str, dict[str, object]]] = []
 for _name in FUSIONS.list():
     if _name == "unimodal":
-        VARIANTS += [(_name, {"modality": "ct"}), (_name, {"modality": "ehr"})]
+        VARIANTS += [
+            (_name, {"modality": m, "tokens": t}) for t in (False, True) for m in MODALITIES
+        ]
     else:
         VARIANTS.append((_name, {}))
 CASES = [(s, p, h) for s, p in VARIANTS for h in HEADS.list()]
-IDS = [f"{s}-{p.get('modality', '')}-{h}".replace("--", "-") for s, p, h in CASES]
+IDS = [
+    f"{s}-{p.get('modality', '')}{'-tokens' if p.get('tokens') else ''}-{h}".replace("--", "-")
+    for s, p, h in CASES
+]
 
 DATA = synthetic_features(
     48, seed=3, ct_tokens=4, ehr_tokens=6, p_missing_ct=0.2, p_missing_ehr=0.2
