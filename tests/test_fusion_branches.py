@@ -174,6 +174,8 @@ def test_branch_stopping_lets_fusion_match_ct_only_when_ehr_is_noise(
     assert any(r.get("frozen_ehr") for r in model.history)
     # the noise EHR fails the chance test: dropped, so the EHR input no longer moves the risk
     assert model.dropped_modalities == ["ehr"] and any(r.get("dropped_ehr") for r in model.history)
+    # the weights kept were never scored with the EHR present: early stopping restarted there
+    assert model.best_epoch is not None and model.best_epoch >= s["ehr"]["dropped_at"]  # type: ignore[operator]
     te = noise_ehr[2]
     shuffled = dict(te.features)
     shuffled["ehr"] = te.features["ehr"].select(np.random.default_rng(1).permutation(len(te.time)))

@@ -58,8 +58,7 @@ def test_late_without_ehr_equals_ct_branch(head: str) -> None:
     late = model._module
     with torch.no_grad():
         batch = batch_of(model)
-        normed = {m: late.norms[m](batch[m]) for m in late.modalities}
-        outs, _, _ = late.branch_outputs(normed)  # type: ignore[operator]
+        outs, _, _ = late.branch_outputs(late.normalise(batch))  # type: ignore[operator]
         fused = late(batch)
     no_ehr = ~VAL.features["ehr"].present
     assert no_ehr.sum() >= 5 and (VAL.features["ct"].present[no_ehr]).all()
@@ -242,10 +241,10 @@ def test_late_stacking_is_a_cox_model_on_branch_risks() -> None:
         device="cpu",
     ).fit(DATA.features, DATA.time, DATA.event, validation=(VAL.features, VAL.time, VAL.event))
     late = model._module
-    with torch.no_grad():
-        batch = batch_of(model)
-        normed = {m: late.norms[m](batch[m]) for m in late.modalities}
-        outs, present, _ = late.branch_outputs(normed)  # type: ignore[operator]
+    assert late.pooled_scale["ehr"] != 1.0 or late.pooled_scale["ct"] != 1.0  # balance applies
+    with torch.no_grad():  # the branch risks of the prediction path (normalised + balanced)
+        out = late(batch_of(model))
+        outs, present = out.extras["branch_out"], out.extras["present"]
     x = ((outs[..., 0] - late.stack_mu[:, :1]) * present).T.numpy()  # type: ignore[index]
     import pandas as pd
 

@@ -130,11 +130,16 @@ def _gain_row(sim_seed: int, imbalance: float, model: str, gain: float, half: fl
     return row
 
 
-def test_pool_replicates_averages_cohorts_with_a_normal_interval() -> None:
+def test_pool_replicates_is_a_dersimonian_laird_meta_analysis() -> None:
+    from statsmodels.stats.meta_analysis import combine_effects
+
     z = 1.959963984540054
+    # three cohorts that disagree by more than their intervals explain (tau^2 > 0), and two that
+    # agree (tau^2 = 0: the fixed-effect answer)
     rows = [
-        _gain_row(0, 0.5, "late", 0.04, 0.02),
-        _gain_row(1, 0.5, "late", 0.02, 0.04),
+        _gain_row(0, 0.5, "late", 0.04, z * 0.01),
+        _gain_row(1, 0.5, "late", 0.02, z * 0.02),
+        _gain_row(2, 0.5, "late", 0.10, z * 0.015),
         _gain_row(0, 0.5, BEST_FUSION, 0.04, 0.02, selected="late"),
         _gain_row(1, 0.5, BEST_FUSION, 0.03, 0.02, selected="concat"),
         _gain_row(2, 0.5, BEST_FUSION, 0.05, 0.02, selected="late"),
@@ -144,14 +149,19 @@ def test_pool_replicates_averages_cohorts_with_a_normal_interval() -> None:
     late = pooled.filter((pl.col("model") == "late") & (pl.col("imbalance") == 0.5)).row(
         0, named=True
     )
-    # se_r = half-width / z; se = sqrt(se_0^2 + se_1^2) / 2
-    se = math.sqrt((0.02 / z) ** 2 + (0.04 / z) ** 2) / 2
-    assert late["gain"] == pytest.approx(0.03) and late["n_replicates"] == 2
-    assert late["gain_lower"] == pytest.approx(0.03 - z * se)
-    assert late["gain_upper"] == pytest.approx(0.03 + z * se)
-    assert late["ct_share"] == pytest.approx(0.5)  # NaN in one cohort: mean of the others
+    ref = combine_effects(
+        np.array([0.04, 0.02, 0.10]), np.array([0.01, 0.02, 0.015]) ** 2, method_re="dl"
+    )
+    frame = ref.summary_frame().loc["random effect"]
+    assert late["gain"] == pytest.approx(frame["eff"], rel=1e-9)
+    assert late["gain_lower"] == pytest.approx(frame["ci_low"], rel=1e-6)
+    assert late["gain_upper"] == pytest.approx(frame["ci_upp"], rel=1e-6)
+    assert late["tau2"] == pytest.approx(ref.tau2, rel=1e-9) and late["tau2"] > 0
+    assert late["n_replicates"] == 3
+    assert late["ct_share"] == pytest.approx(0.5)  # NaN in two cohorts: mean of the others
     best = pooled.filter(pl.col("model") == BEST_FUSION).row(0, named=True)
-    assert best["selected"] == "late x2, concat x1" and best["gain"] == pytest.approx(0.04)
+    assert best["selected"] == "late x2, concat x1" and best["tau2"] == 0.0
+    assert best["gain"] == pytest.approx(0.04)  # equal errors, no heterogeneity: the mean
     single = pooled.filter(pl.col("imbalance") == 1.0).row(0, named=True)
     one = rows[-1]
     assert [single[k] for k in ("gain", "gain_lower", "gain_upper")] == [
@@ -160,9 +170,13 @@ def test_pool_replicates_averages_cohorts_with_a_normal_interval() -> None:
         one["gain_upper"],
     ]
     assert "sim_seed" not in pooled.columns and pooled.height == 3
-    # the summary names where the best fusion peaks
-    md = summary_markdown(pooled)
-    assert "Best fusion peaks at w=0.5" not in md  # one imbalance for best fusion: no claim line
+    # cohort intervals are read at the runs' level and the pooled one is at that level too:
+    # three equal half-widths h without heterogeneity pool to h / sqrt(3) at any level
+    for level in (0.95, 0.9):
+        p = pool_replicates(pl.DataFrame(rows[3:6]), level=level).row(0, named=True)
+        assert p["gain_upper"] - p["gain"] == pytest.approx(0.02 / math.sqrt(3), rel=1e-9)
+    # the summary names where the best fusion peaks (needs two imbalances)
+    assert "Best fusion peaks" not in summary_markdown(pooled)
     two = pool_replicates(pl.DataFrame([*rows, _gain_row(0, 1.0, BEST_FUSION, -0.01, 0.03)]))
     assert "Best fusion peaks at w=0.5" in summary_markdown(two)
 
@@ -213,8 +227,9 @@ def test_sweep_writes_table_figure_and_summary(tiny_sweep: Path) -> None:
     assert sorted(set(per["sim_seed"])) == [0, 1] and per.height == 2 * t.height
     assert (t["n_replicates"] == 2).all()
     key = ["imbalance", "split", "model"]
-    means = per.group_by(key).agg(pl.col("gain").mean().alias("m")).join(t, on=key)
-    np.testing.assert_allclose(means["m"], means["gain"])
+    span = per.group_by(key).agg(pl.col("gain").min().alias("lo"), pl.col("gain").max().alias("hi"))
+    span = span.join(t, on=key)
+    assert (span["gain"] >= span["lo"] - 1e-12).all() and (span["gain"] <= span["hi"] + 1e-12).all()
     # the gain is the runner's paired difference against the best unimodal model
     run = tiny_sweep / "runs" / "imb0_shift1_sim0"
     m = pl.read_parquet(run / "metrics.parquet").filter(

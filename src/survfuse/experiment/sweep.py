@@ -26,11 +26,16 @@ chosen on a test split; column `selected` names it). With `rebalance=True` every
 gradient modulation (`<strategy>_ogm`), so its effect appears as extra lines. The measured CT
 share of the Shapley contributions (`survfuse.analysis`) is added to each row.
 
-Pooling replicates: the gain of a model at (w, shift, task, split) is the mean over the R
-cohorts, g = mean_r g_r, with a normal-approximation interval g -/+ 1.96 se,
-se = sqrt(sum_r se_r^2) / R and se_r = (upper_r - lower_r) / (2 * 1.96) (the cohorts are
-independent); with R = 1 the run's own percentile interval is kept. `best fusion` is selected on
-validation within each cohort (column `selected` counts the choices).
+Pooling replicates: the R cohorts are independent studies of the same setting, so their gains
+are combined by a DerSimonian-Laird random-effects meta-analysis. Each cohort's bootstrap
+interval gives its within-cohort standard error, se_r = (upper_r - lower_r) / (2 z) with z the
+run's two-sided normal quantile; with w_r = 1 / se_r^2, Q = sum_r w_r (g_r - g_FE)^2 and
+tau^2 = max(0, (Q - (R - 1)) / (sum w - sum w^2 / sum w)) (the between-cohort variance: training
+runs and cohorts differ by more than test sampling explains), the pooled gain is
+g = sum_r w*_r g_r / sum_r w*_r with w*_r = 1 / (se_r^2 + tau^2) and interval g -/+ z / sqrt(sum
+w*). With R = 1 the run's own percentile interval is kept. With few cohorts tau^2 is imprecise:
+the interval is approximate. `best fusion` is selected on validation within each cohort (column
+`selected` counts the choices).
 
 Outputs: `OUT/sweep.parquet` / `sweep.csv` (pooled: one row per w x shift x task x split x
 model), `OUT/sweep_replicates.parquet` / `.csv` (one row per cohort), `OUT/sweep.png` (gain vs imbalance: one panel per task x split, one line per model, one figure
@@ -62,6 +67,7 @@ __all__ = [
     "SweepResult",
     "gain_table",
     "pool_replicates",
+    "random_effects",
     "run_sweep",
     "sweep_config",
     "sweep_figure",
@@ -291,30 +297,58 @@ def gain_table(
     return pl.DataFrame(rows, schema=GAIN_SCHEMA, orient="row")
 
 
-Z95 = 1.959963984540054  # the standard normal 97.5% quantile
 POOLED_KEYS = ("imbalance", "site_shift", "task", "split", "model")
+MIN_SE = 1e-6  # a degenerate interval (a model identical to its reference) still gets a weight
 
 
-def pool_replicates(table: pl.DataFrame) -> pl.DataFrame:
-    """Mean gain over the simulated cohorts of each (w, shift, task, split, model), with the
-    normal-approximation interval of the module docstring (the run's own interval when a group
-    has one cohort). Columns: those of `GAIN_SCHEMA` without `sim_seed`, plus `n_replicates`;
-    `selected` lists how often each strategy was the validation-selected best fusion."""
+def random_effects(
+    gain: NDArray[np.float64], se: NDArray[np.float64], *, level: float = 0.95
+) -> tuple[float, float, float, float]:
+    """DerSimonian-Laird pooled estimate of independent estimates `gain` [R] with standard
+    errors `se` [R]: (estimate, lower, upper, tau^2) at two-sided `level` (module docstring)."""
+    from statistics import NormalDist
+
+    g = np.asarray(gain, dtype=np.float64)
+    v = np.maximum(np.asarray(se, dtype=np.float64), MIN_SE) ** 2
+    w = 1.0 / v
+    fixed = float(np.sum(w * g) / np.sum(w))
+    q = float(np.sum(w * (g - fixed) ** 2))
+    c = float(np.sum(w) - np.sum(w**2) / np.sum(w))
+    tau2 = max(0.0, (q - (g.size - 1)) / c) if c > 0 else 0.0
+    w_re = 1.0 / (v + tau2)
+    est = float(np.sum(w_re * g) / np.sum(w_re))
+    half = NormalDist().inv_cdf(0.5 + level / 2) / math.sqrt(float(np.sum(w_re)))
+    return est, est - half, est + half, tau2
+
+
+def pool_replicates(table: pl.DataFrame, *, level: float = 0.95) -> pl.DataFrame:
+    """Random-effects pooled gain over the simulated cohorts of each (w, shift, task, split,
+    model), with its interval at `level` (the runs' bootstrap level; module docstring); the
+    run's own interval when a group has one cohort. Columns: those of `GAIN_SCHEMA` without
+    `sim_seed`, plus `tau2` (between-cohort variance) and `n_replicates`; `selected` lists how
+    often each strategy was the validation-selected best fusion; other numbers are means."""
+    from statistics import NormalDist
+
     if not table.height:
         schema = {k: v for k, v in GAIN_SCHEMA.items() if k != "sim_seed"}
-        return pl.DataFrame(schema={**schema, "n_replicates": pl.Int64})
-    se = (pl.col("gain_upper") - pl.col("gain_lower")) / (2 * Z95)
+        return pl.DataFrame(schema={**schema, "tau2": pl.Float64, "n_replicates": pl.Int64})
+    z = NormalDist().inv_cdf(0.5 + level / 2)
     mean_cols = ["estimate", "reference_estimate", "validation_c", "ct_share", "imbalance_index"]
     rows = []
     for key, part in table.group_by(list(POOLED_KEYS), maintain_order=True):
         r = len(part)
         first = part.row(0, named=True)
-        if r == 1:
+        tau2 = math.nan
+        ok = part.filter(
+            pl.col("gain").is_finite()
+            & pl.col("gain_lower").is_finite()
+            & pl.col("gain_upper").is_finite()
+        )
+        if r == 1 or not ok.height:
             gain, lo, hi = first["gain"], first["gain_lower"], first["gain_upper"]
         else:
-            gain = float(part["gain"].mean())  # type: ignore[arg-type]
-            pooled_se = math.sqrt(float(part.select(se.pow(2).sum()).item())) / r
-            lo, hi = gain - Z95 * pooled_se, gain + Z95 * pooled_se
+            se = (ok["gain_upper"] - ok["gain_lower"]).to_numpy() / (2 * z)
+            gain, lo, hi, tau2 = random_effects(ok["gain"].to_numpy(), se, level=level)
         counts: dict[str, int] = {}
         for sel in part["selected"].to_list():
             counts[sel] = counts.get(sel, 0) + 1
@@ -336,10 +370,11 @@ def pool_replicates(table: pl.DataFrame) -> pl.DataFrame:
                 "gain_upper": hi,
                 "n_seeds": first["n_seeds"],
                 "n_boot": first["n_boot"],
+                "tau2": tau2,
                 "n_replicates": r,
             }
         )
-    order = [k for k in GAIN_SCHEMA if k != "sim_seed"] + ["n_replicates"]
+    order = [k for k in GAIN_SCHEMA if k != "sim_seed"] + ["tau2", "n_replicates"]
     return pl.DataFrame(rows).select(order)
 
 
@@ -463,7 +498,10 @@ def _peak_line(part: pl.DataFrame) -> str:
         return ""
     ws, g = best["imbalance"].to_list(), best["gain"].to_list()
     lo, hi = best["gain_lower"].to_list(), best["gain_upper"].to_list()
-    k = int(np.nanargmax(np.asarray(g, dtype=np.float64)))
+    gains = np.asarray([math.nan if x is None else x for x in g], dtype=np.float64)
+    if not np.isfinite(gains).any():
+        return "Best fusion: no finite gain."
+    k = int(np.nanargmax(gains))
     ends = ", ".join(f"w={ws[i]:g}: {_fmt(g[i], lo[i], hi[i])}" for i in (0, len(ws) - 1))
     return f"Best fusion peaks at w={ws[k]:g} ({_fmt(g[k], lo[k], hi[k])}); extremes {ends}."
 
@@ -576,7 +614,8 @@ def run_sweep(
     per_cohort = pl.concat(frames) if frames else pl.DataFrame(schema=GAIN_SCHEMA)
     write_parquet(root / "sweep_replicates.parquet", per_cohort)
     per_cohort.write_csv(root / "sweep_replicates.csv")
-    table = pool_replicates(per_cohort)
+    level = 1.0 - cfg.evaluation.alpha if settings else 0.95
+    table = pool_replicates(per_cohort, level=level)
     write_parquet(root / "sweep.parquet", table)
     table.write_csv(root / "sweep.csv")
     import matplotlib.pyplot as plt

@@ -496,12 +496,17 @@ class FusionStrategy(nn.Module, abc.ABC):
         """ "survival" (default) or "align" (contrastive two-stage: survival loss off)."""
         return "survival"
 
-    def forward(self, batch: Batch) -> FusionOutput:
+    def normalise(self, batch: Batch) -> Batch:
+        """What `fuse` sees: each modality standardised (`FeatureNorm`) and its pooled vector
+        scaled by the input balance `pooled_scale`."""
         normed = {m: self.norms[m](batch[m]) for m in self.modalities}
         for m, scale in getattr(self, "pooled_scale", {}).items():
             if scale != 1.0:
                 normed[m] = {**normed[m], "pooled": normed[m]["pooled"] * scale}
-        return self.fuse(normed)
+        return normed
+
+    def forward(self, batch: Batch) -> FusionOutput:
+        return self.fuse(self.normalise(batch))
 
     @abc.abstractmethod
     def fuse(self, batch: Batch) -> FusionOutput:

@@ -83,7 +83,7 @@ class BranchStopper:
         self.probes: nn.ModuleDict | None = None
         self.best: dict[str, float] = {m: -math.inf for m in self.params}
         self.best_se: dict[str, float] = {m: math.nan for m in self.params}
-        self.seen: dict[str, int] = {m: 0 for m in self.params}  # epochs scored
+        self.seen: dict[str, int] = {m: 0 for m in self.params}  # epochs with a finite C
         self.dropped: dict[str, int] = {}  # modality -> epoch at which it was dropped
         self.best_epoch: dict[str, int | None] = {m: None for m in self.params}
         self.bad: dict[str, int] = {m: 0 for m in self.params}
@@ -145,8 +145,9 @@ class BranchStopper:
         for m, c in scores.items():
             if m in self.frozen or m not in self.params:
                 continue
-            self.seen[m] += 1
             score = c if math.isfinite(c) else -math.inf
+            if math.isfinite(c):  # an epoch without a score is no evidence of chance level
+                self.seen[m] += 1
             if score > self.best[m] + 1e-6 or self.best_epoch[m] is None:
                 self.best[m] = score
                 self.best_se[m] = (std_errors or {}).get(m, math.nan)

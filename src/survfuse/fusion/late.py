@@ -132,8 +132,8 @@ class Late(FusionStrategy):
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            normed = {m: self.norms[m](batch[m]) for m in self.modalities}
-            outs, present, _ = self.branch_outputs(normed)
+            # the inputs `fuse` sees at prediction (normalised *and* input-balanced)
+            outs, present, _ = self.branch_outputs(self.normalise(batch))
         k = outs.shape[-1]
         mu = (outs * present[..., None]).sum(1) / present.sum(1).clamp_min(1)[:, None]
         self.stack_mu = mu.detach().clone()

@@ -419,7 +419,7 @@ class FusionSurvivalModel:
                             stopper.drop(m, epoch)
                             record[f"dropped_{m}"] = record[f"frozen_{m}"] = True
                             self.dropped_modalities.append(m)
-                            dropped = True
+                            dropped, c = True, without
                 if stage == "survival":
                     if improved:
                         best_score = score
@@ -430,8 +430,14 @@ class FusionSurvivalModel:
                         bad_epochs += 1
                     if froze:  # the fusion layers get `patience` epochs to adapt to the freeze
                         bad_epochs = 0
-                    if dropped:  # keep only weights trained without the dropped modality
-                        best_score, best_state, self.best_epoch = -math.inf, None, None
+                    if dropped:
+                        # restart early stopping from the current weights with the modality
+                        # masked (validated just now: C without >= C with), so the weights kept
+                        # are never ones scored with the dropped modality present, and the
+                        # fusion layers get `patience` epochs to adapt
+                        best_score = c if math.isfinite(c) else -math.inf
+                        best_state = copy.deepcopy(module.state_dict())
+                        self.best_epoch, bad_epochs = epoch, 0
             record["seconds"] = _time.perf_counter() - started
             self.history.append(record)
             if self.verbose:
@@ -567,7 +573,8 @@ class FusionSurvivalModel:
                 with_tokens=module.uses_tokens,
                 device=dev,
             )
-            o = module(mask_modalities(batch, [*self.dropped_modalities, *mask]))
+            batch = mask_modalities(batch, [*self.dropped_modalities, *mask])
+            o = module(batch)
             outs.append(o.out)
             for m, r in o.modality_repr.items():
                 reprs.setdefault(m, []).append(r)
