@@ -62,6 +62,8 @@ def _metrics_row(model: str, split: str, est: float, **kw: object) -> dict[str, 
         "delta_upper": math.nan,
         "n_seeds": 1,
         "n_boot": 10,
+        "ct_encoder": "c" if "[c" in model else None,
+        "ehr_encoder": "e" if "e]" in model else None,
     }
     row.update(kw)
     return row
@@ -101,6 +103,42 @@ def test_gain_table_picks_best_fusion_on_validation_only() -> None:
     assert best["selected"].to_list() == ["late", "late"]
     assert t.filter(pl.col("strategy") == "concat")["rebalance"].all()
     assert (t["reference_estimate"] == 0.70).all() and (t["imbalance"] == 0.25).all()
+    # measured balance: best CT-only minus best EHR-only model on the same split
+    assert t["unimodal_gap"].to_list() == pytest.approx([0.60 - 0.70] * t.height)
+
+
+def test_unimodal_gap_uses_each_modalitys_validation_choice() -> None:
+    rows = []
+    # two CT-only models: the token one wins on validation, the pooled one on test
+    for split, ct, ct_tok, ehr in (
+        ("validation", 0.60, 0.65, 0.70),
+        ("internal_test", 0.62, 0.58, 0.66),
+    ):
+        rows += [
+            _metrics_row("uni_ct[c]/cox", split, ct),
+            _metrics_row("uni_ct_tok[c]/cox", split, ct_tok),
+            _metrics_row("uni_ehr[e]/cox", split, ehr),
+            _metrics_row("late[c+e]/cox", split, 0.7, delta=0.0, delta_lower=0.0, delta_upper=0.0),
+        ]
+    t = gain_table(pl.DataFrame(rows), None, setting={"imbalance": 0.5, "site_shift": 1.0})
+    assert t["unimodal_gap"].to_list() == pytest.approx([0.58 - 0.66] * 2)
+
+
+def test_gap_correlation_is_spearman_of_absolute_gap_and_best_fusion_gain() -> None:
+    from scipy.stats import spearmanr
+
+    from survfuse.experiment.sweep import gap_correlation
+
+    gaps = [-0.3, -0.1, 0.0, 0.05, 0.2, 0.4]
+    gains = [0.0, 0.03, 0.06, 0.05, 0.01, -0.02]  # largest near balance
+    rows = [
+        _gain_row(i, 0.5, BEST_FUSION, g, 0.01, unimodal_gap=d)
+        for i, (d, g) in enumerate(zip(gaps, gains, strict=True))
+    ]
+    rows.append(_gain_row(9, 0.5, "late", 1.0, 0.01, unimodal_gap=0.0))  # not the best fusion
+    r = gap_correlation(pl.DataFrame(rows)).row(0, named=True)
+    expected = spearmanr(np.abs(gaps), gains).statistic
+    assert r["n"] == 6 and r["rho"] == pytest.approx(expected) and r["rho"] < -0.8
 
 
 def _gain_row(sim_seed: int, imbalance: float, model: str, gain: float, half: float, **kw: object):
@@ -121,6 +159,7 @@ def _gain_row(sim_seed: int, imbalance: float, model: str, gain: float, half: fl
         "gain_lower": gain - half,
         "gain_upper": gain + half,
         "validation_c": 0.7,
+        "unimodal_gap": 0.0,
         "ct_share": float("nan") if sim_seed else 0.5,
         "imbalance_index": 0.2,
         "n_seeds": 2,
@@ -216,6 +255,9 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sweep_writes_table_figure_and_summary(tiny_sweep: Path) -> None:
     t = pl.read_parquet(tiny_sweep / "sweep.parquet")
     assert (tiny_sweep / "sweep.png").stat().st_size > 1000
+    assert (tiny_sweep / "sweep_gap.png").stat().st_size > 1000
+    assert t["unimodal_gap"].is_finite().all()
+    assert "Spearman correlation of |unimodal gap|" in (tiny_sweep / "sweep.md").read_text()
     assert (tiny_sweep / "sweep.csv").exists() and (tiny_sweep / "sweep.md").exists()
     assert sorted(set(t["imbalance"])) == [0.0, 1.0]
     assert set(t["split"]) == {"internal_test", "external_test"}

@@ -37,6 +37,14 @@ w*). With R = 1 the run's own percentile interval is kept. With few cohorts tau^
 the interval is approximate. `best fusion` is selected on validation within each cohort (column
 `selected` counts the choices).
 
+Measured balance: the nominal w says where the simulator put the signal, not how much of it the
+encoders recover (on the 32x32x20 simulator the MACE image factor, coronary calcium, is about
+one voxel, and CT-only MACE models score C ~0.5 at every w). So every row also carries the
+measured unimodal gap of its cohort and split, `unimodal_gap` = C(best CT-only model) - C(best
+EHR-only model) (each modality's unimodal model chosen on validation), and `sweep_gap.png` plots
+each cohort's best-fusion gain against it; `sweep.md` gives the Spearman correlation between
+|unimodal_gap| and that gain (negative: fusion helps most when the modalities are balanced).
+
 Outputs: `OUT/sweep.parquet` / `sweep.csv` (pooled: one row per w x shift x task x split x
 model), `OUT/sweep_replicates.parquet` / `.csv` (one row per cohort), `OUT/sweep.png` (gain vs imbalance: one panel per task x split, one line per model, one figure
 per site shift `sweep_shift<s>.png` when several) and `OUT/sweep.md`.
@@ -66,6 +74,8 @@ __all__ = [
     "BEST_FUSION",
     "SweepResult",
     "gain_table",
+    "gap_correlation",
+    "gap_figure",
     "pool_replicates",
     "random_effects",
     "run_sweep",
@@ -93,6 +103,7 @@ GAIN_SCHEMA = {
     "gain_lower": pl.Float64,
     "gain_upper": pl.Float64,
     "validation_c": pl.Float64,
+    "unimodal_gap": pl.Float64,
     "ct_share": pl.Float64,
     "imbalance_index": pl.Float64,
     "n_seeds": pl.Int64,
@@ -250,8 +261,17 @@ def gain_table(
         val_c = {r["model"]: r["estimate"] for r in val.iter_rows(named=True)}
         finite = {m: c for m, c in val_c.items() if c is not None and math.isfinite(c)}
         best = max(finite, key=lambda m: finite[m]) if finite else None
+        best_uni = _best_unimodal_per_modality(t)
         for split in TEST_SPLITS:
             s = t.filter(pl.col("split") == split)
+            uni_c = {
+                m: s.filter(pl.col("model") == name)["estimate"] for m, name in best_uni.items()
+            }
+            gap = (
+                float(uni_c["ct"][0]) - float(uni_c["ehr"][0])
+                if all(k in uni_c and uni_c[k].len() for k in ("ct", "ehr"))
+                else math.nan
+            )
             if not s.height:
                 continue
             ref_rows = s.filter(pl.col("is_reference"))
@@ -286,6 +306,7 @@ def gain_table(
                     "gain_lower": r["delta_lower"],
                     "gain_upper": r["delta_upper"],
                     "validation_c": val_c.get(r["model"], math.nan),
+                    "unimodal_gap": gap,
                     "ct_share": share,
                     "imbalance_index": index,
                     "n_seeds": r["n_seeds"],
@@ -295,6 +316,84 @@ def gain_table(
                 if r["model"] == best:
                     rows.append({**row, "model": BEST_FUSION, "strategy": BEST_FUSION})
     return pl.DataFrame(rows, schema=GAIN_SCHEMA, orient="row")
+
+
+def _best_unimodal_per_modality(t: pl.DataFrame) -> dict[str, str]:
+    """Model name of the best unimodal model of each modality on validation (Harrell's C)."""
+    out: dict[str, str] = {}
+    val = t.filter((pl.col("split") == "validation") & pl.col("unimodal"))
+    for m, col in (("ct", "ct_encoder"), ("ehr", "ehr_encoder")):
+        rows = val.filter(pl.col(col).is_not_null() & pl.col("estimate").is_finite())
+        if rows.height:
+            out[m] = str(rows.sort("estimate", descending=True)["model"][0])
+    return out
+
+
+def gap_correlation(per_cohort: pl.DataFrame) -> pl.DataFrame:
+    """Spearman correlation between |unimodal_gap| and the best fusion's gain over cohorts x
+    imbalances, per site shift x task x split (columns rho, n)."""
+    from scipy.stats import spearmanr
+
+    best = per_cohort.filter(
+        (pl.col("model") == BEST_FUSION)
+        & pl.col("gain").is_finite()
+        & pl.col("unimodal_gap").is_finite()
+    )
+    rows = []
+    for (shift, task, split), part in best.group_by(
+        ["site_shift", "task", "split"], maintain_order=True
+    ):
+        rho = math.nan
+        if part.height >= 3:
+            rho = float(spearmanr(part["unimodal_gap"].abs(), part["gain"]).statistic)
+        rows.append(
+            {"site_shift": shift, "task": task, "split": split, "rho": rho, "n": part.height}
+        )
+    schema = {"site_shift": pl.Float64, "task": pl.Utf8, "split": pl.Utf8, "rho": pl.Float64}
+    return pl.DataFrame(rows, schema={**schema, "n": pl.Int64}, orient="row")
+
+
+def gap_figure(per_cohort: pl.DataFrame, *, site_shift: float | None = None) -> Any:
+    """Best-fusion gain (95% CI) of each cohort against its measured unimodal gap C(CT-only) -
+    C(EHR-only); one panel per task x split, colour = nominal imbalance w."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from survfuse.report.figures import SPLIT_LABELS, WIDTH
+
+    sel = per_cohort.filter(pl.col("model") == BEST_FUSION)
+    if site_shift is not None:
+        sel = sel.filter(pl.col("site_shift") == site_shift)
+    tasks = list(dict.fromkeys(sel["task"].to_list()))
+    splits = [s for s in TEST_SPLITS if s in set(sel["split"].to_list())]
+    fig, axes = plt.subplots(
+        max(len(tasks), 1),
+        max(len(splits), 1),
+        figsize=(WIDTH, 3.0 * max(len(tasks), 1)),
+        squeeze=False,
+    )
+    cmap = plt.get_cmap("viridis")
+    for i, task in enumerate(tasks):
+        for j, split in enumerate(splits):
+            ax = axes[i][j]
+            p = sel.filter((pl.col("task") == task) & (pl.col("split") == split))
+            x, y = p["unimodal_gap"].to_numpy(), p["gain"].to_numpy()
+            err = np.vstack([y - p["gain_lower"].to_numpy(), p["gain_upper"].to_numpy() - y])
+            ax.errorbar(x, y, yerr=np.where(np.isfinite(err), err, 0.0), fmt="none", c="0.6")
+            sc = ax.scatter(x, y, c=p["imbalance"].to_numpy(), cmap=cmap, vmin=0, vmax=1, zorder=3)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.axvline(0, color="grey", lw=0.8, ls=":")
+            ax.set_title(f"{task} · {SPLIT_LABELS.get(split, split)}", fontsize=9)
+            ax.set_xlabel("unimodal gap C(CT-only) − C(EHR-only)")
+            ax.set_ylabel("best fusion Δ C")
+            fig.colorbar(sc, ax=ax, label="w")
+    fig.suptitle(
+        "Best-fusion gain against the measured modality balance (one point per cohort)", fontsize=10
+    )
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.96))
+    return fig
 
 
 POOLED_KEYS = ("imbalance", "site_shift", "task", "split", "model")
@@ -333,7 +432,14 @@ def pool_replicates(table: pl.DataFrame, *, level: float = 0.95) -> pl.DataFrame
         schema = {k: v for k, v in GAIN_SCHEMA.items() if k != "sim_seed"}
         return pl.DataFrame(schema={**schema, "tau2": pl.Float64, "n_replicates": pl.Int64})
     z = NormalDist().inv_cdf(0.5 + level / 2)
-    mean_cols = ["estimate", "reference_estimate", "validation_c", "ct_share", "imbalance_index"]
+    mean_cols = [
+        "estimate",
+        "reference_estimate",
+        "validation_c",
+        "unimodal_gap",
+        "ct_share",
+        "imbalance_index",
+    ]
     rows = []
     for key, part in table.group_by(list(POOLED_KEYS), maintain_order=True):
         r = len(part)
@@ -453,8 +559,10 @@ def _fmt(est: float, lo: float, hi: float) -> str:
     return fmt_ci(est, lo, hi)
 
 
-def summary_markdown(table: pl.DataFrame) -> str:
-    """`gain [CI]` per model (rows) and imbalance (columns), per site shift, task and split."""
+def summary_markdown(table: pl.DataFrame, correlation: pl.DataFrame | None = None) -> str:
+    """`gain [CI]` per model (rows) and imbalance (columns), per site shift, task and split;
+    the mean measured unimodal gap per imbalance; where the best fusion peaks; and the
+    Spearman correlation of `gap_correlation` when given."""
     lines = ["# survfuse sweep-imbalance", ""]
     for shift in sorted(set(table["site_shift"].to_list())):
         for task in dict.fromkeys(table["task"].to_list()):
@@ -486,7 +594,26 @@ def summary_markdown(table: pl.DataFrame) -> str:
                             cell += f" ({r['selected'][0]})"
                         cells.append(cell)
                     lines.append(f"| {model} | " + " | ".join(cells) + " |")
-                lines += ["", _peak_line(part), ""]
+                gaps = []
+                for w in ws:
+                    g = part.filter((pl.col("model") == BEST_FUSION) & (pl.col("imbalance") == w))[
+                        "unimodal_gap"
+                    ]
+                    gaps.append(f"{g[0]:+.3f}" if g.len() and g[0] is not None else "–")
+                lines.append("| unimodal gap C(CT) − C(EHR) | " + " | ".join(gaps) + " |")
+                lines += ["", _peak_line(part)]
+                if correlation is not None:
+                    r = correlation.filter(
+                        (pl.col("site_shift") == shift)
+                        & (pl.col("task") == task)
+                        & (pl.col("split") == split)
+                    )
+                    if r.height:
+                        lines.append(
+                            f"Spearman correlation of |unimodal gap| and best-fusion gain over "
+                            f"{r['n'][0]} cohorts: {r['rho'][0]:+.2f}."
+                        )
+                lines.append("")
     return "\n".join(lines)
 
 
@@ -627,5 +754,11 @@ def run_sweep(
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         figs.append(path)
-    summary = write_text(root / "sweep.md", summary_markdown(table))
+    for shift in shifts:
+        fig = gap_figure(per_cohort, site_shift=shift)
+        name = "sweep_gap.png" if len(shifts) == 1 else f"sweep_gap_shift{shift:g}.png"
+        fig.savefig(root / name, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        figs.append(root / name)
+    summary = write_text(root / "sweep.md", summary_markdown(table, gap_correlation(per_cohort)))
     return SweepResult(root, table, figs, summary)
