@@ -27,8 +27,10 @@ that is pure noise from hurting. Its frozen representation was fitted to the tra
 sets, so the fusion layers keep weighting it (simulator, EHR pure noise, late fusion, seed 1:
 the EHR probe's validation C crept from 0.477 to 0.499, each tiny gain postponed its freeze, and
 the fused model reached 0.687 validation C while its own CT probe reached 0.808). So once a
-branch has trained for `patience` epochs, or when it is frozen, its best validation C is tested
-against chance: z = (C - 0.5) / SE with SE the infinitesimal-jackknife standard error of
+branch is frozen, or its best validation C has not risen by `DROP_MIN_DELTA` = 0.01 for
+`patience` epochs (a creep like the one above is no learning; a slow branch still rising, like
+an informative CT probe going 0.46 -> 0.53 in its first 9 epochs, is not judged yet), its best
+validation C is tested against chance: z = (C - 0.5) / SE with SE the infinitesimal-jackknife standard error of
 Harrell's C (`survfuse.metrics.concordance_index`). A branch with z <= z_{1-alpha} is *dropped*
 (frozen and, from then on, masked as missing for every patient, in training and prediction)
 when another branch is above chance and masking it does not lower the fused model's validation
@@ -54,7 +56,11 @@ from survfuse.metrics import concordance_index
 from survfuse.metrics.result import NoComparablePairError
 from survfuse.survival.losses import cox_partial_nll
 
-__all__ = ["BranchStopper", "probe_scores"]
+__all__ = ["DROP_MIN_DELTA", "BranchStopper", "probe_scores"]
+
+# a branch whose best validation C has not risen by this much for `patience` epochs is no longer
+# learning, and may be tested for chance level (see the module docstring)
+DROP_MIN_DELTA = 0.01
 
 
 class BranchStopper:
@@ -83,7 +89,9 @@ class BranchStopper:
         self.probes: nn.ModuleDict | None = None
         self.best: dict[str, float] = {m: -math.inf for m in self.params}
         self.best_se: dict[str, float] = {m: math.nan for m in self.params}
-        self.seen: dict[str, int] = {m: 0 for m in self.params}  # epochs with a finite C
+        # chance-test readiness: best C at the last rise of >= DROP_MIN_DELTA, epochs since
+        self.rise_ref: dict[str, float] = {m: -math.inf for m in self.params}
+        self.flat: dict[str, int] = {m: 0 for m in self.params}
         self.dropped: dict[str, int] = {}  # modality -> epoch at which it was dropped
         self.best_epoch: dict[str, int | None] = {m: None for m in self.params}
         self.bad: dict[str, int] = {m: 0 for m in self.params}
@@ -147,7 +155,10 @@ class BranchStopper:
                 continue
             score = c if math.isfinite(c) else -math.inf
             if math.isfinite(c):  # an epoch without a score is no evidence of chance level
-                self.seen[m] += 1
+                if c >= self.rise_ref[m] + DROP_MIN_DELTA:
+                    self.rise_ref[m], self.flat[m] = c, 0
+                else:
+                    self.flat[m] += 1
             if score > self.best[m] + 1e-6 or self.best_epoch[m] is None:
                 self.best[m] = score
                 self.best_se[m] = (std_errors or {}).get(m, math.nan)
@@ -174,9 +185,10 @@ class BranchStopper:
     def drop_candidates(self) -> list[str]:
         """Branches at chance level while another (not dropped) branch is above it.
 
-        A branch is a candidate once it is frozen or has been scored on `patience` epochs
-        (earlier, a slow modality may not have learned yet); the estimator drops a candidate only
-        if masking it does not lower the fused validation C-index (`drop`)."""
+        A branch is a candidate once it is frozen or its best C has not risen by
+        `DROP_MIN_DELTA` for `patience` scored epochs (a branch still learning is not judged);
+        the estimator drops a candidate only if masking it does not lower the fused validation
+        C-index (`drop`)."""
         if self.drop_alpha is None:
             return []
         live = [m for m in self.params if m not in self.dropped]
@@ -184,7 +196,7 @@ class BranchStopper:
         return [
             m
             for m in live
-            if (m in self.frozen or self.seen[m] >= self.patience)
+            if (m in self.frozen or self.flat[m] >= self.patience)
             and m not in signal
             and any(o != m for o in signal)
         ]
