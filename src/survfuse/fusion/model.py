@@ -64,7 +64,7 @@ from survfuse.fusion.base import (
     mask_modalities,
     to_batch,
 )
-from survfuse.fusion.branches import BranchStopper, probe_scores
+from survfuse.fusion.branches import DROP_MIN_GAIN, BranchStopper, probe_scores
 from survfuse.interop import check_survival
 from survfuse.metrics import concordance_index
 from survfuse.metrics.concordance import NoComparablePairError
@@ -412,10 +412,10 @@ class FusionSurvivalModel:
                         record[f"frozen_{m}"] = True
                         froze = True
                     for m in stopper.drop_candidates():
-                        # drop only if the fused model does not get worse without it
+                        # drop only if the fused model is better without it (branches.py)
                         without = self._val_c(vf, vt, ve, mask=[m])
                         record[f"val_c_index_without_{m}"] = without
-                        if math.isfinite(c) and without >= c:
+                        if math.isfinite(c) and without >= c + DROP_MIN_GAIN:
                             stopper.drop(m, epoch)
                             record[f"dropped_{m}"] = record[f"frozen_{m}"] = True
                             self.dropped_modalities.append(m)
@@ -432,7 +432,7 @@ class FusionSurvivalModel:
                         bad_epochs = 0
                     if dropped:
                         # restart early stopping from the current weights with the modality
-                        # masked (validated just now: C without >= C with), so the weights kept
+                        # masked (validated just now: C without > C with), so the weights kept
                         # are never ones scored with the dropped modality present, and the
                         # fusion layers get `patience` epochs to adapt
                         best_score = c if math.isfinite(c) else -math.inf

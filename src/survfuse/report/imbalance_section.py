@@ -124,23 +124,36 @@ def contribution_figure(imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS
 
 
 def grad_ratio_figure(curves: dict[str, list[tuple[str, pl.DataFrame]]]) -> Figure:
-    """log10 of the per-epoch gradient-norm ratio CT / EHR, one line per fused model x seed."""
+    """log10 of the per-epoch gradient-norm ratio CT / EHR, one line per fused model x seed
+    (one colour per model; the legend, one entry per model, sits below the panels)."""
     import matplotlib.pyplot as plt
 
+    models = list(dict.fromkeys(name.rsplit(" s", 1)[0] for s in curves.values() for name, _ in s))
+    cmap = plt.get_cmap("tab20" if len(models) > 10 else "tab10")
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(models)}
+    rows = math.ceil(len(models) / 2)
     fig, axes = plt.subplots(
-        1, max(len(curves), 1), figsize=(figures.WIDTH, 3.2), squeeze=False, sharey=True
+        1,
+        max(len(curves), 1),
+        figsize=(figures.WIDTH, 3.2 + 0.22 * rows),
+        squeeze=False,
+        sharey=True,
     )
     for ax, (task, series) in zip(axes[0], curves.items(), strict=False):
         for name, hist in series:
             ratio = hist["grad_ratio"].cast(pl.Float64).to_numpy()
             ok = np.isfinite(ratio) & (ratio > 0)
-            ax.plot(hist["epoch"].to_numpy()[ok], np.log10(ratio[ok]), lw=1, label=name)
+            model = name.rsplit(" s", 1)[0]
+            ax.plot(hist["epoch"].to_numpy()[ok], np.log10(ratio[ok]), lw=1, c=colour[model])
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("log10 grad-norm CT / EHR")
-    fig.tight_layout()
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], c=colour[m], lw=1.5) for m in models]
+    fig.legend(handles, models, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0.0, 0.22 * rows / (3.2 + 0.22 * rows), 1.0, 1.0))
     return fig
 
 
@@ -234,8 +247,8 @@ def imbalance_section(ctx: ReportContext) -> Section | None:
         note = (
             "Dropped modalities: branch stopping masked these modalities as missing for every "
             "patient because their probe's validation C-index was not above chance while the "
-            "other modality's was, and masking them did not lower the fused validation C-index "
-            "(survfuse.fusion.branches). Their Shapley contribution is then exactly 0."
+            "other modality's was, and masking them raised the fused validation C-index "
+            "by at least 0.005 (survfuse.fusion.branches). Their Shapley contribution is then 0."
         )
         parts_html.append(f"<p>{html.escape(note)}</p>" + tables.to_html(dropped))
         md += "\n" + note + "\n\n" + tables.to_markdown(dropped) + "\n"
