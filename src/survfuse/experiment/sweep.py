@@ -53,6 +53,7 @@ per site shift `sweep_shift<s>.png` when several) and `OUT/sweep.md`.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,13 +456,11 @@ def pool_replicates(table: pl.DataFrame, *, level: float = 0.95) -> pl.DataFrame
         else:
             se = (ok["gain_upper"] - ok["gain_lower"]).to_numpy() / (2 * z)
             gain, lo, hi, tau2 = random_effects(ok["gain"].to_numpy(), se, level=level)
-        counts: dict[str, int] = {}
-        for sel in part["selected"].to_list():
-            counts[sel] = counts.get(sel, 0) + 1
+        counts = Counter(part["selected"].to_list())
         selected = (
             first["selected"]
             if len(counts) == 1
-            else ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            else ", ".join(f"{k} x{v}" for k, v in counts.most_common())
         )
         rows.append(
             {

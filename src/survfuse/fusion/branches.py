@@ -30,19 +30,19 @@ the fused model reached 0.687 validation C while its own CT probe reached 0.808)
 branch is frozen, or its best validation C has not risen by `DROP_MIN_DELTA` = 0.01 for
 `patience` epochs (a creep like the one above is no learning; a slow branch still rising, like
 an informative CT probe going 0.46 -> 0.53 in its first 9 epochs, is not judged yet), its best
-validation C is tested against chance: z = (C - 0.5) / SE with SE the infinitesimal-jackknife standard error of
-Harrell's C (`survfuse.metrics.concordance_index`). A branch with z <= z_{1-alpha} is *dropped*
-(frozen and, from then on, masked as missing for every patient, in training and prediction)
-when another branch is above chance and masking it raises the fused model's validation C-index
-by at least `DROP_MIN_GAIN` = 0.005. Why the check: a probe at chance does not prove the fusion
+validation C is tested against chance: z = (C - 0.5) / SE with SE the infinitesimal-jackknife
+standard error of Harrell's C (`survfuse.metrics.concordance_index`). A branch with
+z <= z_{1-alpha} is *dropped* (frozen and, from then on, masked as missing for every patient,
+in training and prediction) when another branch is above chance and masking it raises the
+fused model's validation C-index by at least `DROP_MIN_GAIN` = 0.005. Why the check: a probe at chance does not prove the fusion
 layers make no use of a modality (on the simulator, cross-attention's CT probe stays at chance
 for ~12 epochs while the fused model already uses the CT). Why the margin: the check is retried
 every epoch while the branch stays a candidate, and a comparison with no real difference
 eventually passes by noise (demo, MACE, late fusion: C without CT minus C with it was -0.007,
 -0.005, -0.001, then +0.0003), while a noise modality that the fusion layers weight costs far
-more than 0.005 (the simulator case above: 0.687 with it, 0.80 without). The fused model's early stopping then restarts, so the weights kept are
-ones trained without the dropped modality. A modality is never dropped when no other one
-carries signal.
+more than 0.005 (the simulator case above: 0.687 with it, 0.80 without). The fused model's
+early stopping then restarts, so the weights kept are ones trained without the dropped
+modality. A modality is never dropped when no other one carries signal.
 """
 
 from __future__ import annotations
@@ -60,13 +60,19 @@ from survfuse.metrics import concordance_index
 from survfuse.metrics.result import NoComparablePairError
 from survfuse.survival.losses import cox_partial_nll
 
-__all__ = ["DROP_MIN_DELTA", "DROP_MIN_GAIN", "BranchStopper", "probe_scores"]
+__all__ = ["DROP_MIN_DELTA", "DROP_MIN_GAIN", "BranchStopper", "check_drop_alpha", "probe_scores"]
 
 # a branch whose best validation C has not risen by this much for `patience` epochs is no longer
 # learning, and may be tested for chance level (see the module docstring)
 DROP_MIN_DELTA = 0.01
 # a chance-level branch is dropped only if masking it raises the fused validation C this much
 DROP_MIN_GAIN = 0.005
+
+
+def check_drop_alpha(value: float | None, name: str = "drop_alpha") -> None:
+    """`value` must be None (never drop) or a level in (0, 1)."""
+    if value is not None and not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1) or be None, got {value}")
 
 
 class BranchStopper:
@@ -86,8 +92,7 @@ class BranchStopper:
         loss_weight: float,
         drop_alpha: float | None = 0.05,
     ) -> None:
-        if drop_alpha is not None and not 0.0 < drop_alpha < 1.0:
-            raise ValueError(f"drop_alpha must lie in (0, 1) or be None, got {drop_alpha}")
+        check_drop_alpha(drop_alpha)
         self.params = {m: list(ps) for m, ps in params.items()}
         self.patience = int(patience)
         self.loss_weight = float(loss_weight)

@@ -16,7 +16,8 @@ restored to its best-probe epoch and frozen once neither it nor the fused model 
 `branch_patience` epochs (default `patience`); training does not stop before every branch is
 frozen (at most 2 x `patience` epochs without a better fused model). A branch whose best
 validation C is not above chance (one-sided level `branch_drop_alpha`, 0.05) while another
-branch is above it is dropped: masked as missing for every patient from then on, in training
+branch is above it, and whose masking raises the fused validation C by `DROP_MIN_GAIN`, is
+dropped: masked as missing for every patient from then on, in training
 and prediction (`dropped_modalities`, saved with the model). Why and how:
 `survfuse.fusion.branches`. History records gain `val_c_index_<m>`, `frozen_<m>`, `dropped_<m>`.
 
@@ -43,7 +44,7 @@ import inspect
 import json
 import math
 import time as _time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,12 @@ from survfuse.fusion.base import (
     mask_modalities,
     to_batch,
 )
-from survfuse.fusion.branches import DROP_MIN_GAIN, BranchStopper, probe_scores
+from survfuse.fusion.branches import (
+    DROP_MIN_GAIN,
+    BranchStopper,
+    check_drop_alpha,
+    probe_scores,
+)
 from survfuse.interop import check_survival
 from survfuse.metrics import concordance_index
 from survfuse.metrics.concordance import NoComparablePairError
@@ -179,10 +185,7 @@ class FusionSurvivalModel:
             raise ValueError(f"branch_loss must be >= 0, got {branch_loss}")
         if branch_patience is not None and branch_patience < 1:
             raise ValueError(f"branch_patience must be >= 1, got {branch_patience}")
-        if branch_drop_alpha is not None and not 0.0 < branch_drop_alpha < 1.0:
-            raise ValueError(
-                f"branch_drop_alpha must lie in (0, 1) or be None, got {branch_drop_alpha}"
-            )
+        check_drop_alpha(branch_drop_alpha, "branch_drop_alpha")
         self.branch_stopping = bool(branch_stopping)
         self.branch_drop_alpha = branch_drop_alpha
         self.branch_loss = float(branch_loss)
@@ -544,7 +547,11 @@ class FusionSurvivalModel:
         return self._forward_all(features)[0]
 
     def _val_c(
-        self, features: Features, time: NDArray[np.float64], event: NDArray[np.bool_], mask: Any
+        self,
+        features: Features,
+        time: NDArray[np.float64],
+        event: NDArray[np.bool_],
+        mask: Iterable[str],
     ) -> float:
         """Harrell's C of the model with the modalities `mask` also masked as missing."""
         out = self._forward_all(features, mask=mask)[0]
@@ -552,7 +559,7 @@ class FusionSurvivalModel:
 
     @torch.no_grad()
     def _forward_all(
-        self, features: Features, *, mask: Any = ()
+        self, features: Features, *, mask: Iterable[str] = ()
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Head outputs [N, K], modality representations {m: [N, d_m]} and presence {m: [N]}
         of every row (eval mode, in chunks); dropped modalities and `mask` are masked."""
