@@ -232,7 +232,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--n",
         "200",
         "--shape",
-        "16,16,10",
+        "16,16,16",
         "--config",
         str(TINY),
         "--strategies",

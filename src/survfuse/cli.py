@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import typer
 
@@ -25,16 +26,83 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+_STATE = {"debug": False}
+#: Exit status when a run finished but some cells failed (0: all done; 2: bad input).
+EXIT_FAILED_CELLS = 3
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an error instead of one line."
+    ),
 ) -> None:
     """survfuse: fusion of CT and EHR representations for survival prediction."""
+    _STATE["debug"] = debug
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a bad environment, not a bug in survfuse: shown as one line.
+
+    ValueError covers config, cohort, MEDS, path-name and data-quality errors (all subclass it);
+    OSError covers missing files, permissions, a full disk and `--out` being a file."""
+    import polars.exceptions
+    import yaml
+    from safetensors import SafetensorError
+
+    from survfuse.data.imaging import CTLoadError
+    from survfuse.experiment.lock import RunLockedError
+
+    return (
+        ValueError,
+        OSError,
+        RunLockedError,
+        CTLoadError,
+        SafetensorError,
+        yaml.YAMLError,
+        polars.exceptions.PolarsError,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError) and not isinstance(exc, ValueError):
+        text = f"{type(exc).__name__}: {text}"
+    return text
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _errors(fn: F) -> F:
+    """Run a command so that expected errors become `error: ...` on one line and exit 2
+    (`--debug` re-raises them with their traceback). Bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except _expected_errors() as exc:
+            if _STATE["debug"]:
+                raise
+            text = _describe(exc)
+            if type(exc) in (ValueError, TypeError):  # not one of our named errors: may be a bug
+                text += " (rerun with --debug for the traceback)"
+            _fail(text)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @app.command("info")
+@_errors
 def info() -> None:
     """Print the registered encoders, fusion strategies and heads."""
     from survfuse.registry import all_registries
@@ -43,10 +111,26 @@ def info() -> None:
         typer.echo(f"{name}: {', '.join(registry.list()) or '-'}")
 
 
-def _fail(message: str) -> NoReturn:
-    """Print a one-line error and exit with status 2 (bad input), without a traceback."""
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
-    raise typer.Exit(code=2)
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Print a one-line error and exit with status `code` (2: bad input), without a traceback."""
+    text = " ".join(str(message).split())
+    if len(text) > 1000:  # one line a terminal can show; --debug has the rest
+        text = text[:997] + "..."
+    typer.echo(f"error: {text}", err=True)
+    raise typer.Exit(code=code)
+
+
+def _exit_if_failed(failed: list[Any], run_dir: Path, allow_failed: bool) -> None:
+    """Exit 3 naming the failed cells (a script must see that a run is incomplete)."""
+    if not failed or allow_failed:
+        return
+    ids = sorted(r.cell_id for r in failed)
+    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    _fail(
+        f"{len(ids)} cell(s) failed: {shown} (reasons in {Path(run_dir) / 'cells'}/<cell>/"
+        "status.json; rerun to retry them, or pass --allow-failed to exit 0)",
+        code=EXIT_FAILED_CELLS,
+    )
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -63,6 +147,7 @@ def _print_summary(run_dir: Path) -> None:
 
 
 @app.command("simulate")
+@_errors
 def simulate_cmd(
     out: Path = typer.Option(..., "--out", help="Folder to write the dataset to."),
     n: int = typer.Option(3000, "--n", help="Number of patients."),
@@ -85,17 +170,18 @@ def simulate_cmd(
 
     try:
         dims = [int(v) for v in shape.split(",")]
-        path = simulate(
-            out, n=n, sites=names(sites), external=names(external), seed=seed,
-            imbalance=imbalance, interaction=interaction, site_shift=site_shift,
-            censoring=censoring, shape=dims, progress=progress, workers=workers,
-        )  # fmt: skip
-    except ValueError as err:
-        _fail(f"simulate: {err}")
+    except ValueError:
+        _fail(f"simulate: --shape needs integers X,Y,Z, got {shape!r}")
+    path = simulate(
+        out, n=n, sites=names(sites), external=names(external), seed=seed,
+        imbalance=imbalance, interaction=interaction, site_shift=site_shift,
+        censoring=censoring, shape=dims, progress=progress, workers=workers,
+    )  # fmt: skip
     typer.echo(f"wrote {path}")
 
 
 @app.command("run")
+@_errors
 def run(
     config: Path = typer.Argument(..., help="Experiment config (YAML)."),
     out: Path = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
@@ -106,11 +192,17 @@ def run(
     workers: int = typer.Option(None, "--workers", help="Local executor: parallel cell processes."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the report too."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    allow_failed: bool = typer.Option(
+        False, "--allow-failed", help="Exit 0 even when some cells failed (default: exit 3)."
+    ),
 ) -> None:
-    """Run (or resume) an experiment grid: encode, train every cell, evaluate."""
+    """Run (or resume) an experiment grid: encode, train every cell, evaluate.
+
+    Exit status: 0 when every cell finished, 3 when some failed (named on stderr), 2 for bad
+    input (config, data, paths) or a run folder in use."""
     from rich.console import Console
 
-    from survfuse.experiment.config import ConfigError, load_config
+    from survfuse.experiment.config import load_config
     from survfuse.experiment.runner import run_experiment
 
     overrides: dict[str, object] = {}
@@ -124,10 +216,7 @@ def run(
         overrides["ray_address"] = ray_address
     if workers:
         overrides["workers"] = workers
-    try:
-        cfg = load_config(config, overrides=overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
+    cfg = load_config(config, overrides=overrides)
     run_dir = out or Path("runs") / cfg.name
     console = Console(stderr=True)
     result = run_experiment(cfg, run_dir, progress=progress, console=console)
@@ -138,21 +227,21 @@ def run(
         typer.echo(f"report: {html_path}")
     _print_summary(run_dir)
     typer.echo(f"run folder: {Path(run_dir).resolve()} ({len(result.failed)} failed cells)")
+    _exit_if_failed(result.failed, Path(run_dir), allow_failed)
 
 
 @app.command("report")
+@_errors
 def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Write report.html and summary.md for a finished run."""
     from survfuse.report.html import build_report
 
-    try:
-        html_path, md_path = build_report(run_dir)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
+    html_path, md_path = build_report(run_dir)
     typer.echo(f"report: {html_path}\nsummary: {md_path}")
 
 
 @app.command("predict")
+@_errors
 def predict(
     run_dir: Path = typer.Argument(..., help="A run folder."),
     cell: str = typer.Option(..., "--cell", help="Cell id (a folder under RUN_DIR/cells)."),
@@ -164,37 +253,35 @@ def predict(
     """Risks and survival curves for new patients with a trained cell's encoders and model."""
     from survfuse.experiment.predict import predict_cohort
 
-    try:
-        df, path = predict_cohort(
-            run_dir, cell, cohort, ct_index=ct_index, meds_root=meds_root, out=out
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    df, path = predict_cohort(
+        run_dir, cell, cohort, ct_index=ct_index, meds_root=meds_root, out=out
+    )
     typer.echo(f"{df.height} predictions -> {path}")
 
 
 @app.command("demo")
+@_errors
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
     n: int = typer.Option(3000, "--n", help="Simulated patients."),
     seed: int = typer.Option(0, "--seed", help="Simulation seed."),
     config: Path = typer.Option(None, "--config", help="Config (default: examples/demo.yaml)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    allow_failed: bool = typer.Option(
+        False, "--allow-failed", help="Exit 0 even when some cells failed (default: exit 3)."
+    ),
 ) -> None:
     """Simulate 3,000 patients (sites A, B; external C), run examples/demo.yaml, write the report."""
     from rich.console import Console
 
-    from survfuse.experiment.config import ConfigError
     from survfuse.experiment.demo import run_demo
 
-    try:
-        res = run_demo(
-            out, n=n, seed=seed, config=config, progress=progress, console=Console(stderr=True)
-        )
-    except ConfigError as exc:
-        _fail(str(exc))
+    res = run_demo(
+        out, n=n, seed=seed, config=config, progress=progress, console=Console(stderr=True)
+    )
     _print_summary(res["run"].run_dir)
     typer.echo(f"report: {res['report']}\nsummary: {res['summary']}")
+    _exit_if_failed(res["run"].failed, res["run"].run_dir, allow_failed)
 
 
 def _csv(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:
@@ -203,6 +290,7 @@ def _csv(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None
 
 
 @app.command("sweep-imbalance")
+@_errors
 def sweep_imbalance(
     out: Path = typer.Option(..., "--out", help="Output folder (rerun to resume)."),
     imbalance: str = typer.Option("0,0.25,0.5,0.75,1", "--imbalance", help="Image shares w."),
@@ -227,35 +315,31 @@ def sweep_imbalance(
     """Gain of each fusion strategy over the best unimodal baseline against the imbalance."""
     from rich.console import Console
 
-    from survfuse.experiment.config import ConfigError
     from survfuse.experiment.sweep import run_sweep
 
-    try:
-        dims = _csv(shape, int) or []
-        if len(dims) != 3:
-            raise ValueError(f"--shape needs three sizes X,Y,Z, got {shape!r}")
-        res = run_sweep(
-            out,
-            imbalance=_csv(imbalance, float) or [],
-            site_shift=_csv(site_shift, float) or [],
-            seeds=seeds,
-            n=n,
-            sim_seed=sim_seed,
-            replicates=replicates,
-            shape=(dims[0], dims[1], dims[2]),
-            config=config,
-            strategies=_csv(strategies),
-            ehr_encoders=_csv(ehr_encoders),
-            tasks=_csv(tasks),
-            bootstrap=bootstrap,
-            max_epochs=max_epochs,
-            rebalance=rebalance,
-            ct_features=ct_features,
-            progress=progress,
-            console=Console(stderr=True),
-        )
-    except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+    dims = _csv(shape, int) or []
+    if len(dims) != 3:
+        raise ValueError(f"--shape needs three sizes X,Y,Z, got {shape!r}")
+    res = run_sweep(
+        out,
+        imbalance=_csv(imbalance, float) or [],
+        site_shift=_csv(site_shift, float) or [],
+        seeds=seeds,
+        n=n,
+        sim_seed=sim_seed,
+        replicates=replicates,
+        shape=(dims[0], dims[1], dims[2]),
+        config=config,
+        strategies=_csv(strategies),
+        ehr_encoders=_csv(ehr_encoders),
+        tasks=_csv(tasks),
+        bootstrap=bootstrap,
+        max_epochs=max_epochs,
+        rebalance=rebalance,
+        ct_features=ct_features,
+        progress=progress,
+        console=Console(stderr=True),
+    )
     typer.echo(res.summary.read_text())
     typer.echo(f"table: {res.out / 'sweep.csv'}\nfigure: {', '.join(map(str, res.figures))}")
 

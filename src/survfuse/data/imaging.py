@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from survfuse.registry import look_up_option
 
@@ -92,6 +92,9 @@ class CTPreprocessing(BaseModel):
     check_hu: refuse volumes whose intensities are not plausible CT HU: 1st percentile above
         `max_p01_hu` (no air or lung: MR or unscaled data) or below `min_p01_hu`, or 99th
         percentile above `max_p99_hu`. A constant padding value below `floor_hu` is ignored.
+    min_slices: refuse volumes with fewer voxels than this along any axis (a localiser, a single
+        slice or a 2-D image saved as 3-D is not a CT volume; its statistics are noise). 16 is
+        below any diagnostic chest CT (>= ~40 slices at 5 mm) and above scout series.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -107,6 +110,7 @@ class CTPreprocessing(BaseModel):
     floor_hu: float = -1024.0
     interpolation: str = "linear"
     check_hu: bool = True
+    min_slices: int = Field(default=16, ge=1)
     max_p01_hu: float = -500.0
     min_p01_hu: float = -2000.0
     max_p99_hu: float = 4000.0
@@ -370,6 +374,13 @@ def preprocess_ct(
     )
     if arr.ndim != 3 or min(arr.shape) < 1:
         raise CTLoadError(path, f"expected a non-empty 3-d volume, got shape {arr.shape}")
+    if min(arr.shape) < prep.min_slices:
+        raise CTLoadError(
+            path,
+            f"too few slices: shape {tuple(int(s) for s in arr.shape)} has fewer than "
+            f"min_slices={prep.min_slices} voxels along an axis (a localiser or single slice, "
+            "not a CT volume)",
+        )
     meta.update(_check_hu(path, arr, prep))
     arr = np.maximum(arr, np.float32(prep.floor_hu))
     arr, affine = _reorient(arr, affine, prep.orientation)

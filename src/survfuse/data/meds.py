@@ -203,7 +203,8 @@ class MEDSDataset:
 
         The parquet schemas are checked with the `meds` package's `DataSchema` when it is
         installed (in addition to the dtype checks done on construction). With `deep=True`, the
-        values are scanned shard by shard: `subject_id` and `code` must be non-null. Returns
+        values are scanned shard by shard: `subject_id` and `code` must be non-null and
+        `numeric_value` null or finite (NaN/inf raise, naming the shard and subject). Returns
         `{"n_shards", "n_events", "n_subjects", "n_static", "strict_meds"}` (`n_subjects` and
         `n_static` only when `deep`). `strict_meds` says whether every shard is exactly the
         `meds` package's schema (else it is readable after casting).
@@ -241,9 +242,24 @@ class MEDSDataset:
                 )
                 for col, key in (("subject_id", "sid_null"), ("code", "code_null")):
                     if stats[key]:
+                        first = s.scan().filter(pl.col(col).is_null()).head(1).collect().row(0)
                         raise MEDSSchemaError(
-                            f"MEDS shard {s.path}: column {col!r} has {stats[key]} null values"
+                            f"MEDS shard {s.path}: column {col!r} has {stats[key]} null values "
+                            f"(first: {first})"
                         )
+                bad = (
+                    s.scan()
+                    .filter(pl.col("numeric_value").is_not_null())
+                    .filter(~pl.col("numeric_value").cast(pl.Float64).is_finite())
+                )
+                n_bad = int(bad.select(pl.len()).collect().item())
+                if n_bad:
+                    row = bad.head(1).collect().row(0, named=True)
+                    raise MEDSSchemaError(
+                        f"MEDS shard {s.path}: column 'numeric_value' has {n_bad} NaN or infinite "
+                        f"values (first: subject {row['subject_id']}, code {row['code']!r}, "
+                        f"time {row['time']}); use null for 'no value'"
+                    )
                 n_static += int(stats["static"])
                 subjects.append(s.scan().select(pl.col("subject_id").unique()).collect())
             out["n_static"] = n_static

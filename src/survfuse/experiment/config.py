@@ -22,7 +22,6 @@ Layout (see `examples/demo.yaml`)::
 
 from __future__ import annotations
 
-import re
 import types
 import typing
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from survfuse.paths import check_name
 from survfuse.registry import look_up_option, suggest
 
 MODALITIES = ("ct", "ehr")
@@ -39,7 +39,6 @@ EVAL_SPLITS = ("validation", "internal_test", "external_test")
 # Scalar metrics the evaluation knows how to compute (per task x split x model).
 METRICS = ("harrell_c", "uno_c", "td_auc", "ibs", "calibration")
 EXECUTORS = ("local", "ray")
-_LABEL = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 class ConfigError(ValueError):
@@ -51,9 +50,7 @@ class _Strict(BaseModel):
 
 
 def _label(value: str | None, what: str) -> str | None:
-    if value is not None and not _LABEL.match(value):
-        raise ValueError(f"{what} {value!r} may only contain letters, digits, '_' and '-'")
-    return value
+    return None if value is None else check_name(value, what)
 
 
 class DataConfig(_Strict):
@@ -356,7 +353,12 @@ class ExperimentConfig(_Strict):
     def _tasks(cls, v: list[str]) -> list[str]:
         if not v or len(set(v)) != len(v):
             raise ValueError("tasks must be a non-empty list of distinct task names")
-        return v
+        return [check_name(t, "task name") for t in v]  # a task names cell folders
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "name")  # the default run folder is runs/<name>
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

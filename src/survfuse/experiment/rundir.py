@@ -6,6 +6,9 @@ Layout::
     RUN_DIR/run.json                    survfuse version, start/finish times, cell counts
     RUN_DIR/data/cohort.parquet         the cohort with its `split` column (every task's outcome)
     RUN_DIR/data/splits.parquet         subject_id -> split (kept on resume)
+    RUN_DIR/data_manifest.parquet       per row x modality x encoder: present / missing / failed
+                                        and the reason (survfuse.data.quality)
+    RUN_DIR/.survfuse.lock              the running process's lock (survfuse.experiment.lock)
     RUN_DIR/features/store/             the FeatureStore cache
     RUN_DIR/features/index.json         modality -> encoder label -> feature folder (relative)
     RUN_DIR/encoders/<modality>/<label> fitted encoders (for `survfuse predict`)
@@ -29,23 +32,34 @@ from typing import Any
 import polars as pl
 
 from survfuse.atomic import atomic_dir
+from survfuse.paths import check_cell_id, check_name, inside
 
 __all__ = [
     "RunDir",
     "atomic_dir",
+    "remove_debris",
     "write_json",
     "write_parquet",
     "write_text",
 ]
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` atomically (temp file in the same folder, then rename)."""
+def _atomic_file(path: Path, write: Any) -> Path:
+    # Why the cleanup: a full disk or a permission error must not leave `.x.tmp-*` behind.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` atomically (temp file in the same folder, then rename)."""
+    return _atomic_file(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, obj: Any) -> Path:
@@ -53,11 +67,38 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def write_parquet(path: Path, df: pl.DataFrame) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    df.write_parquet(tmp)
-    os.replace(tmp, path)
-    return path
+    """Write `df` to `path` atomically (temp file in the same folder, then rename)."""
+    return _atomic_file(path, df.write_parquet)
+
+
+# Temp names of survfuse's atomic writes: `.name.tmp-XXXXXXXX` (files and folders),
+# `.name.tmp` (csv) and the store's `.fingerprint.XXXXXXXX`.
+_DEBRIS = (".*.tmp-*", ".*.tmp", ".fingerprint.*")
+
+
+def remove_debris(rd: RunDir, *, store: bool = True) -> int:
+    """Remove the temp files and folders an interrupted run left in `rd`; return how many.
+
+    Call it only while holding the run folder's lock (`survfuse.experiment.lock.RunLock`): then
+    no other process is writing here. `store=False` leaves `features/store` alone (a store
+    shared with other runs is theirs too)."""
+    import shutil
+
+    removed = 0
+    if not rd.root.is_dir():
+        return 0
+    for pattern in _DEBRIS:
+        for p in sorted(rd.root.rglob(pattern), key=lambda q: len(q.parts), reverse=True):
+            if not store and p.is_relative_to(rd.store):
+                continue
+            if not p.exists():  # inside a folder removed already
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 class RunDir:
@@ -91,14 +132,19 @@ class RunDir:
         return self.root / "features" / "index.json"
 
     def encoder_dir(self, modality: str, key: str) -> Path:
-        return self.root / "encoders" / modality / key
+        return inside(self.root, Path("encoders", modality, check_name(key, "encoder label")))
 
     @property
     def cells(self) -> Path:
         return self.root / "cells"
 
+    @property
+    def data_manifest(self) -> Path:
+        return self.root / "data_manifest.parquet"
+
     def cell(self, cell_id: str) -> Path:
-        return self.cells / cell_id
+        """The folder of a cell; the id is checked so that it cannot name a path outside."""
+        return inside(self.cells, check_cell_id(cell_id), "cell folder")
 
     @property
     def metrics(self) -> Path:
@@ -142,5 +188,12 @@ class RunDir:
 
         if not self.config.exists():
             raise FileNotFoundError(f"{self.root} is not a survfuse run (no config.yaml)")
-        data: dict[str, Any] = yaml.safe_load(self.config.read_text())
+        try:
+            data = yaml.safe_load(self.config.read_text())
+        except yaml.YAMLError as exc:  # e.g. a `!!python` tag: never constructed
+            raise ValueError(
+                f"{self.config}: not a survfuse config ({' '.join(str(exc).split())})"
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.config}: not a survfuse config (not a mapping)")
         return data

@@ -1,9 +1,14 @@
 """`run_experiment`: config -> splits -> features -> grid cells -> metrics, resumably.
 
-Steps (each safe to repeat after a crash):
-1. write the resolved config and the cohort with its per-subject splits into the run directory;
-2. fit every configured encoder on the training rows and encode the whole cohort through the
-   `FeatureStore` (cached chunks are reused), saving each fitted encoder for `survfuse predict`;
+Steps (each safe to repeat after a crash), all under the run folder's lock:
+0. remove the temp files an interrupted run left behind;
+1. write the resolved config and the cohort with its per-subject splits into the run directory
+   (the cohort is validated: a bad row is an error naming its subject and column);
+2. check the data sources (MEDS values: null codes, NaN/inf), fit every configured encoder on the
+   training rows and encode the whole cohort through the `FeatureStore` (cached chunks are
+   reused), saving each fitted encoder for `survfuse predict`; write `data_manifest.parquet`
+   (present / missing / failed with the reason, per row x modality x encoder) and print its
+   summary;
 3. expand the grid and run the unfinished cells through the executor (finished cells with the
    same spec digest are skipped, failed ones are retried);
 4. score the finished cells into `metrics.parquet` / `metrics.csv`.
@@ -21,21 +26,36 @@ import numpy as np
 import polars as pl
 
 import survfuse
+from survfuse.data.quality import manifest_rows, manifest_summary
 from survfuse.experiment.cell import CellResult
 from survfuse.experiment.config import MODALITIES, ExperimentConfig, encoder_from_choice
 from survfuse.experiment.executors import Executor, get_executor
 from survfuse.experiment.grid import CellSpec, expand_grid
 from survfuse.experiment.imbalance_eval import imbalance_hook
-from survfuse.experiment.rundir import RunDir, write_json, write_parquet, write_text
+from survfuse.experiment.lock import RunLock
+from survfuse.experiment.rundir import (
+    RunDir,
+    remove_debris,
+    write_json,
+    write_parquet,
+    write_text,
+)
 
 __all__ = [
     "POST_EVALUATION",
+    "DataQualityError",
     "RunResult",
+    "check_sources",
     "encode_features",
     "prepare_cohort",
     "run_experiment",
     "sources",
+    "write_data_manifest",
 ]
+
+
+class DataQualityError(ValueError):
+    """Data that would be used silently although it is broken (names the subject and file)."""
 
 
 @dataclass
@@ -123,10 +143,11 @@ def encode_features(
     from survfuse.encoders.store import FeatureStore
 
     store = FeatureStore(cfg.feature_store or rd.store)
-    srcs = sources(cfg)
+    srcs = check_sources(cfg)
     keys = _keys(cohort)
     train_keys = _keys(cohort.filter(pl.col("split") == "train"))
     index: dict[str, dict[str, str]] = {}
+    manifests: list[pl.DataFrame] = []
     for modality in MODALITIES:
         for choice in getattr(cfg.encoders, modality):
             if console is not None:
@@ -152,8 +173,71 @@ def encode_features(
                     ModalityFeatures.save(feats, folder)
             encoder.save(rd.encoder_dir(modality, choice.key))
             index.setdefault(modality, {})[choice.key] = str(folder.relative_to(rd.root))
+            manifests.append(
+                manifest_rows(
+                    pl.DataFrame(
+                        {"subject_id": sid, "prediction_time": np.asarray(feats.prediction_time)}
+                    ),
+                    np.asarray(feats.present),
+                    modality=modality,
+                    encoder=choice.key,
+                    loader_manifest=feats.meta.get("manifest") or (),
+                    features=np.asarray(feats.pooled),
+                )
+            )
     write_json(rd.features_index, index)
+    if manifests:
+        write_data_manifest(rd, cohort, pl.concat(manifests), console=console)
     return index
+
+
+def write_data_manifest(
+    rd: RunDir, cohort: pl.DataFrame, manifest: pl.DataFrame, *, console: Any = None
+) -> pl.DataFrame:
+    """Write `data_manifest.parquet` (site and split joined in), print its summary, and stop the
+    run when an encoder produced NaN/inf features for a row it marks present."""
+    extra = [c for c in ("site", "split") if c in cohort.columns]
+    if extra:
+        manifest = manifest.join(
+            cohort.select(
+                pl.col("subject_id").cast(pl.Int64),
+                pl.col("prediction_time").cast(pl.Datetime("us")),
+                *extra,
+            ),
+            on=["subject_id", "prediction_time"],
+            how="left",
+        )
+    write_parquet(rd.data_manifest, manifest)
+    for line in manifest_summary(manifest):
+        if console is not None:
+            console.print(f"[bold]data[/bold] {line}", soft_wrap=True)
+    if "split" in manifest.columns:
+        train = manifest.filter(pl.col("split") == "train")
+        for (modality, encoder), part in train.group_by(["modality", "encoder"]):
+            if part.height and not (part["status"] == "present").any():
+                why = manifest_summary(part)[0]
+                raise DataQualityError(
+                    f"{modality} encoder {encoder!r}: no training row has usable data ({why}); "
+                    f"see {rd.data_manifest}"
+                )
+    broken = manifest.filter(pl.col("reason").str.ends_with("output has NaN or infinite values"))
+    if broken.height:
+        row = broken.row(0, named=True)
+        raise DataQualityError(
+            f"{row['reason']} for subject {row['subject_id']} at {row['prediction_time']} "
+            f"({broken.height} rows; see {rd.data_manifest})"
+        )
+    return manifest
+
+
+def check_sources(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Open every modality source and check its data before any work: the MEDS shards' values
+    (`MEDSDataset.validate(deep=True)`: null codes or subject ids, NaN/inf values) and the CT
+    index. Raises a ValueError that names the file, subject and column."""
+    srcs = sources(cfg)
+    if "ehr" in srcs:
+        srcs["ehr"].validate(deep=True)
+    return srcs
 
 
 # Analyses that run after the metrics of every run (e.g. the modality-imbalance analysis):
@@ -161,16 +245,6 @@ def encode_features(
 POST_EVALUATION: list[Callable[[ExperimentConfig, RunDir, list[CellSpec], Executor], None]] = [
     imbalance_hook,
 ]
-
-
-def _remove_partial_cells(rd: RunDir) -> None:
-    # Why: a killed run leaves the temp folder of the cell it was writing; no executor is
-    # running yet at this point, so every temp folder is a leftover.
-    import shutil
-
-    if rd.cells.exists():
-        for tmp in rd.cells.glob(".*.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_experiment(
@@ -181,7 +255,35 @@ def run_experiment(
     progress: bool = True,
     console: Any = None,
 ) -> RunResult:
-    """Run (or resume) the whole study of `cfg` in `run_dir`; see the module docstring."""
+    """Run (or resume) the whole study of `cfg` in `run_dir`; see the module docstring.
+
+    Holds the run folder's lock (`RunLockedError` when another run holds it) and removes the
+    temp files of an interrupted run before anything else."""
+    t0 = _time.perf_counter()
+    rd = RunDir(run_dir)
+    if rd.root.exists() and not rd.root.is_dir():
+        raise NotADirectoryError(f"run folder {rd.root} exists and is not a folder")
+    with RunLock(rd.root) as lock:
+        if lock.stale and console is not None:
+            console.print(
+                f"[yellow]resuming[/yellow] after a run that stopped (PID {lock.stale.get('pid')})"
+            )
+        # Why under the lock: a live run's temp folders are never debris; ours are.
+        removed = remove_debris(rd, store=cfg.feature_store is None)
+        if removed and console is not None:
+            console.print(f"removed {removed} temp files/folders left by an interrupted run")
+        return _run_locked(cfg, rd, t0, executor=executor, progress=progress, console=console)
+
+
+def _run_locked(
+    cfg: ExperimentConfig,
+    rd: RunDir,
+    t0: float,
+    *,
+    executor: Executor | None,
+    progress: bool,
+    console: Any,
+) -> RunResult:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -193,9 +295,6 @@ def run_experiment(
 
     from survfuse.experiment.evaluate import evaluate_run
 
-    t0 = _time.perf_counter()
-    rd = RunDir(run_dir)
-    rd.root.mkdir(parents=True, exist_ok=True)
     write_text(rd.config, cfg.dump())
     own_executor = executor is None
     if executor is None:
@@ -208,7 +307,6 @@ def run_experiment(
         cohort = prepare_cohort(cfg, rd)
         features = encode_features(cfg, rd, cohort, executor, progress=progress, console=console)
         specs = expand_grid(cfg, features)
-        _remove_partial_cells(rd)
         todo = [s for s in specs if not rd.is_done(s.cell_id, s.digest())]
         write_json(
             rd.run_info,

@@ -151,6 +151,11 @@ def write_cell_embeddings(
     enc = CTRadiomicsEncoder(grid=grid, n_bins=n_bins)
     r = enc.raw(cohort, CTSource.from_index(data_dir / "ct_index.parquet"))
     keep = r["present"]
+    if not np.any(keep):
+        raise ValueError(
+            f"{data_dir}: no CT volume could be encoded (volumes need at least "
+            "min_slices=16 voxels along every axis; use a larger --shape)"
+        )
     cells = np.where(r["valid"][..., None], r["cells"], 0.0)[keep]
     pos = np.broadcast_to(grid_positions(grid), (*cells.shape[:2], 3))
     out.parent.mkdir(parents=True, exist_ok=True)

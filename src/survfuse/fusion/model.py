@@ -666,7 +666,15 @@ class FusionSurvivalModel:
         model.best_epoch = cfg.get("best_epoch")
         model.dropped_modalities = list(cfg.get("dropped_modalities", []))
         module = model._build(model.specs)
-        module.load_state_dict(load_file(str(src / "model.safetensors")))
+        weights = src / "model.safetensors"
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error type for corrupt files
+            raise ValueError(
+                f"{weights}: not a valid safetensors file ({' '.join(str(exc).split())}); "
+                "refusing to load it (retrain the cell)"
+            ) from exc
+        module.load_state_dict(state)
         module.to(resolve_device(model.device)).eval()
         model.module = module
         return model

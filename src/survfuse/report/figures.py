@@ -71,7 +71,10 @@ def forest_plot(
             encs = "+".join(e for e in (r["ct_encoder"], r["ehr_encoder"]) if e)
             labels.append(f"{r['strategy']}\n({encs})")
         splits = [s for s in SPLIT_COLORS if s in set(part["split"].to_list())]
-        offsets = np.linspace(-0.25, 0.25, len(splits)) if len(splits) > 1 else np.zeros(1)
+        # one offset per split (none when the task has no comparison, e.g. its cells failed)
+        offsets = (
+            np.linspace(-0.25, 0.25, len(splits)) if len(splits) > 1 else np.zeros(len(splits))
+        )
         for off, split in zip(offsets, splits, strict=True):
             rows = part.filter(pl.col("split") == split)
             pos = {m: i for i, m in enumerate(models)}

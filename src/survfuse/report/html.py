@@ -3,7 +3,8 @@ and a `summary.md` with the same tables.
 
 Sections: the headline C-index table (strategies x splits x tasks, with CIs), the change against
 each task's reference (best unimodal) model as a table and a forest plot, the other metrics,
-Kaplan-Meier curves by predicted-risk tertile on the external cohort for the best strategy,
+the data (present / missing / failed per site x split x modality, with reasons), Kaplan-Meier
+curves by predicted-risk tertile on the external cohort for the best strategy,
 calibration at a horizon, training curves, failed cells and the resolved config. Later analyses
 add sections by appending a builder to `SECTION_BUILDERS`.
 """
@@ -280,6 +281,42 @@ def _failed(ctx: ReportContext) -> Section | None:
     return Section("Cells that did not finish", tables.to_html(t), tables.to_markdown(t))
 
 
+def _data(ctx: ReportContext) -> Section | None:
+    """Counts per site x split x modality x encoder (present / missing / failed) and reasons."""
+    path = ctx.rd.data_manifest
+    if not path.exists():
+        return None
+    man = pl.read_parquet(path)
+    keys = [c for c in ("site", "split", "modality", "encoder") if c in man.columns]
+    counts = (
+        man.group_by(keys)
+        .agg(
+            pl.len().alias("rows"),
+            *[(pl.col("status") == st).sum().alias(st) for st in ("present", "missing", "failed")],
+        )
+        .sort(keys)
+    )
+    reasons = (
+        man.filter(pl.col("status") != "present")
+        .group_by(["modality", "encoder", "status", "reason"])
+        .agg(pl.len().alias("rows"))
+        .sort(["modality", "encoder", "rows"], descending=[False, False, True])
+        .head(50)
+    )
+    desc = (
+        "Every cohort row and modality: present (used), missing (nothing to use at or before "
+        "prediction_time) or failed (data found but refused, e.g. unreadable, not a CT, too few "
+        "slices); a row missing a modality is masked, never imputed. Full list: "
+        "data_manifest.parquet."
+    )
+    body = f"<p>{html.escape(desc)}</p>" + tables.to_html(counts)
+    md = f"{desc}\n\n" + tables.to_markdown(counts)
+    if reasons.height:
+        body += tables.to_html(reasons, caption="Why data are missing or failed")
+        md += "\nWhy data are missing or failed:\n\n" + tables.to_markdown(reasons)
+    return Section("Data", body, md)
+
+
 def _config(ctx: ReportContext) -> Section:
     text = ctx.rd.config.read_text() if ctx.rd.config.exists() else ""
     return Section("Config", f"<pre>{html.escape(text)}</pre>", f"```yaml\n{text}```\n")
@@ -287,6 +324,7 @@ def _config(ctx: ReportContext) -> Section:
 
 SECTION_BUILDERS: list[SectionBuilder] = [
     _headline,
+    _data,
     _comparison,
     _other_metrics,
     _km,
@@ -361,7 +399,11 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
         f"<h1>survfuse report: {html.escape(name)}</h1><p class='meta'>{html.escape(meta)}</p>"
         f"<ul>{toc}</ul>{body}</body></html>\n"
     )
-    md = [f"# survfuse report: {name}\n", f"{meta}\n", "Figures: see report.html.\n"]
+    md = [
+        f"# survfuse report: {tables.md_escape(name)}\n",
+        f"{tables.md_escape(meta)}\n",
+        "Figures: see report.html.\n",
+    ]
     md += [f"## {s.title}\n\n{s.markdown}\n" for s in sections if s.markdown]
     write_text(rd.report, page)
     write_text(rd.summary, "\n".join(md))

@@ -19,6 +19,7 @@ __all__ = [
     "c_index_table",
     "comparison_table",
     "fmt_ci",
+    "md_escape",
     "metric_table",
     "model_label",
     "rich_table",
@@ -154,12 +155,21 @@ def references(metrics: pl.DataFrame) -> dict[str, str]:
     return {r["task"]: r["label"].rstrip(" *") for r in sel.unique("task").iter_rows(named=True)}
 
 
+def md_escape(text: str) -> str:
+    """Text safe inside a Markdown table cell: HTML-significant characters as entities (a site
+    or model name must never become markup) and `|` escaped."""
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
 def to_markdown(df: pl.DataFrame) -> str:
     """A GitHub-flavoured Markdown table."""
     cols = df.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = [
+        "| " + " | ".join(md_escape(c) for c in cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
     for row in df.iter_rows():
-        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+        lines.append("| " + " | ".join(md_escape(str(v)) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
