@@ -165,7 +165,9 @@ def test_compare_table_and_holm() -> None:
     same = tab.filter(tab["model"] == "same")
     assert same["difference"][0] == 0 and same["p_value"][0] == 1.0
     bad = tab.filter(tab["model"] == "bad")
-    assert bad["p_value"][0] < 0.01 and bad["ci_high"][0] < 0 and bad["p_asymptotic"][0] < 1e-6
+    assert bad["p_value"][0] < 1e-6 and bad["ci_high"][0] < 0 and bad["p_test"][0] == "ij_z"
+    # the p-value read off 200 replicates is floored at 2 / 201; the IJ z-test is not
+    assert bad["p_bootstrap"][0] == pytest.approx(2 / 201)
     # same resamples for every model: replicates of a monotone transform are identical
     np.testing.assert_array_equal(cmp.replicates["same"], cmp.replicates["ref"])
     assert [r.name for r in cmp.results] == [f"harrell_c[{k}]" for k in models]
@@ -176,6 +178,23 @@ def test_compare_table_and_holm() -> None:
     adj_sorted = np.minimum(1, np.maximum.accumulate([(m - k) * srt[k] for k in range(m)]))
     np.testing.assert_allclose(np.sort(holm(p)), adj_sorted)
     np.testing.assert_allclose(tab["p_holm"].to_numpy(), holm(tab["p_value"].to_numpy()))
+    assert (tab["family_size"] == 3).all()
+    # a metric without an influence function is tested with the bootstrap SD of the difference
+    auc = compare(
+        models,
+        t,
+        e,
+        reference="ref",
+        metric="mean_auc",
+        n_boot=100,
+        seed=3,
+        train_time=t,
+        train_event=e,
+        times=np.quantile(t, [0.3, 0.6]),
+    ).table
+    assert (auc["p_test"] == "bootstrap_z").all()
+    bad_auc = auc.filter(auc["model"] == "bad").row(0, named=True)
+    assert bad_auc["std_error"] > 0 and bad_auc["p_value"] < 1e-6
 
 
 def test_bootstrap_many_models_and_bad_options() -> None:

@@ -1,4 +1,5 @@
-"""Survival metrics with their own statistics: concordance, AUC, Brier, calibration, bootstrap.
+"""Survival metrics with their own statistics: concordance, AUC, Brier, calibration, bootstrap,
+paired tests.
 
 Conventions: arguments `(time, event, risk)`; risk higher = worse; survival curves are
 [N, len(times)] on a strictly increasing grid; IPCW metrics take the training outcomes
@@ -16,6 +17,12 @@ from survfuse.metrics.calibration import (
     d_calibration,
     survival_at,
 )
+from survfuse.metrics.calibration_ci import (
+    CalibrationIntervals,
+    calibration_intervals,
+    calibration_test,
+    error_interval,
+)
 from survfuse.metrics.compare import Comparison, compare, holm
 from survfuse.metrics.concordance import (
     ConcordanceResult,
@@ -27,6 +34,13 @@ from survfuse.metrics.concordance import (
 )
 from survfuse.metrics.ipcw import CensoringModel
 from survfuse.metrics.km import KaplanMeier, censoring_kaplan_meier, kaplan_meier
+from survfuse.metrics.paired import (
+    ConcordanceMatrix,
+    concordance_matrix,
+    holm_family,
+    paired_concordance,
+    z_test,
+)
 from survfuse.metrics.result import (
     MetricResult,
     MetricUndefinedError,
@@ -36,9 +50,11 @@ from survfuse.metrics.result import (
 
 __all__ = [
     "METRICS",
+    "CalibrationIntervals",
     "CalibrationResult",
     "CensoringModel",
     "Comparison",
+    "ConcordanceMatrix",
     "ConcordanceResult",
     "DCalibrationResult",
     "IPCWConcordanceResult",
@@ -53,18 +69,25 @@ __all__ = [
     "bootstrap",
     "brier_score",
     "calibration",
+    "calibration_intervals",
     "calibration_table",
+    "calibration_test",
     "censoring_kaplan_meier",
     "compare",
     "compare_concordance",
     "concordance_index",
     "concordance_index_ipcw",
+    "concordance_matrix",
     "cumulative_dynamic_auc",
     "d_calibration",
+    "error_interval",
     "holm",
+    "holm_family",
     "integrated_brier_score",
     "interval",
     "kaplan_meier",
     "make_scorer",
+    "paired_concordance",
     "survival_at",
+    "z_test",
 ]

@@ -1,4 +1,11 @@
-"""Paired comparison of many models on the same bootstrap resamples, Holm-adjusted."""
+"""Paired comparison of many models on the same bootstrap resamples, Holm-adjusted.
+
+The interval of a difference is the bootstrap interval of the paired replicates; its p-value
+comes from a test with an analytic null: the IJ z-test (`paired.z_test` on the per-subject
+influence of the difference) for every built-in metric with an influence function, else a
+z-test with the bootstrap standard deviation of the difference. The p-value read off the
+replicates (`bootstrap_p_value`) cannot fall below 2 / (B + 1) and is kept only as a column.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from survfuse.metrics.bootstrap import (
     run_boot,
     summarise,
 )
-from survfuse.metrics.concordance import compare_concordance
+from survfuse.metrics.paired import holm_family, z_test
 from survfuse.metrics.result import MetricResult
 from survfuse.registry import look_up_option
 
@@ -48,7 +55,10 @@ def holm(p: ArrayLike) -> NDArray[np.float64]:
 
 def bootstrap_p_value(diff: NDArray[np.float64]) -> float:
     """Two-sided p of H0: difference = 0, by inverting the percentile interval:
-    p = min(1, 2 min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (B + 1))."""
+    p = min(1, 2 min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (B + 1)).
+
+    Floored at 2 / (B + 1) (0.002 for B = 1000): no difference, however large, reads smaller,
+    so it is not the p of a comparison (see `compare`)."""
     b = diff.shape[0]
     lo = 1 + int(np.sum(diff <= 0))
     hi = 1 + int(np.sum(diff >= 0))
@@ -58,8 +68,10 @@ def bootstrap_p_value(diff: NDArray[np.float64]) -> float:
 @dataclass(frozen=True, eq=False)
 class Comparison:
     """`results`: one MetricResult per model (name "metric[model]"); `table`: one row per
-    non-reference model with the paired difference (model - reference), its CI, the bootstrap
-    p-value and its Holm adjustment (and, for harrell_c, the asymptotic IJ z-test p-value)."""
+    non-reference model with the paired difference (model - reference), its CI, the p-value
+    (`p_test`: "ij_z" or "bootstrap_z", with `std_error` of the difference), the floored
+    bootstrap p (`p_bootstrap`) and the Holm adjustment over the table (`p_holm`,
+    `family_size`)."""
 
     results: list[MetricResult]
     table: pl.DataFrame
@@ -87,10 +99,11 @@ def compare(
 
     models: name -> risk [N] (or survival [N, K] for brier/ibs/td_auc on `times`).
     For each model m != reference: difference d = theta_m - theta_ref with the CI of d*
-    (percentile or BCa with the acceleration of the paired influence U_m - U_ref), a two-sided
-    bootstrap p-value, Holm-adjusted across the comparisons. With metric "harrell_c" the table
-    also has `p_asymptotic`: the paired z-test of two correlated C's from the IJ influence
-    terms (`compare_concordance`).
+    (percentile or BCa with the acceleration of the paired influence U_m - U_ref) and a
+    two-sided p: the IJ z-test z = d / sqrt(sum_k (U_mk - U_ref,k)^2) over clusters k when the
+    metric has an influence function (harrell_c, uno_c, td_auc, brier, ibs; for harrell_c R's
+    `concordance(fit_m, fit_ref)` contrast), else z = d / sd(d*). Holm-adjusted across the
+    comparisons of the table (the family).
     """
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the models {sorted(models)}")
@@ -105,6 +118,7 @@ def compare(
     scorers = {k: make_scorer(metric, t, e, p, **kw) for k, p in models.items()}
     boots = run_boot(scorers, res, n_boot, seed)
     points = {k: sc.point() for k, sc in scorers.items()}
+    ij = {k: sc.influence() for k, sc in scorers.items()}
     infl: dict[str, NDArray[np.float64]] = {}
     if method == "bca":
         infl = {k: influence_or_jackknife(sc, res, seed) for k, sc in scorers.items()}
@@ -115,7 +129,7 @@ def compare(
             boots[k],
             level=level,
             method=method,
-            accel=acceleration(infl[k]) if infl else 0.0,
+            accel=acceleration(infl[k]) if method == "bca" else 0.0,
             seed=seed,
             n_subjects=res.n_clusters,
             n_events=int(e.sum()),
@@ -130,28 +144,37 @@ def compare(
         d = boots[k] - ref_b
         d = d[np.isfinite(d)]
         est = points[k] - points[reference]
-        acc = acceleration(infl[k] - infl[reference]) if infl else 0.0
+        acc = acceleration(infl[k] - infl[reference]) if method == "bca" else 0.0
         lo, hi = interval(est, d, level, method, acc)
-        row: dict[str, Any] = {
-            "model": k,
-            "reference": reference,
-            "metric": mname,
-            "estimate": points[k],
-            "reference_estimate": points[reference],
-            "difference": est,
-            "ci_low": lo,
-            "ci_high": hi,
-            "level": level,
-            "method": method,
-            "p_value": bootstrap_p_value(d),
-            "n_boot": int(d.shape[0]),
-            "seed": seed,
-        }
-        if mname == "harrell_c":
-            test = compare_concordance(t, e, models[k], models[reference], cluster=cluster)
-            row["se_asymptotic"] = test.std_error
-            row["p_asymptotic"] = test.p_value
-        rows.append(row)
+        if ij[k] is not None and ij[reference] is not None:
+            u = res.cluster_sum(np.asarray(ij[k]) - np.asarray(ij[reference]))
+            se, z, p = z_test(est, float(u @ u))
+            test = "ij_z"
+        else:
+            se, z, p = z_test(est, float(np.var(d, ddof=1)))
+            test = "bootstrap_z"
+        rows.append(
+            {
+                "model": k,
+                "reference": reference,
+                "metric": mname,
+                "estimate": points[k],
+                "reference_estimate": points[reference],
+                "difference": est,
+                "ci_low": lo,
+                "ci_high": hi,
+                "level": level,
+                "method": method,
+                "std_error": se,
+                "z": z,
+                "p_value": p,
+                "p_test": test,
+                "p_bootstrap": bootstrap_p_value(d),
+                "n_boot": int(d.shape[0]),
+                "seed": seed,
+            }
+        )
     table = pl.DataFrame(rows)
-    table = table.with_columns(pl.Series("p_holm", holm(table["p_value"].to_numpy())))
+    adj, m = holm_family(table["p_value"].to_numpy(), np.ones(table.height, dtype=bool))
+    table = table.with_columns(pl.Series("p_holm", adj), pl.lit(m).alias("family_size"))
     return Comparison(results, table, boots)
