@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -11,8 +12,6 @@ import pytest
 
 from survfuse.data.cohort import Cohort, CohortError, load_cohort, validate_cohort
 from survfuse.registry import UnknownNameError
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _cohort(**overrides: list) -> pl.DataFrame:
@@ -125,10 +124,10 @@ def test_parquet_and_csv_round_trip(tmp_path: Path) -> None:
         load_cohort(tmp_path / "nope.parquet")
 
 
-def test_real_mimic_labels_as_cohort() -> None:
+def test_real_mimic_labels_as_cohort(shared_path: Callable[..., Path]) -> None:
     # The MIMIC-IV demo death labels (100 subjects, 31 deaths, per the data README) as a cohort.
     labels = pl.read_parquet(
-        DATA / "meds" / "mimic_iv_demo" / "labels_death_from_first_admission.parquet"
+        shared_path("meds", "mimic_iv_demo", "labels_death_from_first_admission.parquet")
     )
     c = Cohort(labels.rename({"index_time": "prediction_time", "days": "time"}))
     assert len(c) == 100

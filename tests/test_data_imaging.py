@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -30,29 +31,49 @@ from survfuse.data.imaging import (
     select_studies,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TS = DATA / "ct" / "totalsegmentator"
-CT_SM = TS / "example_ct_sm.nii.gz"
-CHEST_LPS = TS / "pulmonary_report__models__ct_cropped.nii.gz"
-MR = TS / "example_mr_sm.nii.gz"
-DICOM = TS / "example_ct_dicom"
-DUPE_ZIP = DATA / "ct" / "dicom_edge_cases" / "dupe-positions.zip"
 RAW = CTPreprocessing(hu_window=None, floor_hu=-5000.0)  # HU exactly as stored
+TS = ("ct", "totalsegmentator")  # under ../shared/data
+
+
+# Real files from ../shared/data: each test that uses one skips when it is missing (fails in CI).
+@pytest.fixture(scope="module")
+def ct_sm(shared_path: Callable[..., Path]) -> Path:
+    return shared_path(*TS, "example_ct_sm.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def chest_lps(shared_path: Callable[..., Path]) -> Path:
+    return shared_path(*TS, "pulmonary_report__models__ct_cropped.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def mr_sm(shared_path: Callable[..., Path]) -> Path:
+    return shared_path(*TS, "example_mr_sm.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def dicom(shared_path: Callable[..., Path]) -> Path:
+    return shared_path(*TS, "example_ct_dicom")
+
+
+@pytest.fixture(scope="module")
+def dupe_zip(shared_path: Callable[..., Path]) -> Path:
+    return shared_path("ct", "dicom_edge_cases", "dupe-positions.zip")
 
 
 # ----------------------------------------------------------------------------- real volumes
-def test_nifti_shape_spacing_hu() -> None:
+def test_nifti_shape_spacing_hu(ct_sm: Path) -> None:
     # data README: 122x101x30 voxels, 3 mm isotropic, int16 HU -1100..1207, RAS
-    v = load_ct(CT_SM, RAW)
+    v = load_ct(ct_sm, RAW)
     assert v.shape == (122, 101, 30)
     np.testing.assert_allclose(v.spacing, [3.0, 3.0, 3.0])
     assert v.orientation == "RAS"
     assert v.array.dtype == np.float32
     assert (float(v.array.min()), float(v.array.max())) == (-1100.0, 1207.0)
-    np.testing.assert_array_equal(v.array, np.asarray(nib.load(CT_SM).dataobj, dtype=np.float32))
+    np.testing.assert_array_equal(v.array, np.asarray(nib.load(ct_sm).dataobj, dtype=np.float32))
     assert v.meta["format"] == "nifti"
     # default preprocessing: outside-FOV floor -1024 and window (-1000, 1000)
-    d = load_ct(CT_SM)
+    d = load_ct(ct_sm)
     assert (float(d.array.min()), float(d.array.max())) == (-1000.0, 1000.0)
 
 
@@ -68,14 +89,14 @@ def _sitk_reference(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return arr, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def test_dicom_series_matches_simpleitk() -> None:
+def test_dicom_series_matches_simpleitk(dicom: Path) -> None:
     # data README: 20 slices 512x512, 0.977x0.977x2.0 mm, Siemens
-    v = load_ct(DICOM, RAW)
+    v = load_ct(dicom, RAW)
     assert v.shape == (512, 512, 20)
     np.testing.assert_allclose(v.spacing, [0.9765625, 0.9765625, 2.0])
     assert v.orientation == "RAS" and v.meta["native_orientation"] == "LPS"
     assert v.meta["modality"] == "CT" and v.meta["manufacturer"] == "SIEMENS"
-    ref, ref_affine = _sitk_reference(DICOM)
+    ref, ref_affine = _sitk_reference(dicom)
     # DICOM is LPS: our RAS output is SimpleITK's array flipped on x and y, same world geometry
     np.testing.assert_array_equal(v.array, ref[::-1, ::-1, :])
     for ours, theirs in (([0, 0, 0], [511, 511, 0]), ([511, 511, 19], [0, 0, 19])):
@@ -85,15 +106,15 @@ def test_dicom_series_matches_simpleitk() -> None:
     # HU via rescale slope/intercept (1, -1024): air at -1024, bone up to 1839
     assert float(v.array.min()) == -1024.0
     assert float(v.array.max()) == float(ref.max()) == 1839.0
-    ds = pydicom.dcmread(sorted(DICOM.iterdir())[0])
+    ds = pydicom.dcmread(sorted(dicom.iterdir())[0])
     assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, -1024.0)
 
 
-def test_lps_chest_crop_is_reoriented() -> None:
-    raw = nib.load(CHEST_LPS)
+def test_lps_chest_crop_is_reoriented(chest_lps: Path) -> None:
+    raw = nib.load(chest_lps)
     assert nib.aff2axcodes(raw.affine) == ("L", "P", "S")
     data = np.asarray(raw.dataobj, dtype=np.float32)
-    v = load_ct(CHEST_LPS, RAW)
+    v = load_ct(chest_lps, RAW)
     assert v.orientation == "RAS" and v.meta["native_orientation"] == "LPS"
     assert v.shape == (122, 102, 112)
     np.testing.assert_allclose(v.spacing, [1.5, 1.5, 1.5])
@@ -104,19 +125,19 @@ def test_lps_chest_crop_is_reoriented() -> None:
         np.testing.assert_allclose(
             v.affine @ np.array([*idx, 1.0]), raw.affine @ np.array([*src, 1.0]), atol=1e-4
         )
-    back = load_ct(CHEST_LPS, RAW.model_copy(update={"orientation": "LPS"}))
+    back = load_ct(chest_lps, RAW.model_copy(update={"orientation": "LPS"}))
     np.testing.assert_array_equal(back.array, data)
 
 
-def test_mr_volume_is_rejected_as_non_ct() -> None:
+def test_mr_volume_is_rejected_as_non_ct(mr_sm: Path) -> None:
     with pytest.raises(CTLoadError, match="not a CT in Hounsfield units") as info:
-        load_ct(MR)
-    assert info.value.path == str(MR)
+        load_ct(mr_sm)
+    assert info.value.path == str(mr_sm)
     assert "1st percentile" in info.value.reason
 
 
-def test_dupe_positions_series_is_refused(tmp_path: Path) -> None:
-    with zipfile.ZipFile(DUPE_ZIP) as z:
+def test_dupe_positions_series_is_refused(tmp_path: Path, dupe_zip: Path) -> None:
+    with zipfile.ZipFile(dupe_zip) as z:
         z.extractall(tmp_path / "dupe")
     with pytest.raises(CTLoadError) as info:
         load_ct(tmp_path / "dupe")
@@ -129,20 +150,20 @@ def test_dupe_positions_series_is_refused(tmp_path: Path) -> None:
     assert "115 mm between -237.5 and -122.5 mm" in reason
 
 
-def _copy_series(tmp_path: Path, name: str) -> Path:
+def _copy_series(dicom: Path, tmp_path: Path, name: str) -> Path:
     dst = tmp_path / name
-    shutil.copytree(DICOM, dst)
+    shutil.copytree(dicom, dst)
     return dst
 
 
-def test_dicom_missing_and_duplicate_slice(tmp_path: Path) -> None:
-    files = sorted(DICOM.iterdir())
+def test_dicom_missing_and_duplicate_slice(tmp_path: Path, dicom: Path) -> None:
+    files = sorted(dicom.iterdir())
     z = {
         f.name: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
         for f in files
     }
     # drop one inner slice: its position is named as missing
-    gap = _copy_series(tmp_path, "gap")
+    gap = _copy_series(dicom, tmp_path, "gap")
     victim = sorted(z, key=z.get)[7]
     (gap / victim).unlink()
     with pytest.raises(
@@ -150,14 +171,14 @@ def test_dicom_missing_and_duplicate_slice(tmp_path: Path) -> None:
     ):
         load_ct(gap)
     # a slice exported twice under another name
-    dup = _copy_series(tmp_path, "dup")
+    dup = _copy_series(dicom, tmp_path, "dup")
     shutil.copy(dup / files[3].name, dup / "copy.dcm")
     with pytest.raises(CTLoadError, match=rf"duplicate slice positions: {z[files[3].name]:g} mm"):
         load_ct(dup)
 
 
-def test_dicom_mr_modality_is_rejected(tmp_path: Path) -> None:
-    mr = _copy_series(tmp_path, "mr")
+def test_dicom_mr_modality_is_rejected(tmp_path: Path, dicom: Path) -> None:
+    mr = _copy_series(dicom, tmp_path, "mr")
     for f in mr.iterdir():
         ds = pydicom.dcmread(f)
         ds.Modality = "MR"
@@ -178,8 +199,8 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
         load_ct(tmp_path / "empty")
 
 
-def test_implausible_hu_range(tmp_path: Path) -> None:
-    img = nib.load(CT_SM)
+def test_implausible_hu_range(tmp_path: Path, ct_sm: Path) -> None:
+    img = nib.load(ct_sm)
     data = np.asarray(img.dataobj).astype(np.float32)
     # percentiles of example_ct_sm (numpy): 1st -1013 HU, 99th 188 HU
     x10 = tmp_path / "x10.nii.gz"  # e.g. a wrong rescale slope
@@ -203,15 +224,15 @@ def test_implausible_hu_range(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- preprocessing
-def test_resampling_matches_affine_interpolation() -> None:
+def test_resampling_matches_affine_interpolation(ct_sm: Path) -> None:
     prep = CTPreprocessing(spacing=(2.0, 2.5, 1.5), hu_window=None, floor_hu=-5000.0)
-    v = load_ct(CT_SM, prep)
+    v = load_ct(ct_sm, prep)
     np.testing.assert_allclose(v.spacing, [2.0, 2.5, 1.5])
     assert v.shape == (183, 121, 60)  # floor(n * 3 / target)
     # Independent reference: map each output voxel to input voxel coordinates through the two
     # affines and interpolate linearly there (scipy). Edges differ only by border handling.
-    raw = np.asarray(nib.load(CT_SM).dataobj, dtype=np.float32)
-    in_aff = nib.load(CT_SM).affine
+    raw = np.asarray(nib.load(ct_sm).dataobj, dtype=np.float32)
+    in_aff = nib.load(ct_sm).affine
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in v.shape], indexing="ij"), 0).reshape(3, -1)
     src = (np.linalg.inv(in_aff) @ v.affine @ np.vstack([grid, np.ones(grid.shape[1])]))[:3]
     ref = ndimage.map_coordinates(raw, src, order=1, mode="nearest").reshape(v.shape)
@@ -223,12 +244,12 @@ def test_resampling_matches_affine_interpolation() -> None:
     np.testing.assert_allclose(centre_in[:3], centre_out[:3], atol=3.0)
 
 
-def test_window_scale_and_crop() -> None:
+def test_window_scale_and_crop(ct_sm: Path) -> None:
     prep = CTPreprocessing(hu_window=(-160, 240), scale_to_unit=True, target_shape=(96, 96, 40))
-    v = load_ct(CT_SM, prep)
+    v = load_ct(ct_sm, prep)
     assert v.shape == (96, 96, 40)
     assert float(v.array.min()) == 0.0 and float(v.array.max()) == 1.0
-    raw = load_ct(CT_SM, CTPreprocessing(hu_window=None))
+    raw = load_ct(ct_sm, CTPreprocessing(hu_window=None))
     # centre crop in x/y (122 -> 96 starts at 13, 101 -> 96 starts at 2), pad z 30 -> 40 by 5
     expected = np.clip((raw.array[13:109, 2:98, :] + 160) / 400, 0, 1)
     np.testing.assert_allclose(v.array[:, :, 5:35], expected, atol=1e-6)
@@ -239,10 +260,10 @@ def test_window_scale_and_crop() -> None:
     )
 
 
-def test_foreground_crop_centres_on_the_body() -> None:
+def test_foreground_crop_centres_on_the_body(ct_sm: Path) -> None:
     prep = CTPreprocessing(hu_window=None, target_shape=(40, 40, 30), crop="foreground")
-    v = load_ct(CT_SM, prep)
-    raw = load_ct(CT_SM, CTPreprocessing(hu_window=None)).array
+    v = load_ct(ct_sm, prep)
+    raw = load_ct(ct_sm, CTPreprocessing(hu_window=None)).array
     fg = np.argwhere(raw > -500)
     centre = (fg.min(0) + fg.max(0) + 1) / 2
     start = np.round(centre - np.array([20, 20, 15])).astype(int)
@@ -325,13 +346,13 @@ def test_index_errors(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- batch & manifest
-def test_batch_marks_failures_per_subject(tmp_path: Path) -> None:
+def test_batch_marks_failures_per_subject(tmp_path: Path, ct_sm: Path, mr_sm: Path) -> None:
     (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
     selection = pl.DataFrame(
         {
             "subject_id": [1, 2, 3, 4],
             "prediction_time": [datetime(2020, 1, 1)] * 4,
-            "path": [str(CT_SM), str(MR), str(tmp_path / "broken.nii.gz"), None],
+            "path": [str(ct_sm), str(mr_sm), str(tmp_path / "broken.nii.gz"), None],
         }
     )
     prep = CTPreprocessing(target_shape=(32, 32, 16))
@@ -355,15 +376,17 @@ def test_batch_marks_failures_per_subject(tmp_path: Path) -> None:
     assert ok["status"].to_list() == ["ok"]
 
 
-def test_dicom_falls_back_to_simpleitk_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dicom_falls_back_to_simpleitk_decoding(
+    monkeypatch: pytest.MonkeyPatch, dicom: Path
+) -> None:
     # pixel data pydicom cannot decode (e.g. a JPEG 2000 series without the pylibjpeg plugin) is
     # decoded by SimpleITK/GDCM instead; the HU volume must be identical
-    ref = load_ct(DICOM, RAW)
+    ref = load_ct(dicom, RAW)
 
     def no_codec(self: pydicom.Dataset) -> np.ndarray:
         raise RuntimeError("no pixel data handler available for this transfer syntax")
 
     monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(no_codec))
-    got = load_ct(DICOM, RAW)
+    got = load_ct(dicom, RAW)
     np.testing.assert_array_equal(got.array, ref.array)
     np.testing.assert_allclose(got.affine, ref.affine)

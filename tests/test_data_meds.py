@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -14,9 +15,6 @@ from hypothesis import strategies as st
 
 from survfuse.data.meds import WINDOW_SCHEMA, MEDSDataset, MEDSSchemaError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MIMIC = DATA / "meds" / "mimic_iv_demo"
-PBC2 = DATA / "meds" / "pbc2"
 SORT = ["subject_id", "prediction_time", "time"]
 
 
@@ -53,8 +51,20 @@ def _write(root: Path, shards: dict[str, pl.DataFrame]) -> MEDSDataset:
 
 
 # ----------------------------------------------------------------------------- real data
-def test_mimic_demo_validates() -> None:
-    ds = MEDSDataset(MIMIC)
+@pytest.fixture(scope="module")
+def mimic(shared_path: Callable[..., Path]) -> Path:
+    """../shared/data/meds/mimic_iv_demo (skips when missing; fails under CI)."""
+    return shared_path("meds", "mimic_iv_demo")
+
+
+@pytest.fixture(scope="module")
+def pbc2(shared_path: Callable[..., Path]) -> Path:
+    """../shared/data/meds/pbc2 (skips when missing; fails under CI)."""
+    return shared_path("meds", "pbc2")
+
+
+def test_mimic_demo_validates(mimic: Path) -> None:
+    ds = MEDSDataset(mimic)
     info = ds.validate(deep=True)
     # counts from the data README: 100 subjects, 916,166 events; one static row (gender) each
     assert info == {
@@ -64,15 +74,15 @@ def test_mimic_demo_validates() -> None:
         "n_static": 100,
         "n_subjects": 100,
     }
-    assert ds.input_files() == [MIMIC / "data" / "0.parquet", MIMIC / "metadata" / "dataset.json"]
+    assert ds.input_files() == [mimic / "data" / "0.parquet", mimic / "metadata" / "dataset.json"]
 
 
-def _mimic_keys() -> pl.DataFrame:
-    labels = pl.read_parquet(MIMIC / "labels_death_from_first_admission.parquet")
+def _mimic_keys(mimic: Path) -> pl.DataFrame:
+    labels = pl.read_parquet(mimic / "labels_death_from_first_admission.parquet")
     return labels.select("subject_id", pl.col("index_time").alias("prediction_time"))
 
 
-def test_mimic_hand_checked_subjects() -> None:
+def test_mimic_hand_checked_subjects(mimic: Path) -> None:
     # Numbers checked by hand with plain polars on data/0.parquet:
     #   ev = df.filter(subject_id == S); w = ev.filter(time.is_null() | (time <= index_time))
     # subject 10000032 (index_time 2180-05-06 22:23:00, its first admission): 1,523 events in
@@ -80,8 +90,8 @@ def test_mimic_hand_checked_subjects() -> None:
     # admission itself at exactly index_time); 6 within a 30-day look-back (incl. the static row).
     # subject 10001217 (index_time 2157-11-18 22:56:00): 3,337 events, 63 in the window, 62 with
     # a 30-day look-back.
-    ds = MEDSDataset(MIMIC)
-    keys = _mimic_keys().filter(pl.col("subject_id").is_in([10000032, 10001217]))
+    ds = MEDSDataset(mimic)
+    keys = _mimic_keys(mimic).filter(pl.col("subject_id").is_in([10000032, 10001217]))
     w = ds.windowed(keys)
     assert w.schema == pl.Schema(WINDOW_SCHEMA)
     counts = dict(w.group_by("subject_id").len().iter_rows())
@@ -95,10 +105,10 @@ def test_mimic_hand_checked_subjects() -> None:
     assert dict(lb.group_by("subject_id").len().iter_rows()) == {10000032: 6, 10001217: 62}
 
 
-def test_mimic_all_subjects_match_brute_force() -> None:
-    ds = MEDSDataset(MIMIC)
-    keys = _mimic_keys()
-    events = pl.read_parquet(MIMIC / "data" / "0.parquet")
+def test_mimic_all_subjects_match_brute_force(mimic: Path) -> None:
+    ds = MEDSDataset(mimic)
+    keys = _mimic_keys(mimic)
+    events = pl.read_parquet(mimic / "data" / "0.parquet")
     got = ds.windowed(keys, batch_size=16)
     ref = _reference_window(events, keys)
     assert got.equals(ref)
@@ -107,14 +117,14 @@ def test_mimic_all_subjects_match_brute_force() -> None:
     assert (timed["time"] <= timed["prediction_time"]).all()
 
 
-def test_pbc2_hand_checked_subjects() -> None:
+def test_pbc2_hand_checked_subjects(pbc2: Path) -> None:
     # Checked by hand with plain polars on pbc2/data/0.parquet (visits anchored at 2000-01-01):
     # subject 1 at its 2nd visit (2000-07-11 00:07:34): 27 events in total, 26 in the window
     # (everything but MEDS_DEATH on 2001-02-04), serum bilirubin [14.5, 21.3]; with a 365-day
     # look-back 25 (MEDS_BIRTH 1941 drops out, the static GENDER row stays).
     # subject 2 at 2003-01-01: 107 events, 48 in the window, bilirubin [1.1, 0.8, 1.0, 1.9]
     # (visits 2000-01-01, 2000-07-01, 2000-12-31, 2002-02-07); 12 with a 365-day look-back.
-    ds = MEDSDataset(PBC2)
+    ds = MEDSDataset(pbc2)
     assert ds.validate() == {"n_shards": 1, "n_events": 23_455, "strict_meds": True}
     keys = pl.DataFrame(
         {
@@ -132,9 +142,9 @@ def test_pbc2_hand_checked_subjects() -> None:
     assert dict(lb.group_by("subject_id").len().iter_rows()) == {1: 25, 2: 12}
 
 
-def test_appending_future_events_changes_nothing(tmp_path: Path) -> None:
+def test_appending_future_events_changes_nothing(tmp_path: Path, pbc2: Path) -> None:
     """Leakage guard: events after prediction_time, in existing or new shards, never appear."""
-    events = pl.read_parquet(PBC2 / "data" / "0.parquet")
+    events = pl.read_parquet(pbc2 / "data" / "0.parquet")
     first_visit = datetime(2000, 1, 1)
     rng = np.random.default_rng(0)
     subjects = events["subject_id"].unique().sort()
@@ -347,8 +357,8 @@ def test_castable_shards_are_accepted(tmp_path: Path) -> None:
     )
 
 
-def test_key_errors() -> None:
-    ds = MEDSDataset(PBC2)
+def test_key_errors(tmp_path: Path) -> None:
+    ds = _write(tmp_path, {"0.parquet": _synthetic(5, 200, seed=0)})
     with pytest.raises(MEDSSchemaError, match="missing column 'prediction_time'"):
         ds.windowed(pl.DataFrame({"subject_id": [1]}))
     with pytest.raises(MEDSSchemaError, match=r"'prediction_time' is null in row 1"):

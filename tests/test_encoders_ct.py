@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -15,8 +16,6 @@ from survfuse.encoders import CTSource, FeatureStore, build_encoder
 from survfuse.encoders.ct_radiomics import TISSUES, feature_names, radiomics_features
 from survfuse.registry import ENCODERS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TS = DATA / "ct" / "totalsegmentator"
 # TotalSegmentator v2 "total" task label ids of the five lung lobes (class_map["total"]:
 # 10 lung_upper_lobe_left, 11 lung_lower_lobe_left, 12 lung_upper_lobe_right,
 # 13 lung_middle_lobe_right, 14 lung_lower_lobe_right)
@@ -64,10 +63,18 @@ def test_radiomics_matches_direct_numpy_scipy_computation() -> None:
     assert feat(c, "std") == pytest.approx(sub.std(), rel=1e-5)
 
 
-def test_lung_field_on_real_ct_inside_totalsegmentator_lung_labels() -> None:
-    ct = nib.load(TS / "example_ct_sm.nii.gz")
+@pytest.fixture(scope="module")
+def ts(shared_path: Callable[..., Path]) -> Path:
+    """../shared/data/ct/totalsegmentator with the files these tests read (skip/fail if missing)."""
+    for name in (*REAL.values(), "example_seg.nii.gz"):
+        shared_path("ct", "totalsegmentator", name)
+    return shared_path("ct", "totalsegmentator")
+
+
+def test_lung_field_on_real_ct_inside_totalsegmentator_lung_labels(ts: Path) -> None:
+    ct = nib.load(ts / "example_ct_sm.nii.gz")
     hu = np.asarray(ct.dataobj, dtype=np.float32)
-    seg = np.asarray(nib.load(TS / "example_seg.nii.gz").dataobj)
+    seg = np.asarray(nib.load(ts / "example_seg.nii.gz").dataobj)
     lung = np.isin(seg, LUNG_LABELS)
     assert lung.sum() > 1000
     _, _, vol = radiomics_features(hu, grid=(1, 1, 1), spacing=(3.0, 3.0, 3.0), roi=lung)
@@ -79,12 +86,12 @@ def test_lung_field_on_real_ct_inside_totalsegmentator_lung_labels() -> None:
     assert feat(body, "frac_lung") < aerated  # the whole torso is much less lung than the lungs
 
 
-def ct_index(files: dict[int, str]) -> pl.DataFrame:
+def ct_index(ts: Path, files: dict[int, str]) -> pl.DataFrame:
     return pl.DataFrame(
         {
             "subject_id": list(files),
             "study_time": [T0] * len(files),
-            "path": [str(TS / f) for f in files.values()],
+            "path": [str(ts / f) for f in files.values()],
         }
     )
 
@@ -105,8 +112,8 @@ def real_cohort(ids: list[int], split: list[str] | None = None) -> pl.DataFrame:
     return df.with_columns(pl.Series("split", split)) if split else df
 
 
-def test_radiomics_encodes_real_volumes_with_failures_reported(tmp_path: Path) -> None:
-    src = CTSource(ct_index(REAL))
+def test_radiomics_encodes_real_volumes_with_failures_reported(tmp_path: Path, ts: Path) -> None:
+    src = CTSource(ct_index(ts, REAL))
     coh = real_cohort([1, 2, 3, 4, 6])  # 4 is an MR (refused by the CT layer), 6 has no study
     enc = build_encoder("ct_radiomics", grid=[2, 2, 2])
     store = FeatureStore(tmp_path)
@@ -128,12 +135,12 @@ def test_radiomics_encodes_real_volumes_with_failures_reported(tmp_path: Path) -
     np.testing.assert_allclose(sorted(set(pos[:, 0].tolist())), [0.25, 0.75])
 
 
-def test_fit_uses_the_training_split_only(tmp_path: Path) -> None:
+def test_fit_uses_the_training_split_only(tmp_path: Path, ts: Path) -> None:
     coh = real_cohort([1, 2, 3, 5], ["train", "train", "internal_test", "internal_test"])
     train = coh.filter(pl.col("split") == "train")
-    src_a = CTSource(ct_index(REAL))
+    src_a = CTSource(ct_index(ts, REAL))
     # alter the test subjects: different CTs for 3 and 5
-    src_b = CTSource(ct_index({**REAL, 3: "example_ct_sm.nii.gz", 5: "example_mr_sm.nii.gz"}))
+    src_b = CTSource(ct_index(ts, {**REAL, 3: "example_ct_sm.nii.gz", 5: "example_mr_sm.nii.gz"}))
     fa = FeatureStore(tmp_path / "a").encode(
         build_encoder("ct_radiomics"), coh, src_a, fit_cohort=train, progress=False
     )
@@ -145,14 +152,14 @@ def test_fit_uses_the_training_split_only(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(fa.pooled)[:2], np.asarray(fb.pooled)[:2])
     assert not np.allclose(np.asarray(fa.pooled)[2], np.asarray(fb.pooled)[2])
     # and a changed training subject does change the statistics
-    src_c = CTSource(ct_index({**REAL, 2: "pulmonary_report__models__ct_cropped.nii.gz"}))
+    src_c = CTSource(ct_index(ts, {**REAL, 2: "pulmonary_report__models__ct_cropped.nii.gz"}))
     enc_c = build_encoder("ct_radiomics").fit(train, src_c)
     assert not np.allclose(enc_c.state()["pooled_mean"], enc_a.state()["pooled_mean"])
 
 
-def test_preprocessing_parameter_changes_fingerprint() -> None:
+def test_preprocessing_parameter_changes_fingerprint(ts: Path) -> None:
     coh = real_cohort([1])
-    src = CTSource(ct_index(REAL))
+    src = CTSource(ct_index(ts, REAL))
     a = build_encoder("ct_radiomics").fit(coh, src)
     b = build_encoder("ct_radiomics").fit(coh, src)
     c = build_encoder("ct_radiomics", preprocessing={"orientation": "LPS"})
@@ -221,10 +228,10 @@ def test_precomputed_mismatched_keys_give_clear_error(tmp_path: Path) -> None:
         build_encoder("precomputed", path=tmp_path / "none.parquet").encode(coh, None)
 
 
-def test_radiomics_save_load_keeps_fitted_state(tmp_path: Path) -> None:
+def test_radiomics_save_load_keeps_fitted_state(tmp_path: Path, ts: Path) -> None:
     from survfuse.encoders import Encoder
 
-    src = CTSource(ct_index(REAL))
+    src = CTSource(ct_index(ts, REAL))
     enc = build_encoder("ct_radiomics", grid=[2, 2, 1]).fit(real_cohort([1]), src)
     enc.save(tmp_path / "enc")
     back = Encoder.load(tmp_path / "enc")  # rebuilt from the registry by name
@@ -244,8 +251,8 @@ def test_precomputed_subject_only_keys_warn_for_repeated_subjects(tmp_path: Path
     np.testing.assert_array_equal(f.pooled[:, 0], [1.0, 1.0, 2.0])
 
 
-def test_radiomics_pooled_volume_plus_cells(tmp_path: Path) -> None:
-    src = CTSource(ct_index(REAL))
+def test_radiomics_pooled_volume_plus_cells(tmp_path: Path, ts: Path) -> None:
+    src = CTSource(ct_index(ts, REAL))
     coh = real_cohort([1])
     base = build_encoder("ct_radiomics", grid=[2, 2, 1]).fit(coh, src).encode(coh, src)
     wide = build_encoder("ct_radiomics", grid=[2, 2, 1], pooled="volume+cells").fit(coh, src)

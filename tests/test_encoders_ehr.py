@@ -8,6 +8,7 @@ to tmp_path where a test needs to alter events.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,9 +24,6 @@ from survfuse.encoders.ehr_counts import EHRCountsEncoder, window_counts
 from survfuse.encoders.ehr_onehot import EHROneHotEncoder, onehot_tokens, time_features
 from survfuse.encoders.ehr_vocab import OOV_TOKEN, KeyIndex, fit_vocab, windowed_events
 from survfuse.encoders.features import ModalityFeatures
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "meds"
-MIMIC = DATA / "mimic_iv_demo"
 
 SMALL_CLMBR = dict(
     max_codes=128,
@@ -59,10 +57,16 @@ def arrays(f: ModalityFeatures) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def mimic() -> tuple[pl.DataFrame, pl.DataFrame]:
+def mimic_root(shared_path: Callable[..., Path]) -> Path:
+    """../shared/data/meds/mimic_iv_demo (skip, or fail in CI, when missing)."""
+    return shared_path("meds", "mimic_iv_demo")
+
+
+@pytest.fixture(scope="module")
+def mimic(mimic_root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(events of the demo, cohort with prediction_time = first admission and a split)."""
-    events = pl.read_parquet(MIMIC / "data" / "*.parquet")
-    labels = pl.read_parquet(MIMIC / "labels_death_from_first_admission.parquet")
+    events = pl.read_parquet(mimic_root / "data" / "*.parquet")
+    labels = pl.read_parquet(mimic_root / "labels_death_from_first_admission.parquet")
     rng = np.random.default_rng(0)
     test = rng.random(labels.height) < 0.3
     cohort = labels.select(
@@ -146,10 +150,12 @@ def test_window_counts_match_pandas() -> None:
             assert dense[k, off + 7 + m] == pytest.approx(g.v.mean())
 
 
-def test_quantile_bins_match_numpy(mimic: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+def test_quantile_bins_match_numpy(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], mimic_root: Path
+) -> None:
     _, cohort = mimic
     train = cohort.filter(pl.col("split") == "train")
-    ev = windowed_events(MEDSDataset(MIMIC), KeyIndex.from_cohort(train), lookback_days=None)
+    ev = windowed_events(MEDSDataset(mimic_root), KeyIndex.from_cohort(train), lookback_days=None)
     vocab = fit_vocab(ev, max_codes=300, n_bins=4, min_values=20)
     binned = np.flatnonzero(np.isfinite(vocab.cuts[:, 0]))
     assert binned.size > 0
@@ -250,10 +256,10 @@ def test_test_only_code_not_in_vocab_and_bins_ignore_test_values(
 
 # ---------------------------------------------------------------------- state, store
 def test_save_load_fingerprint_and_store(
-    mimic: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+    mimic: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path, mimic_root: Path
 ) -> None:
     _, cohort = mimic
-    src = MEDSDataset(MIMIC)
+    src = MEDSDataset(mimic_root)
     train = cohort.filter(pl.col("split") == "train")
     test = cohort.filter(pl.col("split") != "train")
     store = FeatureStore(tmp_path / "store")
@@ -282,9 +288,11 @@ def test_save_load_fingerprint_and_store(
     assert a.fingerprint() != b.fingerprint()
 
 
-def test_shapes_order_and_duplicates(mimic: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+def test_shapes_order_and_duplicates(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], mimic_root: Path
+) -> None:
     _, cohort = mimic
-    src = MEDSDataset(MIMIC)
+    src = MEDSDataset(mimic_root)
     train = cohort.filter(pl.col("split") == "train")
     rows = pl.concat([cohort.head(5)[::-1], cohort.head(2)])  # reversed + repeated keys
     for enc in encoders()[:2]:
@@ -304,11 +312,13 @@ def test_shapes_order_and_duplicates(mimic: tuple[pl.DataFrame, pl.DataFrame]) -
         build_encoder("ehr_clmbr", position="rotery")
 
 
-def test_counts_age_with_finite_windows(mimic: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+def test_counts_age_with_finite_windows(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], mimic_root: Path
+) -> None:
     # every window finite: the birth event (decades back) is outside all of them, yet age_years
     # must still be the years from MEDS_BIRTH to prediction_time (reference: the raw events)
     events, cohort = mimic
-    src = MEDSDataset(MIMIC)
+    src = MEDSDataset(mimic_root)
     train = cohort.filter(pl.col("split") == "train")
     enc = EHRCountsEncoder(windows=(30, 365), max_codes=100, max_numeric=8).fit(train, src)
     birth = (
@@ -376,7 +386,7 @@ def _reference_onehot(
 
 
 def test_onehot_compiled_equals_reference(
-    mimic: tuple[pl.DataFrame, pl.DataFrame],
+    mimic: tuple[pl.DataFrame, pl.DataFrame], mimic_root: Path
 ) -> None:
     # random events, also out of order (the kernel then sorts them itself)
     rng = np.random.default_rng(5)
@@ -395,7 +405,7 @@ def test_onehot_compiled_equals_reference(
             np.testing.assert_array_equal(a, b)
     # the encoder on real data: tokens (padded to max_codes_per_token) and pooled
     _, cohort = mimic
-    src = MEDSDataset(MIMIC)
+    src = MEDSDataset(mimic_root)
     enc = EHROneHotEncoder(max_codes=200, max_tokens=16, max_codes_per_token=32)
     enc.fit(cohort.filter(pl.col("split") == "train"), src)
     assert enc.vocab is not None
@@ -464,7 +474,9 @@ def _assert_counts_equal(got: np.ndarray, want: np.ndarray, v: int, m: int) -> N
     np.testing.assert_allclose(got[:, is_mean], want[:, is_mean], rtol=1e-13, atol=0)
 
 
-def test_counts_compiled_equals_reference(mimic: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+def test_counts_compiled_equals_reference(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], mimic_root: Path
+) -> None:
     # random events with static events and tied times (the "last" tie rule, the mean's order)
     rng = np.random.default_rng(11)
     n, n_keys = 6000, 50
@@ -487,7 +499,7 @@ def test_counts_compiled_equals_reference(mimic: tuple[pl.DataFrame, pl.DataFram
     _assert_counts_equal(got.toarray(), want, 30, 6)
     # the encoder on real data, windows (30, 365, all)
     _, cohort = mimic
-    src = MEDSDataset(MIMIC)
+    src = MEDSDataset(mimic_root)
     enc = EHRCountsEncoder(max_codes=300, max_numeric=32)
     enc.fit(cohort.filter(pl.col("split") == "train"), src)
     assert enc.vocab is not None
@@ -532,10 +544,10 @@ class _CountingSource:
 
 
 def test_store_encodes_chunk_runs_in_one_call_and_resumes(
-    mimic: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+    mimic: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path, mimic_root: Path
 ) -> None:
     _, cohort = mimic
-    src = _CountingSource(MEDSDataset(MIMIC))
+    src = _CountingSource(MEDSDataset(mimic_root))
     train = cohort.filter(pl.col("split") == "train")
     enc = EHROneHotEncoder(max_codes=200, max_tokens=16, max_codes_per_token=32).fit(train, src)
     direct = enc.encode(cohort, src)

@@ -26,8 +26,6 @@ from survfuse.data.meds import MEDSDataset
 from survfuse.encoders import FeatureStore, build_encoder
 from survfuse.encoders.ehr_counts import EHRCountsEncoder
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "meds"
-
 Featurise = Callable[[pl.DataFrame, pl.DataFrame], tuple[NDArray[np.float64], NDArray[np.float64]]]
 
 
@@ -74,8 +72,10 @@ def counts_featuriser(source: MEDSDataset, **config: object) -> Featurise:
     return featurise  # type: ignore[return-value]
 
 
-def test_mimic_demo_all_encoders_and_counts_cox(tmp_path: Path) -> None:
-    root = DATA / "mimic_iv_demo"
+def test_mimic_demo_all_encoders_and_counts_cox(
+    tmp_path: Path, shared_path: Callable[..., Path]
+) -> None:
+    root = shared_path("meds", "mimic_iv_demo")
     src = MEDSDataset(root)
     labels = pl.read_parquet(root / "labels_death_from_first_admission.parquet")
     assert labels.height == 100 and int(labels["event"].sum()) == 31
@@ -114,15 +114,15 @@ def test_mimic_demo_all_encoders_and_counts_cox(tmp_path: Path) -> None:
     assert np.mean(cs) > 0.5 and min(cs) > 0.5
 
 
-def test_pbc2_landmark_counts_beat_age() -> None:
+def test_pbc2_landmark_counts_beat_age(shared_path: Callable[..., Path]) -> None:
     """Landmark cohort: every PBC2 subject still followed 2 years after study entry (all enter
     on 2000-01-01 in this MEDS; years > 2 in subject_outcomes.csv, i.e. alive and uncensored
     at 2 years: 278 subjects, 107 later deaths). prediction_time = entry + 2 years; time = days
     from the landmark to death or censoring (transplant = censored); features = ehr_counts of
     the labs, exams and drug before the landmark (windows 30 d, 1 y, all; age_years included);
     baseline = age at the landmark alone (unpenalised Cox)."""
-    src = MEDSDataset(DATA / "pbc2")
-    outcomes = pl.read_csv(DATA / "pbc2" / "subject_outcomes.csv")
+    src = MEDSDataset(shared_path("meds", "pbc2"))
+    outcomes = pl.read_csv(shared_path("meds", "pbc2", "subject_outcomes.csv"))
     landmark = datetime(2000, 1, 1) + timedelta(days=2 * 365.25)
     at_risk = outcomes.filter(pl.col("years") > 2)
     cohort = at_risk.select(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,13 +155,54 @@ def test_calibration_scorer_matches_calibration_table() -> None:
     assert sc.boot(w[None, :])[0] == pytest.approx(num / den, abs=1e-12)
 
 
+# R's stats::p.adjust(method = "holm") on fixed inputs, computed once by tests/reference/holm.R
+# (the R call sits next to its numbers in holm_r.json); no test runs R unless marked slow.
+HOLM_R = Path(__file__).resolve().parent / "reference" / "holm_r.json"
+
+
+def _holm_cases(ref: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    # JSON null = R's NA = NaN here
+    return {
+        c["name"]: (np.array(c["p"], dtype=np.float64), np.array(c["holm"], dtype=np.float64))
+        for c in ref["cases"]
+    }
+
+
 def test_holm_matches_r_p_adjust() -> None:
-    # Reference: R's stats::p.adjust(method = "holm") (R is part of the test environment).
-    p = np.array([0.01, 0.04, 0.03, 0.2, np.nan, 0.005])
-    finite = p[np.isfinite(p)]
-    expr = f"cat(sprintf('%.17g', p.adjust(c({','.join(map(str, finite))}), 'holm')), sep=',')"
-    out = subprocess.run(["Rscript", "-e", expr], capture_output=True, text=True, check=True)
-    ref = np.array([float(v) for v in out.stdout.strip().split(",")])
-    adj = holm(p)
-    assert np.isnan(adj[4])
-    np.testing.assert_allclose(adj[np.isfinite(p)], ref, rtol=1e-12)
+    ref = json.loads(HOLM_R.read_text())
+    cases = _holm_cases(ref)
+    # The original inputs (NaN = no test: stays NaN, does not count in m) and the edge cases.
+    assert {"with_na", "running_max", "ties", "capped_at_one", "one_among_na"} <= set(cases)
+    np.testing.assert_array_equal(cases["with_na"][0][:4], [0.01, 0.04, 0.03, 0.2])
+    for name, (p, expected) in cases.items():
+        adj = holm(p)
+        np.testing.assert_array_equal(np.isnan(adj), np.isnan(expected), err_msg=name)
+        np.testing.assert_allclose(adj, expected, rtol=1e-12, atol=1e-12, err_msg=name)
+    # NaN positions do not change the others: as if the NaN p-value were absent.
+    p, expected = cases["with_na"]
+    np.testing.assert_allclose(
+        holm(p[np.isfinite(p)]), cases["without_na"][1], rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.slow
+def test_holm_reference_json_is_current(tmp_path: Path) -> None:
+    """Rerun tests/reference/holm.R (needs R: apt-get install -y r-base-core) and compare."""
+    rscript = shutil.which("Rscript")
+    assert rscript, "Rscript not found: apt-get install -y r-base-core"
+    out = tmp_path / "holm_r.json"
+    root = HOLM_R.parents[2]
+    subprocess.run(
+        [rscript, str(HOLM_R.with_name("holm.R")), str(out)],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    fresh, stored = json.loads(out.read_text()), json.loads(HOLM_R.read_text())
+    assert [c["call"] for c in fresh["cases"]] == [c["call"] for c in stored["cases"]]
+    for (name, (p_new, adj_new)), (p_old, adj_old) in zip(
+        _holm_cases(fresh).items(), _holm_cases(stored).values(), strict=True
+    ):
+        np.testing.assert_array_equal(p_new, p_old, err_msg=name)
+        np.testing.assert_array_equal(adj_new, adj_old, err_msg=name)

@@ -9,6 +9,7 @@ R agree). 20% of the DeepSurv training split (seeded) is held out for early stop
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,6 @@ from survfuse.encoders.features import ModalityFeatures
 from survfuse.fusion import FusionSurvivalModel
 from survfuse.metrics import concordance_index
 
-H5 = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "tabular"
-    / "deepsurv"
-    / "metabric_IHC4_clinical_train_test.h5"
-)
 LINEAR_COX_TEST_C = 0.6324
 
 MODELS = {
@@ -65,18 +58,24 @@ def two_views(x: np.ndarray) -> dict[str, ModalityFeatures]:
     }
 
 
-def load() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+@pytest.fixture(scope="module")
+def h5(shared_path: Callable[..., Path]) -> Path:
+    """../shared/data/tabular/deepsurv/metabric_IHC4_clinical_train_test.h5 (skip/fail if missing)."""
+    return shared_path("tabular", "deepsurv", "metabric_IHC4_clinical_train_test.h5")
+
+
+def load(h5: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     import h5py
 
-    with h5py.File(H5, "r") as f:
+    with h5py.File(h5, "r") as f:
         return {
             s: (f[s]["x"][:], f[s]["t"][:].astype(np.float64), f[s]["e"][:].astype(bool))
             for s in ("train", "test")
         }
 
 
-def metabric_scores(names: list[str], seed: int = 0) -> dict[str, float]:
-    data = load()
+def metabric_scores(h5: Path, names: list[str], seed: int = 0) -> dict[str, float]:
+    data = load(h5)
     x, t, e = data["train"]
     rng = np.random.default_rng(seed)
     val = np.zeros(t.shape[0], bool)
@@ -108,10 +107,10 @@ def check(scores: dict[str, float]) -> None:
         assert scores[name] > min(scores["genes_only"], scores["clinical_only"]), name
 
 
-def test_metabric_unimodal_and_late_fusion() -> None:
-    check(metabric_scores(["genes_only", "clinical_only", "late"]))
+def test_metabric_unimodal_and_late_fusion(h5: Path) -> None:
+    check(metabric_scores(h5, ["genes_only", "clinical_only", "late"]))
 
 
 @pytest.mark.slow
-def test_metabric_every_strategy_scores_sensibly() -> None:
-    check(metabric_scores(list(MODELS)))
+def test_metabric_every_strategy_scores_sensibly(h5: Path) -> None:
+    check(metabric_scores(h5, list(MODELS)))

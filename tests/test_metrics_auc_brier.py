@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,14 @@ from survfuse.metrics import (
     kaplan_meier,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tabular" / "deepsurv"
-
 
 @pytest.fixture(scope="module")
-def metabric() -> dict[str, np.ndarray]:
+def metabric(shared_path: Callable[..., Path]) -> dict[str, np.ndarray]:
     """Real METABRIC (DeepSurv split) with a Cox model fitted on train, scored on test."""
     import h5py
 
-    with h5py.File(DATA / "metabric_IHC4_clinical_train_test.h5") as f:
+    h5 = shared_path("tabular", "deepsurv", "metabric_IHC4_clinical_train_test.h5")
+    with h5py.File(h5) as f:
         d = {f"{s}_{k}": f[s][k][:].astype(float) for s in ("train", "test") for k in "tex"}
     y_tr = to_sksurv(d["train_t"], d["train_e"].astype(bool))
     cox = CoxPHSurvivalAnalysis(alpha=1e-4).fit(d["train_x"], y_tr)

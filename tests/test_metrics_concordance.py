@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -78,9 +79,11 @@ def test_uno_matches_sksurv_on_real_lung_and_documents_r_n_g2_gap() -> None:
     assert 0 < abs(ours.estimate - g2["concordance"]) < 1e-3
 
 
-def test_uno_train_test_split_matches_sksurv_on_metabric() -> None:
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "tabular" / "deepsurv"
-    with h5py.File(path / "metabric_IHC4_clinical_train_test.h5") as f:
+def test_uno_train_test_split_matches_sksurv_on_metabric(
+    shared_path: Callable[..., Path],
+) -> None:
+    h5 = shared_path("tabular", "deepsurv", "metabric_IHC4_clinical_train_test.h5")
+    with h5py.File(h5) as f:
         tr_t, tr_e = f["train"]["t"][:].astype(float), f["train"]["e"][:].astype(bool)
         te_t, te_e = f["test"]["t"][:].astype(float), f["test"]["e"][:].astype(bool)
         x = f["test"]["x"][:].astype(float)

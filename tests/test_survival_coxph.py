@@ -20,7 +20,6 @@ from survfuse.survival import CoxPH, breslow_baseline, cox_log_likelihood
 
 HERE = Path(__file__).resolve().parent
 R_REF = json.loads((HERE / "reference" / "coxph_r.json").read_text())  # tests/reference/coxph.R
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = ["lung", "veteran", "pbc", "gbsg"]
 
 
@@ -70,8 +69,8 @@ DEEPSURV = [
 
 
 @pytest.mark.parametrize(("file", "expected"), DEEPSURV)
-def test_deepsurv_reference_c_index(file, expected):
-    with h5py.File(DATA / "tabular" / "deepsurv" / file, "r") as h:
+def test_deepsurv_reference_c_index(file, expected, shared_path):
+    with h5py.File(shared_path("tabular", "deepsurv", file), "r") as h:
         train = {k: h["train"][k][()] for k in ("x", "t", "e")}
         test = {k: h["test"][k][()] for k in ("x", "t", "e")}
     fit = CoxPH().fit(train["x"], train["t"], train["e"].astype(bool))
