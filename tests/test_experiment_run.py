@@ -110,9 +110,11 @@ def test_run_writes_every_cell_and_metric(tiny_run: Path, tiny_config: Path) -> 
         assert r["delta_lower"] <= r["delta"] + 1e-12 or math.isclose(
             r["delta_lower"], r["delta"], abs_tol=1e-9
         )
-    # td-AUC at both horizons, IBS and calibration are scored too.
+    # td-AUC at both horizons, IBS and calibration (slope, intercept, ICI, E50) are scored too.
     assert set(metrics.filter(pl.col("metric") == "td_auc")["horizon"].to_list()) == {180, 365}
-    assert {"ibs", "calibration", "uno_c"} <= set(metrics["metric"].to_list())
+    assert {"ibs", "cal_slope", "cal_intercept", "ici", "e50", "uno_c"} <= set(
+        metrics["metric"].to_list()
+    )
 
 
 def test_report_tables_and_embedded_figures(tiny_run: Path) -> None:

@@ -8,10 +8,16 @@ contributions, the imbalance index and the unimodal gap against the unimodal bas
 same encoders, seeds averaged as in `metrics.parquet`, with percentile CIs on exactly the
 resamples of the run's evaluation (`evaluate.group_seed`). The baseline the fusion gain refers to
 is the better of the two on validation (never chosen on a test split).
+
+Each model x split's result is cached in `RUN_DIR/eval_cache/imbalance/<digest>.parquet`, keyed
+by a SHA-256 of its inputs (the outcomes, subjects, every risk it reads, the reference, the
+bootstrap settings), so an unchanged run re-reads it; a progress bar counts the models.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,8 @@ __all__ = [
 ]
 
 IMBALANCE_FILE = "imbalance.parquet"
+IMBALANCE_CACHE = "imbalance"  # under eval_cache/
+_VERSION = "2026.1"  # bump when what a cached result holds changes
 MODEL_COLUMNS = {
     **MODEL_SCHEMA,
     "n_seeds": pl.Int64,
@@ -107,12 +115,119 @@ def _baselines(
     return out
 
 
+def _digest(meta: dict[str, Any], arrays: list[np.ndarray]) -> str:
+    h = hashlib.sha256(json.dumps({"version": _VERSION, **meta}, sort_keys=True).encode())
+    for a in arrays:
+        arr = np.ascontiguousarray(a)
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _model_frames(
+    rd: RunDir,
+    cohort: pl.DataFrame,
+    split: np.ndarray,
+    sid: np.ndarray,
+    done: list[CellSpec],
+    metrics: pl.DataFrame | None,
+    ev: Any,
+    task: str,
+    model: str,
+    cells: list[CellSpec],
+    cache_dir: Path,
+    used: set[str],
+) -> list[pl.DataFrame]:
+    """The imbalance rows of one fused model, per evaluation split (validation first)."""
+    from survfuse.analysis import modality_contributions
+    from survfuse.analysis.imbalance import TABLE_SCHEMA
+    from survfuse.metrics import MetricUndefinedError
+
+    schema = {**MODEL_COLUMNS, **TABLE_SCHEMA}
+    eval_rows = np.flatnonzero(np.isin(split, list(EVAL_SPLITS)))
+    cells = sorted(cells, key=lambda c: c.seed)
+    abl = [ablation_predictions(rd, c, eval_rows) for c in cells]
+    base = _baselines(done, cells[0], metrics)
+    tcol, ecol = outcome_columns(task)
+    time = cohort[tcol].cast(pl.Float64).to_numpy()
+    event = cohort[ecol].cast(pl.Boolean).to_numpy()
+    reference: str | None = None
+    frames: list[pl.DataFrame] = []
+    for name in sorted(EVAL_SPLITS, key=lambda s: s != "validation"):  # validation first
+        rows = np.flatnonzero(split == name)
+        if rows.size == 0:
+            continue
+        risks = {k: np.stack([a[k].to_numpy()[rows] for a in abl]) for k in ("full", "ct", "ehr")}
+        uni = {m: _risk_matrix(rd, cs, rows) for m, cs in base.items()}
+        ref_arg = reference if reference in uni else None
+        seed = group_seed(ev.seed, task, name)
+        key = _digest(
+            {
+                "task": task,
+                "split": name,
+                "model": model,
+                "reference": ref_arg,
+                "uni": sorted(uni),
+                "n_boot": ev.bootstrap,
+                "seed": seed,
+                "level": 1.0 - ev.alpha,
+            },
+            [time[rows], event[rows], sid[rows], *risks.values(), *uni.values()],
+        )
+        path = cache_dir / f"{key[:32]}.parquet"
+        used.add(path.stem)
+        if path.exists():
+            t = pl.read_parquet(path)
+        else:
+            try:
+                res = modality_contributions(
+                    time[rows],
+                    event[rows],
+                    risks,
+                    unimodal=uni,
+                    reference=ref_arg,
+                    cluster=sid[rows],
+                    n_boot=ev.bootstrap,
+                    seed=seed,
+                    level=1.0 - ev.alpha,
+                )
+            except MetricUndefinedError as exc:
+                warnings.warn(f"imbalance {task}/{name}/{model}: {exc}", stacklevel=2)
+                continue
+            t = res.table().with_columns(pl.lit(res.reference, dtype=pl.Utf8).alias("_reference"))
+            write_parquet(path, t)
+        res_reference = t["_reference"][0] if t.height else ref_arg
+        if name == "validation":
+            reference = res_reference
+        spec = cells[0]
+        info = {
+            "task": task,
+            "split": name,
+            "model": model,
+            "strategy": spec.strategy,
+            "fusion": spec.strategy_name,
+            "ct_encoder": spec.ct_encoder,
+            "ehr_encoder": spec.ehr_encoder,
+            "head": spec.head,
+            "n_seeds": len(cells),
+            "reference_modality": res_reference,
+        }
+        frames.append(
+            t.with_columns(
+                [pl.lit(v, dtype=MODEL_COLUMNS[k]).alias(k) for k, v in info.items()]
+            ).select(list(schema))
+        )
+    return frames
+
+
 def evaluate_imbalance(
     cfg: ExperimentConfig,
     rd: RunDir,
     specs: list[CellSpec],
     *,
     write: bool = True,
+    progress: bool = True,
+    console: Any = None,
 ) -> pl.DataFrame:
     """The imbalance table of a run (see the module docstring); written to RUN_DIR when `write`.
 
@@ -120,9 +235,10 @@ def evaluate_imbalance(
     reference_modality, then `ImbalanceAnalysis.table()`'s quantity, modality, estimate,
     ci_low, ci_high, level, n_boot, seed, n_subjects, n_events.
     """
-    from survfuse.analysis import modality_contributions
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from survfuse.analysis.imbalance import TABLE_SCHEMA
-    from survfuse.metrics import MetricUndefinedError
+    from survfuse.experiment.eval_cache import CACHE_DIR
 
     schema = {**MODEL_COLUMNS, **TABLE_SCHEMA}
     cohort = pl.read_parquet(rd.cohort)
@@ -135,60 +251,31 @@ def evaluate_imbalance(
         if sorted(s.modalities) == ["ct", "ehr"]:
             fused.setdefault((s.task, s.model), []).append(s)
     ev = cfg.evaluation
-    eval_rows = np.flatnonzero(np.isin(split, list(EVAL_SPLITS)))
     frames: list[pl.DataFrame] = []
-    for (task, model), cells in fused.items():
-        cells = sorted(cells, key=lambda c: c.seed)
-        abl = [ablation_predictions(rd, c, eval_rows) for c in cells]
-        base = _baselines(done, cells[0], metrics)
-        tcol, ecol = outcome_columns(task)
-        time = cohort[tcol].cast(pl.Float64).to_numpy()
-        event = cohort[ecol].cast(pl.Boolean).to_numpy()
-        reference: str | None = None
-        for name in sorted(EVAL_SPLITS, key=lambda s: s != "validation"):  # validation first
-            rows = np.flatnonzero(split == name)
-            if rows.size == 0:
-                continue
-            risks = {
-                k: np.stack([a[k].to_numpy()[rows] for a in abl]) for k in ("full", "ct", "ehr")
-            }
-            uni = {m: _risk_matrix(rd, cs, rows) for m, cs in base.items()}
-            try:
-                res = modality_contributions(
-                    time[rows],
-                    event[rows],
-                    risks,
-                    unimodal=uni,
-                    reference=reference if reference in uni else None,
-                    cluster=sid[rows],
-                    n_boot=ev.bootstrap,
-                    seed=group_seed(ev.seed, task, name),
-                    level=1.0 - ev.alpha,
+    cache_dir = rd.root / CACHE_DIR / IMBALANCE_CACHE
+    used: set[str] = set()
+    bar = Progress(
+        TextColumn("[bold]imbalance[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not progress,
+        console=console,
+    )
+    with bar:
+        job = bar.add_task("fused models", total=len(fused))
+        for (task, model), cells in fused.items():
+            bar.update(job, description=f"{task}/{model}")
+            frames.extend(
+                _model_frames(
+                    rd, cohort, split, sid, done, metrics, ev, task, model, cells, cache_dir, used
                 )
-            except MetricUndefinedError as exc:
-                warnings.warn(f"imbalance {task}/{name}/{model}: {exc}", stacklevel=2)
-                continue
-            if name == "validation":
-                reference = res.reference
-            spec = cells[0]
-            info = {
-                "task": task,
-                "split": name,
-                "model": model,
-                "strategy": spec.strategy,
-                "fusion": spec.strategy_name,
-                "ct_encoder": spec.ct_encoder,
-                "ehr_encoder": spec.ehr_encoder,
-                "head": spec.head,
-                "n_seeds": len(cells),
-                "reference_modality": res.reference,
-            }
-            t = res.table()
-            frames.append(
-                t.with_columns(
-                    [pl.lit(v, dtype=MODEL_COLUMNS[k]).alias(k) for k, v in info.items()]
-                ).select(list(schema))
             )
+            bar.advance(job)
+    if cache_dir.exists():
+        for f in cache_dir.glob("*.parquet"):
+            if f.stem not in used:
+                f.unlink(missing_ok=True)
     table = pl.concat(frames) if frames else pl.DataFrame(schema=schema)
     if write:
         path = rd.root / IMBALANCE_FILE

@@ -123,7 +123,7 @@ class RayExecutor(Executor):
         fn_ref = ray.put(self.cell_fn)
         pending: dict[Any, CellSpec] = {}
         for spec in specs:
-            res = self.options.resources(spec.strategy, int(spec.training.get("threads", 1)))
+            res = self.options.resources(spec.strategy, int(spec.training.get("threads") or 1))
             ref = remote.options(
                 num_cpus=res["num_cpus"],
                 num_gpus=res["num_gpus"],
@@ -204,47 +204,21 @@ class RayExecutor(Executor):
 def score_block(
     g: Any, blocks: Sequence[NDArray[np.float64]], *, points: bool = False
 ) -> dict[str, Any]:
-    """Seed-averaged statistics of every model of group `g` on weight blocks (+ points).
-
-    Exactly the steps of `evaluate.score_group`, with the scorers built once per call: for
-    weights w [b, N] each model's statistic is the NaN-mean over its seeds of `scorer.boot(w)`
-    (blocks concatenated in order); with `points`, also each model's NaN-mean point estimate.
-    Returns {"boot": {model: {key: [sum b] array}}, "point": {model: {key: value}} or None}.
+    """Seed-averaged statistics of every model of group `g` on weight blocks (+ points):
+    `evaluate.score_blocks`, the steps of `evaluate.score_group` with the scorers built once
+    per call. Returns {"boot": {model: {key: [sum b] array}}, "cal": {model: per-seed
+    calibration-model parameters or None}, "point": {model: {key: value}} or None}.
     """
-    from survfuse.experiment.evaluate import _nanmean_rows, make_scorers
+    from survfuse.experiment.evaluate import score_blocks
 
-    scorers = {
-        m.model: [make_scorers(g, m.risk[s], m.surv[s]) for s in range(len(m.seeds))]
-        for m in g.models
-    }
-    point = None
-    if points:
-        point = {
-            model: {
-                k: float(_nanmean_rows(np.array([[sc[k].point()] for sc in per_seed]))[0])
-                for k in per_seed[0]
-            }
-            for model, per_seed in scorers.items()
-        }
-    parts: dict[str, dict[Any, list[NDArray[np.float64]]]] = {
-        model: {k: [] for k in per_seed[0]} for model, per_seed in scorers.items()
-    }
-    for w in blocks:
-        for model, per_seed in scorers.items():
-            for k in per_seed[0]:
-                vals = np.stack([sc[k].boot(w) for sc in per_seed])
-                parts[model][k].append(_nanmean_rows(vals))
-    boot = {
-        model: {k: np.concatenate(v) if v else np.full(0, np.nan) for k, v in keys.items()}
-        for model, keys in parts.items()
-    }
-    return {"boot": boot, "point": point}
+    return score_blocks(g, blocks, points=points)
 
 
 def score_groups_on_ray(
     groups: Sequence[Any], *, block: int = 256, cpus: int | None = None
 ) -> list[dict[str, Any]]:
-    """Score groups like `evaluate.score_group`, resample blocks in parallel Ray tasks.
+    """Score groups like `evaluate.score_blocks` (the caller adds `evaluate.finish_group`),
+    resample blocks in parallel Ray tasks.
 
     The weights come from `Resampler.weights(n_boot, group_seed(...))` on the driver, the same
     stream as the local evaluation (blocks of 128 resamples), so every resample and every
@@ -284,7 +258,13 @@ def score_groups_on_ray(
             model: {k: np.concatenate([p["boot"][model][k] for p in pieces]) for k in keys}
             for model, keys in pieces[0]["boot"].items()
         }
-        out.append({"point": pieces[0]["point"], "boot": boot})
+        cal = {
+            model: None
+            if per is None
+            else [np.concatenate([p["cal"][model][s] for p in pieces]) for s in range(len(per))]
+            for model, per in pieces[0]["cal"].items()
+        }
+        out.append({"point": pieces[0]["point"], "boot": boot, "cal": cal})
     return out
 
 
