@@ -130,9 +130,9 @@ def _comparison(ctx: ReportContext) -> Section:
     t = tables.comparison_table(ctx.metrics)
     fig = figures.forest_plot(ctx.metrics)
     desc = (
-        "Change in Harrell's C against each task's reference model on the same bootstrap "
-        "resamples (paired); p: two-sided bootstrap p-value; Holm: adjusted over the models "
-        "compared within each task and split."
+        "Change in Harrell's C against each task's reference model, with the percentile "
+        "interval of the difference on the same bootstrap resamples (paired). "
+        f"{tables.tests_note(ctx.metrics)} {tables.family_note(ctx.metrics)}"
     )
     return Section(
         "Change against the best unimodal baseline",
@@ -143,7 +143,7 @@ def _comparison(ctx: ReportContext) -> Section:
 
 def _other_metrics(ctx: ReportContext) -> Section | None:
     parts_html, parts_md = [], []
-    for metric in ("uno_c", "td_auc", "ibs", "calibration"):
+    for metric in ("uno_c", "td_auc", "ibs", "calibration"):  # calibration: older runs only
         sel = ctx.metrics.filter(pl.col("metric") == metric)
         if not sel.height:
             continue
@@ -231,18 +231,37 @@ def _calibration(ctx: ReportContext) -> Section | None:
                     )
         if series:
             panels[task] = series
-    if not panels:
+    parts_html, parts_md = [], []
+    for metric in ("cal_slope", "cal_intercept", "ici", "e50"):
+        if ctx.metrics.filter(pl.col("metric") == metric).height:
+            t = tables.metric_table(ctx.metrics, metric, horizon)
+            name = f"{tables.METRIC_LABELS[metric]} at {horizon:g} days"
+            parts_html.append(f"<h3>{html.escape(name)}</h3>" + tables.to_html(t))
+            parts_md.append(f"### {name}\n\n" + tables.to_markdown(t))
+    if not panels and not parts_html:
         return None
     bins = int(ev.get("calibration_bins", 10))
     desc = (
-        f"Observed risk (1 - Kaplan-Meier) against mean predicted risk at {horizon:g} days in "
-        f"{bins} quantile bins of predicted risk, for the best fused strategy and the reference."
+        f"Calibration at {horizon:g} days, mean over seeds. Calibration slope (1 = calibrated; "
+        "below 1: predicted risks too extreme) and intercept (log of observed over predicted "
+        "cumulative hazard with the slope fixed at 1; 0 = calibrated in the large, above 0: "
+        "risk under-predicted) of a Cox recalibration model on log(-log S), with percentile "
+        "intervals. ICI and E50: mean and median absolute difference between smoothed observed "
+        "and predicted risk (Austin et al. 2020); an absolute error is biased upward, so their "
+        "interval is the percentile interval with its lower end at 0 whenever a Wald test does "
+        "not reject perfect calibration. "
     )
-    fig = figures.calibration_figure(panels, horizon, bins)
+    fig_html = ""
+    if panels:
+        desc += (
+            f"Figure: observed risk (1 - Kaplan-Meier) against mean predicted risk in {bins} "
+            "quantile bins of predicted risk, for the best fused strategy and the reference."
+        )
+        fig_html = _img(figures.calibration_figure(panels, horizon, bins), "calibration")
     return Section(
         "Calibration",
-        f"<p>{desc}</p>" + _img(fig, "calibration"),
-        desc + " (figure in report.html)\n",
+        f"<p>{html.escape(desc)}</p>" + fig_html + "".join(parts_html),
+        desc + " (figure in report.html)\n\n" + "\n".join(parts_md),
     )
 
 

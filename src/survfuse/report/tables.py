@@ -15,14 +15,19 @@ import polars as pl
 
 __all__ = [
     "METRIC_LABELS",
+    "P_TEST_LABELS",
     "SPLIT_LABELS",
     "c_index_table",
     "comparison_table",
+    "family_note",
     "fmt_ci",
+    "fmt_holm",
+    "fmt_p",
     "md_escape",
     "metric_table",
     "model_label",
     "rich_table",
+    "tests_note",
     "to_html",
     "to_markdown",
 ]
@@ -37,8 +42,14 @@ METRIC_LABELS = {
     "uno_c": "Uno C",
     "td_auc": "td-AUC",
     "ibs": "IBS",
-    "calibration": "calibration error",
+    "cal_slope": "calibration slope",
+    "cal_intercept": "calibration intercept",
+    "ici": "ICI",
+    "e50": "E50",
+    "calibration": "calibration error",  # runs evaluated before the calibration statistics
 }
+# How each p-value of a comparison was made (`p_test` of metrics.parquet).
+P_TEST_LABELS = {"ij_z": "IJ z", "bootstrap_z": "bootstrap z"}
 
 
 def fmt_ci(est: float | None, lo: float | None, hi: float | None, digits: int = 3) -> str:
@@ -51,9 +62,19 @@ def fmt_ci(est: float | None, lo: float | None, hi: float | None, digits: int = 
 
 
 def fmt_p(p: float | None) -> str:
+    """`0.034`; below 0.001 in scientific notation (`2.1e-08`): a z-test's p is not floored."""
     if p is None or not math.isfinite(p):
         return "–"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    if p < 1e-300:
+        return "<1e-300"
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_holm(p: float | None, family_size: int | None) -> str:
+    """Holm-adjusted p with the size m of its family, `0.012 (m = 48)`; `–` outside it."""
+    if p is None or not math.isfinite(p) or not family_size:
+        return "–"
+    return f"{fmt_p(p)} (m = {family_size})"
 
 
 def model_label(row: dict[str, Any], *, with_head: bool = False) -> str:
@@ -120,7 +141,9 @@ def c_index_table(metrics: pl.DataFrame) -> pl.DataFrame:
 
 
 def comparison_table(metrics: pl.DataFrame, metric: str = "harrell_c") -> pl.DataFrame:
-    """Change against each task's reference model: `delta (CI)`, raw and Holm p, per split."""
+    """Change against each task's reference model: `delta (CI)`, p with the test that made
+    it, and the Holm-adjusted p with its family size (`–`: not in the pre-specified family,
+    e.g. every validation comparison), per split."""
     sel = metrics.filter((pl.col("metric") == metric) & ~pl.col("is_reference"))
     if sel.height and sel["horizon"].null_count() < sel.height:
         sel = sel.filter(pl.col("horizon") == sel["horizon"].drop_nulls().min())
@@ -138,14 +161,55 @@ def comparison_table(metrics: pl.DataFrame, metric: str = "harrell_c") -> pl.Dat
                 "model": r["label"],
                 "Δ vs reference": fmt_ci(r["delta"], r["delta_lower"], r["delta_upper"]),
                 "p": fmt_p(r["p_value"]),
-                "p (Holm)": fmt_p(r["p_holm"]),
+                "test": P_TEST_LABELS.get(str(r.get("p_test")), "bootstrap"),
+                "p (Holm, family size m)": fmt_holm(r["p_holm"], r.get("family_size")),
             }
         )
-    cols = ["task", "split", "model", "Δ vs reference", "p", "p (Holm)"]
+    cols = ["task", "split", "model", "Δ vs reference", "p", "test", "p (Holm, family size m)"]
     return (
         pl.DataFrame(out, schema={c: pl.Utf8 for c in cols})
         if out
         else pl.DataFrame(schema={c: pl.Utf8 for c in cols})
+    )
+
+
+def family_note(metrics: pl.DataFrame) -> str:
+    """One sentence on the Holm family of a metrics table: what is in it and its size m."""
+    if "in_family" not in metrics.columns:
+        return "Holm: adjusted over the models compared within each task and split."
+    fam = metrics.filter(pl.col("in_family"))
+    if not fam.height:
+        return "Holm: no comparison is in the pre-specified family (p_holm not computed)."
+    labels = ", ".join(METRIC_LABELS.get(m, m) for m in dict.fromkeys(fam["metric"].to_list()))
+    splits = " and ".join(SPLIT_LABELS[s] for s in SPLIT_LABELS if s in set(fam["split"]))
+    who = "every fused model" if not fam["unimodal"].any() else "every model"
+    m = int(fam["family_size"].max() or 0)  # type: ignore[arg-type]
+    return (
+        f"Holm: adjusted over the pre-specified family, {labels} of {who} against its task's "
+        f"reference on {splits}, all tasks together: m = {m} comparisons. Validation is never "
+        "in the family (the reference is chosen on it)."
+    )
+
+
+def tests_note(metrics: pl.DataFrame) -> str:
+    """Which tests made the p-values of a metrics table (the `p_test` column)."""
+    used = (
+        [t for t in metrics["p_test"].drop_nulls().unique().to_list() if t]
+        if "p_test" in metrics.columns
+        else []
+    )
+    if not used:
+        return "p: two-sided bootstrap p-value (floored at 2 / (B + 1))."
+    parts = {
+        "ij_z": "IJ z = paired z-test with the infinitesimal-jackknife variance of the "
+        "difference (for Harrell's C the contrast test of R survival::concordance(fit, fit_ref))",
+        "bootstrap_z": "bootstrap z = z-test with the bootstrap standard deviation of the "
+        "difference",
+    }
+    return (
+        "p: two-sided, from the test named in the test column: "
+        + "; ".join(parts[t] for t in sorted(used) if t in parts)
+        + "."
     )
 
 
