@@ -13,6 +13,7 @@ from torch import nn
 
 from survfuse.fusion import FusionSurvivalModel
 from survfuse.fusion.base import FeatureNorm, FusionOutput, ModalitySpec
+from survfuse.fusion.rebalance import OGMGE
 from survfuse.fusion.synthetic import synthetic_features
 from survfuse.metrics import concordance_index
 from survfuse.registry import UnknownNameError
@@ -49,14 +50,12 @@ def test_ogm_ge_uninformative_probes_are_not_rebalanced_by_missingness() -> None
     }
     reprs = {m: torch.randn(n, 4, generator=torch.Generator().manual_seed(1)) for m in batch}
     output = FusionOutput(out=torch.zeros(n, 1), risk=torch.zeros(n), modality_repr=reprs)
-    probes = nn.ModuleDict({m: nn.Linear(4, 1) for m in batch})
-    for p in probes.parameters():
+    ogm = OGMGE({"ct": [], "ehr": []}, alpha=0.5, generator=torch.Generator())
+    ogm.probes = nn.ModuleDict({m: nn.Linear(4, 1) for m in batch})
+    for p in ogm.probes.parameters():
         nn.init.zeros_(p)
-    opt = torch.optim.Adam(probes.parameters(), lr=1e-2)
-    model = FusionSurvivalModel("concat", rebalance="ogm_ge", device="cpu")
-    coef = model._ogm_modulate(
-        output, batch, time, event, probes, opt, {"ct": [], "ehr": []}, torch.Generator()
-    )
+    ogm.opt = torch.optim.Adam(ogm.probes.parameters(), lr=1e-2)
+    coef = ogm._modulate(output, batch, time, event)
     assert coef == {"ct": pytest.approx(1.0), "ehr": pytest.approx(1.0)}
 
 

@@ -55,15 +55,17 @@ def _select(features: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
 
 
 def build_model(spec: CellSpec) -> Any:
+    from survfuse.experiment.config import TrainingConfig
     from survfuse.fusion import FusionSurvivalModel
 
-    training = {k: v for k, v in spec.training.items() if k != "threads"}
+    training = TrainingConfig.model_validate(spec.training)
     return FusionSurvivalModel(
         spec.strategy_name,
         head=spec.head,
         strategy_params=dict(spec.strategy_params),
+        head_params=training.head_params,
         seed=spec.seed,
-        **training,
+        options=training.options(),
     )
 
 
@@ -138,15 +140,8 @@ def run_cell(spec: CellSpec, run_dir: str | Path) -> CellResult:
         )
 
     def fill(out: Path) -> None:
-        import torch
-
         write_json(out / "spec.json", spec.model_dump(mode="json"))
-        before = torch.get_num_threads()
-        torch.set_num_threads(int(spec.training.get("threads", 1)))
-        try:
-            _train_and_predict(spec, rd, out)
-        finally:
-            torch.set_num_threads(before)
+        _train_and_predict(spec, rd, out)  # the model runs torch with `training.threads`
         status(out, "done")
 
     try:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from survfuse.paths import check_name
 from survfuse.registry import look_up_option, suggest
+from survfuse.training.options import TrainingOptions
 
 MODALITIES = ("ct", "ehr")
 SPLITS = ("train", "validation", "internal_test", "external_test")
@@ -121,31 +122,15 @@ class EncodersConfig(_Strict):
         return self
 
 
-class TrainingConfig(_Strict):
-    """Hyper-parameters of `FusionSurvivalModel` training shared by every strategy."""
+class TrainingConfig(TrainingOptions):
+    """The YAML `training:` section: `survfuse.training.TrainingOptions` (one set of fields,
+    defaults and checks, shared with the estimator) plus the survival head's parameters."""
 
-    lr: float = Field(default=3e-3, gt=0.0)
-    weight_decay: float = Field(default=1e-4, ge=0.0)
-    max_epochs: int = Field(default=50, ge=1)
-    patience: int = Field(default=10, ge=1)
-    batch_size: int | None = Field(
-        default=None, ge=2
-    )  # None: the model's default (full batch if small)
-    modality_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    grad_clip: float = Field(default=1.0, gt=0.0)
-    rebalance: str = "none"
-    rebalance_params: dict[str, Any] = Field(default_factory=dict)
-    # per-modality probes, early stopping and freezing (survfuse.fusion.branches)
-    branch_stopping: bool = True
-    branch_loss: float = Field(default=1.0, ge=0.0)
-    branch_patience: int | None = Field(default=None, ge=1)
-    # one-sided level of the chance test that drops a noise branch; None: never drop
-    branch_drop_alpha: float | None = Field(default=0.05, gt=0.0, lt=1.0)
     head_params: dict[str, Any] = Field(default_factory=dict)
-    device: str = "cpu"  # CPU results are the reference; "auto" uses CUDA when available
-    # torch intra-op threads while a cell trains: fixed so results do not depend on the machine's
-    # core count or on how many cells run side by side (see `workers`).
-    threads: int = Field(default=1, ge=1)
+
+    def options(self) -> TrainingOptions:
+        """The training options alone (what `FusionSurvivalModel(options=...)` takes)."""
+        return TrainingOptions(**self.model_dump(exclude={"head_params"}))
 
 
 class StrategyChoice(_Strict):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from survfuse.encoders.features import ModalityFeatures
 from survfuse.registry import HEADS, look_up_option
+from survfuse.survival.heads import SurvivalHead
 
 MODALITIES = ("ct", "ehr")
 
@@ -422,12 +423,15 @@ class FusionStrategy(nn.Module, abc.ABC):
 
     Subclasses set `modalities` (the feature keys they read) and `uses_tokens`, build their
     layers in `__init__(specs, *, head, head_params, **params)` and implement `fuse(batch)`.
-    `head` names a survival head from `survfuse.registry.HEADS` (interface in INTERFACES.md).
+    `head` names a survival head from `survfuse.registry.HEADS` (the
+    interface, `survfuse.survival.SurvivalHead`: prepare / risk / loss / fit_baseline / survival).
+
+    A strategy that fits parts after training on the validation split (late fusion's stacking)
+    sets `needs_validation_after_training` and implements `finish_training`.
     """
 
     uses_tokens: bool = False
-    # survival heads follow the interface in INTERFACES.md (prepare/risk/loss/fit_baseline/survival)
-    head: Any
+    head: SurvivalHead
 
     def __init__(
         self,
@@ -468,12 +472,13 @@ class FusionStrategy(nn.Module, abc.ABC):
             for m in modalities
         }
 
-    def make_head(self, in_features: int) -> Any:
-        return HEADS.get(self.head_name)(in_features, **self.head_params)
+    def make_head(self, in_features: int) -> SurvivalHead:
+        head: SurvivalHead = HEADS.get(self.head_name)(in_features, **self.head_params)
+        return head
 
     # the head that scores the fused output (loss, baseline, survival curves)
     @property
-    def output_head(self) -> Any:
+    def output_head(self) -> SurvivalHead:
         return self.head
 
     def feature_norm(self, modality: str) -> FeatureNorm:
@@ -481,7 +486,7 @@ class FusionStrategy(nn.Module, abc.ABC):
         assert isinstance(norm, FeatureNorm)
         return norm
 
-    def survival_heads(self) -> list[Any]:
+    def survival_heads(self) -> list[SurvivalHead]:
         """Every head that needs `prepare(time, event)` before training."""
         return [self.output_head]
 
@@ -524,6 +529,14 @@ class FusionStrategy(nn.Module, abc.ABC):
             # having both modalities): a zero attached to the graph, so backward() still works
             return output.out.sum() * 0.0
         return torch.stack(parts).sum()
+
+    @property
+    def needs_validation_after_training(self) -> bool:
+        """Whether `finish_training` must run (on the validation split) after training."""
+        return False
+
+    def finish_training(self, batch: Batch, time: Tensor, event: Tensor) -> None:
+        """Fit post-training parts on the validation `batch` (no-op by default)."""
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable strategy parameters (set by subclasses in `self.params`)."""

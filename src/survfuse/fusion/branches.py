@@ -48,8 +48,9 @@ modality. A modality is never dropped when no other one carries signal.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +60,17 @@ from torch import Tensor, nn
 from survfuse.metrics import concordance_index
 from survfuse.metrics.result import NoComparablePairError
 from survfuse.survival.losses import cox_partial_nll
+from survfuse.training.callbacks import Callback
+from survfuse.training.loop import TrainState
 
-__all__ = ["DROP_MIN_DELTA", "DROP_MIN_GAIN", "BranchStopper", "check_drop_alpha", "probe_scores"]
+__all__ = [
+    "DROP_MIN_DELTA",
+    "DROP_MIN_GAIN",
+    "BranchStopper",
+    "BranchStopping",
+    "check_drop_alpha",
+    "probe_scores",
+]
 
 # a branch whose best validation C has not risen by this much for `patience` epochs is no longer
 # learning, and may be tested for chance level (see the module docstring)
@@ -271,3 +281,82 @@ def probe_scores(
                 continue
             out[m] = (res.estimate, res.std_error)
     return out
+
+
+class BranchStopping(Callback):
+    """The training-loop side of `BranchStopper`: adds the probes' loss, scores the probes on
+    validation, freezes stalled branches and drops chance-level ones (see the module docstring).
+
+    `val_time`, `val_event`: the validation outcomes; `c_without(m)`: the fused validation C
+    with modality m also masked; `dropped`: the estimator's list of dropped modalities (appended
+    to here, and read by the estimator when it builds batches); `lr`: the probes' learning rate.
+    `state.val_payload` must be `(reprs, present)` of the validation rows."""
+
+    def __init__(
+        self,
+        stopper: BranchStopper,
+        *,
+        lr: float,
+        val_time: NDArray[np.float64],
+        val_event: NDArray[np.bool_],
+        c_without: Callable[[str], float],
+        dropped: list[str],
+        patience: int,
+    ) -> None:
+        self.stopper = stopper
+        self.lr = float(lr)
+        self.val_time, self.val_event = val_time, val_event
+        self.c_without = c_without
+        self.dropped = dropped
+        self.patience = int(patience)
+        self.opt: torch.optim.Optimizer | None = None
+
+    def extra_loss(
+        self, state: TrainState, output: Any, batch: Any, time: Tensor, event: Tensor
+    ) -> Tensor | None:
+        if state.stage != "survival":
+            return None
+        if self.opt is None:  # the probes' sizes are known once a representation exists
+            self.opt = torch.optim.AdamW(
+                self.stopper.probe_parameters(output.modality_repr), lr=self.lr
+            )
+        present = {m: batch[m]["present"] for m in output.modality_repr}
+        loss = self.stopper.loss(output.modality_repr, present, time, event)
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def after_step(self, state: TrainState) -> None:
+        if self.opt is not None and state.stage == "survival":
+            self.opt.step()
+
+    def on_validation(self, state: TrainState) -> None:
+        if state.stage != "survival":
+            return
+        reprs, present = state.val_payload
+        scored = probe_scores(self.stopper, reprs, present, self.val_time, self.val_event)
+        branch_c = {m: c_se[0] for m, c_se in scored.items()}
+        for m, bc in branch_c.items():
+            state.record[f"val_c_index_{m}"] = bc
+        se = {m: c_se[1] for m, c_se in scored.items()}
+        for m in self.stopper.update(
+            state.epoch, branch_c, fused_improved=state.improved, std_errors=se
+        ):
+            state.record[f"frozen_{m}"] = True
+            state.froze = True
+        for m in self.stopper.drop_candidates():
+            # drop only if the fused model is better without it (see the module docstring)
+            without = self.c_without(m)
+            state.record[f"val_c_index_without_{m}"] = without
+            if math.isfinite(state.val_c) and without >= state.val_c + DROP_MIN_GAIN:
+                self.stopper.drop(m, state.epoch)
+                state.record[f"dropped_{m}"] = state.record[f"frozen_{m}"] = True
+                self.dropped.append(m)
+                state.dropped, state.val_c = True, without
+
+    def ready_to_stop(self, state: TrainState) -> bool:
+        # wait for every branch to be frozen (a slower modality may still be learning), but not
+        # beyond 2 x patience epochs without a better fused model
+        return self.stopper.all_frozen or state.bad_epochs >= 2 * self.patience
+
+    def on_fit_end(self, state: TrainState) -> None:
+        self.stopper.release()

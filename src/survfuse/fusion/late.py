@@ -126,6 +126,15 @@ class Late(FusionStrategy):
             total = total + self.aux_weight * torch.stack(branch).mean()
         return total
 
+    @property
+    def needs_validation_after_training(self) -> bool:
+        return bool(self.combine == "stacking")
+
+    def finish_training(self, batch: Batch, time: Tensor, event: Tensor) -> None:
+        """Stacking: fit the combination of branch risks on the validation split."""
+        if self.combine == "stacking":
+            self.fit_stacking(batch, time, event)
+
     @torch.enable_grad()
     def fit_stacking(self, batch: Batch, time: Tensor, event: Tensor) -> None:
         """Fit beta, mu, b on (validation) data with the branches frozen (L-BFGS on the head loss)."""
