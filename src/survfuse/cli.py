@@ -344,6 +344,59 @@ def sweep_imbalance(
     typer.echo(f"table: {res.out / 'sweep.csv'}\nfigure: {', '.join(map(str, res.figures))}")
 
 
+convert_app = typer.Typer(
+    help="Convert a real cohort's release into survfuse's inputs (cohort, CT index, flat MEDS).",
+    no_args_is_help=True,
+)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("inspect")
+@_errors
+def convert_inspect_cmd(
+    cohort: Path = typer.Option(
+        ..., "--cohort", help="Master CSV, or the folder with study_mapping_*, labels_*, splits_*."
+    ),
+    meds: Path = typer.Option(..., "--meds", help="MEDS root (nested MEDS 0.1 / 0.2, or flat)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (replaces only a conversion)."),
+    ct_root: Path = typer.Option(
+        None, "--ct-root", help="Folder with CTPA/<image_id> (omit: no CT index)."
+    ),
+    site: str = typer.Option("inspect", "--site", help="Site name of every row."),
+    death_code: list[str] = typer.Option(
+        None,
+        "--death-code",
+        help="MEDS death code, repeatable; a trailing / matches a prefix "
+        "(default: MEDS_DEATH, SNOMED/419620001, Condition Type/OMOP4822053).",
+    ),
+    time_format: str = typer.Option(
+        None, "--time-format", help="strftime format of the CT times (default: ISO 8601 only)."
+    ),
+    time_fallback: str = typer.Option(
+        None, "--time-fallback", help="Column used when the CT time is empty (note_DATETIME)."
+    ),
+    id_column: str = typer.Option(None, "--id-column", help="Person id column (auto)."),
+    time_column: str = typer.Option(None, "--time-column", help="CT time column (auto)."),
+) -> None:
+    """Convert an INSPECT release: cohort.parquet, ct_index.parquet, meds/, conversion report."""
+    from survfuse.convert import DEFAULT_DEATH_CODES, convert_inspect
+
+    res = convert_inspect(
+        cohort, meds, out, ct_root=ct_root, site=site,
+        death_codes=tuple(death_code) if death_code else DEFAULT_DEATH_CODES,
+        time_format=time_format, time_fallback=time_fallback,
+        id_column=id_column, time_column=time_column,
+    )  # fmt: skip
+    o, oc = res.counts["output"], res.counts["outcomes"]
+    ct = "" if o["ct_index_rows"] is None else f", {o['ct_index_rows']:,} CT studies"
+    typer.echo(
+        f"cohort: {o['cohort_rows']:,} rows, {o['cohort_subjects']:,} subjects "
+        f"({oc['rows_event']:,} deaths){ct}; MEDS: {o['meds_rows']:,} rows; "
+        f"label mismatches: {o['label_mismatch_rows']:,}"
+    )
+    typer.echo(f"wrote {res.out}\nreport: {res.report}")
+
+
 def main() -> None:
     app()
 
