@@ -88,7 +88,7 @@ def _crosscheck(cc: dict[str, Any], mism: pl.DataFrame | None) -> list[str]:
         lines += _table(
             ("impression_id", "subject_id", "prediction_time", "label", "released", "derived",
              "death (days)", "follow-up (days)"),
-            [tuple(r) for r in shown.iter_rows()],
+            [(str(r[0]), str(r[1]), *r[2:]) for r in shown.iter_rows()],
         )  # fmt: skip
     return lines
 
