@@ -234,10 +234,10 @@ def sim_compare(args: argparse.Namespace) -> None:
     from sksurv.util import Surv
 
     from survfuse.data.meds import MEDSDataset
-    from survfuse.data.simulate import simulate
     from survfuse.data.splits import attach_splits, make_splits
     from survfuse.encoders.ehr_clmbr import EHRCLMBREncoder
     from survfuse.encoders.ehr_counts import EHRCountsEncoder
+    from survfuse.simulate import simulate
 
     with tempfile.TemporaryDirectory(prefix="bench_ehr_sim_") as tmp:
         root = simulate(Path(tmp), n=args.sim, shape=(16, 16, 8), seed=0, progress=False)

@@ -1,6 +1,6 @@
 """Fusion strategies vs unimodal baselines on the survfuse simulator (issue 9 done-when).
 
-For each imbalance w and seed: simulate a cohort (`survfuse.data.simulate.simulate`), split it
+For each imbalance w and seed: simulate a cohort (`survfuse.simulate.simulate`), split it
 per subject (external site C held out), encode CT with `ct_radiomics` and EHR with `ehr_onehot`
 (both fitted on the training split), train every strategy with `FusionSurvivalModel` (early
 stopping on the validation C-index) and score Harrell's C on the internal test split with a
@@ -26,14 +26,14 @@ import polars as pl
 import torch
 
 from survfuse.data.meds import MEDSDataset
-from survfuse.data.simulate import simulate
 from survfuse.data.splits import attach_splits, make_splits
 from survfuse.encoders.base import CTSource
 from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder
 from survfuse.encoders.ehr_onehot import EHROneHotEncoder
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 from survfuse.fusion import FusionSurvivalModel
 from survfuse.metrics import concordance_index
+from survfuse.simulate import simulate
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "ct_only": ("unimodal", {"modality": "ct"}),

@@ -67,7 +67,7 @@ def main() -> int:
     )
     try:
         sys.path.insert(0, str(REPO / "src"))
-        from survfuse.data.simulate import simulate
+        from survfuse.simulate import simulate
 
         shape = tuple(int(v) for v in args.shape.split(","))
         data = simulate(tmp / "data", n=args.n, shape=shape, seed=args.seed, progress=False)

@@ -59,11 +59,11 @@ def shared_data() -> Path:
 def sim_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small simulated CT + EHR cohort (n=300, CT shape (32, 32, 20), seed 0): its folder.
 
-    Layout: see `survfuse.data.simulate.simulate` (cohort.parquet, oracle.parquet,
+    Layout: see `survfuse.simulate.simulate` (cohort.parquet, oracle.parquet,
     ct_index.parquet, ct/*.nii.gz, meds/data/*.parquet, meds/metadata/, dataset.json).
     Treat it as read-only: it is shared by every test of the session.
     """
-    from survfuse.data.simulate import simulate
+    from survfuse.simulate import simulate
 
     return simulate(
         tmp_path_factory.mktemp("sim_small"), n=300, shape=(32, 32, 20), seed=0, progress=False

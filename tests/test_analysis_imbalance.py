@@ -167,9 +167,9 @@ def ehr_only_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Simulator with imbalance 0 (all modality-specific signal in the EHR, none in the CT),
     real encoders, a concat fusion model and both unimodal baselines."""
     from survfuse.data.meds import MEDSDataset
-    from survfuse.data.simulate import simulate
     from survfuse.encoders.base import CTSource
     from survfuse.registry import ENCODERS, all_registries
+    from survfuse.simulate import simulate
 
     all_registries()
     root: Path = simulate(

@@ -23,7 +23,7 @@ from survfuse.encoders.base import Encoder
 from survfuse.encoders.ehr_counts import EHRCountsEncoder, window_counts
 from survfuse.encoders.ehr_onehot import EHROneHotEncoder, onehot_tokens, time_features
 from survfuse.encoders.ehr_vocab import OOV_TOKEN, KeyIndex, fit_vocab, windowed_events
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 
 SMALL_CLMBR = dict(
     max_codes=128,

@@ -15,8 +15,8 @@ import polars as pl
 import pytest
 
 from survfuse.encoders.base import Encoder, cohort_keys, hash_files
-from survfuse.encoders.features import ModalityFeatures
 from survfuse.encoders.store import FeatureStore
+from survfuse.features import ModalityFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
 

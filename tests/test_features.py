@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 
 
 def make(

@@ -135,7 +135,7 @@ def test_no_branch_is_dropped_when_none_carries_signal_or_when_disabled() -> Non
 
 
 def test_mask_modalities_marks_the_modality_missing_for_everyone() -> None:
-    from survfuse.fusion.base import mask_modalities, to_batch
+    from survfuse.fusion.batch import mask_modalities, to_batch
 
     data = synthetic_features(10, seed=0)
     batch = to_batch(data.features, modalities=("ct", "ehr"), with_tokens=True)

@@ -12,7 +12,7 @@ import torch
 import survfuse.fusion
 import survfuse.survival  # noqa: F401  (registers the heads)
 from survfuse.fusion import FusionSurvivalModel
-from survfuse.fusion.base import MODALITIES, to_batch
+from survfuse.fusion.batch import MODALITIES, to_batch
 from survfuse.fusion.synthetic import synthetic_features
 from survfuse.registry import FUSIONS, HEADS, UnknownNameError
 
@@ -57,7 +57,7 @@ def small(strategy: str, params: dict[str, object], head: str, **kw: object) -> 
 
 
 def build(model: FusionSurvivalModel, data=DATA):  # type: ignore[no-untyped-def]
-    from survfuse.fusion.base import ModalitySpec
+    from survfuse.fusion.batch import ModalitySpec
 
     torch.manual_seed(0)
     specs = {m: ModalitySpec.of(f) for m, f in data.features.items()}

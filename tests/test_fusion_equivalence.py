@@ -10,14 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from survfuse.fusion import FusionSurvivalModel
-from survfuse.fusion.base import (
-    GatedAttentionPool,
-    MaskedAttention,
-    ModalityEmbedding,
-    ModalitySpec,
-    to_batch,
-)
+from survfuse.fusion.batch import ModalitySpec, to_batch
 from survfuse.fusion.contrastive import symmetric_info_nce
+from survfuse.fusion.layers import GatedAttentionPool, MaskedAttention, ModalityEmbedding
 from survfuse.fusion.synthetic import synthetic_features
 
 DATA = synthetic_features(
@@ -275,7 +270,7 @@ def test_gradient_norms_logged_and_ogm_ge_damps_the_dominant_modality() -> None:
 
 
 def test_modality_dropout_only_drops_one_of_two_present_modalities() -> None:
-    from survfuse.fusion.base import drop_modalities
+    from survfuse.fusion.batch import drop_modalities
 
     batch = to_batch(DATA.features, modalities=("ct", "ehr"), with_tokens=True)
     dropped = drop_modalities(batch, 0.5, torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 from survfuse.fusion import FusionSurvivalModel
 from survfuse.metrics import concordance_index
 

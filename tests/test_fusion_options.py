@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from survfuse.fusion import FusionSurvivalModel
-from survfuse.fusion.base import FeatureNorm, FusionOutput, ModalitySpec
+from survfuse.fusion.base import FusionOutput
+from survfuse.fusion.batch import ModalitySpec
+from survfuse.fusion.layers import FeatureNorm
 from survfuse.fusion.rebalance import OGMGE
 from survfuse.fusion.synthetic import synthetic_features
 from survfuse.metrics import concordance_index

@@ -134,9 +134,9 @@ def test_metrics_identical_to_local_executor(runs: dict) -> None:
 @pytest.mark.ray
 def test_ray_data_ct_features_equal_local_store(runs: dict) -> None:
     from survfuse.encoders.base import CTSource
-    from survfuse.encoders.features import ModalityFeatures
     from survfuse.encoders.store import FeatureStore
     from survfuse.experiment.config import encoder_from_choice
+    from survfuse.features import ModalityFeatures
 
     local, remote, cfg = runs["local"], runs["ray"], runs["cfg"]
     index = json.loads((remote.run_dir / "features" / "index.json").read_text())

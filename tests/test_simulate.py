@@ -1,4 +1,4 @@
-"""Tests of the multi-site CT + EHR cohort simulator (survfuse.data.simulate).
+"""Tests of the multi-site CT + EHR cohort simulator (survfuse.simulate).
 
 References are independent of survfuse: C-indices from scikit-survival's
 `concordance_index_censored`, NIfTI reading with nibabel, KS tests from scipy, and the data layer's
@@ -24,9 +24,9 @@ from sksurv.metrics import concordance_index_censored
 from survfuse.data.cohort import load_cohort
 from survfuse.data.imaging import load_ct, load_ct_index, select_studies
 from survfuse.data.meds import MEDSDataset
-from survfuse.data.simulate import simulate, simulate_tables
-from survfuse.data.simulate_ct import Scanner, nifti_bytes, render_ct
-from survfuse.data.simulate_ehr import CREATININE_SI, DEATH_CODE, MACE_CODES
+from survfuse.simulate import simulate, simulate_tables
+from survfuse.simulate.ct import Scanner, nifti_bytes, render_ct
+from survfuse.simulate.ehr import CREATININE_SI, DEATH_CODE, MACE_CODES
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -12,13 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from survfuse.cli import app
-from survfuse.experiment.sweep import (
-    BEST_FUSION,
-    gain_table,
-    pool_replicates,
-    summary_markdown,
-    sweep_config,
-)
+from survfuse.experiment.sweep import sweep_config
+from survfuse.experiment.sweep_tables import BEST_FUSION, gain_table, pool_replicates
+from survfuse.report.sweep import summary_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -127,7 +123,7 @@ def test_unimodal_gap_uses_each_modalitys_validation_choice() -> None:
 def test_gap_correlation_is_spearman_of_absolute_gap_and_best_fusion_gain() -> None:
     from scipy.stats import spearmanr
 
-    from survfuse.experiment.sweep import gap_correlation
+    from survfuse.experiment.sweep_tables import gap_correlation
 
     gaps = [-0.3, -0.1, 0.0, 0.05, 0.2, 0.4]
     gains = [0.0, 0.03, 0.06, 0.05, 0.01, -0.02]  # largest near balance
@@ -311,9 +307,14 @@ def test_every_sweep_run_has_an_imbalance_table_and_report_section(tiny_sweep: P
         ref = m.filter((pl.col("model") == r["model"]) & (pl.col("split") == r["split"]))
         assert r["estimate"] == pytest.approx(ref["estimate"][0], abs=1e-6)
         assert r["ci_low"] == pytest.approx(ref["lower"][0], abs=1e-6)  # same resamples
-    # a run without the table (e.g. made before this analysis existed) gets it from the report
+    # rendering never computes an analysis: without the table the section is absent ...
     (run / "imbalance.parquet").unlink()
     html_path, md_path = build_report(run)
+    assert not (run / "imbalance.parquet").exists()
+    assert "Modality contributions" not in html_path.read_text()
+    # ... and `survfuse report` (a run made before this analysis existed) computes it first
+    res = CliRunner().invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
     again = pl.read_parquet(run / "imbalance.parquet")
     assert again.equals(imb)
     assert "Modality contributions" in html_path.read_text()
@@ -335,7 +336,7 @@ def test_sweep_ct_cells_hold_volume_and_cell_radiomics(tiny_sweep: Path) -> None
     from survfuse.data.imaging import load_ct, select_studies
     from survfuse.encoders.base import CTSource
     from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder, radiomics_features
-    from survfuse.encoders.features import ModalityFeatures
+    from survfuse.features import ModalityFeatures
 
     run = tiny_sweep / "runs" / "imb1_shift1_sim0"
     index = json.loads((run / "features" / "index.json").read_text())

@@ -163,7 +163,7 @@ def simulate_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
 ) -> None:
     """Write a simulated multi-site CT + EHR cohort (NIfTI + MEDS + cohort + oracle)."""
-    from survfuse.data.simulate import simulate
+    from survfuse.simulate import simulate
 
     def names(text: str) -> tuple[str, ...]:
         return tuple(s.strip() for s in text.split(",") if s.strip())
@@ -234,8 +234,10 @@ def run(
 @_errors
 def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Write report.html and summary.md for a finished run."""
+    from survfuse.experiment.imbalance_eval import ensure_imbalance
     from survfuse.report.html import build_report
 
+    ensure_imbalance(run_dir)  # a run from an older survfuse may lack the analysis
     html_path, md_path = build_report(run_dir)
     typer.echo(f"report: {html_path}\nsummary: {md_path}")
 
@@ -275,12 +277,14 @@ def demo(
     from rich.console import Console
 
     from survfuse.experiment.demo import run_demo
+    from survfuse.report.html import build_report
 
     res = run_demo(
         out, n=n, seed=seed, config=config, progress=progress, console=Console(stderr=True)
     )
+    report, summary = build_report(res["run"].run_dir)
     _print_summary(res["run"].run_dir)
-    typer.echo(f"report: {res['report']}\nsummary: {res['summary']}")
+    typer.echo(f"report: {report}\nsummary: {summary}")
     _exit_if_failed(res["run"].failed, res["run"].run_dir, allow_failed)
 
 
@@ -316,6 +320,7 @@ def sweep_imbalance(
     from rich.console import Console
 
     from survfuse.experiment.sweep import run_sweep
+    from survfuse.report.sweep import write_sweep_report
 
     dims = _csv(shape, int) or []
     if len(dims) != 3:
@@ -340,8 +345,9 @@ def sweep_imbalance(
         progress=progress,
         console=Console(stderr=True),
     )
-    typer.echo(res.summary.read_text())
-    typer.echo(f"table: {res.out / 'sweep.csv'}\nfigure: {', '.join(map(str, res.figures))}")
+    figures, summary = write_sweep_report(res)
+    typer.echo(summary.read_text())
+    typer.echo(f"table: {res.out / 'sweep.csv'}\nfigure: {', '.join(map(str, figures))}")
 
 
 convert_app = typer.Typer(

@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 from numpy.typing import ArrayLike, NDArray
 
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 from survfuse.interop import check_survival
 from survfuse.metrics import MetricResult, Resampler, interval, make_scorer
 from survfuse.metrics.bootstrap import run_boot

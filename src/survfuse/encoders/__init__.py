@@ -10,7 +10,7 @@ from survfuse.encoders import (
     precomputed,  # noqa: F401
 )
 from survfuse.encoders.base import CTSource, Encoder, build_encoder
-from survfuse.encoders.features import ModalityFeatures
 from survfuse.encoders.store import FeatureStore
+from survfuse.features import ModalityFeatures
 
 __all__ = ["CTSource", "Encoder", "FeatureStore", "ModalityFeatures", "build_encoder"]

@@ -22,7 +22,7 @@ import polars as pl
 from numpy.typing import NDArray
 
 import survfuse
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 from survfuse.registry import ENCODERS
 
 __all__ = [
@@ -298,7 +298,9 @@ def register_encoder(name: str) -> Any:
 
 def build_encoder(name: str, **config: Any) -> Encoder:
     """Instantiate the registered encoder `name` (unknown names suggest the closest)."""
-    import survfuse.encoders  # noqa: F401  (registers every encoder)
+    from survfuse.registry import all_registries
+
+    all_registries()  # imports every encoder module, so every name is registered
 
     klass = ENCODERS.get(name)
     enc: Encoder = klass(**config)

@@ -31,7 +31,7 @@ import polars as pl
 from numpy.typing import NDArray
 
 from survfuse.encoders.base import CTSource, Encoder, cohort_keys, iter_ct_volumes, register_encoder
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 
 __all__ = ["TISSUES", "CTRadiomicsEncoder", "radiomics_features"]
 

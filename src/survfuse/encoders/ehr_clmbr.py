@@ -49,7 +49,7 @@ from survfuse.encoders.base import hash_arrays, hash_config, register_encoder
 from survfuse.encoders.ehr_common import EHREncoder, cohort_features, fit_cohort_vocab
 from survfuse.encoders.ehr_onehot import TIME_DIM, time_features
 from survfuse.encoders.ehr_vocab import CodeVocab, EventBatch, KeyIndex, iter_event_batches
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 from survfuse.registry import look_up_option
 
 __all__ = [

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from survfuse.encoders.base import Encoder
 from survfuse.encoders.ehr_vocab import CodeVocab, KeyIndex, expand_rows, fit_vocab, windowed_events
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 
 __all__ = ["EHREncoder", "cohort_features", "fit_cohort_vocab"]
 

@@ -42,7 +42,7 @@ from survfuse.encoders.ehr_vocab import (
     output_array,
     windowed_events,
 )
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 
 __all__ = ["EHRCountsEncoder", "window_counts"]
 

@@ -38,7 +38,7 @@ from survfuse.encoders.ehr_vocab import (
     key_runs,
     output_array,
 )
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 
 __all__ = ["EHROneHotEncoder", "onehot_tokens", "time_features"]
 

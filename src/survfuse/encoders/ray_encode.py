@@ -24,8 +24,8 @@ import polars as pl
 from numpy.typing import NDArray
 
 from survfuse.encoders.base import Encoder
-from survfuse.encoders.features import ModalityFeatures
 from survfuse.encoders.store import FeatureStore
+from survfuse.features import ModalityFeatures
 
 __all__ = ["RayFeatureStore", "encoder_blueprint", "ray_encode"]
 
@@ -43,8 +43,9 @@ def encoder_blueprint(encoder: Encoder) -> dict[str, Any]:
 
 def rebuild_encoder(blueprint: dict[str, Any]) -> Encoder:
     """The encoder of `encoder_blueprint`; refuses one whose fingerprint differs (other code)."""
-    import survfuse.encoders  # noqa: F401  (registers every encoder)
-    from survfuse.registry import ENCODERS
+    from survfuse.registry import ENCODERS, all_registries
+
+    all_registries()  # imports every encoder module, so every name is registered
 
     enc: Encoder = ENCODERS.get(blueprint["name"])(**blueprint["config"])
     if blueprint["fitted"] and enc.learns:

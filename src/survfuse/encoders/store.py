@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 import survfuse
 from survfuse.encoders.base import Encoder, cohort_keys, hash_files, hash_keys, hash_parts
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 
 __all__ = ["FeatureStore", "StoreRun"]
 

@@ -45,7 +45,7 @@ def surv_column(t: float) -> str:
 
 
 def load_features(run_dir: RunDir, spec: CellSpec) -> dict[str, Any]:
-    from survfuse.encoders.features import ModalityFeatures
+    from survfuse.features import ModalityFeatures
 
     return {m: ModalityFeatures.load(run_dir.root / p, mmap=True) for m, p in spec.features.items()}
 

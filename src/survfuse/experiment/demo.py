@@ -1,6 +1,7 @@
-"""`run_demo`: simulate the default cohort, run `examples/demo.yaml`, write the report.
+"""`run_demo`: simulate the default cohort and run `examples/demo.yaml` on it.
 
-The simulated data go to `OUT/data` (reused when already there), the run to `OUT/run`.
+The simulated data go to `OUT/data` (reused when already there), the run to `OUT/run`; the
+report is written by the caller (`survfuse demo` calls `survfuse.report.html.build_report`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,12 @@ def run_demo(
     progress: bool = True,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Simulate (unless already done), run the demo study and write its report.
+    """Simulate (unless already done) and run the demo study.
 
-    Returns {"run": RunResult, "report": Path, "summary": Path, "data": Path}.
+    Returns {"run": RunResult, "data": Path}.
     """
-    from survfuse.data.simulate import simulate
     from survfuse.experiment.runner import run_experiment
-    from survfuse.report.html import build_report
+    from survfuse.simulate import simulate
 
     out = Path(out).resolve()
     data_dir = out / "data"
@@ -70,5 +70,4 @@ def run_demo(
         )
     cfg = demo_config(data_dir, config)
     result = run_experiment(cfg, out / "run", progress=progress, console=console)
-    report, summary = build_report(out / "run")
-    return {"run": result, "report": report, "summary": summary, "data": data_dir}
+    return {"run": result, "data": data_dir}

@@ -139,8 +139,8 @@ def encode_features(
 ) -> dict[str, dict[str, str]]:
     """Fit (training rows) and encode (all rows) every encoder; returns modality -> label -> folder."""
     from survfuse.encoders.base import hash_keys
-    from survfuse.encoders.features import ModalityFeatures
     from survfuse.encoders.store import FeatureStore
+    from survfuse.features import ModalityFeatures
 
     store = FeatureStore(cfg.feature_store or rd.store)
     srcs = check_sources(cfg)

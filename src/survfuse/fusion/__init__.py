@@ -12,7 +12,8 @@ from survfuse.fusion import (  # noqa: F401  (imported so the strategies registe
     late,
     unimodal,
 )
-from survfuse.fusion.base import FusionOutput, FusionStrategy, ModalitySpec
+from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.batch import ModalitySpec
 from survfuse.fusion.model import FusionSurvivalModel
 
 __all__ = ["FusionOutput", "FusionStrategy", "FusionSurvivalModel", "ModalitySpec"]

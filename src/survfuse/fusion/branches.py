@@ -61,7 +61,7 @@ from survfuse.metrics import concordance_index
 from survfuse.metrics.result import NoComparablePairError
 from survfuse.survival.losses import cox_partial_nll
 from survfuse.training.callbacks import Callback
-from survfuse.training.loop import TrainState
+from survfuse.training.state import TrainState
 
 __all__ = [
     "DROP_MIN_DELTA",

@@ -8,17 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from survfuse.fusion.base import (
+from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.fusion.layers import (
     MLP,
-    MODALITIES,
     AttentionBlock,
-    Batch,
-    FusionOutput,
-    FusionStrategy,
     GatedAttentionPool,
     MaskedAttention,
     ModalityEmbedding,
-    ModalitySpec,
 )
 from survfuse.registry import FUSIONS, look_up_option
 

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from survfuse.fusion.base import MLP, MODALITIES, Batch, FusionOutput, FusionStrategy, ModalitySpec
+from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.fusion.layers import MLP
 from survfuse.registry import FUSIONS
 
 

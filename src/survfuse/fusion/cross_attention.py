@@ -8,17 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from survfuse.fusion.base import (
-    MLP,
-    MODALITIES,
-    AttentionBlock,
-    Batch,
-    FusionOutput,
-    FusionStrategy,
-    ModalityEmbedding,
-    ModalitySpec,
-    masked_mean,
-)
+from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.fusion.layers import MLP, AttentionBlock, ModalityEmbedding, masked_mean
 from survfuse.registry import FUSIONS, look_up_option
 
 DIRECTIONS = ("ehr->ct", "ct->ehr", "both")

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from survfuse.fusion.base import MLP, MODALITIES, Batch, FusionOutput, FusionStrategy, ModalitySpec
+from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.fusion.layers import MLP
 from survfuse.registry import FUSIONS, look_up_option
 
 

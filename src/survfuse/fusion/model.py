@@ -39,9 +39,9 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from survfuse.device import resolve_device
-from survfuse.encoders.features import ModalityFeatures
-from survfuse.fusion.base import (
-    FusionStrategy,
+from survfuse.features import ModalityFeatures
+from survfuse.fusion.base import FusionStrategy
+from survfuse.fusion.batch import (
     ModalitySpec,
     check_modalities,
     drop_modalities,
@@ -61,7 +61,7 @@ from survfuse.training import (
     TrainingOptions,
     fit_loop,
 )
-from survfuse.training.loop import Step
+from survfuse.training.state import Step
 
 __all__ = ["FULL_BATCH_MAX", "LARGE_BATCH", "FusionSurvivalModel", "harrell_c"]
 

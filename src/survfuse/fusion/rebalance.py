@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from survfuse.survival.losses import cox_partial_nll
 from survfuse.training.callbacks import Callback
-from survfuse.training.loop import TrainState
+from survfuse.training.state import TrainState
 
 __all__ = ["OGMGE", "PROBE_LR", "PROBE_STEPS"]
 

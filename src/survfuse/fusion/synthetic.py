@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 
 
 @dataclass

@@ -16,17 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from survfuse.fusion.base import (
-    MLP,
-    MODALITIES,
-    AttentionBlock,
-    Batch,
-    FusionOutput,
-    FusionStrategy,
-    GatedAttentionPool,
-    ModalityEmbedding,
-    ModalitySpec,
-)
+from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.fusion.layers import MLP, AttentionBlock, GatedAttentionPool, ModalityEmbedding
 from survfuse.registry import FUSIONS, look_up_option
 
 

@@ -23,7 +23,7 @@ from survfuse.metrics.calibration_ci import (
     calibration_test,
     error_interval,
 )
-from survfuse.metrics.compare import Comparison, compare, holm
+from survfuse.metrics.compare import Comparison, compare
 from survfuse.metrics.concordance import (
     ConcordanceResult,
     IPCWConcordanceResult,
@@ -37,6 +37,7 @@ from survfuse.metrics.km import KaplanMeier, censoring_kaplan_meier, kaplan_meie
 from survfuse.metrics.paired import (
     ConcordanceMatrix,
     concordance_matrix,
+    holm,
     holm_family,
     paired_concordance,
     z_test,

@@ -34,23 +34,7 @@ from survfuse.metrics.paired import holm_family, z_test
 from survfuse.metrics.result import MetricResult
 from survfuse.registry import look_up_option
 
-__all__ = ["Comparison", "compare", "holm"]
-
-
-def holm(p: ArrayLike) -> NDArray[np.float64]:
-    """Holm step-down adjusted p-values: p_(k) * (m - k + 1), running max, capped at 1.
-
-    NaN p-values (no test) stay NaN and do not count in m, as in R's `p.adjust`."""
-    pv = np.asarray(p, dtype=np.float64)
-    out = np.full(pv.shape, np.nan)
-    ok = np.isfinite(pv)
-    fin = pv[ok]
-    m = fin.shape[0]
-    order = np.argsort(fin, kind="stable")
-    adj = np.empty(m)
-    adj[order] = np.minimum(1.0, np.maximum.accumulate(fin[order] * (m - np.arange(m))))
-    out[ok] = adj
-    return out
+__all__ = ["Comparison", "compare"]
 
 
 def bootstrap_p_value(diff: NDArray[np.float64]) -> float:

@@ -25,6 +25,7 @@ __all__ = [
     "P_TESTS",
     "ConcordanceMatrix",
     "concordance_matrix",
+    "holm",
     "holm_family",
     "paired_concordance",
     "z_test",
@@ -124,12 +125,26 @@ def paired_concordance(
     return table.with_columns(pl.Series("p_holm", adj), pl.lit(m).alias("family_size"))
 
 
+def holm(p: ArrayLike) -> NDArray[np.float64]:
+    """Holm step-down adjusted p-values: p_(k) * (m - k + 1), running max, capped at 1.
+
+    NaN p-values (no test) stay NaN and do not count in m, as in R's `p.adjust`."""
+    pv = np.asarray(p, dtype=np.float64)
+    out = np.full(pv.shape, np.nan)
+    ok = np.isfinite(pv)
+    fin = pv[ok]
+    m = fin.shape[0]
+    order = np.argsort(fin, kind="stable")
+    adj = np.empty(m)
+    adj[order] = np.minimum(1.0, np.maximum.accumulate(fin[order] * (m - np.arange(m))))
+    out[ok] = adj
+    return out
+
+
 def holm_family(p: ArrayLike, in_family: ArrayLike) -> tuple[NDArray[np.float64], int]:
     """Holm-adjusted p over the members of a pre-specified family (`in_family` [M] bool);
     NaN outside the family and for NaN p. Returns (p_holm [M], family size m = finite
     members)."""
-    from survfuse.metrics.compare import holm
-
     pv = np.asarray(p, dtype=np.float64)
     fam = np.asarray(in_family, dtype=bool) & np.isfinite(pv)
     out = np.full(pv.shape, np.nan)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,84 +26,10 @@ from survfuse.data.cohort import outcome_columns
 from survfuse.experiment.cell import surv_column
 from survfuse.experiment.rundir import RunDir, write_text
 from survfuse.report import figures, tables
+from survfuse.report.context import ReportContext, Section, SectionBuilder, img
 from survfuse.report.imbalance_section import imbalance_section
 
 __all__ = ["SECTION_BUILDERS", "ReportContext", "Section", "build_report"]
-
-
-@dataclass
-class Section:
-    """One report section: a title, an HTML body and its Markdown counterpart (may be empty)."""
-
-    title: str
-    html: str
-    markdown: str = ""
-
-
-@dataclass
-class ReportContext:
-    """What section builders read: the run folder, its config dict, metrics, cohort and cells."""
-
-    rd: RunDir
-    config: dict[str, Any]
-    metrics: pl.DataFrame
-    cohort: pl.DataFrame
-    cells: list[dict[str, Any]]  # spec.json of every cell plus its "status" and "error"
-
-    def cells_of(self, model: str, task: str) -> list[dict[str, Any]]:
-        from survfuse.experiment.grid import model_key
-
-        return [
-            c
-            for c in self.cells
-            if c["task"] == task
-            and c["status"] == "done"
-            and model_key(c["strategy"], c["ct_encoder"], c["ehr_encoder"], c["head"]) == model
-        ]
-
-    def seed_mean(self, model: str, task: str, column: str) -> np.ndarray | None:
-        """Mean over seeds of one predictions column, in cohort row order."""
-        cols = []
-        for c in self.cells_of(model, task):
-            p = pl.read_parquet(
-                self.rd.cell(c["cell_id"]) / "predictions.parquet", columns=[column]
-            )
-            cols.append(p[column].to_numpy())
-        return np.mean(cols, axis=0) if cols else None
-
-    def best_model(self, task: str, *, fused: bool = True) -> str | None:
-        """Highest validation Harrell C (fused models only when `fused`)."""
-        sel = self.metrics.filter(
-            (pl.col("task") == task)
-            & (pl.col("split") == "validation")
-            & (pl.col("metric") == "harrell_c")
-        )
-        if fused and sel.filter(~pl.col("unimodal")).height:
-            sel = sel.filter(~pl.col("unimodal"))
-        sel = sel.filter(pl.col("estimate").is_not_nan()).sort("estimate", descending=True)
-        return str(sel["model"][0]) if sel.height else None
-
-    def reference(self, task: str) -> str | None:
-        sel = self.metrics.filter((pl.col("task") == task) & pl.col("is_reference"))
-        return str(sel["model"][0]) if sel.height else None
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(dict.fromkeys(self.metrics["task"].to_list()))
-
-    @property
-    def evaluation(self) -> dict[str, Any]:
-        ev: dict[str, Any] = self.config.get("evaluation", {})
-        return ev
-
-
-SectionBuilder = Callable[[ReportContext], "Section | None"]
-
-
-def _img(fig: Any, alt: str) -> str:
-    return (
-        f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{figures.to_png_base64(fig)}">'
-    )
 
 
 def _headline(ctx: ReportContext) -> Section:
@@ -136,7 +60,7 @@ def _comparison(ctx: ReportContext) -> Section:
     )
     return Section(
         "Change against the best unimodal baseline",
-        f"<p>{html.escape(desc)}</p>" + _img(fig, "forest plot") + tables.to_html(t),
+        f"<p>{html.escape(desc)}</p>" + img(fig, "forest plot") + tables.to_html(t),
         desc + "\n\n" + tables.to_markdown(t),
     )
 
@@ -200,7 +124,7 @@ def _km(ctx: ReportContext) -> Section | None:
     )
     return Section(
         "Risk groups on the external cohort",
-        f"<p>{desc}</p>" + _img(figures.km_tertile_figure(panels), "Kaplan-Meier by risk tertile"),
+        f"<p>{desc}</p>" + img(figures.km_tertile_figure(panels), "Kaplan-Meier by risk tertile"),
         desc + " (figure in report.html)\n",
     )
 
@@ -257,7 +181,7 @@ def _calibration(ctx: ReportContext) -> Section | None:
             f"Figure: observed risk (1 - Kaplan-Meier) against mean predicted risk in {bins} "
             "quantile bins of predicted risk, for the best fused strategy and the reference."
         )
-        fig_html = _img(figures.calibration_figure(panels, horizon, bins), "calibration")
+        fig_html = img(figures.calibration_figure(panels, horizon, bins), "calibration")
     return Section(
         "Calibration",
         f"<p>{html.escape(desc)}</p>" + fig_html + "".join(parts_html),
@@ -281,7 +205,7 @@ def _training(ctx: ReportContext) -> Section | None:
     desc = "Per-epoch training loss and validation score of the best fused strategy and the reference, per seed."
     return Section(
         "Training curves",
-        f"<p>{desc}</p>" + _img(figures.training_curves_figure(curves), "training curves"),
+        f"<p>{desc}</p>" + img(figures.training_curves_figure(curves), "training curves"),
         desc + " (figure in report.html)\n",
     )
 

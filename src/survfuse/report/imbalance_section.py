@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from survfuse.experiment.imbalance_eval import ensure_imbalance
+from survfuse.experiment.imbalance_eval import IMBALANCE_FILE
 from survfuse.report import figures, tables
+from survfuse.report.context import ReportContext, Section, img
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from survfuse.report.html import ReportContext, Section
 
 __all__ = [
     "contribution_figure",
@@ -205,11 +205,10 @@ def dropped_table(ctx: ReportContext) -> pl.DataFrame:
 
 
 def imbalance_section(ctx: ReportContext) -> Section | None:
-    """The "Modality contributions" section, or None when the run has no imbalance table."""
-    from survfuse.report.html import Section
-
-    path = ensure_imbalance(ctx.rd.root)  # computed here when the run did not write it
-    if path is None or not path.exists():
+    """The "Modality contributions" section, or None when the run has no imbalance table
+    (`survfuse run` writes it; `survfuse report` brings it up to date before rendering)."""
+    path = ctx.rd.root / IMBALANCE_FILE
+    if not path.exists():
         return None
     imb = pl.read_parquet(path)
     if not imb.height:
@@ -229,7 +228,7 @@ def imbalance_section(ctx: ReportContext) -> Section | None:
     parts_html = [f"<p>{html.escape(desc)}</p>"]
     if t.height:
         parts_html.append(
-            figures_img(contribution_figure(imb), "Shapley contributions") + tables.to_html(t)
+            img(contribution_figure(imb), "Shapley contributions") + tables.to_html(t)
         )
     curves = _grad_curves(ctx)
     md = desc + "\n\n" + tables.to_markdown(t)
@@ -239,7 +238,7 @@ def imbalance_section(ctx: ReportContext) -> Section | None:
             "encoder-side parameters (log10; > 0: CT dominates the updates)."
         )
         parts_html.append(
-            f"<p>{html.escape(note)}</p>" + figures_img(grad_ratio_figure(curves), "grad ratio")
+            f"<p>{html.escape(note)}</p>" + img(grad_ratio_figure(curves), "grad ratio")
         )
         md += "\n" + note + " (figure in report.html)\n"
     dropped = dropped_table(ctx)
@@ -253,9 +252,3 @@ def imbalance_section(ctx: ReportContext) -> Section | None:
         parts_html.append(f"<p>{html.escape(note)}</p>" + tables.to_html(dropped))
         md += "\n" + note + "\n\n" + tables.to_markdown(dropped) + "\n"
     return Section("Modality contributions", "".join(parts_html), md)
-
-
-def figures_img(fig: Figure, alt: str) -> str:
-    return (
-        f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{figures.to_png_base64(fig)}">'
-    )

@@ -1,11 +1,11 @@
-"""The generative model of the simulated cohort (`survfuse.data.simulate`): sites, latent
+"""The generative model of the simulated cohort (`survfuse.simulate`): sites, latent
 factors, log-hazards, outcomes and the cohort / oracle tables, without any file writing.
 
 Per task the log-hazard is
 
     eta = S * (sqrt(w) * img + sqrt(1 - w) * ehr) + a * age_z + g * 2 sqrt(w (1 - w)) * img * ehr
 
-with img, ehr standardised on a fixed reference sample (see `survfuse.data.simulate` for the
+with img, ehr standardised on a fixed reference sample (see `survfuse.simulate` for the
 whole model). Latent factors and outcomes are drawn from `seed` alone (`plan_cohort`);
 `simulate_tables` gives the (cohort, oracle) tables `simulate` writes.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import polars as pl
 from scipy.special import ndtr
 
-from survfuse.data import simulate_ehr as ehr
-from survfuse.data.simulate_ct import Scanner
+from survfuse.simulate import ehr
+from survfuse.simulate.ct import Scanner
 
 __all__ = [
     "TASKS",

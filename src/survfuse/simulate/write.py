@@ -35,7 +35,7 @@ CT and EHR are rendered from its own generator `default_rng([seed, stream, subje
 chunks can be rendered in parallel and the files are byte-identical for the same arguments.
 
 The generative model (sites, latents, hazards, outcomes, cohort / oracle tables) lives in
-`survfuse.data.simulate_cohort`; this module renders the CT and EHR and writes the files.
+`survfuse.simulate.cohort`; this module renders the CT and EHR and writes the files.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from survfuse import __version__
-from survfuse.data import simulate_ehr as ehr
-from survfuse.data.simulate_cohort import (
+from survfuse.simulate import ehr
+from survfuse.simulate.cohort import (
     AGE_COEF,
     DROPOUT_MEAN_YEARS,
     EHR_WEIGHTS,
@@ -73,7 +73,7 @@ from survfuse.data.simulate_cohort import (
     plan_cohort,
     simulate_tables,
 )
-from survfuse.data.simulate_ct import Scanner, nifti_gz_bytes, render_ct
+from survfuse.simulate.ct import Scanner, nifti_gz_bytes, render_ct
 
 # simulate_tables lives with the generative model and is re-exported here
 __all__ = ["simulate", "simulate_tables"]
@@ -302,7 +302,7 @@ def simulate(
         for task in TASKS
     }
     meta = {
-        "generator": "survfuse.data.simulate",
+        "generator": "survfuse.simulate",
         "survfuse_version": __version__,
         "parameters": params,
         "tasks": list(TASKS),
@@ -363,7 +363,7 @@ def _prepare_folder(out: Path) -> None:
         if (out / "dataset.json").exists():
             try:
                 meta = json.loads((out / "dataset.json").read_text())
-                ours = ours or meta.get("generator") == "survfuse.data.simulate"
+                ours = ours or meta.get("generator") == "survfuse.simulate"
             except (ValueError, OSError):
                 ours = False
         if not ours:
@@ -428,7 +428,7 @@ def _write_meds_metadata(meta_dir: Path) -> None:
     info = {
         "dataset_name": "survfuse simulated CT + EHR cohort",
         "dataset_version": __version__,
-        "etl_name": "survfuse.data.simulate",
+        "etl_name": "survfuse.simulate",
         "etl_version": __version__,
         "meds_version": "0.4.1",
     }

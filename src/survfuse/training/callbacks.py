@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from survfuse.training.loop import TrainState
+from survfuse.training.state import TrainState
 
 __all__ = ["Callback", "EarlyStopping", "GradientLogging", "grad_norm"]
 

@@ -1,0 +1,149 @@
+"""Batches of fusion models: tensors per modality, built from `ModalityFeatures`.
+
+A *batch* is `dict[modality, dict[str, Tensor]]` with, per modality (N rows, T tokens):
+`pooled` [N, Dp] float, `present` [N] bool, and when the encoder produced tokens `mask` [N, T]
+bool plus `tokens` [N, T, D] float and/or `token_codes` [N, T, K] long (-1 = padding).
+A missing modality is `present=False` with zeros, never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from survfuse.features import ModalityFeatures
+from survfuse.registry import look_up_option
+
+__all__ = [
+    "MODALITIES",
+    "Batch",
+    "ModalitySpec",
+    "batch_size_of",
+    "check_modalities",
+    "drop_modalities",
+    "mask_modalities",
+    "to_batch",
+]
+
+MODALITIES = ("ct", "ehr")
+
+Batch = dict[str, dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """Shape facts of one modality's features (what a strategy is built for)."""
+
+    pooled_dim: int
+    token_dim: int = 0
+    vocab_size: int = 0
+    num_tokens: int = 0
+
+    @classmethod
+    def of(cls, features: ModalityFeatures) -> ModalitySpec:
+        return cls(
+            pooled_dim=features.pooled_dim,
+            token_dim=features.token_dim,
+            vocab_size=features.vocab_size,
+            num_tokens=features.num_tokens,
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def check_modalities(features: Mapping[str, ModalityFeatures], needed: Iterable[str]) -> None:
+    """Raise a clear error when a needed modality is missing or row counts disagree."""
+    for m in features:
+        look_up_option(m, MODALITIES, kind="modality")
+    for m in needed:
+        if m not in features:
+            raise ValueError(f"features dict lacks modality {m!r} (has: {sorted(features)})")
+    lengths = {m: len(f) for m, f in features.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"modalities have different row counts: {lengths}")
+    for m, f in features.items():
+        if f.token_codes is not None and f.token_codes.size:
+            hi = int(np.max(f.token_codes))
+            if hi >= f.vocab_size:
+                raise ValueError(
+                    f"modality {m!r}: token code {hi} >= meta['vocab_size'] = {f.vocab_size}"
+                )
+
+
+def to_batch(
+    features: Mapping[str, ModalityFeatures],
+    index: np.ndarray | None = None,
+    *,
+    modalities: Iterable[str],
+    with_tokens: bool,
+    device: torch.device | str = "cpu",
+) -> Batch:
+    """Tensors of rows `index` (all rows when None) of the named modalities."""
+    out: Batch = {}
+    for m in modalities:
+        f = features[m]
+
+        def take(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(a if index is None else a[index])
+
+        d: dict[str, Tensor] = {
+            "pooled": torch.from_numpy(take(f.pooled).astype(np.float32, copy=False)),
+            "present": torch.from_numpy(take(f.present).astype(bool, copy=False)),
+        }
+        if with_tokens and f.mask is not None:
+            d["mask"] = torch.from_numpy(take(f.mask).astype(bool, copy=False))
+            if f.tokens is not None:
+                d["tokens"] = torch.from_numpy(take(f.tokens).astype(np.float32, copy=False))
+            if f.token_codes is not None:
+                d["token_codes"] = torch.from_numpy(take(f.token_codes).astype(np.int64))
+        out[m] = {k: v.to(device) for k, v in d.items()}
+    return out
+
+
+def batch_size_of(batch: Batch) -> int:
+    return int(next(iter(batch.values()))["present"].shape[0])
+
+
+def mask_modalities(batch: Batch, modalities: Iterable[str]) -> Batch:
+    """The batch with `modalities` missing for every patient (`present` and `mask` False; a new
+    dict of shallow copies): how a fused model sees a modality it has dropped."""
+    names = set(modalities) & set(batch)
+    if not names:
+        return batch
+    out: Batch = dict(batch)
+    for m in names:
+        d = dict(batch[m])
+        d["present"] = torch.zeros_like(d["present"])
+        if "mask" in d:
+            d["mask"] = torch.zeros_like(d["mask"])
+        out[m] = d
+    return out
+
+
+def drop_modalities(batch: Batch, p: float, generator: torch.Generator) -> Batch:
+    """Modality dropout: a patient with both modalities loses one (chosen at random) with prob. p.
+
+    Returns a new batch (shallow copies); `present` and `mask` of the dropped rows become False.
+    """
+    if p <= 0 or len(batch) < 2:
+        return batch
+    names = sorted(batch)
+    n = batch_size_of(batch)
+    dev = batch[names[0]]["present"].device
+    both = torch.stack([batch[m]["present"] for m in names]).all(0)
+    drop = (torch.rand(n, generator=generator) < p).to(dev) & both
+    which = torch.randint(len(names), (n,), generator=generator).to(dev)
+    out: Batch = {}
+    for i, m in enumerate(names):
+        keep = ~(drop & (which == i))
+        d = dict(batch[m])
+        d["present"] = d["present"] & keep
+        if "mask" in d:
+            d["mask"] = d["mask"] & keep[:, None]
+        out[m] = d
+    return out
