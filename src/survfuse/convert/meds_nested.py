@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from survfuse.convert.tables import ISO_PATTERN, ConversionError, parse_datetime
+from survfuse.convert.tables import ConversionError, try_parse_datetime
 from survfuse.convert.writer import BackgroundWriter
 
 __all__ = [
@@ -227,12 +227,10 @@ def _times(
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         s = pl.Series("t", arr.cast(pa.string()))
-        try:
-            arr = parse_datetime(s, ctx.path, column).to_arrow()
-        except ConversionError:
-            ok = s.str.strip_chars().str.contains(ISO_PATTERN)
-            k = int((~ok & s.is_not_null()).arg_true()[0])
-            raise ctx.fail(rows(k), column, f"{s[k]!r} is not an ISO 8601 time") from None
+        parsed, bad, rule = try_parse_datetime(s)
+        if bad is not None:
+            raise ctx.fail(rows(bad), column, f"{s[bad]!r} {rule.split(';')[0]}")
+        arr = parsed.to_arrow()
     elif pa.types.is_timestamp(t):
         if t.tz is not None:
             raise ctx.fail(0, column, f"has time zone {t.tz!r}; MEDS times are naive")

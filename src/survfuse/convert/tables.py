@@ -24,6 +24,7 @@ __all__ = [
     "parse_int_ids",
     "read_table",
     "require_columns",
+    "try_parse_datetime",
     "where",
 ]
 
@@ -88,6 +89,42 @@ def parse_int_ids(
     return text.cast(pl.Int64).alias(values.name)
 
 
+def try_parse_datetime(
+    values: pl.Series, fmt: str | None = None
+) -> tuple[pl.Series, int | None, str]:
+    """Parse text date-times to Datetime(us) (nulls stay null).
+
+    Returns (parsed, index of the first value that does not parse or None, the rule it broke).
+    fmt: None = ISO 8601 only (see module docs), else a `strftime` format declared by the user.
+    """
+    text = values.cast(pl.String).str.strip_chars()
+    text = pl.select(pl.when(text.str.len_chars() > 0).then(text)).to_series()
+    if fmt is not None:
+        parsed = text.str.to_datetime(fmt, strict=False, time_unit="us")
+        bad = _first_bad(text.is_not_null() & parsed.is_null())
+        return parsed.alias(values.name), bad, f"does not match the declared format {fmt!r}"
+    bad = _first_bad(text.is_not_null() & ~text.str.contains(ISO_PATTERN))
+    if bad is not None:
+        rule = (
+            "is not an ISO 8601 date-time (YYYY-MM-DD[ HH:MM[:SS[.ffffff]]], no time zone); "
+            "declare another format with --time-format (day-first dates are never guessed)"
+        )
+        return pl.Series(values.name, [], dtype=pl.Datetime("us")), bad, rule
+    spaced = text.str.replace("T", " ", literal=True)
+    norm = (
+        pl.when(spaced.str.len_chars() == 10)
+        .then(spaced + " 00:00:00")
+        .when(spaced.str.len_chars() == 16)
+        .then(spaced + ":00")
+        .otherwise(spaced)
+    )
+    parsed = pl.select(
+        norm.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", strict=False, time_unit="us")
+    ).to_series()
+    bad = _first_bad(text.is_not_null() & parsed.is_null())
+    return parsed.alias(values.name), bad, "is not a valid calendar date-time"
+
+
 def parse_datetime(
     values: pl.Series,
     source: str | Path,
@@ -96,41 +133,10 @@ def parse_datetime(
     fmt: str | None = None,
     rows: pl.Series | None = None,
 ) -> pl.Series:
-    """Parse text date-times to Datetime(us); nulls stay null.
-
-    fmt: None = ISO 8601 only (see module docs), else a `strftime` format declared by the user.
-    The first value that does not parse raises `ConversionError` naming file, row and column.
-    """
-    text = values.cast(pl.String).str.strip_chars()
-    text = pl.select(pl.when(text.str.len_chars() > 0).then(text)).to_series()
-    if fmt is None:
-        iso = text.str.contains(ISO_PATTERN)
-        bad = _first_bad(text.is_not_null() & ~iso)
-        if bad is None:
-            spaced = text.str.replace("T", " ", literal=True)
-            norm = (
-                pl.when(spaced.str.len_chars() == 10)
-                .then(spaced + " 00:00:00")
-                .when(spaced.str.len_chars() == 16)
-                .then(spaced + ":00")
-                .otherwise(spaced)
-            )
-            parsed = pl.select(
-                norm.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", strict=False, time_unit="us")
-            ).to_series()
-            bad = _first_bad(text.is_not_null() & parsed.is_null())
-            rule = "is not a valid calendar date-time"
-        else:
-            parsed = pl.Series(values.name, [], dtype=pl.Datetime("us"))
-            rule = (
-                "is not an ISO 8601 date-time (YYYY-MM-DD[ HH:MM[:SS[.ffffff]]], no time zone); "
-                "declare another format with --time-format (day-first dates are never guessed)"
-            )
-    else:
-        parsed = text.str.to_datetime(fmt, strict=False, time_unit="us")
-        bad = _first_bad(text.is_not_null() & parsed.is_null())
-        rule = f"does not match the declared format {fmt!r}"
+    """`try_parse_datetime`, raising `ConversionError` naming file, row and column for the
+    first value that does not parse. `rows` maps positions to source rows (a subset)."""
+    parsed, bad, rule = try_parse_datetime(values, fmt)
     if bad is not None:
         row = int(rows[bad]) if rows is not None else bad
         raise ConversionError(f"{where(source, row, column)}: {values[bad]!r} {rule}")
-    return parsed.alias(values.name)
+    return parsed
