@@ -194,10 +194,12 @@ def main() -> None:
             "--out",
             str(tmp / "out"),
         ]
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         wall = time.perf_counter() - t0
-        rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        rss_gb = usage.ru_maxrss / 1024**2
         if res.returncode != 0:
             print(res.stdout, res.stderr, file=sys.stderr)
             raise SystemExit(res.returncode)
@@ -213,6 +215,8 @@ def main() -> None:
                     "convert_wall_s": round(wall, 1),
                     "measurements_per_s": round(info["measurements"] / wall),
                     "peak_rss_gb": round(rss_gb, 2),
+                    "convert_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+                    "load_avg_1min_before": round(load, 1),
                     "cohort_rows": counts["output"]["cohort_rows"],
                     "meds_rows": counts["meds"]["rows_written"],
                     "cpu_count": os.cpu_count(),

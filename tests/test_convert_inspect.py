@@ -302,3 +302,10 @@ def test_a_tiny_study_runs_on_the_converted_folder(converted: Path, tmp_path: Pa
     assert ct.filter(pl.col("status") == "present").height == ct.height - 1  # the missing file
     metrics = pl.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert metrics.height > 0
+
+
+def test_ct_root_without_image_id_column_is_an_error(mini: Any, tmp_path: Path) -> None:
+    root = _copy(mini, tmp_path)
+    _edit(root / "labels" / "study_mapping_20250611.tsv", "\timage_id\t", "\timage\t")
+    code, _, err = _convert(root, tmp_path, "--ct-root", str(mini[0]))
+    _one_line_error(code, err, "study_mapping_20250611.tsv", "missing column 'image_id'")

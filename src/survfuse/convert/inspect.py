@@ -230,6 +230,11 @@ def convert_inspect(
         cohort, id_column=id_column, time_column=time_column,
         time_fallback=time_fallback, time_format=time_format,
     )  # fmt: skip
+    if ct_root is not None and not tables.has_image_id:
+        main = tables.files.get("master") or tables.files.get("mapping")
+        raise ConversionError(
+            f"{main}: missing column 'image_id' (needed with --ct-root to find CTPA/<image_id>)"
+        )
     _check_out(out)
     counts: dict[str, Any] = {
         "etl": ETL_NAME,

@@ -87,6 +87,7 @@ class InspectTables:
     time_column: str
     labels: list[str]
     counts: dict[str, Any] = field(default_factory=dict)
+    has_image_id: bool = True
 
 
 def find_inspect_files(cohort: str | Path) -> dict[str, Path]:
@@ -277,8 +278,9 @@ def read_inspect_tables(
         *labels,
     )
     _one_split_per_subject(out.with_columns(split_rows.alias("_srow")), split_src)
+    files_out = {k: str(v) for k, v in files.items()}
     return InspectTables(
-        out, layout, {k: str(v) for k, v in files.items()}, id_col, t_col, labels, counts
+        out, layout, files_out, id_col, t_col, labels, counts, "image_id" in df.columns
     )
 
 
