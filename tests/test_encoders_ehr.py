@@ -20,7 +20,8 @@ import pytest
 from survfuse.data.meds import MEDSDataset
 from survfuse.encoders import FeatureStore, build_encoder
 from survfuse.encoders.base import Encoder
-from survfuse.encoders.ehr_counts import EHRCountsEncoder, window_counts
+from survfuse.encoders.ehr_count_kernels import window_counts
+from survfuse.encoders.ehr_counts import EHRCountsEncoder
 from survfuse.encoders.ehr_onehot import EHROneHotEncoder, onehot_tokens, time_features
 from survfuse.encoders.ehr_vocab import OOV_TOKEN, KeyIndex, fit_vocab, windowed_events
 from survfuse.features import ModalityFeatures

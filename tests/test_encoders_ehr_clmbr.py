@@ -11,7 +11,8 @@ import torch
 
 from survfuse.data.meds import MEDSDataset
 from survfuse.data.splits import attach_splits, make_splits
-from survfuse.encoders.ehr_clmbr import EHRCLMBREncoder, motor_targets, unigram_perplexity
+from survfuse.encoders.clmbr_model import motor_targets, unigram_perplexity
+from survfuse.encoders.ehr_clmbr import EHRCLMBREncoder
 
 FAST = dict(
     d_model=32,

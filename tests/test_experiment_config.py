@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from survfuse.experiment.config import ConfigError, load_config, parse_config
+from survfuse.experiment.config import ConfigError
+from survfuse.experiment.config_load import load_config, parse_config
 from survfuse.experiment.grid import expand_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_external_site_absent_from_cohort(tmp_path: Path, sim_small: Path) -> No
         (lambda r: r["training"].update(max_epoch=3), "did you mean 'max_epochs'?"),
         (
             lambda r: r["strategies"][3].update(params={"hiden": 8}),
-            "unknown parameter 'hiden' for strategy 'late'; did you mean 'hidden'?",
+            "unknown late strategy parameter 'hiden'; did you mean 'hidden'?",
         ),
         (
             lambda r: r["encoders"]["ehr"][0].update(name="ehr_onehott"),

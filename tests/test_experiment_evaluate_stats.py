@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from survfuse.experiment import evaluate
-from survfuse.experiment.config import parse_config
+from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.eval_cache import CACHE_DIR
 from survfuse.experiment.evaluate import (
     ComparisonFamily,

@@ -11,8 +11,9 @@ import torch
 
 import survfuse.fusion
 import survfuse.survival  # noqa: F401  (registers the heads)
+from survfuse.features import MODALITIES
 from survfuse.fusion import FusionSurvivalModel
-from survfuse.fusion.batch import MODALITIES, to_batch
+from survfuse.fusion.batch import to_batch
 from survfuse.fusion.synthetic import synthetic_features
 from survfuse.registry import FUSIONS, HEADS, UnknownNameError
 

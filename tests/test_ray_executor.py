@@ -20,7 +20,8 @@ import polars as pl
 import pytest
 import yaml
 
-from survfuse.experiment.config import ConfigError, RayConfig, load_config, parse_config
+from survfuse.experiment.config import ConfigError, RayConfig
+from survfuse.experiment.config_load import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -135,7 +136,7 @@ def test_metrics_identical_to_local_executor(runs: dict) -> None:
 def test_ray_data_ct_features_equal_local_store(runs: dict) -> None:
     from survfuse.encoders.base import CTSource
     from survfuse.encoders.store import FeatureStore
-    from survfuse.experiment.config import encoder_from_choice
+    from survfuse.experiment.config_load import encoder_from_choice
     from survfuse.features import ModalityFeatures
 
     local, remote, cfg = runs["local"], runs["ray"], runs["cfg"]

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from survfuse.experiment.config import parse_config
+from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.evaluate import GroupData, ModelPreds, assemble_table, score_group
 from survfuse.experiment.grid import CellSpec
 from survfuse.report import figures, tables

@@ -202,7 +202,7 @@ def run(
     input (config, data, paths) or a run folder in use."""
     from rich.console import Console
 
-    from survfuse.experiment.config import load_config
+    from survfuse.experiment.config_load import load_config
     from survfuse.experiment.runner import run_experiment
 
     overrides: dict[str, object] = {}

@@ -26,6 +26,12 @@ from numpy.typing import ArrayLike, NDArray
 
 from survfuse.atomic import atomic_dir
 
+__all__ = ["MODALITIES", "Modality", "ModalityFeatures"]
+
+#: The modalities, exactly: what encoders produce and fusion models read.
+MODALITIES = ("ct", "ehr")
+Modality = Literal["ct", "ehr"]
+
 
 def _as(a: Any, dtype: Any) -> Any:
     """`a` with `dtype` (no copy when it already has it, so memory maps are kept)."""

@@ -19,6 +19,7 @@ from survfuse.data.cohort import Cohort, validate_cohort
 from survfuse.registry import look_up_option
 
 __all__ = [
+    "EVAL_SPLITS",
     "SPLITS",
     "SplitError",
     "attach_splits",
@@ -30,6 +31,8 @@ __all__ = [
 
 #: The split names, exactly.
 SPLITS = ("train", "validation", "internal_test", "external_test")
+#: The splits models are scored on (the training split never is).
+EVAL_SPLITS = SPLITS[1:]
 
 
 class SplitError(ValueError):

@@ -15,14 +15,14 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
 import survfuse
-from survfuse.features import ModalityFeatures
+from survfuse.features import Modality, ModalityFeatures
 from survfuse.registry import ENCODERS
 
 __all__ = [
@@ -38,8 +38,6 @@ __all__ = [
     "iter_ct_volumes",
     "register_encoder",
 ]
-
-Modality = Literal["ct", "ehr"]
 
 
 # ---------------------------------------------------------------------- fingerprint helpers

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import survfuse
-from survfuse.experiment.config import ConfigError, ExperimentConfig, load_config
+from survfuse.experiment.config import ConfigError, ExperimentConfig
+from survfuse.experiment.config_load import load_config
 
 __all__ = ["default_demo_config", "demo_config", "run_demo"]
 

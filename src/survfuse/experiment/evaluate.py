@@ -42,8 +42,9 @@ import polars as pl
 from numpy.typing import NDArray
 
 from survfuse.data.cohort import outcome_columns
+from survfuse.data.splits import EVAL_SPLITS
 from survfuse.experiment.cell import surv_column
-from survfuse.experiment.config import EVAL_SPLITS, ExperimentConfig
+from survfuse.experiment.config import ExperimentConfig
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir
 from survfuse.experiment.scoring import (

@@ -26,8 +26,9 @@ import numpy as np
 import polars as pl
 
 from survfuse.data.cohort import outcome_columns
+from survfuse.data.splits import EVAL_SPLITS
 from survfuse.experiment.cell import load_features
-from survfuse.experiment.config import EVAL_SPLITS, ExperimentConfig
+from survfuse.experiment.config import ExperimentConfig
 from survfuse.experiment.evaluate import MODEL_SCHEMA, group_seed
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, write_parquet
@@ -292,7 +293,7 @@ def ensure_imbalance(run_dir: str | Path) -> Path | None:
     the run has no metrics yet."""
     import json
 
-    from survfuse.experiment.config import parse_config
+    from survfuse.experiment.config_load import parse_config
 
     rd = RunDir(run_dir)
     path = rd.root / IMBALANCE_FILE

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from survfuse.experiment.cell import surv_column
-from survfuse.experiment.config import parse_config
+from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, write_parquet
 from survfuse.registry import look_up_option

@@ -28,7 +28,8 @@ import polars as pl
 import survfuse
 from survfuse.data.quality import manifest_rows, manifest_summary
 from survfuse.experiment.cell import CellResult
-from survfuse.experiment.config import MODALITIES, ExperimentConfig, encoder_from_choice
+from survfuse.experiment.config import ExperimentConfig
+from survfuse.experiment.config_load import encoder_from_choice
 from survfuse.experiment.executors import Executor, get_executor
 from survfuse.experiment.grid import CellSpec, expand_grid
 from survfuse.experiment.imbalance_eval import imbalance_hook
@@ -40,6 +41,7 @@ from survfuse.experiment.rundir import (
     write_parquet,
     write_text,
 )
+from survfuse.features import MODALITIES
 
 __all__ = [
     "POST_EVALUATION",

@@ -59,12 +59,8 @@ import numpy as np
 import polars as pl
 import yaml
 
-from survfuse.experiment.config import (
-    EncoderChoice,
-    ExperimentConfig,
-    StrategyChoice,
-    parse_config,
-)
+from survfuse.experiment.config import EncoderChoice, ExperimentConfig, StrategyChoice
+from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.sweep_tables import GAIN_SCHEMA, gain_table, pool_replicates
 
 __all__ = ["SweepResult", "run_sweep", "sweep_config", "write_cell_embeddings"]

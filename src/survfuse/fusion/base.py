@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.features import MODALITIES
+from survfuse.fusion.batch import Batch, ModalitySpec
 from survfuse.fusion.layers import FeatureNorm
 from survfuse.registry import HEADS
 from survfuse.survival.heads import SurvivalHead

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from survfuse.features import ModalityFeatures
+from survfuse.features import MODALITIES, ModalityFeatures
 from survfuse.registry import look_up_option
 
 __all__ = [
-    "MODALITIES",
     "Batch",
     "ModalitySpec",
     "batch_size_of",
@@ -28,8 +27,6 @@ __all__ = [
     "mask_modalities",
     "to_batch",
 ]
-
-MODALITIES = ("ct", "ehr")
 
 Batch = dict[str, dict[str, Tensor]]
 

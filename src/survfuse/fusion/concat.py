@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from survfuse.features import MODALITIES
 from survfuse.fusion.base import FusionOutput, FusionStrategy
-from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.fusion.batch import Batch, ModalitySpec
 from survfuse.fusion.layers import MLP
 from survfuse.registry import FUSIONS
 

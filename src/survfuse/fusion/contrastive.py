@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from survfuse.features import MODALITIES
 from survfuse.fusion.base import FusionOutput, FusionStrategy
-from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.fusion.batch import Batch, ModalitySpec
 from survfuse.fusion.layers import MLP
 from survfuse.registry import FUSIONS
 

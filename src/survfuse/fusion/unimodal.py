@@ -16,8 +16,9 @@ from typing import Any
 
 from torch import nn
 
+from survfuse.features import MODALITIES
 from survfuse.fusion.base import FusionOutput, FusionStrategy
-from survfuse.fusion.batch import MODALITIES, Batch, ModalitySpec
+from survfuse.fusion.batch import Batch, ModalitySpec
 from survfuse.fusion.layers import MLP, AttentionBlock, GatedAttentionPool, ModalityEmbedding
 from survfuse.registry import FUSIONS, look_up_option
 
