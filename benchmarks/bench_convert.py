@@ -174,12 +174,19 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tmp", type=Path, default=None, help="Folder for the generated data.")
-    ap.add_argument("--keep", action="store_true", help="Keep the generated data.")
+    ap.add_argument("--keep", action="store_true", help="Keep the generated data (prints where).")
+    ap.add_argument("--data", type=Path, default=None, help="Reuse a release kept by --keep.")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.tmp))
+    tmp = args.data or Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.tmp))
     try:
         t0 = time.perf_counter()
-        info = generate(tmp / "inspect", args.studies, args.measurements, args.shards, args.seed)
+        if args.data is None:
+            info = generate(
+                tmp / "inspect", args.studies, args.measurements, args.shards, args.seed
+            )
+            (tmp / "info.json").write_text(json.dumps(info))
+        info = json.loads((tmp / "info.json").read_text())
+        shutil.rmtree(tmp / "out", ignore_errors=True)
         gen_s = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in (tmp / "inspect").rglob("*") if p.is_file())
         exe = Path(sys.executable).with_name("survfuse")
@@ -225,7 +232,9 @@ def main() -> None:
             )
         )
     finally:
-        if not args.keep:
+        if args.keep or args.data is not None:
+            print(f"data kept in {tmp} (reuse with --data {tmp})", file=sys.stderr)
+        else:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
