@@ -41,6 +41,7 @@ from survfuse.convert.report import render_report
 from survfuse.convert.tables import ConversionError
 from survfuse.data.cohort import validate_cohort
 from survfuse.data.imaging import validate_ct_index
+from survfuse.data.meds import MEDSDataset
 
 __all__ = ["ETL_NAME", "MEDS_SPLITS", "ConversionResult", "convert_inspect"]
 
@@ -309,6 +310,7 @@ def convert_inspect(
             index.write_parquet(tmp / "ct_index.parquet")
             n_ct = index.height
         _write_meds_metadata(tmp / "meds" / "metadata", meds, cohort_df, flat)
+        MEDSDataset(tmp / "meds")  # survfuse reads what was written (every shard's schema)
         counts["output"] = {
             "folder": str(out),
             "cohort_rows": cohort_df.height,
