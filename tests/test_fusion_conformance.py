@@ -26,7 +26,12 @@ for _name in FUSIONS.list():
         ]
     else:
         VARIANTS.append((_name, {}))
-CASES = [(s, p, h) for s, p in VARIANTS for h in HEADS.list()]
+CASES = [
+    (s, p, h)
+    for s, p in VARIANTS
+    for h in HEADS.list()
+    if FUSIONS.get(s).supported_heads is None or h in FUSIONS.get(s).supported_heads
+]
 IDS = [
     f"{s}-{p.get('modality', '')}{'-tokens' if p.get('tokens') else ''}-{h}".replace("--", "-")
     for s, p, h in CASES
@@ -48,7 +53,7 @@ def _one_torch_thread():  # type: ignore[no-untyped-def]
 
 
 def small(strategy: str, params: dict[str, object], head: str, **kw: object) -> FusionSurvivalModel:
-    sp = {"dropout": 0.0, "hidden": 8, **params}
+    sp = {"dropout": 0.0, "hidden": 8, **params} if strategy != "linear" else dict(params)
     if strategy in ("cross_attention", "co_attention"):
         sp["d_model"] = 8
     if strategy == "contrastive":

@@ -182,7 +182,7 @@ class StrategyChoice(_Strict):
     def _unimodal(self) -> StrategyChoice:
         if self.name == "unimodal" and self.modality is None:
             raise ValueError("strategy 'unimodal' needs `modality: ct` or `modality: ehr`")
-        from survfuse.fusion.model import check_params
+        from survfuse.fusion.params import check_params
         from survfuse.registry import FUSIONS
 
         check_params(self.params, FUSIONS.get(self.name), kind=f"{self.name} strategy parameter")

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from survfuse.experiment.config import ExperimentConfig
+from survfuse.registry import FUSIONS
 
 __all__ = ["CellSpec", "expand_grid", "model_key"]
 
@@ -73,6 +74,9 @@ def expand_grid(cfg: ExperimentConfig, features: dict[str, dict[str, str]]) -> l
             cts: list[str | None] = list(ct_keys) if "ct" in mods else [None]
             ehrs: list[str | None] = list(ehr_keys) if "ehr" in mods else [None]
             training = cfg.training_for(strat).model_dump(mode="json")
+            # a strategy may support only some heads (e.g. `linear`: cox); the others are skipped
+            supported = FUSIONS.get(strat.name).supported_heads
+            heads = [h for h in cfg.heads if supported is None or h in supported]
             for ct in cts:
                 for ehr in ehrs:
                     feats = {}
@@ -80,7 +84,7 @@ def expand_grid(cfg: ExperimentConfig, features: dict[str, dict[str, str]]) -> l
                         feats["ct"] = features["ct"][ct]
                     if ehr is not None:
                         feats["ehr"] = features["ehr"][ehr]
-                    for head in cfg.heads:
+                    for head in heads:
                         for seed in cfg.seeds:
                             cell_id = ".".join(
                                 [task, strat.key, ct or "none", ehr or "none", head, f"s{seed}"]

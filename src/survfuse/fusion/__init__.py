@@ -10,6 +10,7 @@ from survfuse.fusion import (  # noqa: F401  (imported so the strategies registe
     contrastive,
     cross_attention,
     late,
+    linear,
     unimodal,
 )
 from survfuse.fusion.base import FusionOutput, FusionStrategy

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -53,6 +54,10 @@ class FusionStrategy(nn.Module, abc.ABC):
 
     uses_tokens: bool = False
     head: SurvivalHead
+    # heads the strategy can use (None: every registered head); the grid skips the others
+    supported_heads: tuple[str, ...] | None = None
+    # fitted in closed form / by an exact solver (`fit_exact`) instead of the training loop
+    fits_exactly: bool = False
 
     def __init__(
         self,
@@ -150,6 +155,16 @@ class FusionStrategy(nn.Module, abc.ABC):
             # having both modalities): a zero attached to the graph, so backward() still works
             return output.out.sum() * 0.0
         return torch.stack(parts).sum()
+
+    def fit_exact(
+        self,
+        train: Batch,
+        time: np.ndarray,
+        event: np.ndarray,
+        validation: tuple[Batch, np.ndarray, np.ndarray] | None,
+    ) -> list[dict[str, Any]]:
+        """Fit without the training loop (strategies with `fits_exactly`); returns history rows."""
+        raise NotImplementedError(f"{type(self).__name__} is trained by the training loop")
 
     @property
     def needs_validation_after_training(self) -> bool:

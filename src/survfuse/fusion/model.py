@@ -25,9 +25,7 @@ late fusion's stacking), then the head fits its baseline hazard on the training 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,10 +47,9 @@ from survfuse.fusion.batch import (
     to_batch,
 )
 from survfuse.fusion.branches import BranchStopper, BranchStopping
+from survfuse.fusion.params import check_params, harrell_c
 from survfuse.fusion.rebalance import OGMGE
 from survfuse.interop import check_survival
-from survfuse.metrics import concordance_index
-from survfuse.metrics.concordance import NoComparablePairError
 from survfuse.registry import FUSIONS, look_up_option
 from survfuse.training import (
     Callback,
@@ -63,39 +60,12 @@ from survfuse.training import (
 )
 from survfuse.training.state import Step
 
-__all__ = ["FULL_BATCH_MAX", "LARGE_BATCH", "FusionSurvivalModel", "harrell_c"]
+__all__ = ["FULL_BATCH_MAX", "LARGE_BATCH", "FusionSurvivalModel"]
 
 FULL_BATCH_MAX = 4096
 LARGE_BATCH = 2048
 PREDICT_CHUNK = 4096
 Features = Mapping[str, ModalityFeatures]
-# FusionStrategy.__init__ arguments the estimator passes itself (not strategy_params)
-RESERVED_PARAMS = ("self", "specs", "head", "head_params", "in_features")
-
-
-def check_params(params: Mapping[str, Any], target: Any, *, kind: str) -> None:
-    """Every key of `params` must be a keyword argument of `target`'s `__init__` (did-you-mean
-    error otherwise); a target that accepts **kwargs accepts anything."""
-    sig = inspect.signature(target.__init__)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    allowed = [
-        name
-        for name, p in sig.parameters.items()
-        if name not in RESERVED_PARAMS
-        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    for key in params:
-        look_up_option(key, allowed, kind=kind)
-
-
-def harrell_c(time: ArrayLike, event: ArrayLike, risk: ArrayLike) -> float:
-    """Harrell's C of `risk` (`survfuse.metrics.concordance_index`), used for early stopping;
-    NaN when the split has no comparable pair (early stopping then keeps the first epoch)."""
-    try:
-        return float(concordance_index(time, event, risk).estimate)
-    except NoComparablePairError:
-        return math.nan
 
 
 class FusionSurvivalModel:
@@ -273,6 +243,9 @@ class FusionSurvivalModel:
         e_all = torch.as_tensor(e, device=dev)
         self.history, self.best_epoch = [], None
         self.branch_summary, self.dropped_modalities = {}, []
+        if module.fits_exactly:  # an exact solver: no epochs, no callbacks
+            self._fit_exact(module, features, t, e, validation, dev)
+            return
 
         def batches() -> Iterator[Step]:
             for idx in self._batches(n, rng):
@@ -351,6 +324,28 @@ class FusionSurvivalModel:
             )
         out = self._outputs(features)
         module.output_head.fit_baseline(out, t, e)
+
+    def _fit_exact(
+        self,
+        module: FusionStrategy,
+        features: Features,
+        t: NDArray[np.float64],
+        e: NDArray[np.bool_],
+        validation: tuple[Features, ArrayLike, ArrayLike] | None,
+        dev: torch.device,
+    ) -> None:
+        mods, tok = module.modalities, module.uses_tokens
+        train = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
+        val = None
+        if validation is not None:
+            vf, vt, ve = validation
+            vt, ve = check_survival(vt, ve)
+            check_modalities(vf, mods)
+            val = (to_batch(vf, modalities=mods, with_tokens=tok, device=dev), vt, ve)
+        module.eval()
+        self.history = module.fit_exact(train, t, e, val)
+        self.best_epoch = 0
+        module.output_head.fit_baseline(self._outputs(features), t, e)
 
     # ------------------------------------------------------------------ inference
     def _outputs(self, features: Features) -> Tensor:
