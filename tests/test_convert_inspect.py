@@ -283,7 +283,8 @@ def test_a_tiny_study_runs_on_the_converted_folder(converted: Path, tmp_path: Pa
         "meds_root": str(converted / "meds"),
     }
     raw["tasks"] = ["pe_mortality"]
-    raw["splits"] = {"external_sites": [], "val_frac": 0.2, "test_frac": 0.2, "seed": 0}
+    # the release's own split, not a new one (splits.column)
+    raw["splits"] = {"external_sites": [], "column": "inspect_split"}
     raw["encoders"]["ct"][0]["params"] = {"grid": [2, 2, 2], "n_bins": 8}
     raw["strategies"] = [
         {"name": "unimodal", "modality": "ct"},
@@ -302,6 +303,8 @@ def test_a_tiny_study_runs_on_the_converted_folder(converted: Path, tmp_path: Pa
     assert ct.filter(pl.col("status") == "present").height == ct.height - 1  # the missing file
     metrics = pl.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert metrics.height > 0
+    run_cohort = pl.read_parquet(tmp_path / "run" / "data" / "cohort.parquet")
+    assert run_cohort["split"].to_list() == run_cohort["inspect_split"].to_list()
 
 
 def test_ct_root_without_image_id_column_is_an_error(mini: Any, tmp_path: Path) -> None:

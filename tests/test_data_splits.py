@@ -138,3 +138,42 @@ def test_attach_needs_every_subject() -> None:
     s = make_splits(c, external_sites=["C"], seed=0)
     with pytest.raises(SplitError, match="has no split"):
         attach_splits(c.df, s.filter(pl.col("subject_id") != 1000))
+
+
+# ----------------------------------------------------------------------------- predefined
+def test_predefined_splits_from_a_column_external_sites_override() -> None:
+    from survfuse.data.splits import predefined_splits
+
+    df = pl.DataFrame(
+        {
+            "subject_id": [1, 1, 2, 3, 4],
+            "site": ["A", "A", "A", "B", "C"],
+            "rel": ["train", "train", "validation", "internal_test", "train"],
+        }
+    )
+    out = predefined_splits(df, "rel", ["C"])
+    assert dict(zip(out["subject_id"], out["split"], strict=True)) == {
+        1: "train",
+        2: "validation",
+        3: "internal_test",
+        4: "external_test",
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["train", "validation", None], "is null for subject 3"),
+        (["train", "valid", "train"], "has 'valid' for subject 2"),
+        (["train", "train", "validation"], "appears in several splits"),
+    ],
+)
+def test_predefined_splits_errors_name_column_and_subject(values, message) -> None:  # type: ignore[no-untyped-def]
+    from survfuse.data.splits import SplitError, predefined_splits
+
+    sid = [1, 2, 2] if "several" in message else [1, 2, 3]
+    df = pl.DataFrame({"subject_id": sid, "site": ["A"] * 3, "rel": values})
+    with pytest.raises(SplitError, match=message):
+        predefined_splits(df, "rel", source="cohort x.parquet")
+    with pytest.raises(SplitError, match=r"splits\.column 'nope' is not a cohort column"):
+        predefined_splits(df, "nope")

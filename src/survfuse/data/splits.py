@@ -26,6 +26,7 @@ __all__ = [
     "check_splits",
     "load_splits",
     "make_splits",
+    "predefined_splits",
     "save_splits",
 ]
 
@@ -134,6 +135,47 @@ def make_splits(
         ]
     )
     return check_splits(out, source="make_splits")
+
+
+def predefined_splits(
+    cohort_df: pl.DataFrame,
+    column: str,
+    external_sites: Iterable[str] = (),
+    *,
+    source: object = "cohort",
+) -> pl.DataFrame:
+    """`(subject_id, split)` from a cohort column of predefined splits (e.g. a release's own
+    train / validation / test assignment); subjects of `external_sites` become external_test.
+
+    Raises SplitError naming the column and subject for a missing column, a null or unknown
+    value, or a subject with two values (splits must be disjoint by subject)."""
+    if column not in cohort_df.columns:
+        raise SplitError(
+            f"{source}: splits.column {column!r} is not a cohort column (columns: "
+            f"{cohort_df.columns})"
+        )
+    ext = list(external_sites)
+    df = cohort_df.select(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.when(pl.col("site").is_in(ext))
+        .then(pl.lit("external_test"))
+        .otherwise(pl.col(column).cast(pl.String))
+        .alias("split"),
+    )
+    nulls = df.filter(pl.col("split").is_null())
+    if nulls.height:
+        raise SplitError(
+            f"{source}: column {column!r} is null for subject {nulls['subject_id'][0]} "
+            f"({nulls.height} rows)"
+        )
+    bad = df.filter(~pl.col("split").is_in(list(SPLITS)))
+    if bad.height:
+        row = bad.row(0, named=True)
+        raise SplitError(
+            f"{source}: column {column!r} has {row['split']!r} for subject {row['subject_id']} "
+            f"(valid: {', '.join(SPLITS)})"
+        )
+    return check_splits(df, source=f"{source}: column {column!r}")
 
 
 def save_splits(splits: pl.DataFrame, path: str | Path) -> Path:

@@ -74,9 +74,13 @@ class DataConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    """Per-subject splits: external sites form `external_test`; the rest is split by fractions."""
+    """Per-subject splits: external sites form `external_test`; the rest is split by fractions,
+    or, with `column`, taken from that cohort column (a predefined split such as INSPECT's
+    `inspect_split`: values train / validation / internal_test, one per subject; subjects of
+    `external_sites` still form external_test)."""
 
     external_sites: list[str] = Field(default_factory=list)
+    column: str | None = None
     val_frac: float = Field(default=0.15, gt=0.0, lt=1.0)
     test_frac: float = Field(default=0.15, gt=0.0, lt=1.0)
     seed: int = 0

@@ -192,6 +192,11 @@ def check_inputs(cfg: ExperimentConfig, *, source: str = "config") -> None:
             )
     if set(cfg.splits.external_sites) >= set(present):
         raise ConfigError(f"{source}: splits.external_sites: every site is external; none left")
+    col = cfg.splits.column
+    if col is not None and col not in columns:
+        raise ConfigError(
+            f"{source}: splits.column: column {col!r} is not in the cohort{suggest(col, columns)}"
+        )
     tasks = cohort_tasks(columns)
     for task in cfg.tasks:
         if task not in tasks:

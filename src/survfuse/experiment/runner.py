@@ -78,18 +78,21 @@ class RunResult:
 def prepare_cohort(cfg: ExperimentConfig, rd: RunDir) -> pl.DataFrame:
     """Load the cohort, make the per-subject splits and write both into the run directory."""
     from survfuse.data.cohort import load_cohort
-    from survfuse.data.splits import attach_splits, make_splits
+    from survfuse.data.splits import attach_splits, make_splits, predefined_splits
 
     cohort = load_cohort(cfg.data.cohort)
     sp = cfg.splits
-    splits = make_splits(
-        cohort,
-        external_sites=list(sp.external_sites),
-        seed=sp.seed,
-        val_frac=sp.val_frac,
-        test_frac=sp.test_frac,
-        stratify=sp.stratify,
-    )
+    if sp.column is not None:
+        splits = predefined_splits(cohort.df, sp.column, sp.external_sites, source=cfg.data.cohort)
+    else:
+        splits = make_splits(
+            cohort,
+            external_sites=list(sp.external_sites),
+            seed=sp.seed,
+            val_frac=sp.val_frac,
+            test_frac=sp.test_frac,
+            stratify=sp.stratify,
+        )
     df = attach_splits(cohort.df, splits)
     write_parquet(rd.splits, splits)
     write_parquet(rd.cohort, df)
