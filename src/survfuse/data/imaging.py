@@ -39,6 +39,7 @@ __all__ = [
     "CTLoadWarning",
     "CTPreprocessing",
     "CTVolume",
+    "check_ct_array",
     "iter_ct",
     "load_ct",
     "load_ct_batch",
@@ -352,6 +353,28 @@ def _crop_or_pad(
     return out, new_affine
 
 
+def check_ct_array(
+    arr: NDArray[np.float32], preprocessing: CTPreprocessing, *, path: str | Path = "<array>"
+) -> dict[str, float]:
+    """The checks made before any value changes: a non-empty 3-d volume with at least
+    `min_slices` voxels along every axis and (`check_hu`) a plausible CT HU distribution.
+
+    Returns the HU percentiles {hu_p01, hu_p50, hu_p99}; raises `CTLoadError(path, reason)`.
+    Shared by `preprocess_ct` and the published MONAI pipelines (`survfuse.encoders.fm_transforms`).
+    """
+    path = Path(path)
+    if arr.ndim != 3 or min(arr.shape) < 1:
+        raise CTLoadError(path, f"expected a non-empty 3-d volume, got shape {arr.shape}")
+    if min(arr.shape) < preprocessing.min_slices:
+        raise CTLoadError(
+            path,
+            f"too few slices: shape {tuple(int(s) for s in arr.shape)} has fewer than "
+            f"min_slices={preprocessing.min_slices} voxels along an axis (a localiser or single "
+            "slice, not a CT volume)",
+        )
+    return _check_hu(path, arr, preprocessing)
+
+
 def preprocess_ct(
     arr: NDArray[np.float32],
     affine: NDArray[np.float64],
@@ -372,16 +395,7 @@ def preprocess_ct(
         native_spacing=tuple(float(s) for s in _spacing(affine)),
         native_orientation="".join(nib.aff2axcodes(affine)),
     )
-    if arr.ndim != 3 or min(arr.shape) < 1:
-        raise CTLoadError(path, f"expected a non-empty 3-d volume, got shape {arr.shape}")
-    if min(arr.shape) < prep.min_slices:
-        raise CTLoadError(
-            path,
-            f"too few slices: shape {tuple(int(s) for s in arr.shape)} has fewer than "
-            f"min_slices={prep.min_slices} voxels along an axis (a localiser or single slice, "
-            "not a CT volume)",
-        )
-    meta.update(_check_hu(path, arr, prep))
+    meta.update(check_ct_array(arr, prep, path=path))
     arr = np.maximum(arr, np.float32(prep.floor_hu))
     arr, affine = _reorient(arr, affine, prep.orientation)
     if prep.spacing is not None:

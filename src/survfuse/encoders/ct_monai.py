@@ -1,31 +1,47 @@
 """`ct_monai`: frozen CT foundation-model architectures loaded from a local checkpoint.
 
-Presets (each with the model's own preprocessing, as a `CTPreprocessing`):
+Presets. The foundation-model presets see exactly their published input: MONAI's own transforms,
+configured as upstream (`survfuse.encoders.fm_transforms`, which cites each source), and, where a
+whole-volume pass would not fit in memory, an inference that gives the same output
+(`survfuse.encoders.fm_inference`):
 
-- `ct-fm` (CT-FM, Pai et al. 2025): MONAI `SegResEncoder(spatial_dims=3, in_channels=1,
-  init_filters=32, blocks_down=(1, 2, 2, 4, 4))`; SPL orientation, native spacing,
-  HU -1024..2048 -> [0, 1], crop to the foreground bounding box (MONAI `CropForeground`: voxels
-  > 0 after scaling); the last level's 512-channel map. Weights: Hugging Face
-  `project-lighter/ct_fm_feature_extractor` (`model.safetensors`).
-- `merlin` (Merlin, Blankemeier et al. 2024): the I3D ResNet-152 image encoder of
-  `survfuse.encoders.merlin_i3d`; RAS, 1.5 x 1.5 x 3 mm, HU -1000..1000 -> [0, 1], centre
-  crop/pad to 224 x 224 x 160; the 2048-channel layer4 map. Weights: Hugging Face
-  `stanfordmimi/Merlin` (`i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt`;
-  its `encode_image.*` keys are used, the text tower is ignored).
+- `ct-fm` (CT-FM, Pai et al. 2025; the `project-lighter/ct_fm_feature_extractor` model card):
+  MONAI `SegResEncoder(spatial_dims=3, in_channels=1, init_filters=32, blocks_down=(1, 2, 2, 4,
+  4))`; SPL, native spacing, HU -1024..2048 -> [0, 1] clipped, `CropForeground` (> 0 after
+  scaling); the whole volume's deepest (512-channel) map, computed in tiles with a
+  receptive-field halo (`tile`, default 128^3 voxels per crop core) so a 512 x 512 x 300 CT fits
+  in a few GB. Weights: Hugging Face `project-lighter/ct_fm_feature_extractor`
+  (`model.safetensors`).
+- `ct-fm-patches` (CT-FM's embedding scripts, `scripts/feature_extractor.py`): the same network
+  and weights; SPL, 3 x 1 x 1 mm, `CropForeground` on the raw HU (> 0 HU) before scaling, then
+  24 x 128 x 128 sliding-window patches (overlap 0), each embedded as the average of its deepest
+  map; `pooled` is the average of the patch embeddings, the tokens are the patch grid.
+- `merlin` (Merlin, Blankemeier et al. 2024; `merlin/data/monai_transforms.py`): the I3D
+  ResNet-152 image encoder of `survfuse.encoders.merlin_i3d`; RAS, 1.5 x 1.5 x 3 mm, HU
+  -1000..1000 -> [0, 1] clipped, pad + centre crop to 224 x 224 x 160; the 2048-channel layer4
+  map. Weights: Hugging Face `stanfordmimi/Merlin`
+  (`i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt`; its
+  `encode_image.*` keys are used, the text tower is ignored).
 - `generic`: any network of `monai.networks.nets` named by `network` with `network_args`, with
-  the preprocessing you give.
+  survfuse's hand-written preprocessing (`survfuse.data.imaging.CTPreprocessing`: there is no
+  published pipeline to follow).
+
+`preprocessing` overrides a foundation-model pipeline's few parameters (`FMPreprocessing`: e.g.
+merlin's `spatial_size`, ct-fm-patches' `pixdim`, `patch_size`, `overlap`) for tests and
+benchmarks; the features' meta records whether the pipeline is the published one.
 
 The spatial feature map [C, a, b, c] becomes tokens: adaptive-average-pooled to `token_grid`
 cells (one token per cell, C-dim; `token_grid=None` keeps every map position) and `pooled` is its
-global average [C] (a map smaller than the grid along an axis keeps its size there). Checkpoints load with `strict=True` (safetensors, or `torch.load` with
-`weights_only=True`); a missing or mismatched checkpoint raises an error naming the expected file
-and where the weights are published.
+global average [C] (a map smaller than the grid along an axis keeps its size there).
+Checkpoints load with `strict=True` (safetensors, or `torch.load` with `weights_only=True`); a
+missing or mismatched checkpoint raises an error naming the expected file and where the weights
+are published.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +61,12 @@ from survfuse.encoders.base import (
     iter_ct_volumes,
     register_encoder,
 )
-from survfuse.encoders.features import ModalityFeatures
+from survfuse.features import ModalityFeatures
 from survfuse.registry import look_up_option
 
 __all__ = ["PRESETS", "CTMonaiEncoder", "CheckpointError", "Preset", "resolve_device"]
+
+NO_STUDY = "no CT study at or before prediction_time"  # as survfuse.data.imaging.iter_ct
 
 
 class CheckpointError(RuntimeError):
@@ -67,45 +85,50 @@ class Preset:
     published_at: str | None = None
     key_prefix: str | None = None  # keys of the published file under this prefix are the model
     ignored_prefixes: tuple[str, ...] = field(default_factory=tuple)
+    pipeline: str | None = None  # the published MONAI chain (fm_transforms); None: hand-written
+    inference: str = "whole"  # "whole" (batched), "tiled" (SegResEncoder, exact) or "patches"
 
+
+CTFM_NETWORK_ARGS: dict[str, Any] = {  # project-lighter/ct_fm_feature_extractor config.json
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "init_filters": 32,
+    "blocks_down": [1, 2, 2, 4, 4],
+}
+CTFM_FILE = "model.safetensors"
+CTFM_AT = "Hugging Face project-lighter/ct_fm_feature_extractor"
 
 PRESETS: dict[str, Preset] = {
     "ct-fm": Preset(
         network="SegResEncoder",
-        network_args={
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "init_filters": 32,
-            "blocks_down": [1, 2, 2, 4, 4],
-        },
-        preprocessing={
-            "orientation": "SPL",
-            "spacing": None,
-            "hu_window": [-1024.0, 2048.0],
-            "scale_to_unit": True,
-            "target_shape": None,
-            "crop": "foreground",
-        },
+        network_args=CTFM_NETWORK_ARGS,
+        preprocessing={},
         out_channels=512,
-        expected_file="model.safetensors",
-        published_at="Hugging Face project-lighter/ct_fm_feature_extractor",
+        pipeline="ct-fm",
+        inference="tiled",
+        expected_file=CTFM_FILE,
+        published_at=CTFM_AT,
+    ),
+    "ct-fm-patches": Preset(
+        network="SegResEncoder",
+        network_args=CTFM_NETWORK_ARGS,
+        preprocessing={},
+        out_channels=512,
+        pipeline="ct-fm-patches",
+        inference="patches",
+        expected_file=CTFM_FILE,
+        published_at=CTFM_AT,
     ),
     "merlin": Preset(
         network="merlin_i3d",
         network_args={"blocks": [3, 8, 36, 3]},
-        preprocessing={
-            "orientation": "RAS",
-            "spacing": [1.5, 1.5, 3.0],
-            "hu_window": [-1000.0, 1000.0],
-            "scale_to_unit": True,
-            "target_shape": [224, 224, 160],
-            "crop": "center",
-        },
+        preprocessing={},
         out_channels=2048,
         expected_file="i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
         published_at="Hugging Face stanfordmimi/Merlin",
         key_prefix="encode_image.",
         ignored_prefixes=("encode_text.", "logit_scale"),
+        pipeline="merlin",
     ),
     "generic": Preset(network="", network_args={}, preprocessing={}, out_channels=None),
 }
@@ -204,7 +227,8 @@ def load_checkpoint(
 
 
 def _foreground_crop(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """Bounding box of voxels > 0 (MONAI CropForeground's default select_fn, margin 0)."""
+    """Bounding box of voxels > 0 (the `generic` preset's crop="foreground" without a
+    target_shape; the ct-fm presets use MONAI's CropForeground itself)."""
     fg = x > 0
     if not fg.any():
         return x
@@ -221,6 +245,9 @@ class CTMonaiEncoder(Encoder):
     """A frozen 3-D CNN from a local checkpoint (see module docstring for the presets).
 
     tokens [N, T, C] (T = prod(token_grid)), mask [N, T], pooled [N, C].
+    `tile` (ct-fm) is the crop core of the tiled whole-volume pass and `batch_size` the number of
+    volumes (merlin, generic) or patches (ct-fm-patches) per forward pass; neither changes the
+    features, so neither is part of the config.
     """
 
     modality = "ct"
@@ -236,18 +263,27 @@ class CTMonaiEncoder(Encoder):
         preprocessing: dict[str, Any] | None = None,
         token_grid: tuple[int, int, int] | list[int] | None = (4, 4, 4),
         batch_size: int = 2,
+        tile: Sequence[int] = (128, 128, 128),
         device: str = "auto",
     ) -> None:
         from survfuse.data.imaging import CTPreprocessing
+        from survfuse.encoders.fm_transforms import FMPreprocessing
 
         preset = look_up_option(preset, PRESETS, kind="ct_monai preset")
         p = PRESETS[preset]
         net_name = network or p.network
         if not net_name:
             raise ValueError("ct_monai preset 'generic' needs network='<monai.networks.nets name>'")
-        prep = CTPreprocessing(**{**p.preprocessing, **(preprocessing or {})})
-        if not prep.scale_to_unit and preset != "generic":
-            raise ValueError(f"preset {preset!r} expects preprocessing.scale_to_unit=True")
+        prep: CTPreprocessing | FMPreprocessing
+        if p.pipeline is not None:
+            if net_name != p.network:
+                raise ValueError(
+                    f"preset {preset!r} is the published {p.network} network; use "
+                    f"preset='generic' for network={network!r}"
+                )
+            prep = FMPreprocessing(pipeline=p.pipeline, **(preprocessing or {}))
+        else:
+            prep = CTPreprocessing(**{**p.preprocessing, **(preprocessing or {})})
         super().__init__(
             preset=preset,
             checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
@@ -255,9 +291,10 @@ class CTMonaiEncoder(Encoder):
             network_args={**p.network_args, **(network_args or {})},
             preprocessing=prep.model_dump(mode="json"),
             token_grid=None if token_grid is None else [int(g) for g in token_grid],
-            batch_size=int(batch_size),
         )
         self.device = resolve_device(device)  # not part of the config: results do not depend on it
+        self.batch_size = int(batch_size)
+        self.tile = tuple(int(t) for t in tile)
         self._prep = prep
         self._preset = p
         self._net: nn.Module | None = None
@@ -284,7 +321,22 @@ class CTMonaiEncoder(Encoder):
         return hash_parts(super().fingerprint(), hash_files([ckpt]) if ckpt else "no-checkpoint")
 
     def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        out: Any = self.network()(x)
+        """The network's feature map [B, C, a, b, c] of inputs x [B, 1, X, Y, Z]."""
+        from survfuse.encoders import fm_inference
+
+        net = self.network()
+        if self._preset.inference == "tiled":
+            return fm_inference.segres_deepest_tiled(net, x, self.tile)
+        if self._preset.inference == "patches":
+            prep: Any = self._prep
+            maps = [
+                fm_inference.patch_embeddings(
+                    net, x[i : i + 1], prep.patch_size, prep.overlap, self.batch_size
+                )
+                for i in range(x.shape[0])
+            ]
+            return torch.stack(maps)  # [B, C, n1, n2, n3]: one position per patch
+        out: Any = net(x)
         if isinstance(out, (list, tuple)):
             out = out[-1]  # deepest level of an encoder pyramid
         if not isinstance(out, torch.Tensor):
@@ -301,7 +353,7 @@ class CTMonaiEncoder(Encoder):
         """C of the feature map (the preset's, else probed with one zero volume)."""
         if self._preset.out_channels is not None and self._config["preset"] != "generic":
             return self._preset.out_channels
-        shape = self._prep.target_shape or (32, 32, 32)
+        shape = getattr(self._prep, "target_shape", None) or (32, 32, 32)
         return int(self.embed([np.zeros(shape, np.float32)])[1].shape[1])
 
     @torch.inference_mode()
@@ -318,16 +370,46 @@ class CTMonaiEncoder(Encoder):
         return tokens.cpu().numpy(), pooled.cpu().numpy()
 
     # ------------------------------------------------------------------ encode
+    def _volumes(
+        self, cohort: pl.DataFrame, source: CTSource
+    ) -> Iterator[tuple[int, Any, dict[str, Any] | None]]:
+        """(row, CTVolume or None, manifest entry or None) per cohort row (`iter_ct_volumes`)."""
+        if self._preset.pipeline is None:
+            yield from iter_ct_volumes(cohort, source, self._prep)
+            return
+        from survfuse.data.imaging import CTLoadError
+        from survfuse.encoders.fm_transforms import FMPreprocessing, load_fm
+
+        assert isinstance(self._prep, FMPreprocessing)
+        studies = source.studies(cohort).select("subject_id", "prediction_time", "path")
+        for i, rec in enumerate(studies.iter_rows(named=True)):
+            entry = dict(rec, prediction_time=str(rec["prediction_time"]))
+            if rec["path"] is None:
+                yield i, None, {**entry, "status": "no_study", "reason": NO_STUDY}
+                continue
+            try:
+                vol = load_fm(rec["path"], self._prep)
+            except CTLoadError as exc:
+                yield i, None, {**entry, "status": "failed", "reason": exc.reason}
+                continue
+            yield i, vol, None
+
     def encode(self, cohort: pl.DataFrame, source: CTSource) -> ModalityFeatures:
         sid, pt = cohort_keys(cohort)
         n = len(sid)
         batch: list[tuple[int, np.ndarray[Any, Any]]] = []
         results: dict[int, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = {}
         manifest: list[dict[str, Any]] = []
-        crop_fg = self._prep.crop == "foreground" and self._prep.target_shape is None
+        crop_fg = (
+            self._preset.pipeline is None
+            and getattr(self._prep, "crop", None) == "foreground"
+            and getattr(self._prep, "target_shape", None) is None
+        )
+        # a tiled or patch-wise volume is its own batch; merlin / generic batch `batch_size`
+        per_batch = self.batch_size if self._preset.inference == "whole" else 1
 
         def flush() -> None:
-            # volumes of different shapes (no target_shape) run one shape-group at a time
+            # volumes of different shapes (no fixed input size) run one shape-group at a time
             groups: dict[tuple[int, ...], list[tuple[int, np.ndarray[Any, Any]]]] = {}
             for i, v in batch:
                 groups.setdefault(v.shape, []).append((i, v))
@@ -337,13 +419,13 @@ class CTMonaiEncoder(Encoder):
                     results[i] = (tok[k], pool[k])
             batch.clear()
 
-        for i, vol, entry in iter_ct_volumes(cohort, source, self._prep):
+        for i, vol, entry in self._volumes(cohort, source):
             if vol is None:
                 manifest.append(entry or {})
                 continue
             arr = np.asarray(vol.array, dtype=np.float32)
             batch.append((i, _foreground_crop(arr) if crop_fg else arr))
-            if len(batch) >= self._config["batch_size"]:
+            if len(batch) >= per_batch:
                 flush()
         flush()
 
@@ -369,6 +451,8 @@ class CTMonaiEncoder(Encoder):
                 "encoder": self.name,
                 "modality": "ct",
                 "preset": self._config["preset"],
+                "pipeline": self._preset.pipeline,
+                "published_pipeline": bool(getattr(self._prep, "published", False)),
                 "token_grid": self._config["token_grid"],
                 "manifest": manifest,
             },
