@@ -488,6 +488,8 @@ def score_groups(
     worker processes, or here, with a progress bar."""
     from dataclasses import replace
 
+    from rich.console import Console
+
     from survfuse.experiment.eval_cache import CACHE_DIR, EvalCache, group_digest, model_digest
 
     cache = EvalCache(rd.root / CACHE_DIR) if rd is not None else None
@@ -511,11 +513,11 @@ def score_groups(
     n_todo = sum(len(s.models) for _, s in subs)
     workers = int(getattr(executor, "workers", 1) or 1)
     new: list[tuple[int, dict[str, Any]]] = []
-    with _progress(progress, console) as bar:
+    with _progress(progress and bool(subs), console) as bar:
 
         def say(msg: str) -> None:
-            if progress:
-                bar.console.print(msg)
+            if progress:  # through the live bar's console when there is one
+                (bar.console if subs else console or Console(stderr=True)).print(msg)
 
         if n_todo < n_models:
             say(
