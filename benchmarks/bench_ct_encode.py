@@ -8,6 +8,13 @@ Cases (each in its own subprocess so peak RSS is its own):
   (1, 2, 2, 4, 4); random weights) forward + token pooling, batch 1.
 
 Sizes: 64x64x40 and 160x160x96. Usage: `python benchmarks/bench_ct_encode.py [--threads 2]`.
+
+`--fm`: the foundation-model presets end to end (`ct_monai` presets `merlin`, `ct-fm`,
+`ct-fm-patches`, published pipelines, random weights in the published layout) on one synthetic
+512 x 512 x 300 int16 NIfTI torso (0.7 x 0.7 x 1.25 mm, -1024 HU outside a circular field of
+view): peak RSS of the encoding process (checkpoint written beforehand by another process), time
+to load + preprocess, time of the forward pass, and the model input's shape.
+Usage: `python benchmarks/bench_ct_encode.py --fm [--threads 2]`.
 The machine may be shared: figures are noisy.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,12 +160,149 @@ def case(name: str, shape: tuple[int, int, int], threads: int) -> dict[str, Any]
     raise ValueError(name)
 
 
+FM_SHAPE = (512, 512, 300)
+FM_SPACING = (0.7, 0.7, 1.25)
+FM_PRESETS = ("merlin", "ct-fm-patches", "ct-fm")
+
+
+def _write_fm_inputs(folder: Path) -> None:
+    """The synthetic 512 x 512 x 300 CT (int16 NIfTI) and a random checkpoint per preset."""
+    import nibabel as nib
+    import torch
+    from safetensors.torch import save_file
+
+    from survfuse.encoders.ct_monai import PRESETS, _build_network
+
+    rng = np.random.default_rng(0)
+    nx, ny, nz = FM_SHAPE
+    x, y = np.meshgrid(np.linspace(-1, 1, nx), np.linspace(-1, 1, ny), indexing="ij")
+    plane = np.full((nx, ny), -1000, np.int16)  # air
+    body = (x / 0.9) ** 2 + (y / 0.7) ** 2 < 1
+    plane[body] = 40
+    plane[body & ((x / 0.85) ** 2 + (y / 0.65) ** 2 > 0.8)] = -100  # fat
+    for cx in (-0.4, 0.4):
+        plane[((x - cx) / 0.3) ** 2 + (y / 0.45) ** 2 < 1] = -850  # lungs
+    plane[(x**2 + (y + 0.5) ** 2) < 0.01] = 700  # spine
+    plane[x**2 + y**2 > 1] = -1024  # outside the field of view
+    vol = np.empty(FM_SHAPE, np.int16)
+    for k in range(nz):
+        noise = rng.normal(0, 30, (nx, ny)).astype(np.int16)
+        vol[:, :, k] = np.where(plane == -1024, plane, plane + noise)
+    affine = np.diag([*FM_SPACING, 1.0])
+    nib.save(nib.Nifti1Image(vol, affine), str(folder / "ct.nii.gz"))
+    for preset in ("merlin", "ct-fm"):
+        p = PRESETS[preset]
+        with torch.device("meta"):
+            net = _build_network(p.network, p.network_args)
+        net.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(0)
+        state = {}
+        for name, t in net.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                state[name] = torch.zeros_like(t)
+            elif name.endswith("running_var"):
+                state[name] = torch.empty_like(t).uniform_(0.5, 1.5, generator=gen)
+            elif t.ndim > 1:
+                std = (2.0 / t[0].numel()) ** 0.5
+                state[name] = torch.empty_like(t).normal_(0, std, generator=gen)
+            else:
+                state[name] = torch.empty_like(t).uniform_(-0.1, 0.1, generator=gen)
+        if preset == "merlin":
+            torch.save({f"encode_image.{k}": v for k, v in state.items()}, folder / "merlin.pt")
+        else:
+            save_file(state, str(folder / "model.safetensors"))
+
+
+def fm_case(preset: str, folder: Path, threads: int) -> dict[str, Any]:
+    """Encode the synthetic CT with one FM preset; peak RSS of this process, times."""
+    import datetime as dt
+
+    import polars as pl
+    import torch
+
+    from survfuse.encoders import CTSource, build_encoder
+    from survfuse.encoders.fm_transforms import FMPreprocessing, load_fm
+
+    torch.set_num_threads(threads)
+    ckpt = folder / ("merlin.pt" if preset == "merlin" else "model.safetensors")
+    enc: Any = build_encoder("ct_monai", preset=preset, checkpoint=str(ckpt), device="cpu")
+    enc.network()
+    rss_net = _peak_rss_mb()
+    start = time.perf_counter()
+    vol = load_fm(folder / "ct.nii.gz", FMPreprocessing(pipeline=enc._preset.pipeline))
+    t_prep = time.perf_counter() - start
+    shape = "x".join(map(str, vol.array.shape))
+    del vol
+    t0 = dt.datetime(2020, 1, 1)
+    src = CTSource(
+        pl.DataFrame({"subject_id": [1], "study_time": [t0], "path": [str(folder / "ct.nii.gz")]})
+    )
+    start = time.perf_counter()
+    f = enc.encode(pl.DataFrame({"subject_id": [1], "prediction_time": [t0]}), src)
+    t_total = time.perf_counter() - start
+    assert f.present.all() and np.isfinite(f.pooled).all()
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "input": shape,
+        "prep_s": t_prep,
+        "encode_s": t_total,
+        "cpu_s": use.ru_utime + use.ru_stime,  # the whole process: load + prep twice + encode
+        "rss_mb": _peak_rss_mb(),
+        "rss_net_mb": rss_net,
+        "tokens": int(f.mask.sum()) if f.mask is not None else 0,
+    }
+
+
+def main_fm(threads: int) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="bench_fm_"))
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--fm-dir", str(folder)]
+    rows = []
+    try:
+        subprocess.run([*cmd, "--fm-write"], check=True)
+        for preset in FM_PRESETS:
+            out = subprocess.run(
+                [*cmd, "--fm-case", preset], capture_output=True, text=True, check=True
+            )
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append((preset, res))
+            print(preset, res, flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # ~0.9 GB: the CT and two checkpoints
+    print(
+        f"\n{'preset':<15}{'model input':<15}{'prep s':>8}{'encode s':>10}{'CPU s':>8}"
+        f"{'peak RSS MB':>13}{'(net only)':>12}"
+    )
+    for preset, r in rows:
+        print(
+            f"{preset:<15}{r['input']:<15}{r['prep_s']:>8.1f}{r['encode_s']:>10.1f}"
+            f"{r['cpu_s']:>8.0f}{r['rss_mb']:>13.0f}{r['rss_net_mb']:>12.0f}"
+        )
+    print(
+        f"(512x512x300 int16 NIfTI, {threads} torch threads, CPU; encode = load + published "
+        "pipeline + forward + tokens; CPU s = user + system time of that process; peak RSS of "
+        "the encoding process)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--case")
     ap.add_argument("--shape")
+    ap.add_argument("--fm", action="store_true", help="the FM presets on a 512x512x300 CT")
+    ap.add_argument("--fm-dir")
+    ap.add_argument("--fm-write", action="store_true")
+    ap.add_argument("--fm-case")
     args = ap.parse_args()
+    if args.fm_write:
+        _write_fm_inputs(Path(args.fm_dir))
+        return
+    if args.fm_case:
+        print(json.dumps(fm_case(args.fm_case, Path(args.fm_dir), args.threads)))
+        return
+    if args.fm:
+        main_fm(args.threads)
+        return
     if args.case:
         shape = tuple(int(s) for s in args.shape.split("x"))
         print(json.dumps(case(args.case, shape, args.threads)))  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from survfuse.encoders import CTSource, FeatureStore, build_encoder
 from survfuse.encoders.ct_monai import PRESETS, CheckpointError, _build_network
+from survfuse.encoders.fm_transforms import FMPreprocessing, load_fm
 
 T0 = dt.datetime(2020, 1, 1)
 FILES = [
@@ -94,6 +95,11 @@ def test_ct_fm_architecture_encodes_real_ct(tmp_path: Path, source: CTSource) ->
     assert f.meta["pipeline"] == "ct-fm" and f.meta["published_pipeline"]
     tok, pooled = np.asarray(f.tokens), np.asarray(f.pooled)
     assert np.isfinite(tok).all() and not np.allclose(pooled[0], pooled[1])
+    # the tiled pass is the model card's whole-volume pass `model(x)[-1]` (full-size network)
+    vol = load_fm(source.index["path"][0], FMPreprocessing(pipeline="ct-fm"))
+    with torch.inference_mode():
+        whole = net(torch.from_numpy(vol.array)[None, None])[-1].mean(dim=(2, 3, 4))[0]
+    np.testing.assert_allclose(pooled[0], whole.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_merlin_architecture_encodes_real_ct(tmp_path: Path, source: CTSource) -> None:

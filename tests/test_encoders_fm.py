@@ -123,6 +123,20 @@ def test_fm_pipeline_overrides_are_named_and_checked() -> None:
         build_encoder("ct_monai", preset="ct-fm", network="BasicUNet")
 
 
+def test_fm_encoder_config_rebuilds_the_same_encoder(tmp_path: Path) -> None:
+    """Saved and reloaded (as `Encoder.load` and the Ray actors do): same config, fingerprint."""
+    from survfuse.encoders import Encoder
+
+    enc = build_encoder(
+        "ct_monai", preset="ct-fm-patches", preprocessing={"pixdim": [3, 3, 3]}, token_grid=None
+    )
+    again = Encoder.load(enc.save(tmp_path / "enc"))
+    assert again.config() == enc.config() and again.fingerprint() == enc.fingerprint()
+    assert enc.config()["preprocessing"]["pipeline"] == "ct-fm-patches"
+    with pytest.raises(ValueError, match="runs pipeline 'merlin'"):
+        build_encoder("ct_monai", preset="merlin", preprocessing={"pipeline": "ct-fm"})
+
+
 # ----------------------------------------------------------------------------- published modules
 # Merlin: torchvision's ResNet-152 key structure (the 2-D model Merlin inflates;
 # merlin/models/build.py: torchvision.models.resnet152) and Merlin's inflation

@@ -281,7 +281,10 @@ class CTMonaiEncoder(Encoder):
                     f"preset {preset!r} is the published {p.network} network; use "
                     f"preset='generic' for network={network!r}"
                 )
-            prep = FMPreprocessing(pipeline=p.pipeline, **(preprocessing or {}))
+            given = dict(preprocessing or {})
+            if given.pop("pipeline", p.pipeline) != p.pipeline:  # a saved config repeats it
+                raise ValueError(f"preset {preset!r} runs pipeline {p.pipeline!r}")
+            prep = FMPreprocessing(pipeline=p.pipeline, **given)
         else:
             prep = CTPreprocessing(**{**p.preprocessing, **(preprocessing or {})})
         super().__init__(
