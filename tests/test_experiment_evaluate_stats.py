@@ -220,3 +220,29 @@ def test_cache_second_evaluation_reads_every_statistic(
     score_groups(groups, rd, progress=False)
     assert calls == [["late"]]
     assert len(list((rd.root / CACHE_DIR).glob("*.npz"))) == 3 * 5
+
+
+def test_the_comparison_family_is_configurable_and_never_holds_validation() -> None:
+    from pydantic import ValidationError
+
+    from survfuse.experiment.config import EvaluationConfig
+    from survfuse.experiment.evaluate import ComparisonFamily
+
+    ev = EvaluationConfig.model_validate(
+        {
+            "family": {
+                "metrics": ["harrell_c", "uno_c"],
+                "splits": ["external_test"],
+                "models": "all",
+            }
+        }
+    )
+    fam = ComparisonFamily(
+        metrics=tuple(ev.family.metrics), splits=tuple(ev.family.splits), models=ev.family.models
+    )
+    assert fam.contains("uno_c", "external_test", unimodal=True)
+    assert not fam.contains("harrell_c", "internal_test", unimodal=False)
+    with pytest.raises(ValidationError):
+        EvaluationConfig.model_validate({"family": {"splits": ["validation"]}})
+    with pytest.raises(ValidationError, match="did you mean 'harrell_c'"):
+        EvaluationConfig.model_validate({"family": {"metrics": ["harell_c"]}})

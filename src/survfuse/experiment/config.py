@@ -33,6 +33,7 @@ from survfuse.registry import look_up_option, suggest
 from survfuse.training.options import TrainingOptions
 
 __all__ = [
+    "COMPARED_METRICS",
     "EXECUTORS",
     "METRICS",
     "ConfigError",
@@ -41,6 +42,7 @@ __all__ = [
     "EncodersConfig",
     "EvaluationConfig",
     "ExperimentConfig",
+    "FamilyConfig",
     "RayConfig",
     "SplitConfig",
     "StrategyChoice",
@@ -49,6 +51,8 @@ __all__ = [
 
 # Scalar metrics the evaluation knows how to compute (per task x split x model).
 METRICS = ("harrell_c", "uno_c", "td_auc", "ibs", "calibration")
+# Metrics compared against the reference (paired differences and tests).
+COMPARED_METRICS = ("harrell_c", "uno_c", "td_auc", "ibs")
 EXECUTORS = ("local", "ray")
 
 
@@ -209,6 +213,28 @@ class StrategyChoice(_Strict):
         return params
 
 
+TestSplit = Literal["internal_test", "external_test"]
+_TEST_SPLITS: tuple[TestSplit, ...] = ("internal_test", "external_test")
+
+
+class FamilyConfig(_Strict):
+    """The pre-specified comparison family Holm adjusts together, study-wide: these metrics of
+    the compared models (`fused`: two-modality models; `all`: every non-reference model) against
+    the reference on these test splits. Validation is never in it (the reference is chosen
+    there)."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["harrell_c"])
+    splits: list[TestSplit] = Field(default_factory=lambda: list(_TEST_SPLITS))
+    models: Literal["fused", "all"] = "fused"
+
+    @field_validator("metrics")
+    @classmethod
+    def _compared(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("family.metrics must name at least one compared metric")
+        return [look_up_option(m, COMPARED_METRICS, kind="compared metric") for m in v]
+
+
 class EvaluationConfig(_Strict):
     """What is scored on validation, internal and external test, and how the CIs are made."""
 
@@ -224,6 +250,7 @@ class EvaluationConfig(_Strict):
     reference: str = "best_unimodal"  # or a strategy label
     selection_split: Literal["validation"] = "validation"
     seed: int = 0
+    family: FamilyConfig = Field(default_factory=lambda: FamilyConfig())
 
     @field_validator("metrics")
     @classmethod

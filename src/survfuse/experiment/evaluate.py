@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 from survfuse.data.cohort import outcome_columns
 from survfuse.data.splits import EVAL_SPLITS
 from survfuse.experiment.cell import surv_column
-from survfuse.experiment.config import ExperimentConfig
+from survfuse.experiment.config import COMPARED_METRICS, ExperimentConfig
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir
 from survfuse.experiment.scoring import (
@@ -105,7 +105,6 @@ HIGHER_IS_BETTER: dict[str, bool | None] = {
     "e50": False,
 }
 # Metrics compared with the reference (smooth statistics with a direction).
-COMPARED_METRICS = ("harrell_c", "uno_c", "td_auc", "ibs")
 
 
 @dataclass(frozen=True)
@@ -131,13 +130,9 @@ class ComparisonFamily:
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> ComparisonFamily:
-        """The config's `evaluation.family` (a mapping of these fields) or the default."""
-        spec = getattr(cfg.evaluation, "family", None)
-        if spec is None:
-            return cls()
-        d = spec if isinstance(spec, dict) else spec.model_dump()
-        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
+        """The config's `evaluation.family`."""
+        f = cfg.evaluation.family
+        return cls(metrics=tuple(f.metrics), splits=tuple(f.splits), models=f.models)
 
     def contains(self, metric: str, split: str, unimodal: bool) -> bool:
         return (
