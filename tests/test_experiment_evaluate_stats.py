@@ -9,16 +9,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from survfuse.experiment import evaluate
+from survfuse.experiment import eval_runner, evaluate
 from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.eval_cache import CACHE_DIR
+from survfuse.experiment.eval_runner import score_groups
 from survfuse.experiment.evaluate import (
     ComparisonFamily,
     GroupData,
     ModelPreds,
     assemble_table,
     score_group,
-    score_groups,
 )
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir
@@ -216,7 +216,7 @@ def test_cache_second_evaluation_reads_every_statistic(
         calls.append([mm.model for mm in x.models])
         return score_group(x, on_block)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(evaluate, "score_group", counting)
+    monkeypatch.setattr(eval_runner, "score_group", counting)
     score_groups(groups, rd, progress=False)
     assert calls == [["late"]]
     assert len(list((rd.root / CACHE_DIR).glob("*.npz"))) == 3 * 5

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from survfuse.experiment.grid import CellSpec
+from survfuse.metrics.engine import nanmean_rows, score_on_blocks
 
 __all__ = [
     "CALIBRATION_KEYS",
@@ -208,13 +209,6 @@ def group_seed(seed: int, task: str, split: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(f"{task}|{split}".encode())) % (2**32)
 
 
-def _nanmean_rows(x: NDArray[np.float64]) -> NDArray[np.float64]:
-    ok = np.isfinite(x)
-    cnt = ok.sum(axis=0)
-    tot = np.where(ok, x, 0.0).sum(axis=0)
-    return np.divide(tot, cnt, out=np.full(tot.shape, np.nan), where=cnt > 0)
-
-
 def _smooth_key(per_seed: list[dict[MetricKey, Any]]) -> MetricKey | None:
     """The key of the ICI scorer (the one with `params`) of a model, if every seed has one."""
     for k in per_seed[0]:
@@ -256,33 +250,27 @@ def score_blocks(
     if points:
         point = {
             model: {
-                k: float(_nanmean_rows(np.array([[sc[k].point()] for sc in per_seed]))[0])
+                k: float(nanmean_rows(np.array([[sc[k].point()] for sc in per_seed]))[0])
                 for k in per_seed[0]
             }
             for model, per_seed in scorers.items()
         }
-    parts: dict[str, dict[MetricKey, list[NDArray[np.float64]]]] = {
-        model: {k: [] for k in per_seed[0]} for model, per_seed in scorers.items()
-    }
     smooth = {model: _smooth_key(per_seed) for model, per_seed in scorers.items()}
     cal: dict[str, list[list[NDArray[np.float64]]]] = {
         model: [[] for _ in per_seed] for model, per_seed in scorers.items()
     }
-    for w in blocks:
+
+    def after_block(w: NDArray[np.float64]) -> None:
+        # the smooth-calibration parameters on the same resamples (for the calibration test)
         for model, per_seed in scorers.items():
-            for k in per_seed[0]:
-                vals = np.stack([sc[k].boot(w) for sc in per_seed])
-                parts[model][k].append(_nanmean_rows(vals))
             key = smooth[model]
             if key is not None:
                 for s, sc in enumerate(per_seed):
                     cal[model][s].append(sc[key].params(w))
         if on_block is not None:
             on_block(w.shape[0])
-    boot = {
-        model: {k: np.concatenate(v) if v else np.full(0, np.nan) for k, v in keys.items()}
-        for model, keys in parts.items()
-    }
+
+    boot = score_on_blocks(scorers, blocks, on_block=after_block)
     cal_out = {
         model: [np.concatenate(p) for p in per] if smooth[model] is not None and per[0] else None
         for model, per in cal.items()
@@ -310,7 +298,7 @@ def finish_group(
     res = Resampler.build(g.time.shape[0], g.subject_id)
     point = raw.get("point") or {
         model: {
-            k: float(_nanmean_rows(np.array([[sc[k].point()] for sc in per_seed]))[0])
+            k: float(nanmean_rows(np.array([[sc[k].point()] for sc in per_seed]))[0])
             for k in per_seed[0]
         }
         for model, per_seed in scorers.items()

@@ -29,6 +29,7 @@ from survfuse.metrics.concordance import (
     concordance_index_ipcw,
     uno_pair_weights,
 )
+from survfuse.metrics.engine import score_on_blocks
 from survfuse.metrics.ipcw import CensoringModel
 from survfuse.metrics.result import MetricResult, MetricUndefinedError
 from survfuse.registry import look_up_option
@@ -329,14 +330,9 @@ def _check_level(level: float, n_boot: int) -> None:
 def run_boot(
     scorers: Mapping[str, Scorer], res: Resampler, n_boot: int, seed: int
 ) -> dict[str, NDArray[np.float64]]:
-    """Replicates [n_boot] for every scorer on the same resamples."""
-    out = {k: np.empty(n_boot) for k in scorers}
-    pos = 0
-    for w in res.weights(n_boot, seed):
-        for k, sc in scorers.items():
-            out[k][pos : pos + w.shape[0]] = sc.boot(w)
-        pos += w.shape[0]
-    return out
+    """Replicates [n_boot] for every scorer on the same resamples (the engine,
+    `metrics.engine.score_on_blocks`, with one model and one seed)."""
+    return score_on_blocks({"model": [scorers]}, res.weights(n_boot, seed))["model"]
 
 
 def influence_or_jackknife(sc: Scorer, res: Resampler, seed: int) -> NDArray[np.float64]:
