@@ -163,9 +163,9 @@ def test_compare_table_and_holm() -> None:
     tab = cmp.table
     assert tab["model"].to_list() == ["noisy", "same", "bad"]
     same = tab.filter(tab["model"] == "same")
-    assert same["difference"][0] == 0 and same["p_value"][0] == 1.0
+    assert same["delta"][0] == 0 and same["p_value"][0] == 1.0
     bad = tab.filter(tab["model"] == "bad")
-    assert bad["p_value"][0] < 1e-6 and bad["ci_high"][0] < 0 and bad["p_test"][0] == "ij_z"
+    assert bad["p_value"][0] < 1e-6 and bad["delta_upper"][0] < 0 and bad["p_test"][0] == "ij_z"
     # the p-value read off 200 replicates is floored at 2 / 201; the IJ z-test is not
     assert bad["p_bootstrap"][0] == pytest.approx(2 / 201)
     # same resamples for every model: replicates of a monotone transform are identical

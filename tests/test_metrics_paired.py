@@ -74,7 +74,7 @@ def test_truly_better_model_among_17_is_significant_after_holm() -> None:
     assert tab.height == 17 and (tab["family_size"] == 17).all()
     assert (tab["p_test"] == "ij_z").all()
     better = tab.filter(tab["model"] == "better").row(0, named=True)
-    assert 0.05 < better["difference"] < 0.11
+    assert 0.05 < better["delta"] < 0.11
     assert better["p_holm"] < 1e-4
     # the bootstrap p-value read off 200 replicates could not go below 2 / 201
     assert better["p_bootstrap"] == pytest.approx(2 / 201)

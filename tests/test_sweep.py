@@ -306,7 +306,7 @@ def test_every_sweep_run_has_an_imbalance_table_and_report_section(tiny_sweep: P
     ).iter_rows(named=True):
         ref = m.filter((pl.col("model") == r["model"]) & (pl.col("split") == r["split"]))
         assert r["estimate"] == pytest.approx(ref["estimate"][0], abs=1e-6)
-        assert r["ci_low"] == pytest.approx(ref["lower"][0], abs=1e-6)  # same resamples
+        assert r["lower"] == pytest.approx(ref["lower"][0], abs=1e-6)  # same resamples
     # rendering never computes an analysis: without the table the section is absent ...
     (run / "imbalance.parquet").unlink()
     html_path, md_path = build_report(run)

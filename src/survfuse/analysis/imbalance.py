@@ -57,8 +57,8 @@ TABLE_SCHEMA = {
     "quantity": pl.Utf8,
     "modality": pl.Utf8,
     "estimate": pl.Float64,
-    "ci_low": pl.Float64,
-    "ci_high": pl.Float64,
+    "lower": pl.Float64,
+    "upper": pl.Float64,
     "level": pl.Float64,
     "n_boot": pl.Int64,
     "seed": pl.Int64,
@@ -162,7 +162,7 @@ class ImbalanceAnalysis:
         raise KeyError(name)  # unreachable: look_up_option raised with a did-you-mean
 
     def table(self) -> pl.DataFrame:
-        """Tidy: quantity, modality (null when none), estimate, ci_low, ci_high, level, ..."""
+        """Tidy: quantity, modality (null when none), estimate, lower, upper, level, ..."""
         rows = []
         for r in self.results:
             q, _, rest = r.name.partition("[")

@@ -43,7 +43,7 @@ __all__ = [
 
 IMBALANCE_FILE = "imbalance.parquet"
 IMBALANCE_CACHE = "imbalance"  # under eval_cache/
-_VERSION = "2026.1"  # bump when what a cached result holds changes
+_VERSION = "2026.2"  # bump when what a cached result holds changes (2026.2: lower / upper columns)
 MODEL_COLUMNS = {
     **MODEL_SCHEMA,
     "n_seeds": pl.Int64,
@@ -234,7 +234,7 @@ def evaluate_imbalance(
 
     Columns: task, split, model, strategy, fusion, ct_encoder, ehr_encoder, head, n_seeds,
     reference_modality, then `ImbalanceAnalysis.table()`'s quantity, modality, estimate,
-    ci_low, ci_high, level, n_boot, seed, n_subjects, n_events.
+    lower, upper, level, n_boot, seed, n_subjects, n_events.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -52,7 +52,8 @@ def bootstrap_p_value(diff: NDArray[np.float64]) -> float:
 @dataclass(frozen=True, eq=False)
 class Comparison:
     """`results`: one MetricResult per model (name "metric[model]"); `table`: one row per
-    non-reference model with the paired difference (model - reference), its CI, the p-value
+    non-reference model with the paired difference `delta` (model - reference) and its CI
+    `delta_lower` / `delta_upper` (the column names of metrics.parquet), the p-value
     (`p_test`: "ij_z" or "bootstrap_z", with `std_error` of the difference), the floored
     bootstrap p (`p_bootstrap`) and the Holm adjustment over the table (`p_holm`,
     `family_size`)."""
@@ -144,9 +145,9 @@ def compare(
                 "metric": mname,
                 "estimate": points[k],
                 "reference_estimate": points[reference],
-                "difference": est,
-                "ci_low": lo,
-                "ci_high": hi,
+                "delta": est,
+                "delta_lower": lo,
+                "delta_upper": hi,
                 "level": level,
                 "method": method,
                 "std_error": se,

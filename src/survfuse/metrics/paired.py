@@ -96,7 +96,7 @@ def paired_concordance(
     cluster: ArrayLike | None = None,
 ) -> pl.DataFrame:
     """Each model's Harrell C against `reference` on the same subjects: one row per other
-    model with c, c_reference, difference, std_error, z, p_value (IJ z-test), p_test "ij_z",
+    model with c, c_reference, delta, std_error, z, p_value (IJ z-test), p_test "ij_z",
     and p_holm over these comparisons with family_size."""
     if reference not in risks:
         raise ValueError(f"reference {reference!r} is not one of the models {sorted(risks)}")
@@ -113,7 +113,7 @@ def paired_concordance(
                 "reference": reference,
                 "c": float(cm.estimates[i]),
                 "c_reference": float(cm.estimates[ref]),
-                "difference": d,
+                "delta": d,
                 "std_error": math.sqrt(max(var, 0.0)),
                 "z": z,
                 "p_value": p,

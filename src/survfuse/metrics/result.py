@@ -54,8 +54,8 @@ class MetricResult:
         return {
             "name": self.name,
             "estimate": self.estimate,
-            "ci_low": self.ci_low,
-            "ci_high": self.ci_high,
+            "lower": self.ci_low,  # the tables' vocabulary (metrics.parquet: lower / upper)
+            "upper": self.ci_high,
             "level": self.level,
             "method": self.method,
             "n_boot": self.n_boot,

@@ -71,7 +71,7 @@ def contribution_table(imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS)
                 & (pl.col("modality").is_null() if m is None else pl.col("modality") == m)
             )
             rec[name] = (
-                tables.fmt_ci(r["estimate"][0], r["ci_low"][0], r["ci_high"][0])
+                tables.fmt_ci(r["estimate"][0], r["lower"][0], r["upper"][0])
                 if r.height
                 else "–"
             )
@@ -106,7 +106,7 @@ def contribution_figure(imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS
             labels.append((i, _label(rows.row(0, named=True))))
             for j, m in enumerate(("ct", "ehr")):
                 r = rows.filter(pl.col("modality") == m)
-                est, lo, hi = r["estimate"][0], r["ci_low"][0], r["ci_high"][0]
+                est, lo, hi = r["estimate"][0], r["lower"][0], r["upper"][0]
                 y = i + (j - 0.5) * 0.38
                 ax.barh(y, est, height=0.36, color=colors[m], label=m.upper() if i == 0 else None)
                 if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
