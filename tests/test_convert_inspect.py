@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from survfuse.cli import app
 from survfuse.convert import ConversionError, convert_inspect
 from survfuse.data.cohort import load_cohort
-from survfuse.data.imaging import load_ct_index
+from survfuse.data.ct_index import load_ct_index
 from survfuse.data.meds import MEDSDataset
 from test_convert_miniature import LABELS, MEDS01, build_miniature
 

@@ -19,17 +19,14 @@ import SimpleITK as sitk
 from pydantic import ValidationError
 from scipy import ndimage
 
-from survfuse.data.imaging import (
+from survfuse.data.ct_index import (
     MANIFEST_SCHEMA,
     CTIndex,
-    CTLoadError,
-    CTLoadWarning,
-    CTPreprocessing,
-    load_ct,
     load_ct_batch,
     load_ct_index,
     select_studies,
 )
+from survfuse.data.imaging import CTLoadError, CTLoadWarning, CTPreprocessing, load_ct
 
 RAW = CTPreprocessing(hu_window=None, floor_hu=-5000.0)  # HU exactly as stored
 TS = ("ct", "totalsegmentator")  # under ../shared/data

@@ -22,7 +22,8 @@ from scipy.stats import ks_2samp
 from sksurv.metrics import concordance_index_censored
 
 from survfuse.data.cohort import load_cohort
-from survfuse.data.imaging import load_ct, load_ct_index, select_studies
+from survfuse.data.ct_index import load_ct_index, select_studies
+from survfuse.data.imaging import load_ct
 from survfuse.data.meds import MEDSDataset
 from survfuse.simulate import simulate, simulate_tables
 from survfuse.simulate.ct import Scanner, nifti_bytes, render_ct

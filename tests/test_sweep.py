@@ -333,7 +333,8 @@ def test_sweep_cli_errors() -> None:
 def test_sweep_ct_cells_hold_volume_and_cell_radiomics(tiny_sweep: Path) -> None:
     import json
 
-    from survfuse.data.imaging import load_ct, select_studies
+    from survfuse.data.ct_index import select_studies
+    from survfuse.data.imaging import load_ct
     from survfuse.encoders.base import CTSource
     from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder, radiomics_features
     from survfuse.features import ModalityFeatures

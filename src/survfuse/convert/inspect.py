@@ -40,7 +40,7 @@ from survfuse.convert.outcomes import crosscheck_labels, derive_outcomes
 from survfuse.convert.report import render_report
 from survfuse.convert.tables import ConversionError
 from survfuse.data.cohort import validate_cohort
-from survfuse.data.imaging import validate_ct_index
+from survfuse.data.ct_index import validate_ct_index
 from survfuse.data.meds import MEDSDataset
 
 __all__ = ["ETL_NAME", "MEDS_SPLITS", "ConversionResult", "convert_inspect"]

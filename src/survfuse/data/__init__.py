@@ -1,19 +1,15 @@
 """Data layer: cohort tables, splits, MEDS EHR, CT imaging and the cohort simulator."""
 
 from survfuse.data.cohort import Cohort, CohortError, load_cohort, validate_cohort
-from survfuse.data.imaging import (
+from survfuse.data.ct_index import (
     CTIndex,
-    CTLoadError,
-    CTLoadWarning,
-    CTPreprocessing,
-    CTVolume,
     iter_ct,
-    load_ct,
     load_ct_batch,
     load_ct_index,
     select_studies,
     write_ct_manifest,
 )
+from survfuse.data.imaging import CTLoadError, CTLoadWarning, CTPreprocessing, CTVolume, load_ct
 from survfuse.data.meds import MEDSDataset, MEDSSchemaError
 from survfuse.data.splits import (
     SPLITS,

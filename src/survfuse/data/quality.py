@@ -46,7 +46,7 @@ _NO_DATA = {
     "ct": "no CT study at or before prediction_time",
     "ehr": "no EHR events at or before prediction_time",
 }
-# Statuses of the CT loader's manifest (survfuse.data.imaging.iter_ct) -> ours.
+# Statuses of the CT loader's manifest (survfuse.data.ct_index.iter_ct) -> ours.
 _LOADER_STATUS = {"no_study": "missing", "failed": "failed"}
 
 

@@ -130,7 +130,7 @@ class CTSource:
     index_path: Path | None = None
 
     def __post_init__(self) -> None:
-        from survfuse.data.imaging import validate_ct_index
+        from survfuse.data.ct_index import validate_ct_index
 
         self.root = Path(self.root)
         where = f"CT index {self.index_path}" if self.index_path else "CT index"
@@ -141,7 +141,7 @@ class CTSource:
         cls, path: str | os.PathLike[str], *, lookback_days: float | None = None
     ) -> CTSource:
         """Read a CT index (parquet or CSV); relative paths resolve against its folder."""
-        from survfuse.data.imaging import load_ct_index
+        from survfuse.data.ct_index import load_ct_index
 
         path = Path(path)
         return cls(
@@ -155,9 +155,9 @@ class CTSource:
         """Latest study at or before each prediction: [subject_id, prediction_time, study_time, path].
 
         Rows follow `cohort`'s order; `path` is null when no study qualifies
-        (`survfuse.data.imaging.select_studies`).
+        (`survfuse.data.ct_index.select_studies`).
         """
-        from survfuse.data.imaging import select_studies
+        from survfuse.data.ct_index import select_studies
 
         return select_studies(cohort, self.index, lookback_days=self.lookback_days)
 
@@ -174,12 +174,12 @@ def iter_ct_volumes(
 ) -> Iterator[tuple[int, Any, dict[str, Any] | None]]:
     """For each cohort row: (row, CTVolume or None, manifest entry or None).
 
-    Volumes come from `survfuse.data.imaging.iter_ct` (`load_ct(path, preprocessing)`). A row with
+    Volumes come from `survfuse.data.ct_index.iter_ct` (`load_ct(path, preprocessing)`). A row with
     no study (status "no_study") or whose study failed to load (status "failed", the data layer's
     `CTLoadError` reason) yields None and its manifest entry (JSON-able: prediction_time as ISO
     text), so the store can report why `present` is False.
     """
-    from survfuse.data.imaging import iter_ct
+    from survfuse.data.ct_index import iter_ct
 
     for i, (row, vol) in enumerate(iter_ct(source.studies(cohort), preprocessing)):
         if vol is None:

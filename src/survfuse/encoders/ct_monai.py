@@ -66,7 +66,7 @@ from survfuse.registry import look_up_option
 
 __all__ = ["PRESETS", "CTMonaiEncoder", "CheckpointError", "Preset", "resolve_device"]
 
-NO_STUDY = "no CT study at or before prediction_time"  # as survfuse.data.imaging.iter_ct
+NO_STUDY = "no CT study at or before prediction_time"  # as survfuse.data.ct_index.iter_ct
 
 
 class CheckpointError(RuntimeError):
