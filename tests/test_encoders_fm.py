@@ -123,6 +123,17 @@ def test_fm_pipeline_overrides_are_named_and_checked() -> None:
         build_encoder("ct_monai", preset="ct-fm", network="BasicUNet")
 
 
+def test_missing_monai_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "monai", None)  # `import monai` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'survfuse\[imaging\]'"):
+        load_fm("ct.nii.gz", FMPreprocessing(pipeline="merlin"))
+    enc: Any = build_encoder("ct_monai", preset="ct-fm", checkpoint="model.safetensors")
+    with pytest.raises(ImportError, match="ct_monai needs MONAI"):
+        enc.network()
+
+
 def test_fm_encoder_config_rebuilds_the_same_encoder(tmp_path: Path) -> None:
     """Saved and reloaded (as `Encoder.load` and the Ray actors do): same config, fingerprint."""
     from survfuse.encoders import Encoder

@@ -139,6 +139,9 @@ def _build_network(name: str, args: dict[str, Any]) -> nn.Module:
         from survfuse.encoders.merlin_i3d import MerlinImageEncoder
 
         return MerlinImageEncoder(**args)
+    from survfuse.encoders.fm_transforms import require_monai
+
+    require_monai()  # an ImportError that says how to install MONAI
     import monai.networks.nets as nets
     from monai.networks.nets.segresnet_ds import SegResEncoder
 

@@ -67,10 +67,11 @@ def require_monai() -> Any:
     """`monai` itself, or an ImportError that says how to install it."""
     try:
         import monai
-    except ImportError as err:  # pragma: no cover - monai is part of survfuse[imaging]
+    except ImportError as err:  # monai is part of survfuse[imaging]
         raise ImportError(
-            "the ct_monai foundation-model presets preprocess with MONAI's own transforms: "
-            "install it with `pip install 'survfuse[imaging]'` (or `pip install monai`)"
+            "ct_monai needs MONAI (its networks, and the published transforms the "
+            "foundation-model presets preprocess with): install it with "
+            "`pip install 'survfuse[imaging]'` (or `pip install monai`)"
         ) from err
     return monai
 
