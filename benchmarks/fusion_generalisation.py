@@ -1,0 +1,233 @@
+"""A hold-out study survfuse was not tuned on: how far is each model from the simulator's oracle?
+
+For every setting of a grid (imbalance w x interaction x site shift) and for simulator seeds
+drawn at random on each run (printed; pass --sim-seeds to repeat a run), simulate a cohort,
+run the study of a base config (default `examples/demo.yaml`, reduced with the flags below) and
+report per task x split:
+
+- the oracle C (Harrell's C of the true log-hazard on that split), the image-only oracle C (the
+  image part of the log-hazard) and the EHR-only oracle C (EHR part + age, which the EHR holds);
+- every model's Harrell C with its 95% bootstrap CI (`metrics.parquet`);
+- the best model (chosen on validation, as a user would) and its gap to the oracle;
+- how many fusions fall more than 0.01 below the best unimodal model (token and linear
+  baselines included);
+- every modality that branch stopping dropped, with that modality's oracle C.
+
+    .venv/bin/python benchmarks/fusion_generalisation.py --out /tmp/fusion_gen \
+        [--n 2500] [--imbalance 0.25,0.5,0.75,1] [--interaction 0,0.5] [--site-shift 1,2] \
+        [--replicates 2] [--sim-seeds 11,12] [--seeds 1] [--bootstrap 200] \
+        [--strategies ...] [--ehr-encoders ehr_onehot] [--max-epochs 100]
+
+Writes `OUT/generalisation.csv` (one row per setting x seed x task x split x model) and
+`OUT/drops.csv`, and prints the summary (mean over seeds per setting, task and split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from survfuse.data.cohort import outcome_columns
+from survfuse.experiment.grid import model_key
+from survfuse.experiment.rundir import RunDir
+from survfuse.experiment.runner import run_experiment
+from survfuse.experiment.sweep import sweep_config
+from survfuse.metrics import concordance_index
+from survfuse.simulate import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_SPLITS = ("internal_test", "external_test")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    return float(concordance_index(time, event, risk).estimate)
+
+
+def oracle_c(run: RunDir, data: Path, task: str) -> dict[tuple[str, str], float]:
+    """(split, oracle | image_oracle | ehr_oracle) -> Harrell C of the true parts."""
+    cohort = pl.read_parquet(run.cohort)
+    oracle = pl.read_parquet(data / "oracle.parquet")
+    df = cohort.join(oracle, on=["subject_id", "prediction_time"], how="left")
+    tcol, ecol = outcome_columns(task)
+    parts = {
+        "oracle": df[f"{task}_log_hazard"].to_numpy(),
+        "image_oracle": df[f"{task}_image"].to_numpy(),
+        "ehr_oracle": (df[f"{task}_ehr"] + df[f"{task}_shared"]).to_numpy(),
+    }
+    out = {}
+    for split in ("validation", *TEST_SPLITS):
+        rows = (df["split"] == split).to_numpy()
+        if rows.sum() < 2:
+            continue
+        t, e = df[tcol].to_numpy()[rows], df[ecol].to_numpy()[rows].astype(bool)
+        for name, risk in parts.items():
+            out[(split, name)] = _c(t, e, risk[rows])
+    return out
+
+
+def dropped(run: RunDir) -> list[dict[str, object]]:
+    """Modalities branch stopping dropped, per cell."""
+    rows = []
+    for cell in sorted(run.cells.iterdir()):
+        cfg = cell / "model" / "config.json"
+        if cfg.exists():
+            for m in json.loads(cfg.read_text()).get("dropped_modalities", []):
+                spec = json.loads((cell / "spec.json").read_text())
+                model = model_key(
+                    spec["strategy"], spec["ct_encoder"], spec["ehr_encoder"], spec["head"]
+                )
+                rows.append({"task": spec["task"], "model": model, "modality": m})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--config", type=Path, default=ROOT / "examples" / "demo.yaml")
+    ap.add_argument("--n", type=int, default=2500)
+    ap.add_argument("--imbalance", default="0.25,0.5,0.75,1")
+    ap.add_argument("--interaction", default="0,0.5")
+    ap.add_argument("--site-shift", default="1,2")
+    ap.add_argument("--replicates", type=int, default=2, help="fresh simulator seeds")
+    ap.add_argument("--sim-seeds", default=None, help="repeat a run: these simulator seeds")
+    ap.add_argument("--seeds", type=int, default=1, help="training seeds per cell")
+    ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--strategies", default=None)
+    ap.add_argument("--ehr-encoders", default="ehr_onehot")
+    ap.add_argument("--max-epochs", type=int, default=None)
+    ap.add_argument("--shape", default="64,64,40")
+    args = ap.parse_args()
+
+    sim_seeds = (
+        [int(s) for s in args.sim_seeds.split(",")]
+        if args.sim_seeds
+        else random.SystemRandom().sample(range(1000, 10**6), args.replicates)
+    )
+    print(f"simulator seeds: {','.join(map(str, sim_seeds))} (repeat with --sim-seeds)")
+    shape = tuple(int(v) for v in args.shape.split(","))
+    rows: list[dict[str, object]] = []
+    drops: list[dict[str, object]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for w in _floats(args.imbalance):
+        for inter in _floats(args.interaction):
+            for shift in _floats(args.site_shift):
+                for seed in sim_seeds:
+                    name = f"w{w:g}_i{inter:g}_s{shift:g}_sim{seed}"
+                    data = args.out / "data" / name
+                    if not (data / "dataset.json").exists():
+                        simulate(
+                            data, n=args.n, seed=seed, imbalance=w, interaction=inter,
+                            site_shift=shift, shape=shape, progress=False,
+                        )  # fmt: skip
+                    cfg = sweep_config(
+                        args.config,
+                        data,
+                        strategies=args.strategies.split(",") if args.strategies else None,
+                        ehr_encoders=args.ehr_encoders.split(","),
+                        seeds=args.seeds,
+                        bootstrap=args.bootstrap,
+                        max_epochs=args.max_epochs,
+                    )
+                    started = time.perf_counter()
+                    res = run_experiment(cfg, args.out / "runs" / name, progress=False)
+                    rd = RunDir(res.run_dir)
+                    metrics = pl.read_parquet(rd.metrics).filter(pl.col("metric") == "harrell_c")
+                    setting = {"imbalance": w, "interaction": inter, "site_shift": shift}
+                    for task in cfg.tasks:
+                        orc = oracle_c(rd, data, task)
+                        for r in metrics.filter(pl.col("task") == task).iter_rows(named=True):
+                            rows.append(
+                                {
+                                    **setting,
+                                    "sim_seed": seed,
+                                    "task": task,
+                                    "split": r["split"],
+                                    "model": r["model"],
+                                    "unimodal": r["unimodal"],
+                                    "c": r["estimate"],
+                                    "lower": r["lower"],
+                                    "upper": r["upper"],
+                                    **{k: orc.get((r["split"], k), math.nan) for k in (
+                                        "oracle", "image_oracle", "ehr_oracle")},
+                                }
+                            )  # fmt: skip
+                        for d in dropped(rd):
+                            if d["task"] == task:
+                                key = "image_oracle" if d["modality"] == "ct" else "ehr_oracle"
+                                drops.append(
+                                    {**setting, "sim_seed": seed, **d,
+                                     "modality_oracle_c": orc.get(("internal_test", key))}
+                                )  # fmt: skip
+                    print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    table = pl.DataFrame(rows)
+    table.write_csv(args.out / "generalisation.csv")
+    pl.DataFrame(drops or None).write_csv(args.out / "drops.csv")
+    print(summarise(table))
+    print(f"drops of a modality with oracle C >= 0.60: "
+          f"{sum(1 for d in drops if (d['modality_oracle_c'] or 0) >= 0.60)} of {len(drops)}")  # fmt: skip
+
+
+def summarise(table: pl.DataFrame) -> pl.DataFrame:
+    """Per setting, task and split (mean over simulator seeds): oracle C, best model chosen on
+    validation and its test C, gap to the oracle, best unimodal, fusions > 0.01 below it."""
+    keys = ["imbalance", "interaction", "site_shift", "sim_seed", "task"]
+    out = []
+    for key, part in table.group_by(keys, maintain_order=True):
+        val = part.filter(pl.col("split") == "validation").sort("c", descending=True)
+        if not val.height:
+            continue
+        best = val["model"][0]
+        best_uni = val.filter(pl.col("unimodal"))["model"][0]
+        for split in TEST_SPLITS:
+            p = part.filter(pl.col("split") == split)
+            if not p.height:
+                continue
+            c = dict(zip(p["model"], p["c"], strict=True))
+            fused = p.filter(~pl.col("unimodal"))
+            below = int((fused["c"] < c[best_uni] - 0.01).sum())
+            out.append(
+                {
+                    **dict(zip(keys, key, strict=True)),
+                    "split": split,
+                    "oracle": p["oracle"][0],
+                    "image_oracle": p["image_oracle"][0],
+                    "ehr_oracle": p["ehr_oracle"][0],
+                    "best_model": best,
+                    "best_c": c[best],
+                    "gap": p["oracle"][0] - c[best],
+                    "best_unimodal": best_uni,
+                    "best_unimodal_c": c[best_uni],
+                    "fusions_below_unimodal": below,
+                    "n_fusions": fused.height,
+                }
+            )
+    per = pl.DataFrame(out)
+    return (
+        per.group_by(
+            ["imbalance", "interaction", "site_shift", "task", "split"], maintain_order=True
+        )
+        .agg(
+            pl.col("oracle").mean(),
+            pl.col("best_c").mean(),
+            pl.col("gap").mean(),
+            pl.col("best_unimodal_c").mean(),
+            pl.col("fusions_below_unimodal").mean(),
+            pl.col("best_model").unique().str.join(", "),
+        )
+        .sort(["task", "split", "imbalance", "interaction", "site_shift"])
+    )
+
+
+if __name__ == "__main__":
+    main()
