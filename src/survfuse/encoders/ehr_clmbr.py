@@ -59,6 +59,7 @@ from survfuse.encoders.clmbr_model import (
 from survfuse.encoders.ehr_common import EHREncoder, cohort_features, fit_cohort_vocab
 from survfuse.encoders.ehr_vocab import CodeVocab, KeyIndex, iter_event_batches
 from survfuse.features import ModalityFeatures
+from survfuse.progress import progress_bar
 from survfuse.registry import look_up_option
 
 __all__ = ["EHRCLMBREncoder"]
@@ -264,15 +265,6 @@ class EHRCLMBREncoder(EHREncoder):
         return hash_config({"config": cfg, "vocab": hash_arrays(self.vocab.state())})
 
     def _pretrain(self, train: list[Timeline], val: list[Timeline]) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         c = self._config
         assert self.vocab is not None
         dev = self.device
@@ -284,16 +276,14 @@ class EHRCLMBREncoder(EHREncoder):
         unigram = unigram_perplexity([t.ids for t in train], [t.ids for t in val], v)
         start_epoch = self._resume(model, opt)
         n_batches = math.ceil(len(train) / c["batch_size"])
-        progress = Progress(
-            TextColumn("[bold]ehr_clmbr[/] epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}"),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"),
-            TextColumn("val ppl {task.fields[ppl]} (unigram {task.fields[uni]:.1f})"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            disable=not c["progress"],
+        progress = progress_bar(
+            "[bold]ehr_clmbr[/] epoch {task.fields[epoch]}",
+            stats=(
+                "loss {task.fields[loss]:.3f}",
+                "{task.fields[tps]:,.0f} tok/s",
+                "val ppl {task.fields[ppl]} (unigram {task.fields[uni]:.1f})",
+            ),
+            enabled=c["progress"],
         )
         with progress:
             task = progress.add_task(

@@ -24,7 +24,7 @@ import polars as pl
 from numpy.typing import NDArray
 
 from survfuse.encoders.base import Encoder
-from survfuse.encoders.store import FeatureStore
+from survfuse.encoders.store import ChunkJob, FeatureStore
 from survfuse.features import ModalityFeatures
 
 __all__ = ["RayFeatureStore", "encoder_blueprint", "ray_encode"]
@@ -119,17 +119,7 @@ class RayFeatureStore(FeatureStore):
         self.actors, self.num_cpus, self.num_gpus = int(actors), float(num_cpus), float(num_gpus)
         self.last_workers: list[int] = []
 
-    def _encode_chunks(
-        self,
-        encoder: Encoder,
-        cohort: pl.DataFrame,
-        source: Any,
-        first: NDArray[np.int64],
-        chunks: list[tuple[int, int]],
-        chunk_dirs: list[Path],
-        todo: list[int],
-        progress: bool,
-    ) -> None:
+    def _encode_chunks(self, job: ChunkJob) -> None:
         import ray
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -138,9 +128,10 @@ class RayFeatureStore(FeatureStore):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # our own bar below; Ray's would interleave with it
         ctx.print_on_execution_start = False
+        chunks, chunk_dirs = job.chunks, job.chunk_dirs
         items = [
             {"chunk": i, "start": chunks[i][0], "stop": chunks[i][1], "dir": str(chunk_dirs[i])}
-            for i in todo
+            for i in job.todo
         ]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         out = ds.map_batches(
@@ -148,25 +139,24 @@ class RayFeatureStore(FeatureStore):
             batch_size=1,  # one store chunk per call: each is saved as soon as it is encoded
             batch_format="numpy",
             fn_constructor_kwargs={
-                "blueprint": encoder_blueprint(encoder),
-                "cohort": cohort,
-                "source": source,
-                "first": first,
+                "blueprint": encoder_blueprint(job.encoder),
+                "cohort": job.cohort,
+                "source": job.source,
+                "first": job.first,
                 "threads": max(1, int(self.num_cpus)),
             },
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.actors, len(items))),
             num_cpus=self.num_cpus,
             num_gpus=self.num_gpus,
         )
-        n_rows = sum(chunks[i][1] - chunks[i][0] for i in todo)
         pids: set[int] = set()
         with Progress(
-            TextColumn(f"[bold]{encoder.name}[/bold] encoding on Ray"),
+            TextColumn(f"[bold]{job.encoder.name}[/bold] encoding on Ray"),
             BarColumn(),
             MofNCompleteColumn(),
-            disable=not progress,
+            disable=not job.progress,
         ) as bar:
-            task = bar.add_task("encode", total=n_rows)
+            task = bar.add_task("encode", total=job.n_rows)
             for row in out.iter_rows():
                 pids.add(int(row["pid"]))
                 bar.advance(task, int(row["rows"]))

@@ -33,8 +33,9 @@ from numpy.typing import NDArray
 import survfuse
 from survfuse.encoders.base import Encoder, cohort_keys, hash_files, hash_keys, hash_parts
 from survfuse.features import ModalityFeatures
+from survfuse.progress import progress_bar
 
-__all__ = ["FeatureStore", "StoreRun"]
+__all__ = ["ChunkJob", "FeatureStore", "StoreRun"]
 
 _STALE_TMP_S = 6 * 3600  # temp folders older than this are leftovers of a killed run
 
@@ -50,6 +51,26 @@ class StoreRun:
     cached_chunks: int
     result_cached: bool
     fitted: str  # "fit", "cached" or "not-learning" / "pre-fitted"
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """The chunks an `encode` call still has to encode: chunk i (each i of `todo`) is rows
+    `first[a:b]` of `cohort`, (a, b) = `chunks[i]`, saved to `chunk_dirs[i]`."""
+
+    encoder: Encoder
+    cohort: pl.DataFrame
+    source: Any
+    first: NDArray[np.int64]
+    chunks: list[tuple[int, int]]
+    chunk_dirs: list[Path]
+    todo: list[int]
+    progress: bool
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the chunks to encode."""
+        return sum(self.chunks[i][1] - self.chunks[i][0] for i in self.todo)
 
 
 def _source_files_hash(source: Any) -> str:
@@ -195,7 +216,8 @@ class FeatureStore:
 
         todo = [i for i, d in enumerate(chunk_dirs) if not (d / "meta.json").exists()]
         if todo:
-            self._encode_chunks(encoder, cohort, source, first, chunks, chunk_dirs, todo, progress)
+            job = ChunkJob(encoder, cohort, source, first, chunks, chunk_dirs, todo, progress)
+            self._encode_chunks(job)
         self.last_run = StoreRun(
             fp, enc_dir, len(chunks), len(todo), len(chunks) - len(todo), False, fitted
         )
@@ -231,46 +253,21 @@ class FeatureStore:
             except OSError:
                 continue
 
-    def _encode_chunks(
-        self,
-        encoder: Encoder,
-        cohort: pl.DataFrame,
-        source: Any,
-        first: NDArray[np.int64],
-        chunks: list[tuple[int, int]],
-        chunk_dirs: list[Path],
-        todo: list[int],
-        progress: bool,
-    ) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        n_rows = sum(chunks[i][1] - chunks[i][0] for i in todo)
-        with Progress(
-            TextColumn(f"[bold]{encoder.name}[/bold] encoding"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            disable=not progress,
-            transient=False,
-        ) as bar:
-            task = bar.add_task("encode", total=n_rows)
-            for group in _chunk_groups(todo, chunks, int(getattr(encoder, "store_batch_rows", 0))):
+    def _encode_chunks(self, job: ChunkJob) -> None:
+        encoder, cohort, first, chunks = job.encoder, job.cohort, job.first, job.chunks
+        title = f"[bold]{encoder.name}[/bold] encoding"
+        with progress_bar(title, enabled=job.progress) as bar:
+            task = bar.add_task("encode", total=job.n_rows)
+            batch_rows = int(getattr(encoder, "store_batch_rows", 0))
+            for group in _chunk_groups(job.todo, chunks, batch_rows):
                 a, b = chunks[group[0]][0], chunks[group[-1]][1]
                 rows = cohort[first[a:b].tolist()]
-                feats = encoder.encode(rows, source)
+                feats = encoder.encode(rows, job.source)
                 self._check_chunk(feats, rows, encoder.name)
                 for i in group:
                     part = feats if len(group) == 1 else _chunk_part(feats, *chunks[i], a)
                     part.meta.setdefault("encoder", encoder.name)
-                    part.save(chunk_dirs[i])
+                    part.save(job.chunk_dirs[i])
                     bar.advance(task, chunks[i][1] - chunks[i][0])
 
     @staticmethod

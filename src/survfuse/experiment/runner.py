@@ -42,6 +42,7 @@ from survfuse.experiment.rundir import (
     write_text,
 )
 from survfuse.features import MODALITIES
+from survfuse.progress import progress_bar
 
 __all__ = [
     "POST_EVALUATION",
@@ -289,15 +290,6 @@ def _run_locked(
     progress: bool,
     console: Any,
 ) -> RunResult:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from survfuse.experiment.evaluate import evaluate_run
 
     write_text(rd.config, cfg.dump())
@@ -324,15 +316,8 @@ def _run_locked(
             },
         )
         results: list[CellResult] = []
-        with Progress(
-            TextColumn("[bold]cells[/bold]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.description}"),
-            disable=not progress,
-            console=console,
+        with progress_bar(
+            "[bold]cells[/bold]", note="{task.description}", enabled=progress, console=console
         ) as bar:
             task = bar.add_task("", total=len(specs), completed=len(specs) - len(todo))
 
