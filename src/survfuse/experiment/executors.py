@@ -3,16 +3,16 @@
 An executor runs `run_cell(spec, run_dir)` for a list of cell specs and reports each
 `CellResult` as it arrives; every executor writes the same cell folders, so results do not depend
 on where cells ran. `LocalExecutor` runs in this process, one cell after another. A distributed
-executor (Ray, issue 12) subclasses `Executor`, runs the same pure `run_cell` as remote tasks and
-registers itself with `register_executor("ray", ...)` (looked up lazily in
-`survfuse.experiment.ray_executor`).
+executor (Ray, issue 12) subclasses `Executor`, runs the same pure `run_cell` as remote tasks
+(yielding each result from `finished`; `run` puts them in order) and registers itself with
+`register_executor("ray", ...)` (looked up lazily in `survfuse.experiment.ray_executor`).
 """
 
 from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,11 +31,10 @@ _LAZY = {"ray": "survfuse.experiment.ray_executor"}
 
 
 class Executor(abc.ABC):
-    """Runs grid cells; subclasses implement `run` (and may override `map` and `encode`)."""
+    """Runs grid cells; subclasses implement `finished` (and may override `map` and `encode`)."""
 
     name: str = ""
 
-    @abc.abstractmethod
     def run(
         self,
         specs: Sequence[CellSpec],
@@ -43,7 +42,20 @@ class Executor(abc.ABC):
         *,
         on_result: Callable[[CellResult], None] | None = None,
     ) -> list[CellResult]:
-        """Run `run_cell(spec, run_dir)` for each spec; call `on_result` as each one finishes."""
+        """Run `run_cell(spec, run_dir)` for each spec; call `on_result` as each one finishes.
+        Returns the results in the order of `specs`."""
+        by_id: dict[str, CellResult] = {}
+        for spec, result in self.finished(specs, run_dir):
+            by_id[spec.cell_id] = result
+            if on_result is not None:
+                on_result(result)
+        return [by_id[s.cell_id] for s in specs]
+
+    @abc.abstractmethod
+    def finished(
+        self, specs: Sequence[CellSpec], run_dir: Path
+    ) -> Iterator[tuple[CellSpec, CellResult]]:
+        """Run the cells; yield (spec, result) as each one finishes, in any order."""
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """Apply a picklable top-level `fn` to independent items (e.g. bootstrap blocks)."""
@@ -59,8 +71,17 @@ class Executor(abc.ABC):
         fit_cohort: Any = None,
         progress: bool = True,
     ) -> Any:
-        """Encode one modality through the feature store (a cluster may fan this out)."""
-        return store.encode(encoder, cohort, source, fit_cohort=fit_cohort, progress=progress)
+        """Encode one modality through the feature store; the chunks are encoded by the store
+        `encoding_store` picks (a cluster may fan them out), into the same folders."""
+        encoding = self.encoding_store(store, encoder)
+        feats = encoding.encode(encoder, cohort, source, fit_cohort=fit_cohort, progress=progress)
+        if encoding is not store:
+            store.last_run = encoding.last_run
+        return feats
+
+    def encoding_store(self, store: Any, encoder: Any) -> Any:
+        """The feature store that encodes `encoder`'s chunks: `store` itself here."""
+        return store
 
     def close(self) -> None:
         """Release resources (nothing for the local executor)."""
@@ -88,22 +109,14 @@ class LocalExecutor(Executor):
         self.workers = max(1, int(workers))
         self.ignored_options = sorted(options)
 
-    def run(
-        self,
-        specs: Sequence[CellSpec],
-        run_dir: Path,
-        *,
-        on_result: Callable[[CellResult], None] | None = None,
-    ) -> list[CellResult]:
+    def finished(
+        self, specs: Sequence[CellSpec], run_dir: Path
+    ) -> Iterator[tuple[CellSpec, CellResult]]:
         if self.workers == 1 or len(specs) <= 1:
-            results = []
             for spec in specs:
-                result = run_cell(spec, run_dir)
-                results.append(result)
-                if on_result is not None:
-                    on_result(result)
-            return results
-        return self._run_pool(specs, run_dir, on_result)
+                yield spec, run_cell(spec, run_dir)
+        else:
+            yield from self._run_pool(specs, run_dir)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """`fn` over items, in `workers` spawned processes when there are several."""
@@ -118,15 +131,11 @@ class LocalExecutor(Executor):
             return list(pool.map(fn, items))
 
     def _run_pool(
-        self,
-        specs: Sequence[CellSpec],
-        run_dir: Path,
-        on_result: Callable[[CellResult], None] | None,
-    ) -> list[CellResult]:
+        self, specs: Sequence[CellSpec], run_dir: Path
+    ) -> Iterator[tuple[CellSpec, CellResult]]:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        by_id: dict[str, CellResult] = {}
         # spawn, not fork: torch and numba state must not be copied into the workers.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
@@ -138,10 +147,7 @@ class LocalExecutor(Executor):
                 except Exception as exc:  # a worker died (e.g. out of memory): record, go on
                     error = f"worker died: {type(exc).__name__}: {' '.join(str(exc).split())}"
                     result = record_failure(spec, run_dir, error)
-                by_id[spec.cell_id] = result
-                if on_result is not None:
-                    on_result(result)
-        return [by_id[s.cell_id] for s in specs]
+                yield spec, result
 
 
 def register_executor(name: str, factory: Callable[..., Executor]) -> None:

@@ -24,7 +24,7 @@ the same path (see docs/ray.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,17 +107,13 @@ class RayExecutor(Executor):
         self.closed = True
 
     # ------------------------------------------------------------------ cells
-    def run(
-        self,
-        specs: Sequence[CellSpec],
-        run_dir: Path,
-        *,
-        on_result: Callable[[CellResult], None] | None = None,
-    ) -> list[CellResult]:
+    def finished(
+        self, specs: Sequence[CellSpec], run_dir: Path
+    ) -> Iterator[tuple[CellSpec, CellResult]]:
         import ray
 
         if not specs:
-            return []
+            return
         self.ensure_runtime()
         remote = ray.remote(_cell_task)
         fn_ref = ray.put(self.cell_fn)
@@ -132,7 +128,6 @@ class RayExecutor(Executor):
                 name=f"survfuse-cell:{spec.cell_id}",
             ).remote(fn_ref, spec, str(run_dir))
             pending[ref] = spec
-        by_id: dict[str, CellResult] = {}
         waiting = list(pending)
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)
@@ -147,10 +142,7 @@ class RayExecutor(Executor):
                     attempts = self.options.max_retries + 1
                     error = f"worker lost on all {attempts} attempts: {_short(exc)}"
                     result = record_failure(spec, run_dir, error)
-                by_id[spec.cell_id] = result
-                if on_result is not None:
-                    on_result(result)
-        return [by_id[s.cell_id] for s in specs]
+                yield spec, result
 
     # ------------------------------------------------------------------ generic fan-out
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
@@ -163,35 +155,20 @@ class RayExecutor(Executor):
         return list(ray.get([remote.remote(fn_ref, x) for x in items]))
 
     # ------------------------------------------------------------------ encoding
-    def encode(
-        self,
-        store: Any,
-        encoder: Any,
-        cohort: Any,
-        source: Any,
-        *,
-        fit_cohort: Any = None,
-        progress: bool = True,
-    ) -> Any:
-        """Encoders of `ray.encode_modalities` through Ray Data; the others on the driver."""
+    def encoding_store(self, store: Any, encoder: Any) -> Any:
+        """Encoders of `ray.encode_modalities`: a `RayFeatureStore` on the same folder (chunks
+        encoded through Ray Data); the others: `store` (on the driver)."""
         if getattr(encoder, "modality", None) not in self.options.encode_modalities:
-            return super().encode(
-                store, encoder, cohort, source, fit_cohort=fit_cohort, progress=progress
-            )
-        from survfuse.encoders.ray_encode import ray_encode
+            return store
+        from survfuse.encoders.ray_encode import RayFeatureStore
 
         self.ensure_runtime()
         o = self.options
-        return ray_encode(
-            store,
-            encoder,
-            cohort,
-            source,
-            fit_cohort=fit_cohort,
+        return RayFeatureStore(
+            store.root,
             actors=o.encode_actors,
             num_cpus=o.encode_num_cpus,
             num_gpus=o.encode_num_gpus,
-            progress=progress,
         )
 
     # ------------------------------------------------------------------ bootstrap
