@@ -358,23 +358,52 @@ def _drop_nan(name: str, boots: NDArray[np.float64]) -> NDArray[np.float64]:
     return boots[ok]
 
 
-def summarise(
-    name: str,
-    estimate: float,
-    boots: NDArray[np.float64],
-    *,
+@dataclass(frozen=True)
+class Scored:
+    """Models scored on the same resamples: the metric's `name`, the checked CI `method`, the
+    resampler, the number of events, and per model its scorer and replicates [n_boot]."""
+
+    name: str
+    method: str
+    level: float
+    seed: int
+    res: Resampler
+    n_events: int
+    scorers: dict[str, Scorer]
+    boots: dict[str, NDArray[np.float64]]
+
+    def summary(self, model: str, name: str, estimate: float, accel: float) -> MetricResult:
+        """Result `name`: `estimate` with the interval of `model`'s finite replicates."""
+        b = _drop_nan(name, self.boots[model])
+        lo, hi = interval(estimate, b, self.level, self.method, accel)
+        n, k = self.res.n_clusters, int(b.shape[0])
+        return MetricResult(
+            name, estimate, lo, hi, self.level, self.method, k, self.seed, n, self.n_events
+        )
+
+
+def score_models(
+    metric: str | MetricFn,
+    time: ArrayLike,
+    event: ArrayLike,
+    predictions: Mapping[str, ArrayLike],
+    cluster: ArrayLike | None,
+    n_boot: int,
+    seed: int,
     level: float,
     method: str,
-    accel: float,
-    seed: int,
-    n_subjects: int,
-    n_events: int,
-) -> MetricResult:
-    b = _drop_nan(name, boots)
-    lo, hi = interval(estimate, b, level, method, accel)
-    return MetricResult(
-        name, estimate, lo, hi, level, method, int(b.shape[0]), seed, n_subjects, n_events
-    )
+    options: Mapping[str, Any],
+) -> Scored:
+    """Check the arguments of `bootstrap` / `compare`, then score every model (`make_scorer`
+    with `options`) on the same `n_boot` subject-level resamples drawn from `seed`."""
+    _check_level(level, n_boot)
+    method = look_up_option(method, CI_METHODS, kind="CI method")
+    t, e = check_survival(time, event)
+    res = Resampler.build(t.shape[0], cluster)
+    name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+    scorers = {k: make_scorer(metric, t, e, p, **options) for k, p in predictions.items()}
+    boots = run_boot(scorers, res, n_boot, seed)
+    return Scored(name, method, level, seed, res, int(e.sum()), scorers, boots)
 
 
 @overload
@@ -441,36 +470,14 @@ def bootstrap(
     delete-one-subject jackknife, grouped into 1,000 groups above 1,000 subjects). For IPCW
     metrics the censoring distribution (training data) is held fixed.
     """
-    _check_level(level, n_boot)
-    method = look_up_option(method, CI_METHODS, kind="CI method")
-    t, e = check_survival(time, event)
-    res = Resampler.build(t.shape[0], cluster)
     kw: dict[str, Any] = dict(train_time=train_time, train_event=train_event, tau=tau, times=times)
     single = not isinstance(prediction, Mapping)
-    preds: Mapping[str, ArrayLike]
-    if isinstance(prediction, Mapping):
-        preds = prediction
-    else:
-        preds = {"": prediction}
-    mname = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
-    scorers = {k: make_scorer(metric, t, e, p, **kw) for k, p in preds.items()}
-    boots = run_boot(scorers, res, n_boot, seed)
+    preds = prediction if isinstance(prediction, Mapping) else {"": prediction}
+    s = score_models(metric, time, event, preds, cluster, n_boot, seed, level, method, kw)
     out = []
-    for k, sc in scorers.items():
-        name = mname if single else f"{mname}[{k}]"
+    for k, sc in s.scorers.items():
+        name = s.name if single else f"{s.name}[{k}]"
         est = sc.point()
-        acc = acceleration(influence_or_jackknife(sc, res, seed)) if method == "bca" else 0.0
-        out.append(
-            summarise(
-                name,
-                est,
-                boots[k],
-                level=level,
-                method=method,
-                accel=acc,
-                seed=seed,
-                n_subjects=res.n_clusters,
-                n_events=int(e.sum()),
-            )
-        )
+        acc = acceleration(influence_or_jackknife(sc, s.res, seed)) if s.method == "bca" else 0.0
+        out.append(s.summary(k, name, est, acc))
     return out[0] if single else out

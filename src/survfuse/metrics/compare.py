@@ -17,22 +17,15 @@ import numpy as np
 import polars as pl
 from numpy.typing import ArrayLike, NDArray
 
-from survfuse.interop import check_survival
 from survfuse.metrics.bootstrap import (
-    CI_METHODS,
     MetricFn,
-    Resampler,
-    _check_level,
     acceleration,
     influence_or_jackknife,
     interval,
-    make_scorer,
-    run_boot,
-    summarise,
+    score_models,
 )
 from survfuse.metrics.paired import holm_family, z_test
 from survfuse.metrics.result import MetricResult
-from survfuse.registry import look_up_option
 
 __all__ = ["Comparison", "compare"]
 
@@ -94,31 +87,16 @@ def compare(
         raise ValueError(f"reference {reference!r} is not one of the models {sorted(models)}")
     if len(models) < 2:
         raise ValueError("compare needs at least two models")
-    _check_level(level, n_boot)
-    method = look_up_option(method, CI_METHODS, kind="CI method")
-    t, e = check_survival(time, event)
-    res = Resampler.build(t.shape[0], cluster)
     kw: dict[str, Any] = dict(train_time=train_time, train_event=train_event, tau=tau, times=times)
-    mname = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
-    scorers = {k: make_scorer(metric, t, e, p, **kw) for k, p in models.items()}
-    boots = run_boot(scorers, res, n_boot, seed)
+    s = score_models(metric, time, event, models, cluster, n_boot, seed, level, method, kw)
+    mname, method, res, scorers, boots = s.name, s.method, s.res, s.scorers, s.boots
     points = {k: sc.point() for k, sc in scorers.items()}
     ij = {k: sc.influence() for k, sc in scorers.items()}
     infl: dict[str, NDArray[np.float64]] = {}
     if method == "bca":
         infl = {k: influence_or_jackknife(sc, res, seed) for k, sc in scorers.items()}
     results = [
-        summarise(
-            f"{mname}[{k}]",
-            points[k],
-            boots[k],
-            level=level,
-            method=method,
-            accel=acceleration(infl[k]) if method == "bca" else 0.0,
-            seed=seed,
-            n_subjects=res.n_clusters,
-            n_events=int(e.sum()),
-        )
+        s.summary(k, f"{mname}[{k}]", points[k], acceleration(infl[k]) if method == "bca" else 0.0)
         for k in models
     ]
     rows = []
