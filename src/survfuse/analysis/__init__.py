@@ -1,21 +1,5 @@
-"""Analyses of trained models: modality contributions and imbalance."""
+"""Analyses of trained models: modality contributions and imbalance (the public names of
+`survfuse.analysis.imbalance`)."""
 
-from survfuse.analysis.imbalance import (
-    ImbalanceAnalysis,
-    ablation_risks,
-    analyse_imbalance,
-    imbalance_index,
-    mask_modality,
-    modality_contributions,
-    shapley_two_player,
-)
-
-__all__ = [
-    "ImbalanceAnalysis",
-    "ablation_risks",
-    "analyse_imbalance",
-    "imbalance_index",
-    "mask_modality",
-    "modality_contributions",
-    "shapley_two_player",
-]
+from survfuse.analysis.imbalance import *  # noqa: F403
+from survfuse.analysis.imbalance import __all__ as __all__

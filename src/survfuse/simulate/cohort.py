@@ -13,7 +13,7 @@ whole model). Latent factors and outcomes are drawn from `seed` alone (`plan_coh
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,8 @@ from survfuse.simulate.ct import Scanner
 
 __all__ = [
     "TASKS",
-    "check_args",
+    "CohortArgs",
+    "check_shape",
     "cohort_tables",
     "plan_cohort",
     "simulate_tables",
@@ -255,18 +256,46 @@ def _outcomes(
 # the cohort: plan (latents, hazards, outcomes) and tables
 
 
-def plan_cohort(
-    n: int,
-    sites: tuple[str, ...],
-    external: tuple[str, ...],
-    seed: int,
-    imbalance: float,
-    interaction: float,
-    site_shift: float,
-    censoring: float,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CohortArgs:
+    """The arguments of the generative model, those `simulate` and `simulate_tables` share
+    (site names made str), checked on creation with a message naming the argument."""
+
+    n: int
+    sites: tuple[str, ...]
+    external: tuple[str, ...]
+    seed: int
+    imbalance: float
+    interaction: float
+    site_shift: float
+    censoring: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", tuple(str(s) for s in self.sites))
+        object.__setattr__(self, "external", tuple(str(s) for s in self.external))
+        n, sites, external = self.n, self.sites, self.external
+        if int(n) < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not sites or len(set(sites)) != len(sites):
+            raise ValueError(f"sites must be non-empty and unique, got {list(sites)}")
+        unknown = [s for s in external if s not in sites]
+        if unknown:
+            raise ValueError(f"external sites {unknown} are not among sites {list(sites)}")
+        if not 0.0 <= self.imbalance <= 1.0:
+            raise ValueError(f"imbalance must lie in [0, 1], got {self.imbalance}")
+        if not np.isfinite(self.interaction):
+            raise ValueError(f"interaction must be finite, got {self.interaction}")
+        if self.site_shift < 0:
+            raise ValueError(f"site_shift must be >= 0, got {self.site_shift}")
+        if not 0.0 < self.censoring < 1.0:
+            raise ValueError(f"censoring must lie in (0, 1), got {self.censoring}")
+
+
+def plan_cohort(args: CohortArgs) -> dict[str, Any]:
     """Latent factors, hazards and outcomes of the cohort (everything but the rendering)."""
-    props = site_properties(sites, external, site_shift)
+    n, sites, seed = args.n, args.sites, args.seed
+    imbalance, interaction, censoring = args.imbalance, args.interaction, args.censoring
+    props = site_properties(sites, args.external, args.site_shift)
     plist = [props[s] for s in sites]
     weights = np.array([p["weight"] for p in plist])
     weights = weights / weights.sum()
@@ -411,39 +440,13 @@ def simulate_tables(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The (cohort, oracle) tables `simulate` writes for the same arguments, without rendering
     any CT or EHR (fast: for studying the outcome model, e.g. oracle C-indices)."""
-    sites_t = tuple(str(x) for x in sites)
-    external_t = tuple(str(x) for x in external)
-    check_args(n, sites_t, external_t, imbalance, interaction, site_shift, censoring, (8, 8, 8))
-    return cohort_tables(
-        plan_cohort(n, sites_t, external_t, seed, imbalance, interaction, site_shift, censoring)
+    args = CohortArgs(
+        n, tuple(sites), tuple(external), seed, imbalance, interaction, site_shift, censoring
     )
+    return cohort_tables(plan_cohort(args))
 
 
-def check_args(
-    n: int,
-    sites: tuple[str, ...],
-    external: tuple[str, ...],
-    imbalance: float,
-    interaction: float,
-    site_shift: float,
-    censoring: float,
-    shape: tuple[int, ...],
-) -> None:
-    """Reject arguments of `simulate` / `simulate_tables` with a message naming the argument."""
-    if int(n) < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not sites or len(set(sites)) != len(sites):
-        raise ValueError(f"sites must be non-empty and unique, got {list(sites)}")
-    unknown = [s for s in external if s not in sites]
-    if unknown:
-        raise ValueError(f"external sites {unknown} are not among sites {list(sites)}")
-    if not 0.0 <= imbalance <= 1.0:
-        raise ValueError(f"imbalance must lie in [0, 1], got {imbalance}")
-    if not np.isfinite(interaction):
-        raise ValueError(f"interaction must be finite, got {interaction}")
-    if site_shift < 0:
-        raise ValueError(f"site_shift must be >= 0, got {site_shift}")
-    if not 0.0 < censoring < 1.0:
-        raise ValueError(f"censoring must lie in (0, 1), got {censoring}")
+def check_shape(shape: tuple[int, ...]) -> None:
+    """Reject a CT volume `shape` of `simulate` that is not 3 sizes >= 8."""
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be 3 sizes >= 8, got {list(shape)}")

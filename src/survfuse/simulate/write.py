@@ -68,7 +68,8 @@ from survfuse.simulate.cohort import (
     TASKS,
     US_PER_DAY,
     WEIBULL_SHAPE,
-    check_args,
+    CohortArgs,
+    check_shape,
     cohort_tables,
     plan_cohort,
     simulate_tables,
@@ -180,10 +181,12 @@ def simulate(
     CT volume shape (X, Y, Z). `workers` = rendering processes (default: 2 for large cohorts);
     the output does not depend on it.
     """
-    sites = tuple(str(s) for s in sites)
-    external = tuple(str(s) for s in external)
     shape3 = tuple(int(s) for s in shape)
-    check_args(n, sites, external, imbalance, interaction, site_shift, censoring, shape3)
+    args = CohortArgs(
+        n, tuple(sites), tuple(external), seed, imbalance, interaction, site_shift, censoring
+    )
+    sites, external = args.sites, args.external
+    check_shape(shape3)
     shape = (shape3[0], shape3[1], shape3[2])
     out = Path(out_dir)
     _prepare_folder(out)
@@ -191,7 +194,7 @@ def simulate(
     (out / "meds" / "data").mkdir(parents=True, exist_ok=True)
     (out / "meds" / "metadata").mkdir(parents=True, exist_ok=True)
 
-    plan = plan_cohort(n, sites, external, seed, imbalance, interaction, site_shift, censoring)
+    plan = plan_cohort(args)
     props, plist, lat, rng = plan["props"], plan["plist"], plan["lat"], plan["rng"]
     site_idx, index_us, outcomes = plan["site_idx"], plan["index_us"], plan["outcomes"]
     subject_ids, followup_end_us = plan["subject_ids"], plan["followup_end_us"]
