@@ -19,11 +19,11 @@ from torch import Tensor, nn
 
 from survfuse.features import MODALITIES
 from survfuse.fusion.batch import Batch, ModalitySpec
-from survfuse.fusion.layers import FeatureNorm
+from survfuse.fusion.layers import MLP, FeatureNorm, ModalityEmbedding
 from survfuse.registry import HEADS
 from survfuse.survival.heads import SurvivalHead
 
-__all__ = ["FusionOutput", "FusionStrategy"]
+__all__ = ["AttentionStrategy", "FusionOutput", "FusionStrategy"]
 
 
 @dataclass
@@ -97,6 +97,12 @@ class FusionStrategy(nn.Module, abc.ABC):
             m: (d_min / self.specs[m].pooled_dim) ** 0.5 if self.specs[m].pooled_dim > 0 else 1.0
             for m in modalities
         }
+
+    def pooled_mlps(self, hidden: int, layers: int, dropout: float) -> nn.ModuleDict:
+        """Per modality an `MLP` of its pooled vector to `hidden` (`layers` layers)."""
+        return nn.ModuleDict(
+            {m: MLP(self.specs[m].pooled_dim, hidden, layers, dropout) for m in MODALITIES}
+        )
 
     def make_head(self, in_features: int) -> SurvivalHead:
         head: SurvivalHead = HEADS.get(self.head_name)(in_features, **self.head_params)
@@ -178,3 +184,23 @@ class FusionStrategy(nn.Module, abc.ABC):
         """JSON-serialisable strategy parameters (set by subclasses in `self.params`)."""
         params: dict[str, Any] = dict(getattr(self, "params", {}))
         return params
+
+
+class AttentionStrategy(FusionStrategy):
+    """Base of the strategies that read both modalities' tokens through attention.
+
+    `embed_tokens` builds `embed`, per modality a `ModalityEmbedding` to `d_model`;
+    `record_attention = True` puts the attention weights in `extras`. `dropout` regularises the
+    fused MLP; `token_dropout` (default 0) is per-token dropout in the attention blocks and
+    pooling, off by default because at 64 + 256 tokens per patient it cost more CPU time than
+    the attention itself.
+    """
+
+    uses_tokens = True
+    record_attention = False
+
+    def embed_tokens(self, d_model: int) -> None:
+        """`self.embed`: each modality's tokens as ([N, T, d_model], mask [N, T])."""
+        self.embed = nn.ModuleDict(
+            {m: ModalityEmbedding(self.specs[m], d_model) for m in MODALITIES}
+        )

@@ -9,20 +9,19 @@ import torch
 from torch import Tensor, nn
 
 from survfuse.features import MODALITIES
-from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.base import AttentionStrategy, FusionOutput
 from survfuse.fusion.batch import Batch, ModalitySpec
 from survfuse.fusion.layers import (
     MLP,
     AttentionBlock,
     GatedAttentionPool,
     MaskedAttention,
-    ModalityEmbedding,
 )
 from survfuse.registry import FUSIONS, look_up_option
 
 
 @FUSIONS.register("co_attention")
-class CoAttention(FusionStrategy):
+class CoAttention(AttentionStrategy):
     """Guided co-attention; `guide` = "ct" (image-guided) or "ehr".
 
     G = guide tokens, O = the other modality's token bag (no positional encoding: a set).
@@ -34,13 +33,9 @@ class CoAttention(FusionStrategy):
     guide modality keeps its other-modality signal.
     fused = concat(h_guided, h_guide[, h_other]) -> MLP -> head. Everything applied to O is
     permutation-equivariant and then pooled, so the output is invariant to O's token order.
-    `record_attention = True` puts the co-attention and pooling weights in `extras`.
-    `dropout` regularises the fused MLP; `token_dropout` (default 0) is per-token dropout in the
-    attention blocks and pooling, off by default because at 64 + 256 tokens per patient it cost
-    more CPU time than the attention itself.
+    `record_attention = True` puts the co-attention and pooling weights in `extras`;
+    `dropout` and `token_dropout`: see `AttentionStrategy`.
     """
-
-    uses_tokens = True
 
     def __init__(
         self,
@@ -71,9 +66,7 @@ class CoAttention(FusionStrategy):
         self.guide = guide
         self.other = next(m for m in MODALITIES if m != guide)
         self.other_stream = other_stream
-        self.embed = nn.ModuleDict(
-            {m: ModalityEmbedding(self.specs[m], d_model) for m in MODALITIES}
-        )
+        self.embed_tokens(d_model)
         self.coattn = MaskedAttention(d_model, heads)
         streams = ["guided", "guide"] + (["other"] if other_stream else [])
         self.layers = nn.ModuleDict(
@@ -85,7 +78,6 @@ class CoAttention(FusionStrategy):
         self.streams = streams
         self.mlp = MLP(len(streams) * d_model, hidden, 1, dropout)
         self.head = self.make_head(hidden)
-        self.record_attention = False
 
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
         params = {m: list(self.embed[m].parameters()) for m in MODALITIES}

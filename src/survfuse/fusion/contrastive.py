@@ -67,9 +67,7 @@ class Contrastive(FusionStrategy):
         }
         self.lam = lam
         self.align_epochs = align_epochs
-        self.encoders = nn.ModuleDict(
-            {m: MLP(self.specs[m].pooled_dim, hidden, layers, dropout) for m in MODALITIES}
-        )
+        self.encoders = self.pooled_mlps(hidden, layers, dropout)
         self.projections = nn.ModuleDict({m: nn.Linear(hidden, proj_dim) for m in MODALITIES})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.fused = MLP(proj_dim, hidden, 1, dropout)

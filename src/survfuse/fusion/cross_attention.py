@@ -9,16 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from survfuse.features import MODALITIES
-from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.base import AttentionStrategy, FusionOutput
 from survfuse.fusion.batch import Batch, ModalitySpec
-from survfuse.fusion.layers import MLP, AttentionBlock, ModalityEmbedding, masked_mean
+from survfuse.fusion.layers import MLP, AttentionBlock, masked_mean
 from survfuse.registry import FUSIONS, look_up_option
 
 DIRECTIONS = ("ehr->ct", "ct->ehr", "both")
 
 
 @FUSIONS.register("cross_attention")
-class CrossAttention(FusionStrategy):
+class CrossAttention(AttentionStrategy):
     """Cross-attention fusion; `direction` "a->b" means a's tokens are the queries over b's tokens.
 
     For a->b: x_a' = LN(x_a + MHA(x_a, x_b, key_padding=~mask_b)); x_a'' = LN(x_a' + FFN(x_a'));
@@ -26,12 +26,8 @@ class CrossAttention(FusionStrategy):
     without modality a informative). `both`: fused = [masked_mean(ct attended over ehr),
     masked_mean(ehr attended over ct)]. An absent modality has no real token: as queries its
     rows pool to zero, as keys its attention output is zero (the residual carries the query).
-    `dropout` regularises the fused MLP; `token_dropout` (default 0) is per-token dropout in the
-    attention blocks and pooling, off by default because at 64 + 256 tokens per patient it cost
-    more CPU time than the attention itself.
+    `dropout` and `token_dropout`: see `AttentionStrategy`.
     """
-
-    uses_tokens = True
 
     def __init__(
         self,
@@ -58,9 +54,7 @@ class CrossAttention(FusionStrategy):
             "token_dropout": token_dropout,
         }
         self.direction = direction
-        self.embed = nn.ModuleDict(
-            {m: ModalityEmbedding(self.specs[m], d_model) for m in MODALITIES}
-        )
+        self.embed_tokens(d_model)
         pairs = (
             [("ct", "ehr"), ("ehr", "ct")]
             if direction == "both"
@@ -72,7 +66,6 @@ class CrossAttention(FusionStrategy):
         )
         self.mlp = MLP(2 * d_model, hidden, 1, dropout)
         self.head = self.make_head(hidden)
-        self.record_attention = False
 
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {m: list(self.embed[m].parameters()) for m in MODALITIES}

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from survfuse.features import MODALITIES
 from survfuse.fusion.base import FusionOutput, FusionStrategy
 from survfuse.fusion.batch import Batch, ModalitySpec
-from survfuse.fusion.layers import MLP
 from survfuse.registry import FUSIONS, look_up_option
 
 
@@ -61,9 +60,7 @@ class Late(FusionStrategy):
         self.stack_ridge = stack_ridge
         self.combine = combine
         self.aux_weight = aux_weight
-        self.branches = nn.ModuleDict(
-            {m: MLP(self.specs[m].pooled_dim, hidden, layers, dropout) for m in MODALITIES}
-        )
+        self.branches = self.pooled_mlps(hidden, layers, dropout)
         self.branch_heads = nn.ModuleDict({m: self.make_head(hidden) for m in MODALITIES})
         # softplus(0.5413) = 1: equal initial weights
         self.weight_logits = nn.Parameter(torch.full((len(MODALITIES),), 0.5413))

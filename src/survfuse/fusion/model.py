@@ -243,8 +243,21 @@ class FusionSurvivalModel:
         e_all = torch.as_tensor(e, device=dev)
         self.history, self.best_epoch = [], None
         self.branch_summary, self.dropped_modalities = {}, []
+        val = None
+        if validation is not None:
+            vf, vt_raw, ve_raw = validation
+            vt, ve = check_survival(vt_raw, ve_raw)
+            check_modalities(vf, mods)
+            val = (vf, vt, ve)
         if module.fits_exactly:  # an exact solver: no epochs, no callbacks
-            self._fit_exact(module, features, t, e, validation, dev)
+            train = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
+            exact_val = None
+            if val is not None:
+                exact_val = (to_batch(vf, modalities=mods, with_tokens=tok, device=dev), vt, ve)
+            module.eval()
+            self.history = module.fit_exact(train, t, e, exact_val)
+            self.best_epoch = 0
+            module.output_head.fit_baseline(self._outputs(features), t, e)
             return
 
         def batches() -> Iterator[Step]:
@@ -259,12 +272,7 @@ class FusionSurvivalModel:
                 yield drop_modalities(batch, opts.modality_dropout, gen), bt, be
 
         validate = None
-        val = None
-        if validation is not None:
-            vf, vt_raw, ve_raw = validation
-            vt, ve = check_survival(vt_raw, ve_raw)
-            check_modalities(vf, mods)
-            val = (vf, vt, ve)
+        if val is not None:
 
             def validate() -> tuple[float, Any]:
                 vout, vreprs, vpresent = self._forward_all(vf)
@@ -324,28 +332,6 @@ class FusionSurvivalModel:
             )
         out = self._outputs(features)
         module.output_head.fit_baseline(out, t, e)
-
-    def _fit_exact(
-        self,
-        module: FusionStrategy,
-        features: Features,
-        t: NDArray[np.float64],
-        e: NDArray[np.bool_],
-        validation: tuple[Features, ArrayLike, ArrayLike] | None,
-        dev: torch.device,
-    ) -> None:
-        mods, tok = module.modalities, module.uses_tokens
-        train = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
-        val = None
-        if validation is not None:
-            vf, vt, ve = validation
-            vt, ve = check_survival(vt, ve)
-            check_modalities(vf, mods)
-            val = (to_batch(vf, modalities=mods, with_tokens=tok, device=dev), vt, ve)
-        module.eval()
-        self.history = module.fit_exact(train, t, e, val)
-        self.best_epoch = 0
-        module.output_head.fit_baseline(self._outputs(features), t, e)
 
     # ------------------------------------------------------------------ inference
     def _outputs(self, features: Features) -> Tensor:
