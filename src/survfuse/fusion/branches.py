@@ -1,48 +1,40 @@
-"""Per-modality ("branch") supervision and early stopping for fused models.
+"""Per-modality ("branch") supervision, early stopping and dropping for fused models.
 
-Why: trained jointly, a fused model's modalities learn at different speeds. On the simulator a
-521-dimensional one-hot EHR vector reaches its best validation C-index after ~10 full-batch
-epochs and then overfits, while the CT branch needs ~35; early stopping on the fused C-index
-therefore stops with the CT branch half-trained, and a fused model falls below CT-only even
-when the EHR adds information (imbalance 0.5) and far below it when the EHR is noise
-(imbalance 1). This is the "modality competition" / lazy-modality effect of multimodal learning
-(Peng et al., CVPR 2022; Du et al., ICML 2023), here in its survival form.
+Why: trained jointly, a fused model's modalities learn at different speeds (the "modality
+competition" of multimodal learning; Peng et al., CVPR 2022; Du et al., ICML 2023). A
+high-dimensional one-hot EHR reaches its best validation C-index within a few full-batch epochs
+and then overfits while a CT branch is still learning, so early stopping on the fused C-index
+stops with the CT branch half-trained.
 
 `BranchStopper` gives every modality m of a fused strategy
 - a linear Cox probe g_m on the strategy's modality representation r_m
   (`FusionOutput.modality_repr`, [N, d_m]) whose partial likelihood is added to the training
-  loss with weight `loss_weight` (deep supervision: each branch must be a standalone risk model,
-  so a dominant modality cannot leave the other one unlearned), and
-- its own early stopping: after every epoch the validation C-index of g_m(r_m) is computed; the
-  encoder-side parameters of m (`FusionStrategy.modality_parameters()[m]`) are snapshotted at
-  its best epoch and, after `patience` epochs in which neither the branch nor the fused model
-  improved, restored to that snapshot and frozen. The rest of the model (fusion layers, head, unfrozen branches) keeps training, and
-  the estimator does not stop before every branch is frozen.
+  loss with weight `loss_weight` (deep supervision: each branch must be a standalone risk model);
+- its own early stopping: the validation C-index of g_m(r_m) is computed every epoch; the
+  encoder-side parameters of m are snapshotted at its best epoch and, after `patience` epochs in
+  which neither the branch nor the fused model improved, restored to that snapshot and frozen.
+  The rest of the model keeps training, and the estimator does not stop before every branch is
+  frozen.
 
-So a fast-overfitting modality is held at its best state while the slower one finishes
-learning; a modality that never helps on validation is frozen near its initialisation.
-
-Chance-level branches (`drop_alpha`, default 0.05): freezing alone does not stop a modality
-that is pure noise from hurting. Its frozen representation was fitted to the training risk
-sets, so the fusion layers keep weighting it (simulator, EHR pure noise, late fusion, seed 1:
-the EHR probe's validation C crept from 0.477 to 0.499, each tiny gain postponed its freeze, and
-the fused model reached 0.687 validation C while its own CT probe reached 0.808). So once a
-branch is frozen, or its best validation C has not risen by `DROP_MIN_DELTA` = 0.01 for
-`patience` epochs (a creep like the one above is no learning; a slow branch still rising, like
-an informative CT probe going 0.46 -> 0.53 in its first 9 epochs, is not judged yet), its best
-validation C is tested against chance: z = (C - 0.5) / SE with SE the infinitesimal-jackknife
-standard error of Harrell's C (`survfuse.metrics.concordance_index`). A branch with
-z <= z_{1-alpha} is *dropped* (frozen and, from then on, masked as missing for every patient,
-in training and prediction) when another branch is above chance and masking it raises the
-fused model's validation C-index by at least `DROP_MIN_GAIN` = 0.005. Why the check: a probe at chance does not prove the fusion
-layers make no use of a modality (on the simulator, cross-attention's CT probe stays at chance
-for ~12 epochs while the fused model already uses the CT). Why the margin: the check is retried
-every epoch while the branch stays a candidate, and a comparison with no real difference
-eventually passes by noise (demo, MACE, late fusion: C without CT minus C with it was -0.007,
--0.005, -0.001, then +0.0003), while a noise modality that the fusion layers weight costs far
-more than 0.005 (the simulator case above: 0.687 with it, 0.80 without). The fused model's
-early stopping then restarts, so the weights kept are ones trained without the dropped
-modality. A modality is never dropped when no other one carries signal.
+Dropping (`drop_alpha`, default 0.05): a frozen pure-noise modality still hurts, because its
+frozen representation was fitted to the training risk sets and the fusion layers keep weighting
+it. A branch becomes a drop candidate once it is frozen or its best validation C has not risen by
+`DROP_MIN_DELTA` for `patience` epochs (a branch still learning is not judged), and is at chance:
+z = (C - 0.5) / SE <= z_{1-alpha}, SE the infinitesimal-jackknife standard error of Harrell's C.
+A candidate is dropped (frozen and, from then on, masked as missing for every patient, in
+training and prediction) only when
+1. another branch is above chance (a modality is never dropped when no other carries signal);
+2. an independent check does not find signal in it (`BranchStopping(signal=...)`, by default
+   `survfuse.fusion.signal.linear_signal`: an elastic-net Cox on the modality's own pooled
+   features, penalty cross-validated on the training rows, tested once on validation). The probe
+   judges the fused model's representation mid-training; on cohorts it was not tuned on it
+   called informative modalities "chance" (benchmarks/fusion_generalisation.py in
+   docs/benchmarks.md);
+3. masking it raises the fused validation C by at least `DROP_MIN_GAIN`: a probe at chance does
+   not prove the fusion layers make no use of a modality, and the margin keeps a comparison with
+   no real difference, retried every epoch, from passing by noise.
+The fused model's early stopping then restarts, so the weights kept are ones trained without the
+dropped modality.
 """
 
 from __future__ import annotations
@@ -290,7 +282,10 @@ class BranchStopping(Callback):
     `val_time`, `val_event`: the validation outcomes; `c_without(m)`: the fused validation C
     with modality m also masked; `dropped`: the estimator's list of dropped modalities (appended
     to here, and read by the estimator when it builds batches); `lr`: the probes' learning rate.
-    `state.val_payload` must be `(reprs, present)` of the validation rows."""
+    `state.val_payload` must be `(reprs, present)` of the validation rows. `signal(m)`, when
+    given, is an independent check that modality m carries signal on its own
+    (`survfuse.fusion.signal.linear_signal`): a modality it finds above chance is never dropped.
+    """
 
     def __init__(
         self,
@@ -302,6 +297,7 @@ class BranchStopping(Callback):
         c_without: Callable[[str], float],
         dropped: list[str],
         patience: int,
+        signal: Callable[[str], bool | None] | None = None,
     ) -> None:
         self.stopper = stopper
         self.lr = float(lr)
@@ -309,6 +305,8 @@ class BranchStopping(Callback):
         self.c_without = c_without
         self.dropped = dropped
         self.patience = int(patience)
+        self.signal = signal
+        self._signal: dict[str, bool | None] = {}
         self.opt: torch.optim.Optimizer | None = None
 
     def extra_loss(
@@ -344,6 +342,12 @@ class BranchStopping(Callback):
             state.record[f"frozen_{m}"] = True
             state.froze = True
         for m in self.stopper.drop_candidates():
+            if self.signal is not None:
+                if m not in self._signal:  # judged once: the data do not change
+                    self._signal[m] = self.signal(m)
+                    state.record[f"signal_{m}"] = self._signal[m]
+                if self._signal[m]:
+                    continue  # carries signal on its own: never dropped
             # drop only if the fused model is better without it (see the module docstring)
             without = self.c_without(m)
             state.record[f"val_c_index_without_{m}"] = without

@@ -49,6 +49,7 @@ from survfuse.fusion.batch import (
 from survfuse.fusion.branches import BranchStopper, BranchStopping
 from survfuse.fusion.params import check_params, harrell_c
 from survfuse.fusion.rebalance import OGMGE
+from survfuse.fusion.signal import signal_check
 from survfuse.interop import check_survival
 from survfuse.registry import FUSIONS, look_up_option
 from survfuse.training import (
@@ -302,6 +303,11 @@ class FusionSurvivalModel:
                     c_without=lambda m: self._val_c(vf, vt, ve, mask=[m]),
                     dropped=self.dropped_modalities,
                     patience=opts.patience,
+                    signal=None
+                    if val is None
+                    else signal_check(
+                        features, t, e, val, alpha=opts.branch_drop_alpha or 0.05, seed=self.seed
+                    ),
                 )
             )
         state = fit_loop(

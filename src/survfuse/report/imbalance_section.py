@@ -71,9 +71,7 @@ def contribution_table(imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS)
                 & (pl.col("modality").is_null() if m is None else pl.col("modality") == m)
             )
             rec[name] = (
-                tables.fmt_ci(r["estimate"][0], r["lower"][0], r["upper"][0])
-                if r.height
-                else "–"
+                tables.fmt_ci(r["estimate"][0], r["lower"][0], r["upper"][0]) if r.height else "–"
             )
         out.append(rec)
     return pl.DataFrame(out, schema={c: pl.Utf8 for c in cols})
