@@ -8,6 +8,7 @@ from typing import Any
 
 from survfuse.experiment.rundir import RunDir
 from survfuse.experiment.scoring import GroupData, finish_group, score_group
+from survfuse.progress import progress_bar
 
 __all__ = ["score_groups"]
 
@@ -19,27 +20,6 @@ def _split_entry(score: dict[str, Any], model: str) -> dict[str, Any]:
         "infl": score["infl"][model],
         "p_cal": score["p_cal"].get(model, {}),
     }
-
-
-def _progress(progress: bool, console: Any = None) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]bootstrap[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        console=console,
-    )
 
 
 def _score_pool(subs: list[GroupData], workers: int, bar: Any, task: Any) -> list[dict[str, Any]]:
@@ -97,7 +77,11 @@ def score_groups(
     n_todo = sum(len(s.models) for _, s in subs)
     workers = int(getattr(executor, "workers", 1) or 1)
     new: list[tuple[int, dict[str, Any]]] = []
-    with _progress(progress and bool(subs), console) as bar:
+    with progress_bar(
+        "[bold]bootstrap[/bold] {task.description}",
+        enabled=progress and bool(subs),
+        console=console,
+    ) as bar:
 
         def say(msg: str) -> None:
             if progress:  # through the live bar's console when there is one
