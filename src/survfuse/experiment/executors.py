@@ -3,7 +3,7 @@
 An executor runs `run_cell(spec, run_dir)` for a list of cell specs and reports each
 `CellResult` as it arrives; every executor writes the same cell folders, so results do not depend
 on where cells ran. `LocalExecutor` runs in this process, one cell after another. A distributed
-executor (Ray, issue 12) subclasses `Executor`, runs the same pure `run_cell` as remote tasks
+executor (Ray) subclasses `Executor`, runs the same pure `run_cell` as remote tasks
 (yielding each result from `finished`; `run` puts them in order) and registers itself with
 `register_executor("ray", ...)` (looked up lazily in `survfuse.experiment.ray_executor`).
 """

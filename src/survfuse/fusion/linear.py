@@ -13,10 +13,9 @@ fitted by an exact solver (no learning rate, no epochs, no early stopping):
 
 The penalty with the best validation Harrell C is kept (without validation data: the middle of
 the grid). Why it is in every study: a deep model that does not beat a linear Cox on its own
-inputs has not earned its cost (issue 17: an elastic-net Cox on the same features beat every
-deep fusion on internal and external test); with many noise features the L1 part matters (a
-ridge fit of 5 informative among 405 features reached C 0.60 where the elastic net reached 0.74,
-oracle 0.75; tests/test_fusion_linear.py).
+inputs has not earned its cost, and on simulated cohorts survfuse was not tuned on the
+elastic-net Cox often wins (docs/benchmarks.md, fusion_generalisation). The L1 part matters when
+few of many features carry signal (tests/test_fusion_linear.py).
 
 `modality: ct` / `modality: ehr` give the unimodal linear baselines (they join the reference
 pool "best unimodal"), no modality the linear concatenation. Only the `cox` head applies.
