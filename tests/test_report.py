@@ -150,3 +150,48 @@ def test_fmt_ci() -> None:
     assert tables.fmt_ci(0.71234, 0.68, 0.74) == "0.712 [0.680, 0.740]"
     assert tables.fmt_ci(float("nan"), 0.1, 0.2) == "–"
     assert tables.fmt_ci(0.5, float("nan"), 0.6) == "0.500"
+
+
+def test_calibration_flag_fires_on_a_miscalibrated_model_only() -> None:
+    # true hazard exp(lp) / 500: the calibrated model's S(365) = exp(-365/500 exp(lp)); the
+    # other predicts exp(3 lp), risks far too extreme (calibration slope ~1/3)
+    cfg = parse_config(
+        {
+            "data": {"cohort": "c.parquet", "ct_index": "i.parquet", "meds_root": "m"},
+            "tasks": ["pe_mortality"],
+            "encoders": {"ct": [{"name": "ct_radiomics"}], "ehr": [{"name": "ehr_onehot"}]},
+            "strategies": [{"name": "unimodal", "modality": "ct"}, {"name": "late"}],
+            "evaluation": {"metrics": ["calibration"], "horizons": [365], "bootstrap": 50},
+        }
+    )
+    rng = np.random.default_rng(1)
+    groups, scores = [], []
+    for k, split in enumerate(["validation", "internal_test", "external_test"]):
+        n = 600
+        lp = rng.normal(size=n)
+        t_ev = rng.exponential(500 * np.exp(-lp))
+        t_c = rng.uniform(100, 1500, n)
+        time, event = np.minimum(t_ev, t_c), t_ev <= t_c
+        preds = {"unimodal_ct": (lp, ["ct"]), "late": (3 * lp, ["ct", "ehr"])}
+        models = [
+            ModelPreds(
+                model=f"{name}/cox",
+                spec=_spec(name, mods),
+                seeds=[0],
+                risk=risk[None, :],
+                surv=np.exp(-365 / 500 * np.exp(risk))[None, :, None],
+            )
+            for name, (risk, mods) in preds.items()
+        ]
+        g = GroupData(
+            task="pe_mortality", split=split, time=time, event=event,
+            subject_id=np.arange(n) + 1000 * k, train_time=time, train_event=event,
+            times=np.array([365.0]), metrics=["harrell_c", "calibration"], horizons=[365.0],
+            cal_horizon=365.0, cal_bins=5, models=models, n_boot=50, seed=0,
+        )  # fmt: skip
+        groups.append(g)
+        scores.append(score_group(g))
+    flags = tables.calibration_flags(assemble_table(cfg, groups, scores), 365.0)
+    assert flags.height == 2  # the miscalibrated model, on both test splits
+    assert all(m.startswith("late") for m in flags["model"].to_list())
+    assert set(flags["meaning"]) == {"risks too extreme (overfitted or shifted)"}

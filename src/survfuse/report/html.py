@@ -162,6 +162,16 @@ def _calibration(ctx: ReportContext) -> Section | None:
             name = f"{tables.METRIC_LABELS[metric]} at {horizon:g} days"
             parts_html.append(f"<h3>{html.escape(name)}</h3>" + tables.to_html(t))
             parts_md.append(f"### {name}\n\n" + tables.to_markdown(t))
+    flags = tables.calibration_flags(ctx.metrics, horizon)
+    if flags.height:
+        lo, hi = tables.SLOPE_RANGE
+        note = (
+            f"Flag: {flags.height} model x split results have a calibration slope outside "
+            f"[{lo:g}, {hi:g}]; their predicted risks should not be read as probabilities on that "
+            "split without recalibration."
+        )
+        parts_html.insert(0, f"<p><b>{html.escape(note)}</b></p>" + tables.to_html(flags))
+        parts_md.insert(0, f"**{note}**\n\n" + tables.to_markdown(flags))
     if not panels and not parts_html:
         return None
     bins = int(ev.get("calibration_bins", 10))

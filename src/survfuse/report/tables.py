@@ -16,8 +16,10 @@ import polars as pl
 __all__ = [
     "METRIC_LABELS",
     "P_TEST_LABELS",
+    "SLOPE_RANGE",
     "SPLIT_LABELS",
     "c_index_table",
+    "calibration_flags",
     "comparison_table",
     "family_note",
     "fmt_ci",
@@ -272,3 +274,36 @@ def rich_table(df: pl.DataFrame, *, title: str | None = None) -> Any:
             values.append(v)
         table.add_row(*values)
     return table
+
+
+#: A calibration slope outside this range is flagged in the report (risks too extreme below,
+#: too timid above; the range external-validation guidance commonly accepts).
+SLOPE_RANGE = (0.8, 1.2)
+
+
+def calibration_flags(metrics: pl.DataFrame, horizon: float) -> pl.DataFrame:
+    """Models whose calibration slope at `horizon` on a test split lies outside `SLOPE_RANGE`:
+    task, split, model, slope [CI] and what it means; empty when every slope is inside."""
+    lo, hi = SLOPE_RANGE
+    sel = _with_labels(
+        metrics.filter(
+            (pl.col("metric") == "cal_slope")
+            & (pl.col("horizon") == horizon)
+            & pl.col("split").is_in(["internal_test", "external_test"])
+            & ((pl.col("estimate") < lo) | (pl.col("estimate") > hi))
+        )
+    )
+    rows = [
+        {
+            "task": r["task"],
+            "split": SPLIT_LABELS.get(r["split"], r["split"]),
+            "model": r["label"],
+            "calibration slope": fmt_ci(r["estimate"], r["lower"], r["upper"]),
+            "meaning": "risks too extreme (overfitted or shifted)"
+            if r["estimate"] < lo
+            else "risks too timid",
+        }
+        for r in sel.sort("task", "split", "estimate").iter_rows(named=True)
+    ]
+    cols = ["task", "split", "model", "calibration slope", "meaning"]
+    return pl.DataFrame(rows, schema=dict.fromkeys(cols, pl.String))
