@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from survfuse.data.dicom import DicomSeriesError, read_dicom_series
 from survfuse.registry import look_up_option
 
 __all__ = [
@@ -194,7 +195,6 @@ def _read_sitk(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64], di
 
 
 def _read_dicom(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64], dict[str, Any]]:
-    from survfuse.data.dicom import DicomSeriesError, read_dicom_series
 
     try:
         series = read_dicom_series(path)

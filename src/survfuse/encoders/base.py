@@ -22,8 +22,9 @@ import polars as pl
 from numpy.typing import NDArray
 
 import survfuse
+from survfuse.data.ct_index import iter_ct, load_ct_index, select_studies, validate_ct_index
 from survfuse.features import Modality, ModalityFeatures
-from survfuse.registry import ENCODERS
+from survfuse.registry import ENCODERS, all_registries
 
 __all__ = [
     "CTSource",
@@ -130,7 +131,6 @@ class CTSource:
     index_path: Path | None = None
 
     def __post_init__(self) -> None:
-        from survfuse.data.ct_index import validate_ct_index
 
         self.root = Path(self.root)
         where = f"CT index {self.index_path}" if self.index_path else "CT index"
@@ -141,7 +141,6 @@ class CTSource:
         cls, path: str | os.PathLike[str], *, lookback_days: float | None = None
     ) -> CTSource:
         """Read a CT index (parquet or CSV); relative paths resolve against its folder."""
-        from survfuse.data.ct_index import load_ct_index
 
         path = Path(path)
         return cls(
@@ -157,7 +156,6 @@ class CTSource:
         Rows follow `cohort`'s order; `path` is null when no study qualifies
         (`survfuse.data.ct_index.select_studies`).
         """
-        from survfuse.data.ct_index import select_studies
 
         return select_studies(cohort, self.index, lookback_days=self.lookback_days)
 
@@ -179,7 +177,6 @@ def iter_ct_volumes(
     `CTLoadError` reason) yields None and its manifest entry (JSON-able: prediction_time as ISO
     text), so the store can report why `present` is False.
     """
-    from survfuse.data.ct_index import iter_ct
 
     for i, (row, vol) in enumerate(iter_ct(source.studies(cohort), preprocessing)):
         if vol is None:
@@ -296,7 +293,6 @@ def register_encoder(name: str) -> Any:
 
 def build_encoder(name: str, **config: Any) -> Encoder:
     """Instantiate the registered encoder `name` (unknown names suggest the closest)."""
-    from survfuse.registry import all_registries
 
     all_registries()  # imports every encoder module, so every name is registered
 

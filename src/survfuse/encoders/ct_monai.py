@@ -51,7 +51,9 @@ import polars as pl
 import torch
 from torch import nn
 
+from survfuse.data.imaging import CTLoadError, CTPreprocessing
 from survfuse.device import resolve_device
+from survfuse.encoders import fm_inference
 from survfuse.encoders.base import (
     CTSource,
     Encoder,
@@ -61,6 +63,8 @@ from survfuse.encoders.base import (
     iter_ct_volumes,
     register_encoder,
 )
+from survfuse.encoders.fm_transforms import FMPreprocessing, load_fm, require_monai
+from survfuse.encoders.merlin_i3d import MerlinImageEncoder
 from survfuse.features import ModalityFeatures
 from survfuse.registry import look_up_option
 
@@ -136,10 +140,7 @@ PRESETS: dict[str, Preset] = {
 
 def _build_network(name: str, args: dict[str, Any]) -> nn.Module:
     if name == "merlin_i3d":
-        from survfuse.encoders.merlin_i3d import MerlinImageEncoder
-
         return MerlinImageEncoder(**args)
-    from survfuse.encoders.fm_transforms import require_monai
 
     require_monai()  # an ImportError that says how to install MONAI
     import monai.networks.nets as nets
@@ -269,8 +270,6 @@ class CTMonaiEncoder(Encoder):
         tile: Sequence[int] = (128, 128, 128),
         device: str = "auto",
     ) -> None:
-        from survfuse.data.imaging import CTPreprocessing
-        from survfuse.encoders.fm_transforms import FMPreprocessing
 
         preset = look_up_option(preset, PRESETS, kind="ct_monai preset")
         p = PRESETS[preset]
@@ -328,7 +327,6 @@ class CTMonaiEncoder(Encoder):
 
     def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The network's feature map [B, C, a, b, c] of inputs x [B, 1, X, Y, Z]."""
-        from survfuse.encoders import fm_inference
 
         net = self.network()
         if self._preset.inference == "tiled":
@@ -383,8 +381,6 @@ class CTMonaiEncoder(Encoder):
         if self._preset.pipeline is None:
             yield from iter_ct_volumes(cohort, source, self._prep)
             return
-        from survfuse.data.imaging import CTLoadError
-        from survfuse.encoders.fm_transforms import FMPreprocessing, load_fm
 
         assert isinstance(self._prep, FMPreprocessing)
         studies = source.studies(cohort).select("subject_id", "prediction_time", "path")

@@ -30,8 +30,10 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
+from survfuse.data.imaging import CTPreprocessing
 from survfuse.encoders.base import CTSource, Encoder, cohort_keys, iter_ct_volumes, register_encoder
 from survfuse.features import ModalityFeatures
+from survfuse.registry import look_up_option
 
 __all__ = ["TISSUES", "CTRadiomicsEncoder", "radiomics_features"]
 
@@ -310,8 +312,6 @@ class CTRadiomicsEncoder(Encoder):
         n_bins: int = 16,
         pooled: str = "volume",
     ) -> None:
-        from survfuse.data.imaging import CTPreprocessing
-        from survfuse.registry import look_up_option
 
         pooled = look_up_option(pooled, POOLED_MODES, kind="ct_radiomics pooled mode")
         prep = CTPreprocessing(**{**DEFAULT_PREPROCESSING, **(preprocessing or {})}).model_dump(
@@ -335,7 +335,6 @@ class CTRadiomicsEncoder(Encoder):
 
     def preprocessing(self) -> Any:
         """The `survfuse.data.imaging.CTPreprocessing` this encoder loads volumes with."""
-        from survfuse.data.imaging import CTPreprocessing
 
         return CTPreprocessing(**self._config["preprocessing"])
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from survfuse.data.imaging import CTLoadError, CTPreprocessing, CTVolume, check_ct_array
+from survfuse.data.imaging import CTLoadError, CTPreprocessing, CTVolume, check_ct_array, read_ct_hu
 from survfuse.registry import look_up_option
 
 __all__ = [
@@ -232,8 +232,6 @@ def load_hu_tensor(path: str | Path) -> Any:
     require_monai()
     import torch
     from monai.data import MetaTensor
-
-    from survfuse.data.imaging import read_ct_hu
 
     path = Path(path)
     if not path.exists():

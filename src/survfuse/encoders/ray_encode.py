@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from survfuse.encoders.base import Encoder
 from survfuse.encoders.store import ChunkJob, FeatureStore
 from survfuse.features import ModalityFeatures
+from survfuse.registry import ENCODERS, all_registries
 
 __all__ = ["RayFeatureStore", "encoder_blueprint", "ray_encode"]
 
@@ -43,7 +44,6 @@ def encoder_blueprint(encoder: Encoder) -> dict[str, Any]:
 
 def rebuild_encoder(blueprint: dict[str, Any]) -> Encoder:
     """The encoder of `encoder_blueprint`; refuses one whose fingerprint differs (other code)."""
-    from survfuse.registry import ENCODERS, all_registries
 
     all_registries()  # imports every encoder module, so every name is registered
 

@@ -20,8 +20,11 @@ import polars as pl
 
 import survfuse
 from survfuse.data.cohort import outcome_columns
+from survfuse.experiment.config import TrainingConfig
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, atomic_dir, write_json
+from survfuse.features import ModalityFeatures
+from survfuse.fusion import FusionSurvivalModel
 
 __all__ = ["CellResult", "record_failure", "run_cell", "surv_column"]
 
@@ -45,7 +48,6 @@ def surv_column(t: float) -> str:
 
 
 def load_features(run_dir: RunDir, spec: CellSpec) -> dict[str, Any]:
-    from survfuse.features import ModalityFeatures
 
     return {m: ModalityFeatures.load(run_dir.root / p, mmap=True) for m, p in spec.features.items()}
 
@@ -55,8 +57,6 @@ def _select(features: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
 
 
 def build_model(spec: CellSpec) -> Any:
-    from survfuse.experiment.config import TrainingConfig
-    from survfuse.fusion import FusionSurvivalModel
 
     training = TrainingConfig.model_validate(spec.training)
     return FusionSurvivalModel(

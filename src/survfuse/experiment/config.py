@@ -28,8 +28,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from survfuse.features import MODALITIES, Modality
+from survfuse.fusion.params import check_params
 from survfuse.paths import check_name
-from survfuse.registry import look_up_option, suggest
+from survfuse.registry import ENCODERS, FUSIONS, HEADS, all_registries, look_up_option, suggest
 from survfuse.training.options import TrainingOptions
 
 __all__ = [
@@ -109,7 +110,6 @@ class EncoderChoice(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from survfuse.registry import ENCODERS, all_registries
 
         all_registries()
         return look_up_option(v, ENCODERS.list(), kind="encoder")
@@ -167,7 +167,6 @@ class StrategyChoice(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from survfuse.registry import FUSIONS, all_registries
 
         all_registries()
         return look_up_option(v, FUSIONS.list(), kind="fusion strategy")
@@ -190,8 +189,6 @@ class StrategyChoice(_Strict):
     def _unimodal(self) -> StrategyChoice:
         if self.name == "unimodal" and self.modality is None:
             raise ValueError("strategy 'unimodal' needs `modality: ct` or `modality: ehr`")
-        from survfuse.fusion.params import check_params
-        from survfuse.registry import FUSIONS
 
         check_params(self.params, FUSIONS.get(self.name), kind=f"{self.name} strategy parameter")
         return self
@@ -339,7 +336,6 @@ class ExperimentConfig(_Strict):
     @field_validator("heads")
     @classmethod
     def _heads(cls, v: list[str]) -> list[str]:
-        from survfuse.registry import HEADS, all_registries
 
         all_registries()
         if not v:

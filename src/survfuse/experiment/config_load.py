@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from survfuse.data.cohort import DEFAULT_SITE, task_columns
 from survfuse.experiment.config import ConfigError, EncoderChoice, ExperimentConfig
 from survfuse.features import MODALITIES
-from survfuse.registry import suggest
+from survfuse.registry import ENCODERS, suggest
 
 __all__ = [
     "check_inputs",
@@ -180,8 +181,6 @@ def check_inputs(cfg: ExperimentConfig, *, source: str = "config") -> None:
     except Exception as exc:
         raise ConfigError(f"{source}: data.cohort: cannot read {d.cohort}: {exc}") from None
     if sites is None:  # a single-site cohort (load_cohort assigns the default site)
-        from survfuse.data.cohort import DEFAULT_SITE
-
         sites = pl.Series("site", [DEFAULT_SITE])
     present = sorted(str(s) for s in sites.unique().drop_nulls().to_list())
     for site in cfg.splits.external_sites:
@@ -211,7 +210,6 @@ def check_inputs(cfg: ExperimentConfig, *, source: str = "config") -> None:
 
 def cohort_tasks(columns: list[str]) -> list[str]:
     """Tasks a cohort table defines: `default` (time/event) and every `<task>_time/_event` pair."""
-    from survfuse.data.cohort import task_columns
 
     return list(task_columns(list(columns)))
 
@@ -220,7 +218,6 @@ def encoder_from_choice(
     choice: EncoderChoice, *, source: str = "config", where: str = "encoders"
 ) -> Any:
     """Instantiate an encoder from its choice; bad parameters become a ConfigError."""
-    from survfuse.registry import ENCODERS
 
     cls = ENCODERS.get(choice.name)
     try:

@@ -12,6 +12,8 @@ from typing import Any
 import survfuse
 from survfuse.experiment.config import ConfigError, ExperimentConfig
 from survfuse.experiment.config_load import load_config
+from survfuse.experiment.runner import run_experiment
+from survfuse.simulate import simulate
 
 __all__ = ["default_demo_config", "demo_config", "run_demo"]
 
@@ -56,8 +58,6 @@ def run_demo(
 
     Returns {"run": RunResult, "data": Path}.
     """
-    from survfuse.experiment.runner import run_experiment
-    from survfuse.simulate import simulate
 
     out = Path(out).resolve()
     data_dir = out / "data"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from survfuse.experiment.eval_cache import CACHE_DIR, EvalCache, group_digest, model_digest
 from survfuse.experiment.rundir import RunDir
 from survfuse.experiment.scoring import GroupData, finish_group, score_group
 from survfuse.progress import progress_bar
@@ -53,8 +54,6 @@ def score_groups(
     from dataclasses import replace
 
     from rich.console import Console
-
-    from survfuse.experiment.eval_cache import CACHE_DIR, EvalCache, group_digest, model_digest
 
     cache = EvalCache(rd.root / CACHE_DIR) if rd is not None else None
     digests: list[dict[str, str]] = []

@@ -45,8 +45,9 @@ from survfuse.data.cohort import outcome_columns
 from survfuse.data.splits import EVAL_SPLITS
 from survfuse.experiment.cell import surv_column
 from survfuse.experiment.config import COMPARED_METRICS, ExperimentConfig
+from survfuse.experiment.eval_runner import score_groups
 from survfuse.experiment.grid import CellSpec
-from survfuse.experiment.rundir import RunDir
+from survfuse.experiment.rundir import RunDir, write_parquet
 from survfuse.experiment.scoring import (
     CALIBRATION_KEYS,
     CalibrationScorer,
@@ -59,6 +60,8 @@ from survfuse.experiment.scoring import (
     score_blocks,
     score_group,
 )
+from survfuse.metrics import holm_family, interval, z_test
+from survfuse.metrics.calibration_ci import CALIBRATION_STATISTICS, error_interval
 
 __all__ = [
     "COMPARED_METRICS",
@@ -242,7 +245,6 @@ def choose_reference(
 
 def _ci(x: NDArray[np.float64], estimate: float, alpha: float) -> tuple[float, float]:
     """Percentile interval of the finite replicates (`survfuse.metrics.interval`)."""
-    from survfuse.metrics import interval
 
     x = x[np.isfinite(x)]
     if x.size < 2 or not math.isfinite(estimate):
@@ -258,7 +260,6 @@ def _compare(
     u_ref: NDArray[np.float64] | None,
 ) -> tuple[float, str]:
     """(p, test) of one paired difference: the IJ z-test, else the bootstrap-SD z-test."""
-    from survfuse.metrics import z_test
 
     if not math.isfinite(delta):
         return math.nan, ""
@@ -312,8 +313,6 @@ def assemble_table(
     delta_lower / delta_upper, p_value and p_test ("ij_z" or "bootstrap_z"), in_family,
     family_size and p_holm (Holm over the family, `ComparisonFamily`; NaN outside it).
     """
-    from survfuse.metrics import holm_family
-    from survfuse.metrics.calibration_ci import CALIBRATION_STATISTICS, error_interval
 
     family = family or ComparisonFamily.of(cfg)
     alpha = cfg.evaluation.alpha
@@ -433,8 +432,6 @@ def evaluate_run(
     """Score every finished cell and write `metrics.parquet` + `metrics.csv`; return the table.
 
     Statistics of unchanged models come from `RUN_DIR/eval_cache/` (`score_groups`)."""
-    from survfuse.experiment.eval_runner import score_groups
-    from survfuse.experiment.rundir import write_parquet
 
     groups = build_groups(cfg, rd, specs)
     scores = score_groups(groups, rd, executor=executor, progress=progress, console=console)

@@ -25,13 +25,19 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from survfuse.analysis import ablation_risks, modality_contributions
+from survfuse.analysis.imbalance import TABLE_SCHEMA
 from survfuse.data.cohort import outcome_columns
 from survfuse.data.splits import EVAL_SPLITS
 from survfuse.experiment.cell import load_features
 from survfuse.experiment.config import ExperimentConfig
+from survfuse.experiment.config_load import parse_config
+from survfuse.experiment.eval_cache import CACHE_DIR
 from survfuse.experiment.evaluate import MODEL_SCHEMA, group_seed
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, write_parquet
+from survfuse.fusion import FusionSurvivalModel
+from survfuse.metrics import MetricUndefinedError
 
 __all__ = [
     "IMBALANCE_FILE",
@@ -61,8 +67,6 @@ def ablation_predictions(
     """Risk of one finished fused cell per cohort row: `full`, `ct` (only CT present), `ehr`
     (only EHR present); predicted for `rows` only (default: all; NaN elsewhere, e.g. the
     training rows, which no analysis scores). Cached per cell digest."""
-    from survfuse.analysis import ablation_risks
-    from survfuse.fusion import FusionSurvivalModel
 
     path = _ablation_file(rd, spec)
     if path.exists():
@@ -140,9 +144,6 @@ def _model_frames(
     used: set[str],
 ) -> list[pl.DataFrame]:
     """The imbalance rows of one fused model, per evaluation split (validation first)."""
-    from survfuse.analysis import modality_contributions
-    from survfuse.analysis.imbalance import TABLE_SCHEMA
-    from survfuse.metrics import MetricUndefinedError
 
     schema = {**MODEL_COLUMNS, **TABLE_SCHEMA}
     eval_rows = np.flatnonzero(np.isin(split, list(EVAL_SPLITS)))
@@ -238,9 +239,6 @@ def evaluate_imbalance(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from survfuse.analysis.imbalance import TABLE_SCHEMA
-    from survfuse.experiment.eval_cache import CACHE_DIR
-
     schema = {**MODEL_COLUMNS, **TABLE_SCHEMA}
     cohort = pl.read_parquet(rd.cohort)
     split = cohort["split"].to_numpy()
@@ -292,8 +290,6 @@ def ensure_imbalance(run_dir: str | Path) -> Path | None:
     and the cells' spec.json) when it is missing or older than `metrics.parquet`; None when
     the run has no metrics yet."""
     import json
-
-    from survfuse.experiment.config_load import parse_config
 
     rd = RunDir(run_dir)
     path = rd.root / IMBALANCE_FILE

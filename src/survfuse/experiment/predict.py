@@ -15,10 +15,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from survfuse.data.meds import MEDSDataset
+from survfuse.encoders.base import CTSource, Encoder
 from survfuse.experiment.cell import surv_column
 from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, write_parquet
+from survfuse.fusion import FusionSurvivalModel
 from survfuse.registry import look_up_option
 
 __all__ = ["load_keys", "predict_cohort"]
@@ -56,8 +59,6 @@ def predict_cohort(
     Output columns: subject_id, prediction_time, risk, `surv_<t>` at the run's survival times,
     and `present_<modality>` for each modality the model uses.
     """
-    from survfuse.encoders.base import CTSource, Encoder
-    from survfuse.fusion import FusionSurvivalModel
 
     rd = RunDir(run_dir)
     raw = rd.read_config_yaml()
@@ -84,8 +85,6 @@ def predict_cohort(
             if ct_index is None and cfg.data.ct_root is not None:
                 source = CTSource(index=source.index, root=cfg.data.ct_root, index_path=path)
         else:
-            from survfuse.data.meds import MEDSDataset
-
             root = Path(meds_root) if meds_root is not None else cfg.data.meds_root
             if root is None:
                 raise ValueError("the model uses EHR: pass --meds-root")

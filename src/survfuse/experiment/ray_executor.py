@@ -31,10 +31,13 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from survfuse.encoders.ray_encode import RayFeatureStore
 from survfuse.experiment.cell import CellResult, record_failure, run_cell
 from survfuse.experiment.config import RayConfig
+from survfuse.experiment.evaluate import group_seed, score_blocks
 from survfuse.experiment.executors import Executor, register_executor
 from survfuse.experiment.grid import CellSpec
+from survfuse.metrics import Resampler
 
 __all__ = ["RayExecutor", "score_block", "score_groups_on_ray"]
 
@@ -160,7 +163,6 @@ class RayExecutor(Executor):
         encoded through Ray Data); the others: `store` (on the driver)."""
         if getattr(encoder, "modality", None) not in self.options.encode_modalities:
             return store
-        from survfuse.encoders.ray_encode import RayFeatureStore
 
         self.ensure_runtime()
         o = self.options
@@ -186,7 +188,6 @@ def score_block(
     per call. Returns {"boot": {model: {key: [sum b] array}}, "cal": {model: per-seed
     calibration-model parameters or None}, "point": {model: {key: value}} or None}.
     """
-    from survfuse.experiment.evaluate import score_blocks
 
     return score_blocks(g, blocks, points=points)
 
@@ -204,9 +205,6 @@ def score_groups_on_ray(
     the scorers once, so fewer, larger tasks waste less.
     """
     import ray
-
-    from survfuse.experiment.evaluate import group_seed
-    from survfuse.metrics import Resampler
 
     if not groups:
         return []

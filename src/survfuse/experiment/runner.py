@@ -26,10 +26,16 @@ import numpy as np
 import polars as pl
 
 import survfuse
+from survfuse.data.cohort import load_cohort
+from survfuse.data.meds import MEDSDataset
 from survfuse.data.quality import manifest_rows, manifest_summary
+from survfuse.data.splits import attach_splits, make_splits, predefined_splits
+from survfuse.encoders.base import CTSource, hash_keys
+from survfuse.encoders.store import FeatureStore
 from survfuse.experiment.cell import CellResult
 from survfuse.experiment.config import ExperimentConfig
 from survfuse.experiment.config_load import encoder_from_choice
+from survfuse.experiment.evaluate import evaluate_run
 from survfuse.experiment.executors import Executor, get_executor
 from survfuse.experiment.grid import CellSpec, expand_grid
 from survfuse.experiment.imbalance_eval import imbalance_hook
@@ -41,7 +47,7 @@ from survfuse.experiment.rundir import (
     write_parquet,
     write_text,
 )
-from survfuse.features import MODALITIES
+from survfuse.features import MODALITIES, ModalityFeatures
 from survfuse.progress import progress_bar
 
 __all__ = [
@@ -78,8 +84,6 @@ class RunResult:
 
 def prepare_cohort(cfg: ExperimentConfig, rd: RunDir) -> pl.DataFrame:
     """Load the cohort, make the per-subject splits and write both into the run directory."""
-    from survfuse.data.cohort import load_cohort
-    from survfuse.data.splits import attach_splits, make_splits, predefined_splits
 
     cohort = load_cohort(cfg.data.cohort)
     sp = cfg.splits
@@ -104,15 +108,11 @@ def sources(cfg: ExperimentConfig) -> dict[str, Any]:
     """The input source of each modality: a CTSource for CT, a MEDSDataset for EHR."""
     out: dict[str, Any] = {}
     if cfg.data.ct_index is not None:
-        from survfuse.encoders.base import CTSource
-
         src = CTSource.from_index(cfg.data.ct_index)
         if cfg.data.ct_root is not None:
             src = CTSource(index=src.index, root=cfg.data.ct_root, index_path=cfg.data.ct_index)
         out["ct"] = src
     if cfg.data.meds_root is not None:
-        from survfuse.data.meds import MEDSDataset
-
         out["ehr"] = MEDSDataset(cfg.data.meds_root)
     return out
 
@@ -144,9 +144,6 @@ def encode_features(
     console: Any = None,
 ) -> dict[str, dict[str, str]]:
     """Fit (training rows) and encode (all rows) every encoder; returns modality -> label -> folder."""
-    from survfuse.encoders.base import hash_keys
-    from survfuse.encoders.store import FeatureStore
-    from survfuse.features import ModalityFeatures
 
     store = FeatureStore(cfg.feature_store or rd.store)
     srcs = check_sources(cfg)
@@ -290,7 +287,6 @@ def _run_locked(
     progress: bool,
     console: Any,
 ) -> RunResult:
-    from survfuse.experiment.evaluate import evaluate_run
 
     write_text(rd.config, cfg.dump())
     own_executor = executor is None

@@ -20,6 +20,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from survfuse.experiment.grid import CellSpec
+from survfuse.metrics import Resampler, make_scorer
+from survfuse.metrics import _kernels as K
+from survfuse.metrics.calibration import calibration_table
+from survfuse.metrics.calibration_ci import calibration_scorers, calibration_test
 from survfuse.metrics.engine import nanmean_rows, score_on_blocks
 
 __all__ = [
@@ -108,7 +112,6 @@ class CalibrationScorer:
         horizon: float,
         bins: int,
     ) -> None:
-        from survfuse.metrics.calibration import calibration_table
 
         self.pred = 1.0 - np.asarray(surv_h, dtype=np.float64)
         self.horizon = float(horizon)
@@ -132,7 +135,6 @@ class CalibrationScorer:
         return float(np.sum(n * diff) / np.sum(n))
 
     def boot(self, w: NDArray[np.float64]) -> NDArray[np.float64]:
-        from survfuse.metrics import _kernels as K
 
         at = np.array([self.horizon])
         num = np.zeros(w.shape[0])
@@ -159,8 +161,6 @@ def make_scorers(
 
     `surv` [n, len(g.times)] holds S(t) at `g.times`. Metrics undefined on these data give NaN.
     """
-    from survfuse.metrics import make_scorer
-    from survfuse.metrics.calibration_ci import calibration_scorers
 
     out: dict[MetricKey, Any] = {}
     tau = max(g.horizons)
@@ -219,7 +219,6 @@ def _smooth_key(per_seed: list[dict[MetricKey, Any]]) -> MetricKey | None:
 
 def group_weights(g: GroupData) -> Iterable[NDArray[np.float64]]:
     """The resample weight blocks [<=128, n] of a task x split (`Resampler.weights`)."""
-    from survfuse.metrics import Resampler
 
     if g.n_boot <= 0:
         return iter(())
@@ -287,8 +286,6 @@ def finish_group(
     and key the seed-averaged IJ influence per subject ("infl", None without an influence
     function) and the p of the Wald test of perfect calibration of all seeds together
     ("p_cal": {horizon: p}, `metrics.calibration_ci.calibration_test`)."""
-    from survfuse.metrics import Resampler
-    from survfuse.metrics.calibration_ci import calibration_test
 
     if scorers is None:
         scorers = {

@@ -59,9 +59,17 @@ import numpy as np
 import polars as pl
 import yaml
 
+from survfuse.encoders.base import CTSource
+from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder, grid_positions
 from survfuse.experiment.config import EncoderChoice, ExperimentConfig, StrategyChoice
 from survfuse.experiment.config_load import parse_config
+from survfuse.experiment.demo import default_demo_config
+from survfuse.experiment.imbalance_eval import IMBALANCE_FILE, evaluate_imbalance
+from survfuse.experiment.rundir import RunDir, write_parquet
+from survfuse.experiment.runner import run_experiment
 from survfuse.experiment.sweep_tables import GAIN_SCHEMA, gain_table, pool_replicates
+from survfuse.registry import look_up_option
+from survfuse.simulate import simulate
 
 __all__ = ["SweepResult", "run_sweep", "sweep_config", "write_cell_embeddings"]
 
@@ -97,8 +105,6 @@ def write_cell_embeddings(
     [whole-volume features, each grid cell's features] (raw `ct_radiomics` statistics), tokens =
     cells + centre positions, mask = cells with voxels. Rows without a CT are left out (the
     encoder then marks them absent with `on_missing="absent"`)."""
-    from survfuse.encoders.base import CTSource
-    from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder, grid_positions
 
     cohort = pl.read_parquet(data_dir / "cohort.parquet").select(
         pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
@@ -146,7 +152,6 @@ def sweep_config(
     ehr_encoders: EHR encoder keys to keep; seeds: training seeds 0..seeds-1; ct_embeddings:
     an npz of `write_cell_embeddings` that replaces the CT encoders (label `ct_cells`).
     """
-    from survfuse.registry import look_up_option
 
     raw: dict[str, Any] = (
         dict(base) if isinstance(base, dict) else yaml.safe_load(Path(base).read_text())
@@ -231,12 +236,6 @@ def run_sweep(
     simulation seed (within a replicate the same latent patients in every setting, so settings
     differ only in w and the site shift); replicates: independent cohorts per (w, shift).
     """
-    from survfuse.experiment.demo import default_demo_config
-    from survfuse.experiment.imbalance_eval import IMBALANCE_FILE, evaluate_imbalance
-    from survfuse.experiment.rundir import RunDir, write_parquet
-    from survfuse.experiment.runner import run_experiment
-    from survfuse.registry import look_up_option
-    from survfuse.simulate import simulate
 
     ct_features = look_up_option(ct_features, ("cells", "config"), kind="ct_features")
     ws = _parse_floats(imbalance, "imbalance")

@@ -51,7 +51,7 @@ from survfuse.fusion.params import check_params, harrell_c
 from survfuse.fusion.rebalance import OGMGE
 from survfuse.fusion.signal import signal_check
 from survfuse.interop import check_survival
-from survfuse.registry import FUSIONS, look_up_option
+from survfuse.registry import FUSIONS, HEADS, look_up_option
 from survfuse.training import (
     Callback,
     EarlyStopping,
@@ -95,7 +95,6 @@ class FusionSurvivalModel:
         options: TrainingOptions | None = None,
         **training: Any,
     ) -> None:
-        from survfuse.registry import HEADS
 
         # every option is validated here, not at fit(): did-you-mean errors for misspelt names
         strategy_cls = FUSIONS.get(strategy)

@@ -31,6 +31,8 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
 from survfuse.interop import check_survival
+from survfuse.metrics._cal_kernels import cox_newton
+from survfuse.metrics.bootstrap import Resampler, _check_level, interval
 from survfuse.metrics.calibration import (
     _EPS,
     _check_horizon,
@@ -120,7 +122,6 @@ def weighted_cox(
     Returns beta [B, P] and log H0(horizon) [B] (Breslow, same centring); NaN where Newton
     did not converge.
     """
-    from survfuse.metrics._cal_kernels import cox_newton
 
     beta, logh0 = cox_newton(
         rs.time,
@@ -369,7 +370,6 @@ def calibration_intervals(
 ) -> CalibrationIntervals:
     """Calibration slope and intercept (percentile intervals) and ICI / E50 (`error_interval`)
     at `horizon`, all on the same subject-level resamples."""
-    from survfuse.metrics.bootstrap import Resampler, _check_level, interval
 
     _check_level(level, n_boot)
     t, e = check_survival(time, event)

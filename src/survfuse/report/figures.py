@@ -22,6 +22,8 @@ import polars as pl
 from matplotlib.figure import Figure
 from numpy.typing import NDArray
 
+from survfuse.metrics.km import kaplan_meier
+
 __all__ = [
     "CalibrationSeries",
     "KMPanel",
@@ -128,7 +130,6 @@ class KMPanel:
 def _km_steps(
     time: NDArray[np.float64], event: NDArray[np.bool_]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    from survfuse.metrics.km import kaplan_meier
 
     km = kaplan_meier(time, event)
     return np.concatenate([[0.0], km.times]), np.concatenate([[1.0], km.survival])
@@ -172,7 +173,6 @@ def calibration_points(
     s: CalibrationSeries, horizon: float, bins: int
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """(mean predicted risk, observed 1 - KM(horizon)) per quantile bin of predicted risk."""
-    from survfuse.metrics.km import kaplan_meier
 
     pred = 1.0 - s.surv_h
     order = np.argsort(pred, kind="stable")

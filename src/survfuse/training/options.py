@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from survfuse.device import resolve_device
 from survfuse.registry import look_up_option
 
 __all__ = ["REBALANCE", "REBALANCE_PARAMS", "TrainingOptions"]
@@ -67,7 +68,6 @@ class TrainingOptions(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        from survfuse.device import resolve_device
 
         resolve_device(v)  # "cuda" on a machine without CUDA fails here, not mid-run
         return v
