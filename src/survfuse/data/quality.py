@@ -28,6 +28,7 @@ import polars as pl
 
 __all__ = [
     "MANIFEST_SCHEMA",
+    "NONFINITE_OUTPUT",
     "STATUSES",
     "manifest_rows",
     "manifest_summary",
@@ -42,6 +43,8 @@ MANIFEST_SCHEMA = {
     "status": pl.String(),
     "reason": pl.String(),
 }
+#: Reason suffix of a present row whose encoder output is NaN / inf (the run stops on it).
+NONFINITE_OUTPUT = "output has NaN or infinite values"
 _NO_DATA = {
     "ct": "no CT study at or before prediction_time",
     "ehr": "no EHR events at or before prediction_time",
@@ -97,7 +100,7 @@ def manifest_rows(
     if features is not None:
         bad = pres & ~np.isfinite(np.asarray(features, dtype=np.float64)).all(axis=1)
         status[bad] = "failed"
-        reason[bad] = f"{encoder} output has NaN or infinite values"
+        reason[bad] = f"{encoder} {NONFINITE_OUTPUT}"
     return pl.DataFrame(
         {
             "subject_id": keys["subject_id"].cast(pl.Int64),

@@ -28,7 +28,7 @@ import polars as pl
 import survfuse
 from survfuse.data.cohort import load_cohort
 from survfuse.data.meds import MEDSDataset
-from survfuse.data.quality import manifest_rows, manifest_summary
+from survfuse.data.quality import NONFINITE_OUTPUT, manifest_rows, manifest_summary
 from survfuse.data.splits import attach_splits, make_splits, predefined_splits
 from survfuse.encoders.base import CTSource, hash_keys
 from survfuse.encoders.store import FeatureStore
@@ -223,7 +223,7 @@ def write_data_manifest(
                     f"{modality} encoder {encoder!r}: no training row has usable data ({why}); "
                     f"see {rd.data_manifest}"
                 )
-    broken = manifest.filter(pl.col("reason").str.ends_with("output has NaN or infinite values"))
+    broken = manifest.filter(pl.col("reason").str.ends_with(NONFINITE_OUTPUT))
     if broken.height:
         row = broken.row(0, named=True)
         raise DataQualityError(

@@ -34,8 +34,7 @@ from torch import Tensor, nn
 from survfuse.features import MODALITIES
 from survfuse.fusion.base import FusionOutput, FusionStrategy
 from survfuse.fusion.batch import Batch, ModalitySpec
-from survfuse.metrics import concordance_index
-from survfuse.metrics.result import NoComparablePairError
+from survfuse.fusion.params import harrell_c
 from survfuse.registry import FUSIONS, look_up_option
 from survfuse.survival.coxph import CoxPH
 from survfuse.survival.losses import cox_partial_nll
@@ -50,13 +49,6 @@ def _mean_nll(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     t = torch.as_tensor(time, dtype=torch.float64)
     e = torch.as_tensor(np.asarray(event, bool))
     return float(cox_partial_nll(t, e, torch.as_tensor(risk), ties="efron", reduction="mean"))
-
-
-def _c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    try:
-        return float(concordance_index(time, event, risk).estimate)
-    except NoComparablePairError:
-        return math.nan
 
 
 @FUSIONS.register("linear")
@@ -139,7 +131,7 @@ class LinearCox(FusionStrategy):
         for i, (lam, beta) in enumerate(path):
             c = math.nan
             if validation is not None and xv is not None:
-                c = _c_index(validation[1], validation[2], xv @ beta)
+                c = harrell_c(validation[1], validation[2], xv @ beta)
             history.append(
                 {
                     "epoch": i,

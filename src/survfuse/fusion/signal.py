@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from survfuse.features import ModalityFeatures
+from survfuse.fusion.params import harrell_c
 from survfuse.metrics import concordance_index
 from survfuse.metrics.result import NoComparablePairError
 
@@ -28,13 +29,6 @@ __all__ = ["linear_signal", "signal_check"]
 
 N_ALPHAS = 20
 FOLDS = 3
-
-
-def _c(time: NDArray[np.float64], event: NDArray[np.bool_], risk: NDArray[np.float64]) -> float:
-    try:
-        return float(concordance_index(time, event, risk).estimate)
-    except NoComparablePairError:
-        return math.nan
 
 
 def linear_signal(
@@ -81,7 +75,9 @@ def linear_signal(
                 return None
             fold = path(xt[tr], time[tr], e[tr], alphas)
             risk = xt[te] @ np.asarray(fold.coef_)
-            score += np.array([_c(time[te], e[te], risk[:, j]) for j in range(alphas.shape[0])])
+            score += np.array(
+                [harrell_c(time[te], e[te], risk[:, j]) for j in range(alphas.shape[0])]
+            )
     except (ArithmeticError, ValueError):  # coxnet did not converge / degenerate data
         return None
     best = int(np.nanargmax(np.where(np.isfinite(score), score, -np.inf)))

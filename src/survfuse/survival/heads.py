@@ -14,6 +14,7 @@ known after fitting (the Cox baseline) are resized on load.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import numpy as np
@@ -39,37 +40,37 @@ def _np(x: Tensor | ArrayLike) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
-class SurvivalHead(nn.Module):
+class SurvivalHead(nn.Module, abc.ABC):
     """The interface every head implements (typed here; see the module docstring), and shared
     plumbing: buffers that may change size are resized when a state_dict is loaded."""
 
     _resizable: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def config(self) -> dict[str, Any]:
         """JSON-serialisable kwargs that recreate the head (fitted state is in the state_dict)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def prepare(self, time: ArrayLike, event: ArrayLike) -> None:
         """Once before training, with the training outcomes (e.g. time-bin cut points)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def risk(self, out: Tensor) -> Tensor:
         """[N] risk (higher = worse) from the head output `out` [N, K]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, out: Tensor, time: Tensor, event: Tensor) -> Tensor:
         """Scalar training loss of `out` [N, K] given (time, event)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fit_baseline(
         self, out: Tensor, time: Tensor | ArrayLike, event: Tensor | ArrayLike
     ) -> None:
         """After training, on the training set's outputs (e.g. the Breslow baseline hazard)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def survival(self, out: Tensor, times: ArrayLike) -> Tensor:
         """S(t) [N, len(times)] in [0, 1], non-increasing in t."""
-        raise NotImplementedError
 
     def _load_from_state_dict(
         self,
