@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from survfuse.features import MODALITIES, Modality
-from survfuse.fusion.params import check_params
+from survfuse.fusion.params import STRATEGY_OPTIONS, check_params
 from survfuse.paths import check_name
 from survfuse.registry import ENCODERS, FUSIONS, HEADS, all_registries, look_up_option, suggest
 from survfuse.training.options import TrainingOptions
@@ -190,7 +190,12 @@ class StrategyChoice(_Strict):
         if self.name == "unimodal" and self.modality is None:
             raise ValueError("strategy 'unimodal' needs `modality: ct` or `modality: ehr`")
 
-        check_params(self.params, FUSIONS.get(self.name), kind=f"{self.name} strategy parameter")
+        check_params(
+            self.params,
+            FUSIONS.get(self.name),
+            kind=f"{self.name} strategy parameter",
+            extra=STRATEGY_OPTIONS,
+        )
         return self
 
     @property

@@ -72,6 +72,8 @@ class FusionStrategy(nn.Module, abc.ABC):
         self.head_name = head
         self.head_params = dict(head_params or {})
         self.epoch = 0
+        # a frozen linear Cox whose log-hazard is added to the fused output (`fusion.offset`)
+        self.offset: nn.Module | None = None
 
     def _setup(self, modalities: tuple[str, ...]) -> None:
         for m in modalities:
@@ -143,7 +145,12 @@ class FusionStrategy(nn.Module, abc.ABC):
         return normed
 
     def forward(self, batch: Batch) -> FusionOutput:
-        return self.fuse(self.normalise(batch))
+        output = self.fuse(self.normalise(batch))
+        if self.offset is not None:  # out = x^T beta (frozen linear Cox) + the learnt residual
+            shift = self.offset(batch).risk
+            output.out = output.out + shift[:, None].to(output.out.dtype)
+            output.risk = self.output_head.risk(output.out)
+        return output
 
     @abc.abstractmethod
     def fuse(self, batch: Batch) -> FusionOutput:

@@ -47,7 +47,8 @@ from survfuse.fusion.batch import (
     to_batch,
 )
 from survfuse.fusion.branches import BranchStopper, BranchStopping
-from survfuse.fusion.params import check_params, harrell_c
+from survfuse.fusion.offset import attach_offset, fit_offset
+from survfuse.fusion.params import STRATEGY_OPTIONS, check_params, harrell_c
 from survfuse.fusion.rebalance import OGMGE
 from survfuse.fusion.signal import signal_check
 from survfuse.interop import check_survival
@@ -99,7 +100,12 @@ class FusionSurvivalModel:
         # every option is validated here, not at fit(): did-you-mean errors for misspelt names
         strategy_cls = FUSIONS.get(strategy)
         head_cls = HEADS.get(head)
-        check_params(strategy_params or {}, strategy_cls, kind=f"{strategy} strategy parameter")
+        check_params(
+            strategy_params or {},
+            strategy_cls,
+            kind=f"{strategy} strategy parameter",
+            extra=STRATEGY_OPTIONS,
+        )
         check_params(head_params or {}, head_cls, kind=f"{head} head parameter")
         for key in training:
             look_up_option(key, list(TrainingOptions.model_fields), kind="training option")
@@ -119,6 +125,8 @@ class FusionSurvivalModel:
         self.seed = int(seed)
         self.verbose = verbose
         self.history: list[dict[str, Any]] = []
+        # the linear offset's penalty path (`strategy_params={"offset": "linear"}`), else empty
+        self.offset_history: list[dict[str, Any]] = []
         self.module: FusionStrategy | None = None
         self.specs: dict[str, ModalitySpec] = {}
         self.best_epoch: int | None = None
@@ -157,9 +165,12 @@ class FusionSurvivalModel:
 
     def _build(self, specs: Mapping[str, ModalitySpec]) -> FusionStrategy:
         cls = FUSIONS.get(self.strategy_name)
+        params = dict(self.strategy_params)
+        offset = params.pop("offset", "none")
         module: FusionStrategy = cls(
-            dict(specs), head=self.head, head_params=self.head_params, **self.strategy_params
+            dict(specs), head=self.head, head_params=self.head_params, **params
         )
+        attach_offset(module, offset, strategy=self.strategy_name)
         return module
 
     @property
@@ -249,6 +260,12 @@ class FusionSurvivalModel:
             vt, ve = check_survival(vt_raw, ve_raw)
             check_modalities(vf, mods)
             val = (vf, vt, ve)
+        if module.offset is not None:  # the frozen linear part, fitted before the residual
+            offset_val = None
+            if val is not None:
+                offset_val = (to_batch(vf, modalities=mods, with_tokens=False, device=dev), vt, ve)
+            train_pooled = to_batch(features, modalities=mods, with_tokens=False, device=dev)
+            self.offset_history = fit_offset(module, train_pooled, t, e, offset_val)
         if module.fits_exactly:  # an exact solver: no epochs, no callbacks
             train = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
             exact_val = None

@@ -14,15 +14,20 @@ from survfuse.metrics import concordance_index
 from survfuse.metrics.result import NoComparablePairError
 from survfuse.registry import look_up_option
 
-__all__ = ["RESERVED_PARAMS", "check_params", "harrell_c"]
+__all__ = ["RESERVED_PARAMS", "STRATEGY_OPTIONS", "check_params", "harrell_c"]
 
 # FusionStrategy.__init__ arguments the estimator passes itself (not strategy_params)
 RESERVED_PARAMS = ("self", "specs", "head", "head_params", "in_features")
+#: strategy parameters every strategy takes, applied by the estimator around the strategy
+#: (`offset`: see `survfuse.fusion.offset`)
+STRATEGY_OPTIONS = ("offset",)
 
 
-def check_params(params: Mapping[str, Any], target: Any, *, kind: str) -> None:
-    """Every key of `params` must be a keyword argument of `target`'s `__init__` (did-you-mean
-    error otherwise); a target that accepts **kwargs accepts anything."""
+def check_params(
+    params: Mapping[str, Any], target: Any, *, kind: str, extra: tuple[str, ...] = ()
+) -> None:
+    """Every key of `params` must be a keyword argument of `target`'s `__init__` or one of
+    `extra` (did-you-mean error otherwise); a target that accepts **kwargs accepts anything."""
     sig = inspect.signature(target.__init__)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
         return
@@ -33,7 +38,7 @@ def check_params(params: Mapping[str, Any], target: Any, *, kind: str) -> None:
         and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
     for key in params:
-        look_up_option(key, allowed, kind=kind)
+        look_up_option(key, [*allowed, *extra], kind=kind)
 
 
 def harrell_c(time: ArrayLike, event: ArrayLike, risk: ArrayLike) -> float:
