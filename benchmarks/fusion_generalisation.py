@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 
 from survfuse.data.cohort import outcome_columns
+from survfuse.experiment.config import ExperimentConfig
 from survfuse.experiment.grid import model_key
 from survfuse.experiment.rundir import RunDir
 from survfuse.experiment.runner import run_experiment
@@ -107,6 +108,14 @@ def main() -> None:
     ap.add_argument("--ehr-encoders", default="ehr_onehot")
     ap.add_argument("--max-epochs", type=int, default=None)
     ap.add_argument("--shape", default="64,64,40")
+    ap.add_argument(
+        "--offset",
+        choices=("none", "linear", "both"),
+        default="none",
+        help="linear: every deep strategy learns the residual of the elastic-net Cox "
+        "(strategy parameter offset: linear); both: each such strategy with and without it "
+        "(label suffix _lin)",
+    )
     args = ap.parse_args()
 
     sim_seeds = (
@@ -139,6 +148,7 @@ def main() -> None:
                         bootstrap=args.bootstrap,
                         max_epochs=args.max_epochs,
                     )
+                    cfg = with_offset(cfg, args.offset)
                     started = time.perf_counter()
                     res = run_experiment(cfg, args.out / "runs" / name, progress=False)
                     rd = RunDir(res.run_dir)
@@ -173,9 +183,97 @@ def main() -> None:
     table = pl.DataFrame(rows)
     table.write_csv(args.out / "generalisation.csv")
     pl.DataFrame(drops or None).write_csv(args.out / "drops.csv")
-    print(summarise(table))
+    with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200, fmt_str_lengths=60):
+        print(summarise(table))
+        print("deep fusion (best on validation) against the linear concatenation, per split:")
+        print(deep_vs_linear(table))
+        if args.offset == "both":
+            print("offset linear: C with it minus C without, per strategy (mean over settings):")
+            print(offset_effect(table))
     print(f"drops of a modality with oracle C >= 0.60: "
           f"{sum(1 for d in drops if (d['modality_oracle_c'] or 0) >= 0.60)} of {len(drops)}")  # fmt: skip
+
+
+#: strategies that take the `offset` parameter (trained end to end with a Cox head)
+OFFSET_STRATEGIES = ("unimodal", "concat", "contrastive", "cross_attention", "co_attention")
+
+
+def with_offset(cfg: ExperimentConfig, offset: str) -> ExperimentConfig:
+    """`cfg` with `offset: linear` on the strategies that take it (replacing them, or beside
+    them with the label suffix `_lin` when `offset` is "both")."""
+    if offset == "none":
+        return cfg
+    out = []
+    for s in cfg.strategies:
+        if s.name not in OFFSET_STRATEGIES:
+            out.append(s)
+            continue
+        lin = s.model_copy(update={"params": {**s.params, "offset": "linear"}})
+        if offset == "both":
+            out.append(s)
+            lin = lin.model_copy(update={"label": f"{s.key}_lin"})
+        out.append(lin)
+    return cfg.model_copy(update={"strategies": out})
+
+
+def _strategy(model: str) -> str:
+    """`concat_lin[ct_radiomics+ehr_onehot]/cox` -> `concat_lin`."""
+    return model.split("[", 1)[0]
+
+
+def deep_vs_linear(table: pl.DataFrame) -> pl.DataFrame:
+    """Per setting x task x test split (mean over seeds): the deep fusion chosen on validation
+    (every fused model but `linear` and late) against the `linear` concatenation."""
+    t = table.with_columns(pl.col("model").map_elements(_strategy, pl.String).alias("strategy"))
+    deep = t.filter(~pl.col("unimodal") & (pl.col("strategy") != "linear"))
+    keys = ["imbalance", "interaction", "site_shift", "sim_seed", "task"]
+    out = []
+    for key, part in deep.group_by(keys, maintain_order=True):
+        val = part.filter(pl.col("split") == "validation").sort("c", descending=True)
+        if not val.height:
+            continue
+        best = val["model"][0]
+        lin = t.filter(
+            (pl.col("strategy") == "linear")
+            & pl.all_horizontal([pl.col(k) == v for k, v in zip(keys, key, strict=True)])
+        )
+        for split in TEST_SPLITS:
+            c_deep = part.filter((pl.col("split") == split) & (pl.col("model") == best))["c"]
+            c_lin = lin.filter(pl.col("split") == split)["c"]
+            if c_deep.len() and c_lin.len():
+                out.append(
+                    {**dict(zip(keys, key, strict=True)), "split": split,
+                     "best_deep": _strategy(best), "deep_c": c_deep[0], "linear_c": c_lin[0]}
+                )  # fmt: skip
+    per = pl.DataFrame(out).with_columns((pl.col("deep_c") - pl.col("linear_c")).alias("delta"))
+    return (
+        per.group_by(
+            ["task", "split", "imbalance", "interaction", "site_shift"], maintain_order=True
+        )
+        .agg(
+            pl.col("deep_c").mean(),
+            pl.col("linear_c").mean(),
+            pl.col("delta").mean(),
+            pl.col("best_deep").unique().str.join(", "),
+        )
+        .sort(["task", "split", "imbalance", "interaction", "site_shift"])
+    )
+
+
+def offset_effect(table: pl.DataFrame) -> pl.DataFrame:
+    """Mean (over settings and seeds) C of `<strategy>_lin` minus `<strategy>`, per task x split."""
+    t = table.with_columns(pl.col("model").map_elements(_strategy, pl.String).alias("strategy"))
+    keys = ["imbalance", "interaction", "site_shift", "sim_seed", "task", "split"]
+    lin = t.filter(pl.col("strategy").str.ends_with("_lin")).with_columns(
+        pl.col("strategy").str.strip_suffix("_lin")
+    )
+    pairs = lin.join(t, on=[*keys, "strategy"], suffix="_base")
+    return (
+        pairs.with_columns((pl.col("c") - pl.col("c_base")).alias("delta"))
+        .group_by(["task", "split", "strategy"], maintain_order=True)
+        .agg(pl.col("delta").mean(), pl.col("delta").min().alias("min"), pl.len().alias("n"))
+        .sort(["task", "split", "strategy"])
+    )
 
 
 def summarise(table: pl.DataFrame) -> pl.DataFrame:

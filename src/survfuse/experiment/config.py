@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from survfuse.features import MODALITIES, Modality
+from survfuse.features_harmonise import HarmoniseConfig
 from survfuse.fusion.params import STRATEGY_OPTIONS, check_params
 from survfuse.paths import check_name
 from survfuse.registry import ENCODERS, FUSIONS, HEADS, all_registries, look_up_option, suggest
@@ -330,6 +331,9 @@ class ExperimentConfig(_Strict):
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())
     seeds: list[int] = Field(default_factory=lambda: [0])
     evaluation: EvaluationConfig = Field(default_factory=lambda: EvaluationConfig())
+    # Per-site harmonisation of encoder outputs (survfuse.features_harmonise); it reads every
+    # site's unlabelled features, the external sites' too (transductive when not "none").
+    harmonise: HarmoniseConfig = Field(default_factory=lambda: HarmoniseConfig())
     executor: str = "local"
     workers: int = Field(default=1, ge=1)  # local executor: cells trained in parallel processes
     # FeatureStore folder; default RUN_DIR/features/store. Share one between runs (or configs)

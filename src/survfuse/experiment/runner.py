@@ -37,6 +37,11 @@ from survfuse.experiment.config import ExperimentConfig
 from survfuse.experiment.config_load import encoder_from_choice
 from survfuse.experiment.evaluate import evaluate_run
 from survfuse.experiment.executors import Executor, get_executor
+from survfuse.experiment.harmonise_step import (
+    harmonise_encoded,
+    harmonise_record,
+    harmonise_summary,
+)
 from survfuse.experiment.grid import CellSpec, expand_grid
 from survfuse.experiment.imbalance_eval import imbalance_hook
 from survfuse.experiment.lock import RunLock
@@ -151,6 +156,7 @@ def encode_features(
     train_keys = _keys(cohort.filter(pl.col("split") == "train"))
     index: dict[str, dict[str, str]] = {}
     manifests: list[pl.DataFrame] = []
+    harmonised: dict[str, Path] = {}
     for modality in MODALITIES:
         for choice in getattr(cfg.encoders, modality):
             if console is not None:
@@ -175,6 +181,9 @@ def encode_features(
                 ):
                     ModalityFeatures.save(feats, folder)
             encoder.save(rd.encoder_dir(modality, choice.key))
+            if cfg.harmonise.applies(modality):  # cells read the per-site adjusted copy
+                folder = harmonise_encoded(cfg, rd, cohort, modality, choice.key, feats)
+                harmonised[f"{modality}/{choice.key}"] = folder
             index.setdefault(modality, {})[choice.key] = str(folder.relative_to(rd.root))
             manifests.append(
                 manifest_rows(
@@ -189,6 +198,7 @@ def encode_features(
                 )
             )
     write_json(rd.features_index, index)
+    write_json(harmonise_record(rd), harmonise_summary(cfg, rd, cohort, harmonised))
     if manifests:
         write_data_manifest(rd, cohort, pl.concat(manifests), console=console)
     return index
