@@ -94,7 +94,7 @@ def test_duplicate_key_is_named() -> None:
 def test_unparsable_prediction_time_is_named() -> None:
     df = _cohort(prediction_time=["2020-01-01", "2020-01-02", "not a date", "2020-01-04"])
     with pytest.raises(
-        CohortError, match=r"'prediction_time' is missing or unparsable.* subject 2"
+        CohortError, match=r"'prediction_time': 'not a date' is not an ISO 8601 date.* subject 2"
     ):
         validate_cohort(df)
 

@@ -171,7 +171,7 @@ def test_resume_after_kill_recomputes_only_unfinished_cells(
 def test_predict_new_patients_including_missing_modalities(tiny_run: Path, tmp_path: Path) -> None:
     cohort = pl.read_parquet(tiny_run / "data" / "cohort.parquet")
     ext = cohort.filter(pl.col("split") == "external_test").select("subject_id", "prediction_time")
-    # A patient with neither a CT study nor any EHR event still gets a prediction.
+    # A patient with neither a CT study nor any EHR event is kept, flagged, with NaN risk.
     ghost = pl.DataFrame(
         {"subject_id": [987654321], "prediction_time": [ext["prediction_time"][0]]},
         schema=ext.schema,
@@ -185,9 +185,9 @@ def test_predict_new_patients_including_missing_modalities(tiny_run: Path, tmp_p
     assert res.exit_code == 0, res.output[-3000:]
     pred = pl.read_parquet(out)
     assert pred.height == new.height
-    assert np.isfinite(pred["risk"].to_numpy()).all()
+    assert np.isfinite(pred["risk"].to_numpy()[:-1]).all()
     last = pred.row(-1, named=True)
-    assert not last["present_ct"] and not last["present_ehr"]
+    assert not last["has_ct"] and not last["has_ehr"] and np.isnan(last["risk"])
     # Known patients: the stored encoders + model reproduce the run's own predictions.
     run_pred = pl.read_parquet(tiny_run / "cells" / cell / "predictions.parquet")
     joined = pred.join(run_pred, on=["subject_id", "prediction_time"], suffix="_run")

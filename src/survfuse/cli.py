@@ -10,6 +10,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 
 from survfuse import __version__
+from survfuse.cli_help import CleanHelpCommand, CleanHelpGroup, CTFeatures, Executor
 
 app = typer.Typer(
     name="survfuse",
@@ -17,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=CleanHelpGroup,
 )
 
 
@@ -101,14 +103,18 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@app.command("info")
+@app.command("info", cls=CleanHelpCommand)
 @_errors
 def info() -> None:
-    """Print the registered encoders, fusion strategies and heads."""
+    """Print the registered encoders, fusion strategies and heads, one line each."""
     from survfuse.registry import all_registries
 
-    for name, registry in all_registries().items():
-        typer.echo(f"{name}: {', '.join(registry.list()) or '-'}")
+    for kind, registry in all_registries().items():
+        typer.echo(f"{kind}:")
+        width = max((len(n) for n in registry.list()), default=0)
+        for name in registry.list():
+            line = f"  {name:<{width}}  {registry.describe(name)}".rstrip()
+            typer.echo(line if len(line) <= 100 else line[:99] + "…")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -135,18 +141,14 @@ def _exit_if_failed(failed: list[Any], run_dir: Path, allow_failed: bool) -> Non
 
 def _print_summary(run_dir: Path) -> None:
     import polars as pl
-    from rich.console import Console
 
-    from survfuse.report.tables import c_index_table, rich_table
+    from survfuse.report.terminal import summary_lines
 
     metrics = pl.read_parquet(Path(run_dir) / "metrics.parquet")
-    console = Console()
-    if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
-        console = Console(width=150)
-    console.print(rich_table(c_index_table(metrics), title="Harrell C (95% bootstrap CI)"))
+    typer.echo("\n".join(summary_lines(metrics)))
 
 
-@app.command("simulate")
+@app.command("simulate", cls=CleanHelpCommand)
 @_errors
 def simulate_cmd(
     out: Path = typer.Option(..., "--out", help="Folder to write the dataset to."),
@@ -159,7 +161,7 @@ def simulate_cmd(
     site_shift: float = typer.Option(1.0, "--site-shift", help="Between-site differences."),
     censoring: float = typer.Option(0.6, "--censoring", help="Target censored fraction."),
     shape: str = typer.Option("64,64,40", "--shape", help="CT volume shape X,Y,Z."),
-    workers: int = typer.Option(None, "--workers", help="Rendering processes (default 2)."),
+    workers: int = typer.Option(None, "--workers", help="Rendering processes (default: 2)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
 ) -> None:
     """Write a simulated multi-site CT + EHR cohort (NIfTI + MEDS + cohort + oracle)."""
@@ -180,16 +182,25 @@ def simulate_cmd(
     typer.echo(f"wrote {path}")
 
 
-@app.command("run")
+@app.command("run", cls=CleanHelpCommand)
 @_errors
 def run(
-    config: Path = typer.Argument(..., help="Experiment config (YAML)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Experiment config (YAML)."),
     out: Path = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
-    executor: str = typer.Option(None, "--executor", help="Override the config's executor."),
-    ray_address: str = typer.Option(
-        None, "--ray-address", help="Ray cluster to join (implies --executor ray)."
+    executor: Executor | None = typer.Option(
+        None, "--executor", help="Where cells run (default: the config's executor, else local)."
     ),
-    workers: int = typer.Option(None, "--workers", help="Local executor: parallel cell processes."),
+    ray_address: str = typer.Option(
+        None,
+        "--ray-address",
+        help="Ray cluster to join; implies --executor ray (default: the config's, else a local "
+        "Ray instance).",
+    ),
+    workers: int = typer.Option(
+        None,
+        "--workers",
+        help="Local executor: parallel cell processes (default: the config's workers, else 1).",
+    ),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the report too."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
     allow_failed: bool = typer.Option(
@@ -230,9 +241,11 @@ def run(
     _exit_if_failed(result.failed, Path(run_dir), allow_failed)
 
 
-@app.command("report")
+@app.command("report", cls=CleanHelpCommand)
 @_errors
-def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+def report_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run folder."),
+) -> None:
     """Write report.html and summary.md for a finished run."""
     from survfuse.experiment.imbalance_eval import ensure_imbalance
     from survfuse.report.html import build_report
@@ -242,26 +255,52 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> Non
     typer.echo(f"report: {html_path}\nsummary: {md_path}")
 
 
-@app.command("predict")
+@app.command("predict", cls=CleanHelpCommand)
 @_errors
 def predict(
-    run_dir: Path = typer.Argument(..., help="A run folder."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A finished run folder."),
     cell: str = typer.Option(..., "--cell", help="Cell id (a folder under RUN_DIR/cells)."),
-    cohort: Path = typer.Option(..., "--cohort", help="New cohort: subject_id, prediction_time."),
-    ct_index: Path = typer.Option(None, "--ct-index", help="CT index of the new patients."),
-    meds_root: Path = typer.Option(None, "--meds-root", help="MEDS root of the new patients."),
-    out: Path = typer.Option(None, "--out", help="Output parquet."),
+    cohort: Path = typer.Option(
+        ..., "--cohort", help="New cohort (parquet or CSV): subject_id, prediction_time."
+    ),
+    ct_index: Path = typer.Option(
+        None, "--ct-index", help="CT index of the new patients (default: the run's CT index)."
+    ),
+    meds_root: Path = typer.Option(
+        None, "--meds-root", help="MEDS root of the new patients (default: the run's MEDS root)."
+    ),
+    date_format: str = typer.Option(
+        None,
+        "--date-format",
+        help="strftime format of a CSV cohort's prediction_time, e.g. %d/%m/%Y "
+        "(default: ISO 8601 only).",
+    ),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        help="Output parquet (default: RUN_DIR/predictions/<cell>__<cohort>.parquet).",
+    ),
 ) -> None:
-    """Risks and survival curves for new patients with a trained cell's encoders and model."""
-    from survfuse.experiment.predict import predict_cohort
+    """Risks and survival curves for new patients with a trained cell's encoders and model.
+
+    Output columns: subject_id, prediction_time; risk (the model's risk score, higher = worse;
+    NaN for a patient with no data in any modality the model uses); surv_<t>, the predicted
+    probability of no event by day t, at the run's survival times (NaN likewise); has_ct /
+    has_ehr, whether the patient has a CT study at or before prediction_time / EHR events up
+    to it (one column per modality the model uses). Patients without data are named on stderr."""
+    from survfuse.experiment.predict import missing_data_warning, predict_cohort
 
     df, path = predict_cohort(
-        run_dir, cell, cohort, ct_index=ct_index, meds_root=meds_root, out=out
-    )
+        run_dir, cell, cohort, ct_index=ct_index, meds_root=meds_root, out=out,
+        date_format=date_format,
+    )  # fmt: skip
+    warning = missing_data_warning(df)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{df.height} predictions -> {path}")
 
 
-@app.command("demo")
+@app.command("demo", cls=CleanHelpCommand)
 @_errors
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
@@ -293,7 +332,7 @@ def _csv(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None
     return None if not text else [cast(v.strip()) for v in text.split(",") if v.strip()]
 
 
-@app.command("sweep-imbalance")
+@app.command("sweep-imbalance", cls=CleanHelpCommand)
 @_errors
 def sweep_imbalance(
     out: Path = typer.Option(..., "--out", help="Output folder (rerun to resume)."),
@@ -307,13 +346,26 @@ def sweep_imbalance(
     ),
     shape: str = typer.Option("32,32,20", "--shape", help="CT volume shape X,Y,Z."),
     config: Path = typer.Option(None, "--config", help="Base config (default: demo.yaml)."),
-    strategies: str = typer.Option(None, "--strategies", help="Strategy keys to keep."),
-    ehr_encoders: str = typer.Option(None, "--ehr-encoders", help="EHR encoder keys to keep."),
-    tasks: str = typer.Option(None, "--tasks", help="Tasks to keep."),
+    strategies: str = typer.Option(
+        None, "--strategies", help="Strategy keys to keep, comma-separated (default: all)."
+    ),
+    ehr_encoders: str = typer.Option(
+        None, "--ehr-encoders", help="EHR encoder keys to keep, comma-separated (default: all)."
+    ),
+    tasks: str = typer.Option(
+        None, "--tasks", help="Tasks to keep, comma-separated (default: all)."
+    ),
     bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples."),
-    max_epochs: int = typer.Option(None, "--max-epochs", help="Override training epochs."),
+    max_epochs: int = typer.Option(
+        None, "--max-epochs", help="Training epochs (default: the config's)."
+    ),
     rebalance: bool = typer.Option(False, "--rebalance", help="Add OGM-GE variants."),
-    ct_features: str = typer.Option("cells", "--ct-features", help="cells or config."),
+    ct_features: CTFeatures = typer.Option(
+        "cells",
+        "--ct-features",
+        help="CT representation: cells = radiomics of the volume and of a 2x2x2 grid of cells; "
+        "config = the config's CT encoders.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Gain of each fusion strategy over the best unimodal baseline against the imbalance."""
@@ -353,11 +405,12 @@ def sweep_imbalance(
 convert_app = typer.Typer(
     help="Convert a real cohort's release into survfuse's inputs (cohort, CT index, flat MEDS).",
     no_args_is_help=True,
+    cls=CleanHelpGroup,
 )
 app.add_typer(convert_app, name="convert")
 
 
-@convert_app.command("inspect")
+@convert_app.command("inspect", cls=CleanHelpCommand)
 @_errors
 def convert_inspect_cmd(
     cohort: Path = typer.Option(
@@ -366,7 +419,7 @@ def convert_inspect_cmd(
     meds: Path = typer.Option(..., "--meds", help="MEDS root (nested MEDS 0.1 / 0.2, or flat)."),
     out: Path = typer.Option(..., "--out", help="Output folder (replaces only a conversion)."),
     ct_root: Path = typer.Option(
-        None, "--ct-root", help="Folder with CTPA/<image_id> (omit: no CT index)."
+        None, "--ct-root", help="Folder with CTPA/<image_id> (default: none, no CT index)."
     ),
     site: str = typer.Option("inspect", "--site", help="Site name of every row."),
     death_code: list[str] = typer.Option(
@@ -379,10 +432,16 @@ def convert_inspect_cmd(
         None, "--time-format", help="strftime format of the CT times (default: ISO 8601 only)."
     ),
     time_fallback: str = typer.Option(
-        None, "--time-fallback", help="Column used when the CT time is empty (note_DATETIME)."
+        None,
+        "--time-fallback",
+        help="Column used when the CT time is empty, e.g. note_DATETIME (default: none).",
     ),
-    id_column: str = typer.Option(None, "--id-column", help="Person id column (auto)."),
-    time_column: str = typer.Option(None, "--time-column", help="CT time column (auto)."),
+    id_column: str = typer.Option(
+        None, "--id-column", help="Person id column (default: detected from the header)."
+    ),
+    time_column: str = typer.Option(
+        None, "--time-column", help="CT time column (default: detected from the header)."
+    ),
 ) -> None:
     """Convert an INSPECT release: cohort.parquet, ct_index.parquet, meds/, conversion report."""
     from survfuse.convert import DEFAULT_DEATH_CODES, convert_inspect

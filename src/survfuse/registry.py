@@ -7,10 +7,17 @@ name them as strings and conformance tests can run every registered component.
 from __future__ import annotations
 
 import difflib
+import inspect
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+#: Most names an unknown-name error shows: its "did you mean" and, for long lists (108 cell
+#: ids), the valid names it quotes; a shorter list of valid names is shown whole.
+MAX_CANDIDATES = 5
+_SHOW_ALL_UP_TO = 12
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -21,13 +28,39 @@ class UnknownNameError(KeyError, ValueError):
 
 
 def suggest(name: str, options: Iterable[str]) -> str:
-    """Return `"; did you mean 'x'?"` for the closest option, or an empty string."""
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    """`"; did you mean 'x'?"` for the closest option, `"; did you mean 'x'? (or 'y', 'z')"`
+    when others are close too (at most `MAX_CANDIDATES` in all), or an empty string."""
+    match = difflib.get_close_matches(name, list(options), n=MAX_CANDIDATES, cutoff=0.5)
+    if not match:
+        return ""
+    others = f" (or {', '.join(repr(m) for m in match[1:])})" if len(match) > 1 else ""
+    return f"; did you mean {match[0]!r}?{others}"
 
 
-def look_up_option(name: str, options: Iterable[str], *, kind: str = "option") -> str:
-    """Validate a string option, raising UnknownNameError (a ValueError) that suggests the closest valid value.
+def closest(name: str, options: Iterable[str], n: int = MAX_CANDIDATES) -> list[str]:
+    """The `n` options most like `name`: those containing it first, then by difflib ratio."""
+
+    def score(option: str) -> tuple[bool, float, str]:
+        ratio = difflib.SequenceMatcher(None, name, option).ratio()
+        return (name not in option, -ratio, option)
+
+    return sorted(options, key=score)[:n]
+
+
+def valid_names(name: str, options: Iterable[str], *, label: str = "valid") -> str:
+    """`"valid: a, b, c"`, or for a long list its size and the `MAX_CANDIDATES` closest to
+    `name`: `"108 valid; closest: a, b, c, d, e"`."""
+    options = sorted(options)
+    if len(options) <= _SHOW_ALL_UP_TO:
+        return f"{label}: {', '.join(options) or 'none'}"
+    return f"{len(options)} {label}; closest: {', '.join(closest(name, options))}"
+
+
+def look_up_option(
+    name: str, options: Iterable[str], *, kind: str = "option", where: str = ""
+) -> str:
+    """Validate a string option, raising UnknownNameError (a ValueError) that suggests the
+    closest valid values (at most `MAX_CANDIDATES`); `where` tells where the full list is.
 
     >>> look_up_option("efron", ["efron", "breslow"], kind="ties")
     'efron'
@@ -35,9 +68,17 @@ def look_up_option(name: str, options: Iterable[str], *, kind: str = "option") -
     options = list(options)
     if name in options:
         return name
+    see = f"; all: {where}" if where else ""
     raise UnknownNameError(
-        f"unknown {kind} {name!r}{suggest(name, options)} (valid: {', '.join(sorted(options))})"
+        f"unknown {kind} {name!r}{suggest(name, options)} ({valid_names(name, options)}{see})"
     )
+
+
+def describe(obj: object) -> str:
+    """First line of `obj`'s docstring, without pointers to module docs ('' when it has none)."""
+    doc = inspect.getdoc(obj) or ""
+    first = doc.strip().split("\n", 1)[0].strip() if doc.strip() else ""
+    return re.sub(r"\s*\(see (the )?module docstring[^)]*\)", "", first)
 
 
 class Registry(Generic[T]):
@@ -74,14 +115,18 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            known = ", ".join(sorted(self._items)) or "none registered"
+            known = valid_names(name, self._items, label="known")
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}{suggest(name, self._items)} (known: {known})"
+                f"unknown {self.kind} {name!r}{suggest(name, self._items)} ({known})"
             ) from None
 
     def list(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._items)
+
+    def describe(self, name: str) -> str:
+        """One line on the component `name`: the first line of its docstring."""
+        return describe(self.get(name))
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
+from survfuse.data.dates import parse_dates
 from survfuse.registry import look_up_option
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Cohort",
     "load_cohort",
     "outcome_columns",
+    "read_table",
     "task_columns",
     "validate_cohort",
 ]
@@ -118,9 +120,26 @@ def _check_event_col(df: pl.DataFrame, col: str, source: str) -> pl.Series:
     raise CohortError(f"{source}: column {col!r} must be bool or 0/1, got {raw.dtype}")
 
 
-def validate_cohort(df: Any, source: str = "cohort") -> pl.DataFrame:
+def _parse_text_times(df: pl.DataFrame, source: str, date_format: str | None) -> pl.Series:
+    try:
+        return parse_dates(
+            df["prediction_time"],
+            source=source,
+            column="prediction_time",
+            date_format=date_format,
+            where=lambda i: _where(df, i),
+        )
+    except ValueError as exc:
+        raise CohortError(str(exc)) from None
+
+
+def validate_cohort(
+    df: Any, source: str = "cohort", *, date_format: str | None = None
+) -> pl.DataFrame:
     """Validate and normalise a cohort table (polars or pandas DataFrame).
 
+    A text `prediction_time` must be ISO 8601 unless `date_format` (a strftime pattern) declares
+    its format (`survfuse.data.dates`).
     Raises CohortError (a ValueError) naming the column and the offending subject for: a missing
     column, a null/unparsable subject_id or prediction_time, NaN/infinite/negative time, an event
     that is not 0/1, a `<task>_time` without `<task>_event` (or vice versa) and duplicate
@@ -172,7 +191,7 @@ def validate_cohort(df: Any, source: str = "cohort") -> pl.DataFrame:
     if isinstance(pt_raw.dtype, pl.Datetime) and pt_raw.dtype.time_zone is not None:
         raise CohortError(f"{source}: column 'prediction_time' must be timezone-naive")
     if pt_raw.dtype == pl.String:
-        pt = pt_raw.str.to_datetime(time_unit="us", strict=False)
+        pt = _parse_text_times(df, source, date_format)
     elif isinstance(pt_raw.dtype, pl.Datetime | pl.Date):
         pt = pt_raw.cast(pl.Datetime("us"))
     else:
@@ -248,15 +267,25 @@ class Cohort:
         return Cohort(self.df.filter(predicate), source=self.source)
 
 
-def load_cohort(path: str | Path) -> Cohort:
-    """Read and validate a cohort from parquet or CSV (dates in CSV are parsed)."""
+def read_table(path: str | Path) -> pl.DataFrame:
+    """A parquet, CSV or TSV table as written: text columns stay text (dates are parsed by
+    `validate_cohort`, ISO 8601 only unless a format is declared, never guessed)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cohort file {path} not found")
     if path.suffix.lower() in (".csv", ".tsv"):
-        df = pl.read_csv(
-            path, try_parse_dates=True, separator="\t" if path.suffix.lower() == ".tsv" else ","
-        )
-    else:
-        df = pl.read_parquet(path)
-    return Cohort(df, source=f"cohort {path}")
+        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        return pl.read_csv(path, try_parse_dates=False, separator=sep)
+    return pl.read_parquet(path)
+
+
+def load_cohort(path: str | Path, *, date_format: str | None = None) -> Cohort:
+    """Read and validate a cohort from parquet, CSV or TSV.
+
+    `date_format`: strftime pattern of the text dates (default: ISO 8601 only; `10/09/2016`
+    raises a CohortError naming the file, column and row)."""
+    source = f"cohort {path}"
+    df = read_table(path)
+    if df.schema.get("prediction_time") == pl.String:  # parsed here: Cohort takes no format
+        df = df.with_columns(_parse_text_times(df, source, date_format))
+    return Cohort(df, source=source)

@@ -77,6 +77,8 @@ class DataConfig(_Strict):
     ct_index: Path | None = None
     ct_root: Path | None = None  # folder the CT index paths are relative to (default: its folder)
     meds_root: Path | None = None
+    # strftime pattern of a CSV cohort's prediction_time, e.g. "%d/%m/%Y" (default: ISO 8601 only)
+    date_format: str | None = None
 
 
 class SplitConfig(_Strict):

@@ -2,8 +2,11 @@
 
 Uses the run's stored, fitted encoders (`RUN_DIR/encoders/<modality>/<label>`) and the cell's
 saved model (`RUN_DIR/cells/<cell_id>/model`). The new cohort needs only `subject_id` and
-`prediction_time`; a patient without a CT study or without EHR events gets `present=False` for
-that modality and still receives a prediction (the strategies treat absence as a mask).
+`prediction_time`. A patient without a CT study or without EHR events gets `has_<modality> =
+False` and still receives a prediction from the modalities it has (the strategies treat absence
+as a mask); a patient with no data in any modality the model uses gets NaN risk and survival:
+the model would return its no-information output (e.g. risk 0.0), which reads like a real
+prediction.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from survfuse.data.cohort import read_table
+from survfuse.data.dates import parse_dates
 from survfuse.data.meds import MEDSDataset
 from survfuse.encoders.base import CTSource, Encoder
 from survfuse.experiment.cell import surv_column
@@ -24,23 +29,50 @@ from survfuse.experiment.rundir import RunDir, write_parquet
 from survfuse.fusion import FusionSurvivalModel
 from survfuse.registry import look_up_option
 
-__all__ = ["load_keys", "predict_cohort"]
+__all__ = ["load_keys", "missing_data_warning", "predict_cohort"]
+
+#: Subject ids a warning names before "and N more".
+_SHOWN_IDS = 5
 
 
-def load_keys(path: str | Path) -> pl.DataFrame:
-    """`subject_id` (Int64) and `prediction_time` (Datetime us) of a parquet or CSV cohort."""
+def load_keys(path: str | Path, *, date_format: str | None = None) -> pl.DataFrame:
+    """`subject_id` (Int64) and `prediction_time` (Datetime us) of a parquet or CSV cohort.
+
+    Text dates must be ISO 8601 unless `date_format` (a strftime pattern) declares them."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cohort file {path} not found")
-    if path.suffix.lower() == ".csv":
-        df = pl.read_csv(path, try_parse_dates=True)
-    else:
-        df = pl.read_parquet(path)
+    df = read_table(path)
     for col in ("subject_id", "prediction_time"):
         if col not in df.columns:
             raise ValueError(f"{path}: missing column {col!r} (has {df.columns})")
+    if df.schema["prediction_time"] == pl.String:
+        df = df.with_columns(
+            parse_dates(
+                df["prediction_time"],
+                source=str(path),
+                column="prediction_time",
+                date_format=date_format,
+            )
+        )
     return df.select(
         pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
+    )
+
+
+def missing_data_warning(predictions: pl.DataFrame) -> str | None:
+    """One line naming the patients of `predict_cohort`'s output with no data in any modality
+    (NaN risk), or None when every patient has some."""
+    flags = [c for c in predictions.columns if c.startswith("has_")]
+    if not flags:
+        return None
+    none = predictions.filter(~pl.any_horizontal(flags))
+    if not none.height:
+        return None
+    ids = [str(i) for i in none["subject_id"].head(_SHOWN_IDS).to_list()]
+    more = f" and {none.height - len(ids)} more" if none.height > len(ids) else ""
+    modalities = " or ".join(c.removeprefix("has_").upper() for c in flags)
+    return (
+        f"{none.height} of {predictions.height} patients have no {modalities} data at their "
+        f"prediction_time (risk NaN): subject_id {', '.join(ids)}{more}"
     )
 
 
@@ -52,29 +84,28 @@ def predict_cohort(
     ct_index: str | Path | None = None,
     meds_root: str | Path | None = None,
     out: str | Path | None = None,
+    date_format: str | None = None,
 ) -> tuple[pl.DataFrame, Path]:
     """Predict for the rows of `cohort` with cell `cell_id` of `run_dir`; write and return them.
 
-    `ct_index` / `meds_root` point at the new patients' data (default: the run's sources).
-    Output columns: subject_id, prediction_time, risk, `surv_<t>` at the run's survival times,
-    and `present_<modality>` for each modality the model uses.
+    `ct_index` / `meds_root` point at the new patients' data (default: the run's sources);
+    `date_format` declares a CSV cohort's date format (default: the run config's
+    `data.date_format`, else ISO 8601 only).
+    Output columns: subject_id, prediction_time, risk (higher = worse), `surv_<t>` = S(t) at the
+    run's survival times, and `has_<modality>` for each modality the model uses. Risk and
+    survival are NaN where every `has_<modality>` is False.
     """
 
     rd = RunDir(run_dir)
     raw = rd.read_config_yaml()
     cells = sorted(p.name for p in rd.cells.glob("*") if (p / "status.json").exists())
-    look_up_option(cell_id, cells, kind="cell")
+    look_up_option(cell_id, cells, kind="cell", where=f"the folders of {rd.cells}")
     st = rd.cell_status(cell_id) or {}
     if st.get("status") != "done":
         raise ValueError(f"cell {cell_id!r} did not finish ({st.get('status')}): {st.get('error')}")
     spec = CellSpec.model_validate(json.loads((rd.cell(cell_id) / "spec.json").read_text()))
     cfg = parse_config(raw, base=rd.root, source=str(rd.config))
-    keys = load_keys(cohort)
-    if any(cfg.harmonise.applies(m) for m in spec.modalities):
-        raise ValueError(
-            f"{rd.root}: the run harmonised its features per site ({cfg.harmonise.method}); "
-            "predict does not harmonise new patients' features"
-        )
+    keys = load_keys(cohort, date_format=date_format or cfg.data.date_format)
 
     features: dict[str, Any] = {}
     for modality in spec.modalities:
@@ -100,6 +131,10 @@ def predict_cohort(
     risk = np.asarray(model.predict_risk(features), dtype=np.float64)
     times = np.asarray(spec.survival_times, dtype=np.float64)
     surv = np.asarray(model.predict_survival(features, times), dtype=np.float64)
+    has = {m: np.asarray(f.present, dtype=bool) for m, f in features.items()}
+    no_data = ~np.logical_or.reduce(list(has.values()))
+    risk[no_data] = np.nan
+    surv[no_data] = np.nan
     cols: dict[str, Any] = {
         "subject_id": keys["subject_id"],
         "prediction_time": keys["prediction_time"],
@@ -107,8 +142,8 @@ def predict_cohort(
     }
     for j, t in enumerate(times):
         cols[surv_column(float(t))] = surv[:, j]
-    for modality, f in features.items():
-        cols[f"present_{modality}"] = np.asarray(f.present, dtype=bool)
+    for modality, flags in has.items():
+        cols[f"has_{modality}"] = flags
     df = pl.DataFrame(cols)
     target = (
         Path(out)

@@ -90,7 +90,7 @@ class RunResult:
 def prepare_cohort(cfg: ExperimentConfig, rd: RunDir) -> pl.DataFrame:
     """Load the cohort, make the per-subject splits and write both into the run directory."""
 
-    cohort = load_cohort(cfg.data.cohort)
+    cohort = load_cohort(cfg.data.cohort, date_format=cfg.data.date_format)
     sp = cfg.splits
     if sp.column is not None:
         splits = predefined_splits(cohort.df, sp.column, sp.external_sites, source=cfg.data.cohort)
