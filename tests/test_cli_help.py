@@ -12,7 +12,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from survfuse.cli import app
-from survfuse.cli_help import CTFeatures, Executor
+from survfuse.cli_help import CTFeatures, Executor, RecalibrationMethod
 from survfuse.registry import MAX_CANDIDATES, Registry, UnknownNameError, look_up_option
 
 WIDE = {"COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1"}
@@ -36,7 +36,7 @@ def _help(path: tuple[str, ...]) -> str:
 
 def test_every_command_is_reached() -> None:
     names = {" ".join(p) for p, _ in COMMANDS}
-    assert {"", "run", "predict", "info", "demo", "convert", "convert inspect"} <= names
+    assert {"", "run", "predict", "recalibrate", "info", "demo", "convert inspect"} <= names
 
 
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=lambda p: " ".join(p) or "root")
@@ -58,6 +58,7 @@ def test_help_has_no_bool_placeholder_and_states_defaults(path: tuple[str, ...])
 def test_enumerated_options_list_their_choices() -> None:
     assert "<local|ray>" in _help(("run",))
     assert "<cells|config>" in _help(("sweep-imbalance",))
+    assert "<baseline|baseline+slope>" in _help(("recalibrate",))
     bad = CliRunner().invoke(app, ["run", "x.yaml", "--executor", "rai"], env=WIDE)
     assert bad.exit_code == 2 and "'local'" in bad.output and "'ray'" in bad.output
 
@@ -66,7 +67,10 @@ def test_executor_choices_match_the_config() -> None:
     from survfuse.experiment.config import EXECUTORS
 
     assert get_args(Executor) == tuple(EXECUTORS)
+    from survfuse.survival.recalibration import RECALIBRATION_METHODS
+
     assert set(get_args(CTFeatures)) == {"cells", "config"}
+    assert get_args(RecalibrationMethod) == tuple(RECALIBRATION_METHODS)
 
 
 def test_predict_help_documents_defaults_and_output_columns() -> None:

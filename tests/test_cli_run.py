@@ -139,3 +139,26 @@ def test_misspelt_cell_names_the_closest_cells(small_run: tuple[Path, str], tmp_
     assert res.exit_code == 2
     assert f"did you mean {cell!r}?" in res.stderr
     assert str(run / "cells") in res.stderr
+
+
+def test_recalibrate_writes_beside_the_run(small_run: tuple[Path, str], tmp_path: Path) -> None:
+    run, _ = small_run
+    cohort = pl.read_parquet(run / "data" / "cohort.parquet")
+    sample = cohort.filter(pl.col("split") == "external_test")
+    sample.write_parquet(tmp_path / "site_sample.parquet")
+    metrics_before = (run / "metrics.parquet").read_bytes()
+    out = tmp_path / "recal"
+    res = CliRunner().invoke(
+        app, ["recalibrate", str(run), "--cohort", str(tmp_path / "site_sample.parquet"),
+              "--out", str(out), "--method", "baseline+slope"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output[-3000:]
+    assert res.stdout.strip() == f"recalibrated: {out}"
+    table = pl.read_parquet(out / "recalibration.parquet")
+    cells = sorted(p.name for p in (run / "cells").iterdir())
+    assert sorted(table["cell_id"].to_list()) == cells
+    assert (table["n_subjects"] == sample.height).all()
+    assert set(table["method"].to_list()) == {"baseline+slope"}
+    assert (run / "metrics.parquet").read_bytes() == metrics_before  # the run is not touched
+    bad = CliRunner().invoke(app, ["recalibrate", str(run), "--cohort", "x", "--method", "slope"])
+    assert bad.exit_code == 2 and "baseline+slope" in bad.output

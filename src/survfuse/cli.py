@@ -10,7 +10,13 @@ from typing import Any, NoReturn, TypeVar
 import typer
 
 from survfuse import __version__
-from survfuse.cli_help import CleanHelpCommand, CleanHelpGroup, CTFeatures, Executor
+from survfuse.cli_help import (
+    CleanHelpCommand,
+    CleanHelpGroup,
+    CTFeatures,
+    Executor,
+    RecalibrationMethod,
+)
 
 app = typer.Typer(
     name="survfuse",
@@ -191,10 +197,7 @@ def run(
         None, "--executor", help="Where cells run (default: the config's executor, else local)."
     ),
     ray_address: str = typer.Option(
-        None,
-        "--ray-address",
-        help="Ray cluster to join; implies --executor ray (default: the config's, else a local "
-        "Ray instance).",
+        None, "--ray-address", help="Ray cluster (implies --executor ray; default: the config's)."
     ),
     workers: int = typer.Option(
         None,
@@ -298,6 +301,31 @@ def predict(
     if warning:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{df.height} predictions -> {path}")
+
+
+@app.command("recalibrate", cls=CleanHelpCommand)
+@_errors
+def recalibrate(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A finished run folder."),
+    cohort: Path = typer.Option(
+        ...,
+        "--cohort",
+        help="Labelled sample of the new site (parquet or CSV): subject_id, prediction_time and "
+        "each task's outcome columns.",
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Output folder (default: RUN_DIR/recalibrated/<cohort name>)."
+    ),
+    method: RecalibrationMethod = typer.Option(
+        "baseline", "--method", help="Refit the baseline hazard only, or the slope too."
+    ),
+) -> None:
+    """Recalibrate every finished cell on a labelled sample of a new site; the run's own
+    metrics are not touched (output: recalibration.parquet/.csv, per-cell fits, predictions)."""
+    from survfuse.experiment.recalibrate import recalibrate_run
+
+    folder = recalibrate_run(run_dir, cohort, out, method=method)
+    typer.echo(f"recalibrated: {folder}")
 
 
 @app.command("demo", cls=CleanHelpCommand)

@@ -8,13 +8,15 @@ from typing import Any, Literal
 
 from typer.core import TyperCommand, TyperGroup
 
-__all__ = ["CTFeatures", "CleanHelpCommand", "CleanHelpGroup", "Executor"]
+__all__ = ["CTFeatures", "CleanHelpCommand", "CleanHelpGroup", "Executor", "RecalibrationMethod"]
 
 #: `--executor` choices; a test holds them equal to `experiment.config.EXECUTORS` (importing
 #: that here would make `--help` wait seconds for torch).
 Executor = Literal["local", "ray"]
 #: `sweep-imbalance --ct-features` choices (see `experiment.sweep`).
 CTFeatures = Literal["cells", "config"]
+#: `recalibrate --method` choices (see `survival.recalibration`).
+RecalibrationMethod = Literal["baseline", "baseline+slope"]
 
 
 def _untyped_flags(params: list[Any]) -> list[Any]:
