@@ -194,4 +194,4 @@ def test_calibration_flag_fires_on_a_miscalibrated_model_only() -> None:
     flags = tables.calibration_flags(assemble_table(cfg, groups, scores), 365.0)
     assert flags.height == 2  # the miscalibrated model, on both test splits
     assert all(m.startswith("late") for m in flags["model"].to_list())
-    assert set(flags["meaning"]) == {"risks too extreme (overfitted or shifted)"}
+    assert all(m.startswith("risks too extreme") for m in flags["meaning"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from survfuse.metrics import _kernels as K
 from survfuse.metrics.calibration import calibration_table
 from survfuse.metrics.calibration_ci import calibration_scorers, calibration_test
 from survfuse.metrics.engine import nanmean_rows, score_on_blocks
+from survfuse.metrics.km import kaplan_meier
 
 __all__ = [
     "CALIBRATION_KEYS",
@@ -36,6 +37,7 @@ __all__ = [
     "group_seed",
     "group_weights",
     "make_scorers",
+    "null_model_scores",
     "score_blocks",
     "score_group",
 ]
@@ -201,6 +203,21 @@ def make_scorers(
             for k in CALIBRATION_KEYS:
                 out[(k, h)] = cal if isinstance(cal, _NaNScorer) else cal[k]
     return out
+
+
+def null_model_scores(
+    g: GroupData, metrics: tuple[str, ...] = ("ibs",)
+) -> dict[MetricKey, float]:
+    """Point estimates of the Kaplan-Meier null model on one task x split: every subject gets
+    the training split's KM survival curve S_0(t) and the same risk, scored by the same scorers
+    as the models (`make_scorers`), so its IBS is the benchmark a model must beat (C and AUC
+    are 0.5 by construction). Not in metrics.parquet; the report shows it beside each model."""
+    km = kaplan_meier(g.train_time, g.train_event)
+    n = g.time.shape[0]
+    surv = np.tile(km(g.times), (n, 1))
+    only = replace(g, metrics=[m for m in g.metrics if m in metrics], models=[])
+    scorers = make_scorers(only, np.zeros(n), surv)
+    return {k: float(sc.point()) for k, sc in scorers.items()}
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -6,13 +6,17 @@ from __future__ import annotations
 import html
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from survfuse.data.cohort import outcome_columns
+from survfuse.experiment.config import EvaluationConfig
 from survfuse.experiment.grid import model_key
 from survfuse.experiment.rundir import RunDir
+from survfuse.experiment.scoring import GroupData, null_model_scores
 from survfuse.report import figures
 
 __all__ = ["ReportContext", "Section", "SectionBuilder", "img"]
@@ -80,6 +84,60 @@ class ReportContext:
     def evaluation(self) -> dict[str, Any]:
         ev: dict[str, Any] = self.config.get("evaluation", {})
         return ev
+
+    @cached_property
+    def eval_config(self) -> EvaluationConfig:
+        """The run's evaluation settings, typed (defaults where the stored config has none)."""
+        return EvaluationConfig.model_validate(self.evaluation)
+
+    @property
+    def split(self) -> np.ndarray:
+        return self.cohort["split"].to_numpy()
+
+    @property
+    def test_splits(self) -> list[str]:
+        """The test splits with rows, internal before external."""
+        return [s for s in ("internal_test", "external_test") if (self.split == s).any()]
+
+    def outcome(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """(time [N], event [N]) of `task` in cohort row order."""
+        tcol, ecol = outcome_columns(task)
+        return (
+            self.cohort[tcol].cast(pl.Float64).to_numpy(),
+            self.cohort[ecol].cast(pl.Boolean).to_numpy(),
+        )
+
+    def group_data(self, task: str, split: str) -> GroupData:
+        """The scoring inputs of one task x split without models (outcomes, training outcomes
+        for the IPCW weights, the stored survival grid), as the evaluation built them."""
+        time, event = self.outcome(task)
+        rows, train = self.split == split, self.split == "train"
+        ev = self.eval_config
+        return GroupData(
+            task=task,
+            split=split,
+            time=time[rows],
+            event=event[rows],
+            subject_id=self.cohort["subject_id"].cast(pl.Int64).to_numpy()[rows],
+            train_time=time[train],
+            train_event=event[train],
+            times=np.asarray(ev.survival_times(), dtype=np.float64),
+            metrics=list(ev.metrics),
+            horizons=list(ev.horizons),
+            cal_horizon=ev.cal_horizon,
+            cal_bins=ev.calibration_bins,
+        )
+
+    @cached_property
+    def null_ibs(self) -> dict[tuple[str, str], float]:
+        """(task, split) -> IBS of the Kaplan-Meier null model (`null_model_scores`)."""
+        out = {}
+        for task in self.tasks:
+            for split in ("validation", *self.test_splits):
+                if (self.split == split).any() and "ibs" in self.eval_config.metrics:
+                    scores = null_model_scores(self.group_data(task, split))
+                    out[(task, split)] = next(iter(scores.values()), float("nan"))
+        return out
 
 
 SectionBuilder = Callable[[ReportContext], "Section | None"]

@@ -1,12 +1,12 @@
 """`build_report(run_dir)`: one self-contained `report.html` (PNG figures embedded as base64)
 and a `summary.md` with the same tables.
 
-Sections: the headline C-index table (strategies x splits x tasks, with CIs), the change against
-each task's reference (best unimodal) model as a table and a forest plot, the other metrics,
-the data (present / missing / failed per site x split x modality, with reasons), Kaplan-Meier
-curves by predicted-risk tertile on the external cohort for the best strategy,
-calibration at a horizon, training curves, failed cells and the resolved config. Later analyses
-add sections by appending a builder to `SECTION_BUILDERS`.
+Sections: the cohort table (Table 1), the headline C-index table (strategies x splits x tasks,
+with CIs), the data (present / missing / failed per site x split x modality, with reasons), the
+change against each task's reference (best unimodal) model as a table and a forest plot, the
+other metrics, risk groups (Kaplan-Meier by development-tertile risk group), calibration,
+td-AUC(t) and Brier(t), training curves, modality contributions, failed cells, a glossary and
+the resolved config. Later analyses add sections by appending a builder to `SECTION_BUILDERS`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import yaml
 
 import survfuse
-from survfuse.data.cohort import outcome_columns
-from survfuse.experiment.cell import surv_column
 from survfuse.experiment.rundir import RunDir, write_text
 from survfuse.report import figures, tables
+from survfuse.report.calibration_section import calibration_section
+from survfuse.report.cohort_section import cohort_section
 from survfuse.report.context import ReportContext, Section, SectionBuilder, img
+from survfuse.report.glossary import glossary_section
 from survfuse.report.imbalance_section import imbalance_section
+from survfuse.report.km_section import km_section
+from survfuse.report.time_curves import time_curves_section
+from survfuse.report.training_section import training_section
 
 __all__ = ["SECTION_BUILDERS", "ReportContext", "Section", "build_report"]
 
@@ -55,7 +58,9 @@ def _comparison(ctx: ReportContext) -> Section:
     fig = figures.forest_plot(ctx.metrics)
     desc = (
         "Change in Harrell's C against each task's reference model, with the percentile "
-        "interval of the difference on the same bootstrap resamples (paired). "
+        "interval of the difference on the same bootstrap resamples (paired). Figure: test "
+        "splits only (the reference is chosen on validation), the Holm-adjusted p at each "
+        "row's right ('–': not in the Holm family); the table also lists validation. "
         f"{tables.tests_note(ctx.metrics)} {tables.family_note(ctx.metrics)}"
     )
     return Section(
@@ -86,137 +91,6 @@ def _other_metrics(ctx: ReportContext) -> Section | None:
         "Other metrics",
         f"<p>{desc}</p>" + "".join(parts_html),
         desc + "\n\n" + "\n".join(parts_md),
-    )
-
-
-def _outcome(ctx: ReportContext, task: str) -> tuple[np.ndarray, np.ndarray]:
-    tcol, ecol = outcome_columns(task)
-    return (
-        ctx.cohort[tcol].cast(pl.Float64).to_numpy(),
-        ctx.cohort[ecol].cast(pl.Boolean).to_numpy(),
-    )
-
-
-def _km(ctx: ReportContext) -> Section | None:
-    split = ctx.cohort["split"].to_numpy()
-    target = "external_test" if (split == "external_test").any() else "internal_test"
-    panels = []
-    for task in ctx.tasks:
-        best = ctx.best_model(task)
-        risk = ctx.seed_mean(best, task, "risk") if best else None
-        if risk is None:
-            continue
-        time, event = _outcome(ctx, task)
-        rows = split == target
-        panels.append(
-            figures.KMPanel(
-                f"{task}: {best}\n({tables.SPLIT_LABELS[target]})",
-                time[rows],
-                event[rows],
-                risk[rows],
-            )
-        )
-    if not panels:
-        return None
-    desc = (
-        f"Kaplan-Meier curves of the {tables.SPLIT_LABELS[target]} cohort split into tertiles of "
-        "predicted risk (mean over seeds) of each task's best fused strategy (validation C)."
-    )
-    return Section(
-        "Risk groups on the external cohort",
-        f"<p>{desc}</p>" + img(figures.km_tertile_figure(panels), "Kaplan-Meier by risk tertile"),
-        desc + " (figure in report.html)\n",
-    )
-
-
-def _calibration(ctx: ReportContext) -> Section | None:
-    ev = ctx.evaluation
-    horizon = float(ev.get("calibration_horizon") or (ev.get("horizons") or [365.0])[0])
-    col = surv_column(horizon)
-    split = ctx.cohort["split"].to_numpy()
-    panels: dict[str, list[figures.CalibrationSeries]] = {}
-    for task in ctx.tasks:
-        time, event = _outcome(ctx, task)
-        series = []
-        for model in dict.fromkeys(m for m in (ctx.best_model(task), ctx.reference(task)) if m):
-            surv = ctx.seed_mean(model, task, col)
-            if surv is None:
-                continue
-            for s in ("internal_test", "external_test"):
-                rows = split == s
-                if rows.any():
-                    series.append(
-                        figures.CalibrationSeries(
-                            f"{model} · {tables.SPLIT_LABELS[s]}",
-                            time[rows],
-                            event[rows],
-                            surv[rows],
-                        )
-                    )
-        if series:
-            panels[task] = series
-    parts_html, parts_md = [], []
-    for metric in ("cal_slope", "cal_intercept", "ici", "e50"):
-        if ctx.metrics.filter(pl.col("metric") == metric).height:
-            t = tables.metric_table(ctx.metrics, metric, horizon)
-            name = f"{tables.METRIC_LABELS[metric]} at {horizon:g} days"
-            parts_html.append(f"<h3>{html.escape(name)}</h3>" + tables.to_html(t))
-            parts_md.append(f"### {name}\n\n" + tables.to_markdown(t))
-    flags = tables.calibration_flags(ctx.metrics, horizon)
-    if flags.height:
-        lo, hi = tables.SLOPE_RANGE
-        note = (
-            f"Flag: {flags.height} model x split results have a calibration slope outside "
-            f"[{lo:g}, {hi:g}]; their predicted risks should not be read as probabilities on that "
-            "split without recalibration."
-        )
-        parts_html.insert(0, f"<p><b>{html.escape(note)}</b></p>" + tables.to_html(flags))
-        parts_md.insert(0, f"**{note}**\n\n" + tables.to_markdown(flags))
-    if not panels and not parts_html:
-        return None
-    bins = int(ev.get("calibration_bins", 10))
-    desc = (
-        f"Calibration at {horizon:g} days, mean over seeds. Calibration slope (1 = calibrated; "
-        "below 1: predicted risks too extreme) and intercept (log of observed over predicted "
-        "cumulative hazard with the slope fixed at 1; 0 = calibrated in the large, above 0: "
-        "risk under-predicted) of a Cox recalibration model on log(-log S), with percentile "
-        "intervals. ICI and E50: mean and median absolute difference between smoothed observed "
-        "and predicted risk (Austin et al. 2020); an absolute error is biased upward, so their "
-        "interval is the percentile interval with its lower end at 0 whenever a Wald test does "
-        "not reject perfect calibration. "
-    )
-    fig_html = ""
-    if panels:
-        desc += (
-            f"Figure: observed risk (1 - Kaplan-Meier) against mean predicted risk in {bins} "
-            "quantile bins of predicted risk, for the best fused strategy and the reference."
-        )
-        fig_html = img(figures.calibration_figure(panels, horizon, bins), "calibration")
-    return Section(
-        "Calibration",
-        f"<p>{html.escape(desc)}</p>" + fig_html + "".join(parts_html),
-        desc + " (figure in report.html)\n\n" + "\n".join(parts_md),
-    )
-
-
-def _training(ctx: ReportContext) -> Section | None:
-    curves: dict[str, list[tuple[str, pl.DataFrame]]] = {}
-    for task in ctx.tasks:
-        series = []
-        for model in dict.fromkeys(m for m in (ctx.best_model(task), ctx.reference(task)) if m):
-            for c in ctx.cells_of(model, task):
-                f = ctx.rd.cell(c["cell_id"]) / "history.parquet"
-                if f.exists():
-                    series.append((f"{c['strategy']} s{c['seed']}", pl.read_parquet(f)))
-        if series:
-            curves[task] = series
-    if not curves:
-        return None
-    desc = "Per-epoch training loss and validation score of the best fused strategy and the reference, per seed."
-    return Section(
-        "Training curves",
-        f"<p>{desc}</p>" + img(figures.training_curves_figure(curves), "training curves"),
-        desc + " (figure in report.html)\n",
     )
 
 
@@ -276,15 +150,18 @@ def _config(ctx: ReportContext) -> Section:
 
 
 SECTION_BUILDERS: list[SectionBuilder] = [
+    cohort_section,
     _headline,
     _data,
     _comparison,
     _other_metrics,
-    _km,
-    _calibration,
-    _training,
+    km_section,
+    calibration_section,
+    time_curves_section,
+    training_section,
     imbalance_section,
     _failed,
+    glossary_section,
     _config,
 ]
 
@@ -295,7 +172,7 @@ h1{font-size:1.5em;margin-bottom:0}h2{font-size:1.2em;border-bottom:1px solid #d
 margin-top:2em}h3{font-size:1em}
 table{border-collapse:collapse;font-size:12px;margin:8px 0;width:100%;table-layout:auto}
 th,td{border-bottom:1px solid #e5e5e5;padding:3px 6px;text-align:left;vertical-align:top;
-overflow-wrap:anywhere}
+overflow-wrap:break-word}
 th{background:#f5f5f5}caption{text-align:left;font-weight:600}
 img{max-width:100%;height:auto;display:block;margin:8px 0}
 pre{background:#f7f7f7;padding:8px;font-size:11px;white-space:pre-wrap;overflow-wrap:anywhere}

@@ -77,47 +77,64 @@ def contribution_table(imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS)
     return pl.DataFrame(out, schema={c: pl.Utf8 for c in cols})
 
 
-def contribution_figure(imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS) -> Figure:
-    """Shapley contributions of CT and EHR (bars, 95% CI whiskers) per fused model; one panel
-    per task x split."""
+def _wrapped_label(row: dict[str, Any]) -> str:
+    """`strategy` over `(encoders)` on two lines: long names must not squeeze the panels."""
+    label = _label(row)
+    name, sep, rest = label.partition(" (")
+    return f"{name}\n({rest}" if sep else label
+
+
+def contribution_figure(
+    imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS, tasks: list[str] | None = None
+) -> Figure:
+    """Shapley contributions of CT and EHR (bars, 95% CI whiskers) per fused model; one row
+    per task (in `tasks` order), one column per split, model labels on the left column only
+    and the legend below the panels."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     sel = imb.filter(pl.col("quantity") == "shapley").filter(pl.col("split").is_in(list(splits)))
-    panels = sel.select("task", "split").unique(maintain_order=True).rows()
+    found = list(dict.fromkeys(sel["task"].to_list()))
+    tasks = [t for t in (tasks or found) if t in found]
+    cols = [s for s in splits if s in set(sel["split"].to_list())]
     models = list(dict.fromkeys(sel["model"].to_list()))
-    ncol = min(len(panels), 2) or 1
-    nrow = max(1, math.ceil(len(panels) / ncol))
+    nrow, ncol = max(len(tasks), 1), max(len(cols), 1)
     fig, axes = plt.subplots(
         nrow,
         ncol,
-        figsize=(figures.WIDTH, 0.8 + nrow * (0.9 + 0.5 * max(len(models), 1))),
+        figsize=(figures.WIDTH, 0.9 + nrow * (0.8 + 0.55 * max(len(models), 1))),
         squeeze=False,
+        sharey="row",
     )
     colors = {"ct": "#1f77b4", "ehr": "#ff7f0e"}
-    for ax, (task, split) in zip(axes.ravel(), panels, strict=False):
-        part = sel.filter((pl.col("task") == task) & (pl.col("split") == split))
-        labels = []
-        for i, model in enumerate(models):
-            rows = part.filter(pl.col("model") == model)
-            if not rows.height:
-                continue
-            labels.append((i, _label(rows.row(0, named=True))))
-            for j, m in enumerate(("ct", "ehr")):
-                r = rows.filter(pl.col("modality") == m)
-                est, lo, hi = r["estimate"][0], r["lower"][0], r["upper"][0]
-                y = i + (j - 0.5) * 0.38
-                ax.barh(y, est, height=0.36, color=colors[m], label=m.upper() if i == 0 else None)
-                if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
-                    ax.errorbar(est, y, xerr=[[est - lo], [hi - est]], fmt="none", color="k", lw=1)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks([i for i, _ in labels], [lab for _, lab in labels], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_title(f"{task} · {tables.SPLIT_LABELS.get(split, split)}", fontsize=9)
-        ax.set_xlabel("Shapley contribution to C − 0.5")
-        ax.legend(fontsize=8, loc="lower right")
-    for ax in axes.ravel()[len(panels) :]:
-        ax.axis("off")
-    fig.tight_layout()
+    for i, task in enumerate(tasks):
+        for j, split in enumerate(cols):
+            ax = axes[i][j]
+            part = sel.filter((pl.col("task") == task) & (pl.col("split") == split))
+            labels = []
+            for k, model in enumerate(models):
+                rows = part.filter(pl.col("model") == model)
+                if not rows.height:
+                    continue
+                labels.append((k, _wrapped_label(rows.row(0, named=True))))
+                for jj, m in enumerate(("ct", "ehr")):
+                    r = rows.filter(pl.col("modality") == m)
+                    est, lo, hi = r["estimate"][0], r["lower"][0], r["upper"][0]
+                    y = k + (jj - 0.5) * 0.38
+                    ax.barh(y, est, height=0.36, color=colors[m])
+                    if lo is not None and hi is not None and math.isfinite(lo * hi):
+                        ax.errorbar(est, y, xerr=[[est - lo], [hi - est]], fmt="none",
+                                    color="k", lw=1)  # fmt: skip
+            ax.axvline(0, color="grey", lw=0.8)
+            ax.set_yticks([k for k, _ in labels], [lab for _, lab in labels], fontsize=8)
+            ax.set_ylim(len(models) - 0.5, -0.5)
+            ax.set_title(f"{task} · {tables.SPLIT_LABELS.get(split, split)}", fontsize=9)
+            ax.set_xlabel("Shapley contribution to C − 0.5", fontsize=9)
+            ax.tick_params(axis="x", labelsize=8)
+            ax.grid(axis="x", alpha=0.3)
+    handles = [Patch(color=c, label=m.upper()) for m, c in colors.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -129,6 +146,9 @@ def grad_ratio_figure(curves: dict[str, list[tuple[str, pl.DataFrame]]]) -> Figu
     models = list(dict.fromkeys(name.rsplit(" s", 1)[0] for s in curves.values() for name, _ in s))
     cmap = plt.get_cmap("tab20" if len(models) > 10 else "tab10")
     colour = {m: cmap(i % cmap.N) for i, m in enumerate(models)}
+    # a line style per model too: two models with the same curve (e.g. both dropped CT at the
+    # same epoch) stay visible, the later dashed over the earlier
+    dash = {m: ("-", "--", ":", "-.")[i % 4] for i, m in enumerate(models)}
     rows = math.ceil(len(models) / 2)
     fig, axes = plt.subplots(
         1,
@@ -137,26 +157,36 @@ def grad_ratio_figure(curves: dict[str, list[tuple[str, pl.DataFrame]]]) -> Figu
         squeeze=False,
         sharey=True,
     )
+    drawn: set[str] = set()
     for ax, (task, series) in zip(axes[0], curves.items(), strict=False):
         for name, hist in series:
             ratio = hist["grad_ratio"].cast(pl.Float64).to_numpy()
             ok = np.isfinite(ratio) & (ratio > 0)
             model = name.rsplit(" s", 1)[0]
-            ax.plot(hist["epoch"].to_numpy()[ok], np.log10(ratio[ok]), lw=1, c=colour[model])
+            if ok.any():
+                ax.plot(
+                    hist["epoch"].to_numpy()[ok],
+                    np.log10(ratio[ok]),
+                    lw=1.2,
+                    c=colour[model],
+                    ls=dash[model],
+                )
+                drawn.add(model)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(task, fontsize=9)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch", fontsize=9)
     axes[0][0].set_ylabel("log10 grad-norm CT / EHR")
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], c=colour[m], lw=1.5) for m in models]
-    fig.legend(handles, models, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    models = [m for m in models if m in drawn]  # no legend entry without a visible line
+    handles = [Line2D([], [], c=colour[m], ls=dash[m], lw=1.5) for m in models]
+    fig.legend(handles, models, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0.0, 0.22 * rows / (3.2 + 0.22 * rows), 1.0, 1.0))
     return fig
 
 
 def _grad_curves(ctx: ReportContext) -> dict[str, list[tuple[str, pl.DataFrame]]]:
-    out: dict[str, list[tuple[str, pl.DataFrame]]] = {}
+    out: dict[str, list[tuple[str, pl.DataFrame]]] = {t: [] for t in ctx.tasks}
     fused = [c for c in ctx.cells if c["status"] == "done" and len(c["modalities"]) == 2]
     for c in fused:
         f = ctx.rd.cell(c["cell_id"]) / "history.parquet"
@@ -165,7 +195,7 @@ def _grad_curves(ctx: ReportContext) -> dict[str, list[tuple[str, pl.DataFrame]]
         hist = pl.read_parquet(f)
         if "grad_ratio" in hist.columns and hist.height:
             out.setdefault(c["task"], []).append((f"{c['strategy']} s{c['seed']}", hist))
-    return out
+    return {t: series for t, series in out.items() if series}
 
 
 def dropped_table(ctx: ReportContext) -> pl.DataFrame:
@@ -226,7 +256,8 @@ def imbalance_section(ctx: ReportContext) -> Section | None:
     parts_html = [f"<p>{html.escape(desc)}</p>"]
     if t.height:
         parts_html.append(
-            img(contribution_figure(imb), "Shapley contributions") + tables.to_html(t)
+            img(contribution_figure(imb, tasks=ctx.tasks), "Shapley contributions")
+            + tables.to_html(t)
         )
     curves = _grad_curves(ctx)
     md = desc + "\n\n" + tables.to_markdown(t)

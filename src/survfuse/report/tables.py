@@ -20,6 +20,7 @@ __all__ = [
     "SPLIT_LABELS",
     "c_index_table",
     "calibration_flags",
+    "calibration_summary",
     "comparison_table",
     "family_note",
     "fmt_ci",
@@ -28,7 +29,10 @@ __all__ = [
     "md_escape",
     "metric_table",
     "model_label",
+    "model_order",
     "rich_table",
+    "short_model",
+    "task_order",
     "tests_note",
     "to_html",
     "to_markdown",
@@ -90,13 +94,25 @@ def model_label(row: dict[str, Any], *, with_head: bool = False) -> str:
     return label
 
 
+def short_model(model: str) -> str:
+    """A model key `late[ct_radiomics+ehr_onehot]/cox` as `late (ct_radiomics + ehr_onehot)`."""
+    name, _, rest = model.partition("[")
+    encs = rest.split("]")[0].replace("+", " + ") if rest else ""
+    return f"{name} ({encs})" if encs else name
+
+
+def task_order(metrics: pl.DataFrame) -> list[str]:
+    """Tasks in the order of the main table (the config's order)."""
+    return list(dict.fromkeys(metrics["task"].to_list()))
+
+
 def _with_labels(metrics: pl.DataFrame) -> pl.DataFrame:
     with_head = metrics["head"].n_unique() > 1
     labels = [model_label(r, with_head=with_head) for r in metrics.iter_rows(named=True)]
     return metrics.with_columns(pl.Series("label", labels, dtype=pl.Utf8))
 
 
-def _model_order(metrics: pl.DataFrame) -> list[str]:
+def model_order(metrics: pl.DataFrame) -> list[str]:
     # Unimodal baselines first, then fused models, each in order of first appearance (the
     # metrics table is in config order).
     seen: dict[str, bool] = {}
@@ -116,7 +132,7 @@ def metric_table(
         sel = sel.filter(pl.col("horizon") == sel["horizon"].drop_nulls().min())
     sel = _with_labels(sel)
     splits = [s for s in SPLIT_LABELS if s in set(sel["split"].to_list())]
-    order = {m: i for i, m in enumerate(_model_order(sel))}
+    order = {m: i for i, m in enumerate(model_order(sel))}
     out: list[dict[str, str]] = []
     for task in dict.fromkeys(sel["task"].to_list()):
         part = sel.filter(pl.col("task") == task)
@@ -150,11 +166,12 @@ def comparison_table(metrics: pl.DataFrame, metric: str = "harrell_c") -> pl.Dat
     if sel.height and sel["horizon"].null_count() < sel.height:
         sel = sel.filter(pl.col("horizon") == sel["horizon"].drop_nulls().min())
     sel = _with_labels(sel)
-    order = {m: i for i, m in enumerate(_model_order(sel))}
+    order = {m: i for i, m in enumerate(model_order(sel))}
+    tasks = {t: i for i, t in enumerate(task_order(metrics))}
     out = []
     for r in sorted(
         sel.iter_rows(named=True),
-        key=lambda r: (r["task"], list(SPLIT_LABELS).index(r["split"]), order[r["model"]]),
+        key=lambda r: (tasks[r["task"]], list(SPLIT_LABELS).index(r["split"]), order[r["model"]]),
     ):
         out.append(
             {
@@ -281,29 +298,108 @@ def rich_table(df: pl.DataFrame, *, title: str | None = None) -> Any:
 SLOPE_RANGE = (0.8, 1.2)
 
 
-def calibration_flags(metrics: pl.DataFrame, horizon: float) -> pl.DataFrame:
-    """Models whose calibration slope at `horizon` on a test split lies outside `SLOPE_RANGE`:
-    task, split, model, slope [CI] and what it means; empty when every slope is inside."""
+NullIBS = dict[tuple[str, str], float]  # (task, split) -> IBS of the Kaplan-Meier null model
+
+
+def _calibration_rows(
+    metrics: pl.DataFrame, horizon: float, null_ibs: NullIBS | None
+) -> list[dict[str, Any]]:
+    """Per test split x model (main-table order): slope, intercept and IBS rows (None if
+    absent), the null model's IBS and the reasons to flag it."""
     lo, hi = SLOPE_RANGE
-    sel = _with_labels(
-        metrics.filter(
-            (pl.col("metric") == "cal_slope")
-            & (pl.col("horizon") == horizon)
-            & pl.col("split").is_in(["internal_test", "external_test"])
-            & ((pl.col("estimate") < lo) | (pl.col("estimate") > hi))
+    sel = _with_labels(metrics.filter(pl.col("split").is_in(["internal_test", "external_test"])))
+    order = {m: i for i, m in enumerate(model_order(sel))}
+    tasks = {t: i for i, t in enumerate(task_order(metrics))}
+    keys = sel.select("task", "split", "model").unique()
+    out = []
+    for task, split, model in sorted(
+        keys.rows(), key=lambda k: (tasks[k[0]], list(SPLIT_LABELS).index(k[1]), order[k[2]])
+    ):
+        part = sel.filter(
+            (pl.col("task") == task) & (pl.col("split") == split) & (pl.col("model") == model)
         )
-    )
+
+        def row(metric: str, h: float | None, part: pl.DataFrame = part) -> dict[str, Any] | None:
+            r = part.filter(pl.col("metric") == metric)
+            if h is not None:
+                r = r.filter(pl.col("horizon") == h)
+            return r.row(0, named=True) if r.height else None
+
+        slope, ibs = row("cal_slope", horizon), row("ibs", None)
+        null = (null_ibs or {}).get((task, split), math.nan)
+        reasons = []
+        if slope is not None and slope["estimate"] is not None:
+            if slope["estimate"] < lo:
+                reasons.append("risks too extreme (slope < 0.8: overfitted or shifted)")
+            elif slope["estimate"] > hi:
+                reasons.append("risks too timid (slope > 1.2)")
+        if ibs is not None and math.isfinite(null) and (ibs["estimate"] or 0.0) > null:
+            reasons.append("IBS worse than the Kaplan-Meier null model")
+        out.append(
+            {
+                "task": task,
+                "split": split,
+                "label": part["label"][0],
+                "slope": slope,
+                "intercept": row("cal_intercept", horizon),
+                "ibs": ibs,
+                "null": null,
+                "reasons": reasons,
+            }
+        )
+    return out
+
+
+def _ci_of(r: dict[str, Any] | None, digits: int = 3) -> str:
+    return fmt_ci(r["estimate"], r["lower"], r["upper"], digits) if r else "–"
+
+
+def _ibs_vs_null(r: dict[str, Any]) -> str:
+    null = r["null"]
+    return f"{_ci_of(r['ibs'])} vs {null:.3f}" if math.isfinite(null) else _ci_of(r["ibs"])
+
+
+def calibration_flags(
+    metrics: pl.DataFrame, horizon: float, null_ibs: NullIBS | None = None
+) -> pl.DataFrame:
+    """Models to distrust as risk predictors on a test split: calibration slope at `horizon`
+    outside `SLOPE_RANGE`, or (with `null_ibs`) an IBS above the Kaplan-Meier null model's.
+    Columns task, split, model, calibration slope [CI], IBS [CI] vs the null model's, meaning;
+    empty when nothing is flagged."""
     rows = [
         {
             "task": r["task"],
             "split": SPLIT_LABELS.get(r["split"], r["split"]),
             "model": r["label"],
-            "calibration slope": fmt_ci(r["estimate"], r["lower"], r["upper"]),
-            "meaning": "risks too extreme (overfitted or shifted)"
-            if r["estimate"] < lo
-            else "risks too timid",
+            "calibration slope": _ci_of(r["slope"], 2),
+            "IBS vs KM null": _ibs_vs_null(r),
+            "meaning": "; ".join(r["reasons"]),
         }
-        for r in sel.sort("task", "split", "estimate").iter_rows(named=True)
+        for r in _calibration_rows(metrics, horizon, null_ibs)
+        if r["reasons"]
     ]
-    cols = ["task", "split", "model", "calibration slope", "meaning"]
+    cols = ["task", "split", "model", "calibration slope", "IBS vs KM null", "meaning"]
+    return pl.DataFrame(rows, schema=dict.fromkeys(cols, pl.String))
+
+
+def calibration_summary(
+    metrics: pl.DataFrame, horizon: float, null_ibs: NullIBS | None = None
+) -> pl.DataFrame:
+    """Every model on every test split: calibration slope and intercept at `horizon` with
+    CIs, IBS with CI beside the Kaplan-Meier null model's IBS, and a flag column."""
+    rows = [
+        {
+            "task": r["task"],
+            "split": SPLIT_LABELS.get(r["split"], r["split"]),
+            "model": r["label"],
+            "slope [CI]": _ci_of(r["slope"], 2),
+            "intercept [CI]": _ci_of(r["intercept"], 2),
+            "IBS [CI]": _ci_of(r["ibs"]),
+            "IBS of KM null": f"{r['null']:.3f}" if math.isfinite(r["null"]) else "–",
+            "flag": "⚑ " + "; ".join(r["reasons"]) if r["reasons"] else "",
+        }
+        for r in _calibration_rows(metrics, horizon, null_ibs)
+    ]
+    cols = ["task", "split", "model", "slope [CI]", "intercept [CI]", "IBS [CI]"]
+    cols += ["IBS of KM null", "flag"]
     return pl.DataFrame(rows, schema=dict.fromkeys(cols, pl.String))

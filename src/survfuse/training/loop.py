@@ -52,9 +52,11 @@ def fit_loop(
         module.train()
         state.stage = str(module.training_stage())  # type: ignore[operator]
         losses: list[float] = []
+        fused: list[float] = []  # the module's own loss, without callbacks' extras (probes)
         for batch, bt, be in batches():
             output = module(batch)
             loss = module.loss(output, bt, be)  # type: ignore[operator]
+            fused.append(float(loss.detach()))
             opt.zero_grad(set_to_none=True)
             for cb in callbacks:
                 extra = cb.extra_loss(state, output, batch, bt, be)
@@ -69,7 +71,12 @@ def fit_loop(
             for cb in callbacks:
                 cb.after_step(state)
             losses.append(float(loss.detach()))
-        state.record = {"epoch": epoch, "stage": state.stage, "train_loss": float(np.mean(losses))}
+        state.record = {
+            "epoch": epoch,
+            "stage": state.stage,
+            "train_loss": float(np.mean(losses)),
+            "fused_loss": float(np.mean(fused)),
+        }
         for cb in callbacks:
             cb.on_train_end(state)
         if validate is not None:
