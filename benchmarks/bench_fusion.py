@@ -96,22 +96,22 @@ def child(name: str, n: int, epochs_large: int, threads: int) -> None:
         tr, data.time[~val], data.event[~val], validation=(va, data.time[val], data.event[val])
     )
     total = time.perf_counter() - started
-    per_epoch = float(np.median([h["seconds"] for h in model.history]))
+    per_epoch = float(np.median([h["seconds"] for h in model.history_]))
     peer = None
     if name == "concat":
-        peer = peer_epoch_seconds(tr, data.time[~val], data.event[~val], len(model.history))
+        peer = peer_epoch_seconds(tr, data.time[~val], data.event[~val], len(model.history_))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(
         json.dumps(
             {
                 "strategy": name,
                 "n": n,
-                "epochs": len(model.history),
+                "epochs": len(model.history_),
                 "sec_per_epoch": per_epoch,
                 "fit_seconds": total,
                 "peak_rss_mb": rss,
                 "peer_sec_per_epoch": peer,
-                "best_val_c": max(h.get("val_c_index", float("nan")) for h in model.history),
+                "best_val_c": max(h.get("val_c_index", float("nan")) for h in model.history_),
             }
         )
     )

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> pl.DataFrame:
                         "c_index": c,
                         "ci_low": float(np.quantile(boot, 0.025)),
                         "ci_high": float(np.quantile(boot, 0.975)),
-                        "epochs": len(model.history),
+                        "epochs": len(model.history_),
                         "fit_s": time.perf_counter() - t1,
                         "prep_s": t_prep,
                         "n_test": int(te.size),

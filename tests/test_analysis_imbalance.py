@@ -263,7 +263,7 @@ def test_simulated_default_model_drops_the_uninformative_ct(
 ) -> None:
     # branch stopping's chance test drops the CT (imbalance 0): masking it changes nothing
     model, risks = ehr_only_cohort["default"], ehr_only_cohort["default_risks"]
-    assert model.dropped_modalities == ["ct"]
+    assert model.dropped_modalities_ == ["ct"]
     np.testing.assert_array_equal(risks["ehr"], risks["full"])
     assert not np.allclose(risks["ct"], risks["full"])
 

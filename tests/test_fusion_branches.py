@@ -181,22 +181,24 @@ def test_branch_stopping_lets_fusion_match_ct_only_when_ehr_is_noise(
     fused, model = _fit(noise_ehr, strategy, {})
     assert fused > ct_only - 0.01
     assert fused > joint + 0.01
-    s = model.branch_summary
+    s = model.branch_summary_
     assert s["ehr"]["frozen_at"] is not None and s["ehr"]["best_val_c"] < 0.56  # type: ignore[operator]
     assert s["ct"]["best_epoch"] > s["ehr"]["best_epoch"]  # type: ignore[operator]
     # per-branch validation C-indices are in the training curve, and a frozen branch is marked
-    assert {"val_c_index_ct", "val_c_index_ehr"} <= set(model.history[0])
-    assert any(r.get("frozen_ehr") for r in model.history)
+    assert {"val_c_index_ct", "val_c_index_ehr"} <= set(model.history_[0])
+    assert any(r.get("frozen_ehr") for r in model.history_)
     # the noise EHR fails the chance test: dropped, so the EHR input no longer moves the risk
-    assert model.dropped_modalities == ["ehr"] and any(r.get("dropped_ehr") for r in model.history)
+    assert model.dropped_modalities_ == ["ehr"] and any(
+        r.get("dropped_ehr") for r in model.history_
+    )
     # the weights kept were never scored with the EHR present: early stopping restarted there
-    assert model.best_epoch is not None and model.best_epoch >= s["ehr"]["dropped_at"]  # type: ignore[operator]
+    assert model.best_epoch_ is not None and model.best_epoch_ >= s["ehr"]["dropped_at"]  # type: ignore[operator]
     te = noise_ehr[2]
     shuffled = dict(te.features)
     shuffled["ehr"] = te.features["ehr"].select(np.random.default_rng(1).permutation(len(te.time)))
     np.testing.assert_array_equal(model.predict_risk(shuffled), model.predict_risk(te.features))
     # after fit every branch is trainable again (a fitted model is a plain module)
-    branches = model.module.modality_parameters().values()  # type: ignore[union-attr]
+    branches = model.module_.modality_parameters().values()  # type: ignore[union-attr]
     assert all(p.requires_grad for ps in branches for p in ps)
 
 
@@ -209,7 +211,7 @@ def test_branch_stopping_is_deterministic_and_saved_in_the_config(
     m1.save(tmp_path / "m")
     loaded = FusionSurvivalModel.load(tmp_path / "m")
     assert loaded.branch_patience == 3 and loaded.branch_loss == 0.5 and loaded.branch_stopping
-    assert loaded.dropped_modalities == m1.dropped_modalities == ["ehr"]
+    assert loaded.dropped_modalities_ == m1.dropped_modalities_ == ["ehr"]
     te = noise_ehr[2]
     np.testing.assert_array_equal(loaded.predict_risk(te.features), m1.predict_risk(te.features))
 
@@ -235,8 +237,8 @@ def test_informative_branches_are_kept() -> None:
     )
     c, model = _fit(data, "late", {})
     c_off, _ = _fit(data, "late", {}, branch_drop_alpha=None)
-    assert model.dropped_modalities == [] and c == c_off
-    assert all(v["dropped_at"] is None for v in model.branch_summary.values())
+    assert model.dropped_modalities_ == [] and c == c_off
+    assert all(v["dropped_at"] is None for v in model.branch_summary_.values())
 
 
 def test_a_chance_branch_is_kept_when_masking_it_would_hurt_the_fused_model(
@@ -246,6 +248,6 @@ def test_a_chance_branch_is_kept_when_masking_it_would_hurt_the_fused_model(
     # drop also needs the fused validation C without it to be at least the C with it
     monkeypatch.setattr(FusionSurvivalModel, "_val_c", lambda self, *a, **k: float("-inf"))
     _, model = _fit(noise_ehr, "late", {})
-    assert model.dropped_modalities == []
-    assert any("val_c_index_without_ehr" in r for r in model.history)
-    assert model.branch_summary["ehr"]["dropped_at"] is None
+    assert model.dropped_modalities_ == []
+    assert any("val_c_index_without_ehr" in r for r in model.history_)
+    assert model.branch_summary_["ehr"]["dropped_at"] is None

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 
 import survfuse.fusion
 import survfuse.survival  # noqa: F401  (registers the heads)
@@ -141,7 +142,7 @@ def test_every_patient_missing_one_modality(
     assert risk.shape == (32,) and np.isfinite(risk).all()
     assert np.isfinite(surv).all() and (surv >= 0).all() and (surv <= 1).all()
     assert (np.diff(surv, axis=1) <= 1e-12).all()
-    assert all(np.isfinite(h["train_loss"]) for h in model.history)
+    assert all(np.isfinite(h["train_loss"]) for h in model.history_)
 
 
 @pytest.mark.parametrize(("strategy", "params", "head"), CASES, ids=IDS)
@@ -160,7 +161,7 @@ def test_save_load_round_trip(
     np.testing.assert_array_equal(
         loaded.predict_survival(VAL.features, times), model.predict_survival(VAL.features, times)
     )
-    assert loaded.history == model.history
+    assert loaded.history_ == model.history_
 
 
 @pytest.mark.parametrize("strategy", ["late", "cross_attention"])
@@ -192,5 +193,5 @@ def test_bad_inputs_raise_clear_errors() -> None:
         FusionSurvivalModel("cross_attention", strategy_params={"direction": "ct<-ehr"}).fit(
             DATA.features, DATA.time, DATA.event
         )
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         m.predict_risk(DATA.features)

@@ -255,18 +255,18 @@ def test_gradient_norms_logged_and_ogm_ge_damps_the_dominant_modality() -> None:
     base = FusionSurvivalModel("concat", **kw).fit(
         strong_ct.features, strong_ct.time, strong_ct.event
     )  # type: ignore[arg-type]
-    for h in base.history:
+    for h in base.history_:
         assert h["grad_norm_ct"] > 0 and h["grad_norm_ehr"] > 0
         assert h["grad_ratio"] == pytest.approx(h["grad_norm_ct"] / h["grad_norm_ehr"])
         assert "ogm_coef_ct" not in h
     ogm = FusionSurvivalModel("concat", rebalance="ogm_ge", **kw).fit(  # type: ignore[arg-type]
         strong_ct.features, strong_ct.time, strong_ct.event
     )
-    late_epochs = ogm.history[5:]
+    late_epochs = ogm.history_[5:]
     coef_ct = np.mean([h["ogm_coef_ct"] for h in late_epochs])
     coef_ehr = np.mean([h["ogm_coef_ehr"] for h in late_epochs])
     assert coef_ehr == 1.0 and coef_ct < 0.95
-    assert all(0 < h["ogm_coef_ct"] <= 1 for h in ogm.history)
+    assert all(0 < h["ogm_coef_ct"] <= 1 for h in ogm.history_)
 
 
 def test_modality_dropout_only_drops_one_of_two_present_modalities() -> None:

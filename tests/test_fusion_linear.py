@@ -67,9 +67,9 @@ def test_each_penalty_is_an_exact_ridge_fit_and_validation_picks_the_best() -> N
     model = FusionSurvivalModel(
         "linear", strategy_params={"l1_ratio": 0.0, "penalties": pens}, device="cpu"
     ).fit(feats, time, event, validation=(vfeats, vtime, vevent))
-    module = model.module
+    module = model.module_
     assert module is not None
-    hist = model.history
+    hist = model.history_
     assert [h["penalty"] for h in hist] == pens
     best = max(hist, key=lambda h: h["val_c_index"])
     assert float(module.penalty) == best["penalty"]
@@ -115,7 +115,7 @@ def test_unimodal_linear_reads_one_modality_and_missing_rows_get_their_flag() ->
     )
     both = FusionSurvivalModel("linear", device="cpu").fit({**feats, "ehr": ehr}, time, event)
     assert np.isfinite(both.predict_risk({**feats, "ehr": ehr})).all()
-    module = both.module
+    module = both.module_
     assert module is not None
     width = next(p for p in module.head.parameters()).shape[1]
     assert width == feats["ct"].pooled_dim + feats["ehr"].pooled_dim + 2

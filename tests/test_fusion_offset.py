@@ -59,8 +59,8 @@ def test_before_the_residual_learns_the_model_is_the_linear_cox(strategy, params
         branch_stopping=False,
     ).fit(f, t, e, validation=(vf, vt, ve))
     np.testing.assert_allclose(deep.predict_risk(tf), lin.predict_risk(tf), atol=1e-4)
-    assert [h["penalty"] for h in deep.offset_history] == [h["penalty"] for h in lin.history]
-    assert all(h["stage"] == "offset" for h in deep.offset_history)
+    assert [h["penalty"] for h in deep.offset_history_] == [h["penalty"] for h in lin.history_]
+    assert all(h["stage"] == "offset" for h in deep.offset_history_)
 
 
 def test_the_residual_trains_and_saves(tmp_path) -> None:
@@ -68,7 +68,7 @@ def test_the_residual_trains_and_saves(tmp_path) -> None:
     model = FusionSurvivalModel(
         "concat", strategy_params={"offset": "linear"}, device="cpu", max_epochs=30, seed=1
     ).fit(f, t, e, validation=(vf, vt, ve))
-    offset = model.module.offset
+    offset = model.module_.offset
     assert offset is not None and not any(p.requires_grad for p in offset.parameters())
     risk = model.predict_risk(tf)
     assert concordance_index(tt, te, risk).estimate > 0.7  # the true model's signal is found

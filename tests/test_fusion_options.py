@@ -74,10 +74,10 @@ def test_contrastive_align_stage_uses_info_nce_whatever_lambda(lam: float) -> No
         seed=0,
         device="cpu",
     ).fit(SMALL.features, SMALL.time, SMALL.event)
-    stages = [h["stage"] for h in model.history]
+    stages = [h["stage"] for h in model.history_]
     assert stages == ["align", "align", "survival", "survival"]
     # the align-stage loss is the (unweighted) InfoNCE: positive, near log(48) at the start
-    assert 1.0 < model.history[0]["train_loss"] < 2 * math.log(48)
+    assert 1.0 < model.history_[0]["train_loss"] < 2 * math.log(48)
 
 
 def test_contrastive_align_stage_without_paired_patients_gives_zero_loss() -> None:
@@ -96,8 +96,8 @@ def test_contrastive_align_stage_without_paired_patients_gives_zero_loss() -> No
         seed=0,
         device="cpu",
     ).fit(feats, data.time, data.event)
-    assert [h["train_loss"] for h in model.history[:2]] == [0.0, 0.0]
-    assert model.history[2]["stage"] == "survival" and model.history[2]["train_loss"] > 0
+    assert [h["train_loss"] for h in model.history_[:2]] == [0.0, 0.0]
+    assert model.history_[2]["stage"] == "survival" and model.history_[2]["train_loss"] > 0
     assert np.isfinite(model.predict_risk(feats)).all()
 
 
@@ -199,7 +199,7 @@ def test_token_unimodal_baseline_separates_token_reading_from_fusion() -> None:
     pooled, _ = fit("unimodal", {"modality": "ehr"})
     tokens, model = fit("unimodal", {"modality": "ehr", "tokens": True})
     cross, fused = fit("cross_attention", {})
-    assert model.module is not None and model.module.uses_tokens
+    assert model.module_ is not None and model.module_.uses_tokens
     assert tokens > pooled + 0.005
     assert abs(cross - tokens) < 0.01
-    assert fused.dropped_modalities == ["ct"]
+    assert fused.dropped_modalities_ == ["ct"]

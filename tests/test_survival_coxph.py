@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lifelines.utils import concordance_index
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 
 from survfuse.interop import to_sksurv
@@ -132,5 +133,5 @@ def test_errors_are_clear():
         bad = x.copy()
         bad[3, 1] = np.nan
         CoxPH().fit(bad, t, e)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         CoxPH().predict_risk(x)

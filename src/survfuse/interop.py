@@ -28,6 +28,7 @@ __all__ = [
     "from_lifelines",
     "from_pycox",
     "from_sksurv",
+    "survival_from_y",
     "to_lifelines",
     "to_pycox",
     "to_sksurv",
@@ -173,11 +174,38 @@ def to_sksurv(time: ArrayLike, event: ArrayLike) -> NDArray[Any]:
 
 
 def from_sksurv(y: NDArray[Any]) -> SurvivalData:
-    """Read a scikit-survival structured array (event field first, time field second)."""
+    """Read a scikit-survival structured array: two fields, the event indicator first and the
+    time second, whatever their names (`sksurv.util.Surv.from_arrays(event, time, name_event=...,
+    name_time=...)`)."""
     names = getattr(getattr(y, "dtype", None), "names", None)
     if not names or len(names) != 2:
-        raise ValueError("expected a structured array with two fields (event, time)")
+        got = f"dtype {y.dtype}, shape {y.shape}" if hasattr(y, "dtype") else type(y).__name__
+        raise ValueError(
+            "y must be a structured array with two fields (event, time), as "
+            f"sksurv.util.Surv.from_arrays makes; got {got}"
+        )
+    if np.asarray(y[names[1]]).dtype == bool and np.asarray(y[names[0]]).dtype != bool:
+        raise ValueError(
+            f"y's fields are ({names[0]!r}, {names[1]!r}): the event (bool) field must come "
+            "first and the time second, as in scikit-survival"
+        )
     return SurvivalData(time=y[names[1]], event=y[names[0]])
+
+
+def survival_from_y(
+    y: ArrayLike, event: ArrayLike | None = None
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """`(time, event)` from an estimator's target: a scikit-survival structured `y` (when `event`
+    is None) or `y` = time with a separate `event` (the survfuse argument order)."""
+    if y is None:
+        raise ValueError(
+            "this estimator requires y to be passed, but the target y is None: pass a structured "
+            "(event, time) array or time and event"
+        )
+    if event is None:
+        data = from_sksurv(np.asarray(y))
+        return data.time, data.event
+    return check_survival(y, event)
 
 
 # ----------------------------------------------------------------------------- lifelines

@@ -59,13 +59,13 @@ def _select(features: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
 def build_model(spec: CellSpec) -> Any:
 
     training = TrainingConfig.model_validate(spec.training)
-    return FusionSurvivalModel(
+    return FusionSurvivalModel.from_options(
         spec.strategy_name,
+        training.options(),
         head=spec.head,
         strategy_params=dict(spec.strategy_params),
         head_params=training.head_params,
         seed=spec.seed,
-        options=training.options(),
     )
 
 
@@ -103,8 +103,8 @@ def _train_and_predict(spec: CellSpec, run_dir: RunDir, out: Path) -> None:
     pl.DataFrame(cols).write_parquet(out / "predictions.parquet")
     model.save(out / "model")
     history = (  # every epoch's keys (a branch may be frozen or dropped late in training)
-        pl.DataFrame(list(model.history), infer_schema_length=None)
-        if model.history
+        pl.DataFrame(list(model.history_), infer_schema_length=None)
+        if model.history_
         else pl.DataFrame({"epoch": []})
     )
     history.write_parquet(out / "history.parquet")

@@ -150,7 +150,7 @@ class TrainingConfig(TrainingOptions):
     head_params: dict[str, Any] = Field(default_factory=dict)
 
     def options(self) -> TrainingOptions:
-        """The training options alone (what `FusionSurvivalModel(options=...)` takes)."""
+        """The training options alone (what `FusionSurvivalModel.from_options` takes)."""
         return TrainingOptions(**self.model_dump(exclude={"head_params"}))
 
 

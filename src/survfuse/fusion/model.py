@@ -20,12 +20,15 @@ stopping (`survfuse.fusion.branches.BranchStopping`) and, with `rebalance="ogm_g
 (`survfuse.fusion.rebalance`). Options: `survfuse.training.TrainingOptions`. After training a
 strategy may fit post-hoc parts on the validation split (`FusionStrategy.finish_training`, e.g.
 late fusion's stacking), then the head fits its baseline hazard on the training split.
+
+scikit-learn: a `BaseEstimator` (get_params / set_params / clone from the constructor's
+arguments, fitted attributes end in `_`); X is a dict of `ModalityFeatures` (wrap it in
+`MultimodalFeatures` for scikit-learn's row splitting), y a scikit-survival structured array.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
-from pydantic import ValidationError
+from sklearn.exceptions import NotFittedError
 from torch import Tensor
 
 from survfuse.device import resolve_device
@@ -47,142 +50,104 @@ from survfuse.fusion.batch import (
     to_batch,
 )
 from survfuse.fusion.branches import BranchStopper, BranchStopping
+from survfuse.fusion.model_params import FusionModelParams
+from survfuse.fusion.multimodal import MultimodalFeatures
 from survfuse.fusion.offset import attach_offset, fit_offset
-from survfuse.fusion.params import STRATEGY_OPTIONS, check_params, harrell_c
+from survfuse.fusion.params import harrell_c
+from survfuse.fusion.persistence import load_model, save_model
 from survfuse.fusion.rebalance import OGMGE
 from survfuse.fusion.signal import signal_check
-from survfuse.interop import check_survival
-from survfuse.registry import FUSIONS, HEADS, look_up_option
+from survfuse.interop import check_survival, survival_from_y
+from survfuse.registry import FUSIONS
 from survfuse.training import (
     Callback,
     EarlyStopping,
     GradientLogging,
-    TrainingOptions,
     fit_loop,
 )
 from survfuse.training.state import Step
 
-__all__ = ["FULL_BATCH_MAX", "LARGE_BATCH", "FusionSurvivalModel"]
+__all__ = ["FULL_BATCH_MAX", "LARGE_BATCH", "FusionSurvivalModel", "MultimodalFeatures"]
 
 FULL_BATCH_MAX = 4096
 LARGE_BATCH = 2048
 PREDICT_CHUNK = 4096
 Features = Mapping[str, ModalityFeatures]
+# (features, y) with a structured y, or (features, time, event)
+Validation = tuple[Features, ArrayLike] | tuple[Features, ArrayLike, ArrayLike]
 
 
-class FusionSurvivalModel:
-    """Fusion strategy + survival head with a scikit-learn-like estimator interface.
+def _check_finite(features: Features) -> None:
+    """Pooled features must be finite: NaN would only surface later as a NaN loss."""
+    for m, f in features.items():
+        bad = ~np.isfinite(f.pooled)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(
+                f"modality {m!r}: pooled features must be finite (no NaN or inf); row {i} "
+                f"(subject {f.subject_id[i]}), column {j} = {f.pooled[i, j]}"
+            )
+
+
+def _validation(
+    validation: Validation | None,
+) -> tuple[Features, ArrayLike, ArrayLike] | None:
+    """(X_val, time, event) from (X_val, y) or (X_val, time, event)."""
+    if validation is None:
+        return None
+    if len(validation) == 2:
+        vt, ve = survival_from_y(validation[1])
+        return validation[0], vt, ve
+    if len(validation) == 3:
+        return validation
+    raise ValueError(
+        f"validation must be (X, y) or (X, time, event), got a tuple of {len(validation)}"
+    )
+
+
+class FusionSurvivalModel(FusionModelParams):
+    """Fusion strategy + survival head as a scikit-learn / scikit-survival estimator.
 
     >>> model = FusionSurvivalModel("late", head="cox", seed=0)  # doctest: +SKIP
-    >>> model.fit({"ct": ct, "ehr": ehr}, time, event, validation=(val_feats, vt, ve))
-    >>> risk = model.predict_risk(test_feats)  # [N], higher = worse
+    >>> model.fit({"ct": ct, "ehr": ehr}, y, validation=(val_feats, val_y))
+    >>> risk = model.predict(test_feats)  # [N], higher = worse; model.score(...) = Harrell's C
 
     `strategy_params` go to the strategy (e.g. `{"modality": "ehr"}` for `unimodal`,
-    `{"direction": "both"}` for `cross_attention`), `head_params` to the head.
+    `{"direction": "both"}` for `cross_attention`), `head_params` to the head; the other
+    arguments are the fields of `survfuse.training.TrainingOptions`, with its defaults.
     `rebalance_params` for OGM-GE: `alpha` (default 0.5), `noise` (default True), scored on
     the rows where both modalities are present (see the module docstring).
     Without `validation` the model trains `max_epochs` epochs and keeps the last weights.
+    Names are checked when the model is built (did-you-mean errors), and again at fit.
+
+    Fitted attributes: `module_` (the trained `FusionStrategy`), `specs_` (feature shapes per
+    modality), `history_` (one record per epoch), `best_epoch_`, `branch_summary_`,
+    `dropped_modalities_` (modalities masked as missing for every patient: chance-level
+    branches, see branches.py), `offset_history_` (the linear offset's penalty path with
+    `strategy_params={"offset": "linear"}`, else empty).
     """
 
-    def __init__(
-        self,
-        strategy: str = "late",
-        *,
-        head: str = "cox",
-        strategy_params: Mapping[str, Any] | None = None,
-        head_params: Mapping[str, Any] | None = None,
-        seed: int = 0,
-        verbose: bool = False,
-        options: TrainingOptions | None = None,
-        **training: Any,
-    ) -> None:
-
-        # every option is validated here, not at fit(): did-you-mean errors for misspelt names
-        strategy_cls = FUSIONS.get(strategy)
-        head_cls = HEADS.get(head)
-        check_params(
-            strategy_params or {},
-            strategy_cls,
-            kind=f"{strategy} strategy parameter",
-            extra=STRATEGY_OPTIONS,
-        )
-        check_params(head_params or {}, head_cls, kind=f"{head} head parameter")
-        for key in training:
-            look_up_option(key, list(TrainingOptions.model_fields), kind="training option")
-        base = options.model_dump() if options is not None else {}
-        try:
-            self.options = TrainingOptions(**{**base, **training})
-        except ValidationError as exc:  # the underlying error (e.g. did-you-mean), one line
-            err = exc.errors()[0]
-            cause = err.get("ctx", {}).get("error")
-            if isinstance(cause, Exception):
-                raise cause from None
-            raise ValueError(f"{err['loc'][0]}: {err['msg']}") from None
-        self.strategy_name = strategy
-        self.head = head
-        self.strategy_params = dict(strategy_params or {})
-        self.head_params = dict(head_params or {})
-        self.seed = int(seed)
-        self.verbose = verbose
-        self.history: list[dict[str, Any]] = []
-        # the linear offset's penalty path (`strategy_params={"offset": "linear"}`), else empty
-        self.offset_history: list[dict[str, Any]] = []
-        self.module: FusionStrategy | None = None
-        self.specs: dict[str, ModalitySpec] = {}
-        self.best_epoch: int | None = None
-        self.branch_summary: dict[str, dict[str, float | int | None]] = {}
-        # modalities masked as missing for every patient (chance-level branches; see branches.py)
-        self.dropped_modalities: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        # the training options read as attributes (`model.max_epochs`, `model.device`)
-        if (
-            name != "options"
-            and "options" in self.__dict__
-            and name in TrainingOptions.model_fields
-        ):
-            return getattr(self.__dict__["options"], name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @property
-    def rebalance_params(self) -> dict[str, Any]:
-        """OGM-GE parameters with their defaults filled in."""
-        return {"alpha": 0.5, "noise": True, **self.options.rebalance_params}
-
-    # ------------------------------------------------------------------ config
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments (JSON-serialisable)."""
-        opts = self.options.model_dump(mode="json")
-        opts["rebalance_params"] = self.rebalance_params
-        return {
-            "strategy": self.strategy_name,
-            "head": self.head,
-            "strategy_params": self.strategy_params,
-            "head_params": self.head_params,
-            "seed": self.seed,
-            **opts,
-        }
-
     def _build(self, specs: Mapping[str, ModalitySpec]) -> FusionStrategy:
-        cls = FUSIONS.get(self.strategy_name)
-        params = dict(self.strategy_params)
+        cls = FUSIONS.get(self.strategy)
+        params = dict(self.strategy_params or {})
         offset = params.pop("offset", "none")
         module: FusionStrategy = cls(
-            dict(specs), head=self.head, head_params=self.head_params, **params
+            dict(specs), head=self.head, head_params=dict(self.head_params or {}), **params
         )
-        attach_offset(module, offset, strategy=self.strategy_name)
+        attach_offset(module, offset, strategy=self.strategy)
         return module
 
     @property
     def _module(self) -> FusionStrategy:
-        if self.module is None:
-            raise RuntimeError("FusionSurvivalModel is not fitted: call fit() or load() first")
-        return self.module
+        module: FusionStrategy | None = getattr(self, "module_", None)
+        if module is None:
+            raise NotFittedError("FusionSurvivalModel is not fitted: call fit() or load() first")
+        return module
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
         # a fixed thread count: results must not depend on the machine's cores
-        threads = self.options.threads
+        threads = self.threads
         before = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)
@@ -194,19 +159,31 @@ class FusionSurvivalModel:
     # ------------------------------------------------------------------ training
     def fit(
         self,
-        features: Features,
-        time: ArrayLike,
-        event: ArrayLike,
+        X: Features,
+        y: ArrayLike,
+        event: ArrayLike | None = None,
         *,
-        validation: tuple[Features, ArrayLike, ArrayLike] | None = None,
+        validation: Validation | None = None,
     ) -> FusionSurvivalModel:
-        """Train on `features` (dict "ct"/"ehr" -> ModalityFeatures, rows aligned with time/event)."""
-        t, e = check_survival(time, event)
+        """Train on X (dict "ct"/"ehr" -> ModalityFeatures, rows aligned with the outcome) and
+        `y`, a scikit-survival structured array (event, time), or `y` = time and `event`.
+        `validation`: `(X_val, y_val)` or `(X_val, time_val, event_val)`, for early stopping."""
+        options = self._check()
+        t, e = survival_from_y(y, event)
+        features = X
         check_modalities(features, ())
+        if not features:
+            raise ValueError("X has no modality: pass {'ct': ..., 'ehr': ...} ModalityFeatures")
         n = len(next(iter(features.values())))
         if n != t.shape[0]:
             raise ValueError(f"features have {n} rows but time has {t.shape[0]} values")
-        dev = resolve_device(self.options.device)
+        _check_finite(features)
+        if all(f.pooled_dim == 0 and f.num_tokens == 0 for f in features.values()):
+            raise ValueError(
+                f"X has 0 feature(s) (shape=({n}, 0)) while a minimum of 1 is required: every "
+                "modality has empty pooled features and no tokens"
+            )
+        dev = resolve_device(options.device)
         with torch.random.fork_rng(devices=[]), self._threads():
             torch.manual_seed(self.seed)
             specs = {m: ModalitySpec.of(f) for m, f in features.items()}
@@ -217,12 +194,12 @@ class FusionSurvivalModel:
             for h in module.survival_heads():
                 h.prepare(t, e)
             module.to(dev)
-            self.module, self.specs = module, specs
-            self._train(module, features, t, e, validation, dev)
+            self.module_, self.specs_ = module, specs
+            self._train(module, features, t, e, _validation(validation), dev)
         return self
 
     def _batch_rows(self, n: int) -> int:
-        return self.options.batch_size or (n if n <= FULL_BATCH_MAX else LARGE_BATCH)
+        return self.batch_size or (n if n <= FULL_BATCH_MAX else LARGE_BATCH)
 
     def _batches(self, n: int, rng: np.random.Generator) -> list[np.ndarray | None]:
         size = self._batch_rows(n)
@@ -252,8 +229,11 @@ class FusionSurvivalModel:
             full = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
         t_all = torch.as_tensor(t, device=dev)
         e_all = torch.as_tensor(e, device=dev)
-        self.history, self.best_epoch = [], None
-        self.branch_summary, self.dropped_modalities = {}, []
+        self.history_: list[dict[str, Any]] = []
+        self.best_epoch_: int | None = None
+        self.branch_summary_: dict[str, dict[str, float | int | None]] = {}
+        self.dropped_modalities_: list[str] = []
+        self.offset_history_: list[dict[str, Any]] = []
         val = None
         if validation is not None:
             vf, vt_raw, ve_raw = validation
@@ -265,15 +245,15 @@ class FusionSurvivalModel:
             if val is not None:
                 offset_val = (to_batch(vf, modalities=mods, with_tokens=False, device=dev), vt, ve)
             train_pooled = to_batch(features, modalities=mods, with_tokens=False, device=dev)
-            self.offset_history = fit_offset(module, train_pooled, t, e, offset_val)
+            self.offset_history_ = fit_offset(module, train_pooled, t, e, offset_val)
         if module.fits_exactly:  # an exact solver: no epochs, no callbacks
             train = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
             exact_val = None
             if val is not None:
                 exact_val = (to_batch(vf, modalities=mods, with_tokens=tok, device=dev), vt, ve)
             module.eval()
-            self.history = module.fit_exact(train, t, e, exact_val)
-            self.best_epoch = 0
+            self.history_ = module.fit_exact(train, t, e, exact_val)
+            self.best_epoch_ = 0
             module.output_head.fit_baseline(self._outputs(features), t, e)
             return
 
@@ -285,7 +265,7 @@ class FusionSurvivalModel:
                     batch = to_batch(features, idx, modalities=mods, with_tokens=tok, device=dev)
                     it = torch.as_tensor(idx, device=dev)
                     bt, be = t_all[it], e_all[it]
-                batch = mask_modalities(batch, self.dropped_modalities)
+                batch = mask_modalities(batch, self.dropped_modalities_)
                 yield drop_modalities(batch, opts.modality_dropout, gen), bt, be
 
         validate = None
@@ -299,7 +279,7 @@ class FusionSurvivalModel:
         mod_params = module.modality_parameters()
         callbacks: list[Callback] = [GradientLogging(mod_params)]
         if opts.rebalance == "ogm_ge" and len(mod_params) == 2:
-            rp = self.rebalance_params
+            rp = self._rebalance_settings()
             callbacks.append(OGMGE(mod_params, alpha=rp["alpha"], noise=rp["noise"], generator=gen))
         callbacks.append(EarlyStopping(opts.patience))
         if opts.branch_stopping and len(mod_params) >= 2:
@@ -317,7 +297,7 @@ class FusionSurvivalModel:
                     val_time=vt,
                     val_event=ve,
                     c_without=lambda m: self._val_c(vf, vt, ve, mask=[m]),
-                    dropped=self.dropped_modalities,
+                    dropped=self.dropped_modalities_,
                     patience=opts.patience,
                     signal=None
                     if val is None
@@ -334,21 +314,21 @@ class FusionSurvivalModel:
             callbacks=callbacks,
             verbose=self.verbose,
         )
-        self.history, self.best_epoch = state.history, state.best_epoch
+        self.history_, self.best_epoch_ = state.history, state.best_epoch
         for cb in callbacks:
             if isinstance(cb, BranchStopping):
-                self.branch_summary = cb.stopper.summary()
+                self.branch_summary_ = cb.stopper.summary()
         module.eval()
         if module.needs_validation_after_training:
             if val is None:
                 raise ValueError(
-                    f"strategy {self.strategy_name!r} with {self.strategy_params} fits a part "
+                    f"strategy {self.strategy!r} with {self.strategy_params} fits a part "
                     "on the validation split after training (e.g. late combine='stacking'): "
                     "pass validation data"
                 )
             vf, vt, ve = val
             vb = to_batch(vf, modalities=mods, with_tokens=tok, device=dev)
-            vb = mask_modalities(vb, self.dropped_modalities)
+            vb = mask_modalities(vb, self.dropped_modalities_)
             module.finish_training(
                 vb, torch.as_tensor(vt, device=dev), torch.as_tensor(ve, device=dev)
             )
@@ -397,7 +377,7 @@ class FusionSurvivalModel:
                 with_tokens=module.uses_tokens,
                 device=dev,
             )
-            batch = mask_modalities(batch, [*self.dropped_modalities, *mask])
+            batch = mask_modalities(batch, [*self.dropped_modalities_, *mask])
             o = module(batch)
             outs.append(o.out)
             for m, r in o.modality_repr.items():
@@ -416,15 +396,35 @@ class FusionSurvivalModel:
         out = self._outputs(features)
         return module.output_head.risk(out).detach().cpu().numpy().astype(np.float64)
 
-    def predict_risk(self, features: Features) -> NDArray[np.float64]:
+    def predict(self, X: Features) -> NDArray[np.float64]:
         """Risk per row [N] (higher = worse)."""
-        return self._risk_np(features)
+        _check_finite(X)
+        return self._risk_np(X)
 
-    def predict_survival(self, features: Features, times: ArrayLike) -> NDArray[np.float64]:
-        """Survival probabilities [N, len(times)] from the head's curves."""
-        out = self._outputs(features)
+    predict_risk = predict
+
+    def predict_survival(self, X: Features, times: ArrayLike) -> NDArray[np.float64]:
+        """Survival probabilities S(t | x) [N, len(times)] from the head's curves."""
+        _check_finite(X)
+        out = self._outputs(X)
         surv = self._module.output_head.survival(out, np.asarray(times, dtype=np.float64))
         return surv.detach().cpu().numpy().astype(np.float64)
+
+    def predict_cumulative_hazard(self, X: Features, times: ArrayLike) -> NDArray[np.float64]:
+        """Cumulative hazard H(t | x) = -log S(t | x) [N, len(times)] (inf where S = 0)."""
+        with np.errstate(divide="ignore"):
+            out: NDArray[np.float64] = -np.log(self.predict_survival(X, times))
+        return out + 0.0  # -0.0 -> 0.0 where S = 1
+
+    def _curve_times(self) -> NDArray[np.float64]:
+        """Times at which the curves can change: the Cox head's baseline times (the distinct
+        training times), the discrete head's bin cut points."""
+        head = self._module.output_head
+        for name in ("baseline_time", "cuts"):
+            knots = getattr(head, name, None)
+            if isinstance(knots, Tensor):
+                return np.unique(knots.detach().cpu().numpy().astype(np.float64))
+        raise TypeError(f"{type(head).__name__} has no curve times (baseline_time or cuts)")
 
     @torch.no_grad()
     def attention(self, features: Features) -> dict[str, NDArray[np.float32]]:
@@ -436,7 +436,7 @@ class FusionSurvivalModel:
         module.eval()
         dev = next(module.parameters()).device
         batch = to_batch(features, modalities=module.modalities, with_tokens=True, device=dev)
-        batch = mask_modalities(batch, self.dropped_modalities)
+        batch = mask_modalities(batch, self.dropped_modalities_)
         setattr(module, "record_attention", True)  # noqa: B010  (a flag only attention strategies have)
         try:
             extras = module(batch).extras
@@ -447,51 +447,10 @@ class FusionSurvivalModel:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
         """Write `config.json` (arguments, feature specs, history) and `model.safetensors`."""
-        from safetensors.torch import save_file
-
-        module = self._module
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        cfg = {
-            "model": self.config(),
-            "specs": {m: s.to_dict() for m, s in self.specs.items()},
-            "history": self.history,
-            "best_epoch": self.best_epoch,
-            "dropped_modalities": self.dropped_modalities,
-        }
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, default=float))
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"))
-        return out
+        return save_model(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str | None = None) -> FusionSurvivalModel:
         """Recreate a saved model (weights, normalisation statistics, fitted head state)."""
-        from safetensors.torch import load_file
-
-        src = Path(directory)
-        if not (src / "config.json").exists():
-            raise FileNotFoundError(f"no saved FusionSurvivalModel in {src} (config.json missing)")
-        cfg = json.loads((src / "config.json").read_text())
-        kwargs = dict(cfg["model"])
-        strategy = kwargs.pop("strategy")
-        if device is not None:
-            kwargs["device"] = device
-        model = cls(strategy, **kwargs)
-        model.specs = {m: ModalitySpec(**s) for m, s in cfg["specs"].items()}
-        model.history = cfg.get("history", [])
-        model.best_epoch = cfg.get("best_epoch")
-        model.dropped_modalities = list(cfg.get("dropped_modalities", []))
-        module = model._build(model.specs)
-        weights = src / "model.safetensors"
-        try:
-            state = load_file(str(weights))
-        except Exception as exc:  # safetensors raises its own error type for corrupt files
-            raise ValueError(
-                f"{weights}: not a valid safetensors file ({' '.join(str(exc).split())}); "
-                "refusing to load it (retrain the cell)"
-            ) from exc
-        module.load_state_dict(state)
-        module.to(resolve_device(model.device)).eval()
-        model.module = module
+        model: FusionSurvivalModel = load_model(cls, directory, device=device)
         return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.linalg
@@ -16,10 +16,16 @@ import scipy.sparse
 import scipy.stats
 from numpy.typing import ArrayLike, NDArray
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import validate_data
 
-from survfuse.interop import check_survival
+from survfuse.interop import check_survival, survival_from_y
 from survfuse.registry import look_up_option
 from survfuse.survival.baseline import StepFunction
+from survfuse.survival.estimator import SurvivalEstimatorMixin
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["CoxPH", "CoxPHConvergenceWarning", "cox_log_likelihood"]
 
@@ -199,14 +205,21 @@ def _check_x(X: ArrayLike, n: int | None = None) -> NDArray[np.float64]:
     bad = ~np.isfinite(x)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise ValueError(f"X must be finite; X[{i}, {j}] = {x[i, j]}")
+        raise ValueError(f"X must be finite (no NaN or inf); X[{i}, {j}] = {x[i, j]}")
     if n is not None and x.shape[0] != n:
         raise ValueError(f"length mismatch: X has {x.shape[0]} rows, time has {n} values")
     return x
 
 
-class CoxPH(BaseEstimator):
+class CoxPH(SurvivalEstimatorMixin, BaseEstimator):
     """Linear Cox proportional-hazards model fitted by Newton-Raphson with step halving.
+
+    A scikit-learn estimator in scikit-survival's shape: `fit(X, y)` with a structured `y`
+    (`sksurv.util.Surv.from_arrays(event, time)`, or `survfuse.interop.to_sksurv(time, event)`)
+    or `fit(X, time, event)`; `predict` = linear predictor (risk, higher = worse); `score` =
+    Harrell's C; `predict_survival_function` / `predict_cumulative_hazard_function` as in
+    scikit-survival (step functions on the distinct training times); `summary`: lifelines'
+    `CoxPHFitter.summary` table.
 
     Maximises the exact Efron or Breslow log partial likelihood minus `alpha/2 * ||beta||^2`
     (R's `ridge(..., theta = alpha, scale = FALSE)`), covariates centred internally as R does.
@@ -216,7 +229,8 @@ class CoxPH(BaseEstimator):
     (penalised) information at coef_, `z_`, `p_value_`, `loglik_` (unpenalised, at coef_),
     `loglik_null_` (at 0), `n_iter_`, `converged_`, `baseline_cumulative_hazard_`
     (`StepFunction`, uncentered: `basehaz(fit, centered = FALSE)`; Efron-adjusted for
-    ties="efron" as R's survfit).
+    ties="efron" as R's survfit), `unique_times_` [M] (distinct training times, the knots of
+    the curves), `means_` [p], `n_features_in_`, `feature_names_in_` (when X had column names).
     """
 
     def __init__(
@@ -233,25 +247,19 @@ class CoxPH(BaseEstimator):
         self.tol = tol
         self.max_halvings = max_halvings
 
-    def fit(self, X: ArrayLike, time: ArrayLike, event: ArrayLike | None = None) -> CoxPH:
-        """Fit on X [N, p] and outcomes; `time` may be a scikit-survival structured array
-        (event, time) when `event` is None, for scikit-learn style `fit(X, y)`."""
+    def fit(self, X: ArrayLike, y: ArrayLike, event: ArrayLike | None = None) -> CoxPH:
+        """Fit on X [N, p] (2-d; a DataFrame's column names name the coefficients) and the
+        outcome: `y` a scikit-survival structured array (event, time)
+        when `event` is None, else `y` = time [N] and `event` [N] bool."""
         ties = look_up_option(self.ties, ("efron", "breslow"), kind="ties")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        if event is None:
-            names = getattr(np.asarray(time).dtype, "names", None)
-            if not names or len(names) != 2:
-                raise ValueError("fit(X, time, event): event is missing (or pass a structured y)")
-            y = np.asarray(time)
-            time, event = y[names[1]], y[names[0]]
-        t, e = check_survival(time, event)
-        x = _check_x(X, t.shape[0])
+        t, e = survival_from_y(y, event)
+        # sklearn's bookkeeping (n_features_in_, feature_names_in_); finiteness is checked by
+        # _check_x, whose error names the first bad cell
+        x = self._validate_x(X, reset=True, n=t.shape[0])
         if not e.any():
             raise ValueError("CoxPH.fit: no observed event; the partial likelihood is flat")
-        if hasattr(X, "columns"):
-            self.feature_names_in_ = np.asarray(X.columns, dtype=object)
-        self.n_features_in_ = x.shape[1]
         self.means_ = x.mean(0)
         des = _design(x, t, e, ties, self.means_)
         p = x.shape[1]
@@ -312,6 +320,7 @@ class CoxPH(BaseEstimator):
             x=des.group_time[::-1].copy(),
             y=np.cumsum(per_group[::-1]) * np.exp(-float(self.means_ @ beta)),
         )
+        self.unique_times_ = self.baseline_cumulative_hazard_.x
         return self
 
     @staticmethod
@@ -326,20 +335,40 @@ class CoxPH(BaseEstimator):
         out: NDArray[np.float64] = scipy.linalg.cho_solve(factor, grad)
         return out
 
+    def _validate_x(
+        self, X: ArrayLike, *, reset: bool, n: int | None = None
+    ) -> NDArray[np.float64]:
+        """X as 2-d float64 with sklearn's bookkeeping (n_features_in_, feature_names_in_:
+        set at fit, checked at predict); errors are one line and name the first bad cell."""
+        if np.ndim(X) != 2:
+            raise ValueError(
+                f"X must be 2-d [n_samples, n_features], got shape {np.shape(X)}; Reshape your "
+                "data with X.reshape(-1, 1) for one feature"
+            )
+        checked = validate_data(self, X, reset=reset, ensure_all_finite=False, dtype=np.float64)
+        return _check_x(checked, n)
+
     def _fitted(self) -> None:
         if not hasattr(self, "coef_"):
-            raise RuntimeError("CoxPH is not fitted yet: call fit(X, time, event) first")
+            raise NotFittedError("CoxPH is not fitted yet: call fit(X, y) first")
 
-    def predict_risk(self, X: ArrayLike) -> NDArray[np.float64]:
+    def predict(self, X: ArrayLike) -> NDArray[np.float64]:
         """Linear predictor X @ coef_ [N] (log relative hazard, higher = worse, uncentered)."""
         self._fitted()
-        x = _check_x(X)
+        x = self._validate_x(X, reset=False)
         if x.shape[1] != self.coef_.shape[0]:
-            raise ValueError(f"X has {x.shape[1]} features, the model {self.coef_.shape[0]}")
+            raise ValueError(
+                f"X has {x.shape[1]} features, but CoxPH is expecting {self.coef_.shape[0]} "
+                "features as input"
+            )
         out: NDArray[np.float64] = x @ self.coef_
         return out
 
-    predict = predict_risk
+    predict_risk = predict
+
+    def _curve_times(self) -> NDArray[np.float64]:
+        self._fitted()
+        return self.unique_times_
 
     def predict_cumulative_hazard(self, X: ArrayLike, times: ArrayLike) -> NDArray[np.float64]:
         """H(t | x) = H0(t) exp(x beta) [N, T]."""
@@ -354,15 +383,35 @@ class CoxPH(BaseEstimator):
         out: NDArray[np.float64] = np.exp(-self.predict_cumulative_hazard(X, times))
         return out
 
-    def summary(self) -> dict[str, Any]:
-        """Coefficients, standard errors, z and p-values as plain lists (JSON-ready)."""
+    @property
+    def summary(self) -> pd.DataFrame:
+        """lifelines' `CoxPHFitter.summary`: one row per covariate (index `covariate`: the
+        column names of a DataFrame X, else x0, x1, ...), Wald statistics at coef_.
+
+        coef = beta; se(coef) = sqrt(diag(var_)); 95% limits beta +- z_0.975 se and their
+        exp; cmp to = 0 (the null value); z = beta / se; p = 2 (1 - Phi(|z|)); -log2(p).
+        """
+        import pandas as pd
+
         self._fitted()
-        return {
-            "coef": self.coef_.tolist(),
-            "se": self.se_.tolist(),
-            "z": self.z_.tolist(),
-            "p_value": self.p_value_.tolist(),
-            "loglik": self.loglik_,
-            "loglik_null": self.loglik_null_,
-            "n_iter": self.n_iter_,
+        names = getattr(self, "feature_names_in_", None)
+        if names is None:
+            names = [f"x{j}" for j in range(self.coef_.shape[0])]
+        half = scipy.stats.norm.ppf(0.975) * self.se_
+        lower, upper = self.coef_ - half, self.coef_ + half
+        with np.errstate(divide="ignore"):  # p = 0 (|z| > 38) -> -log2(p) = inf, as lifelines
+            log2p = -np.log2(self.p_value_)
+        table = {
+            "coef": self.coef_,
+            "exp(coef)": np.exp(self.coef_),
+            "se(coef)": self.se_,
+            "coef lower 95%": lower,
+            "coef upper 95%": upper,
+            "exp(coef) lower 95%": np.exp(lower),
+            "exp(coef) upper 95%": np.exp(upper),
+            "cmp to": np.zeros_like(self.coef_),
+            "z": self.z_,
+            "p": self.p_value_,
+            "-log2(p)": log2p,
         }
+        return pd.DataFrame(table, index=pd.Index(list(names), name="covariate"))
