@@ -195,7 +195,7 @@ def main() -> None:
 
 
 #: strategies that take the `offset` parameter (trained end to end with a Cox head)
-OFFSET_STRATEGIES = ("unimodal", "concat", "contrastive", "cross_attention", "co_attention")
+OFFSET_STRATEGIES = ("unimodal", "concat", "late", "contrastive", "cross_attention", "co_attention")
 
 
 def with_offset(cfg: ExperimentConfig, offset: str) -> ExperimentConfig:

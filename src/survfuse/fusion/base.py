@@ -58,6 +58,8 @@ class FusionStrategy(nn.Module, abc.ABC):
     supported_heads: tuple[str, ...] | None = None
     # fitted in closed form / by an exact solver (`fit_exact`) instead of the training loop
     fits_exactly: bool = False
+    # the linear offset (`fusion.offset`) goes on each modality branch, not on the fused output
+    offset_per_branch: bool = False
 
     def __init__(
         self,
@@ -72,8 +74,10 @@ class FusionStrategy(nn.Module, abc.ABC):
         self.head_name = head
         self.head_params = dict(head_params or {})
         self.epoch = 0
-        # a frozen linear Cox whose log-hazard is added to the fused output (`fusion.offset`)
+        # a frozen linear Cox whose log-hazard is added to the fused output (`fusion.offset`);
+        # strategies with `offset_per_branch` get one per modality branch instead
         self.offset: nn.Module | None = None
+        self.branch_offsets: nn.ModuleDict | None = None
 
     def _setup(self, modalities: tuple[str, ...]) -> None:
         for m in modalities:

@@ -33,6 +33,8 @@ class Late(FusionStrategy):
     absent modality contributes its mean).
     """
 
+    offset_per_branch = True  # the linear offset is unimodal, one per branch
+
     def __init__(
         self,
         specs: Mapping[str, ModalitySpec],
@@ -93,11 +95,22 @@ class Late(FusionStrategy):
         return F.softplus(self.weight_logits)
 
     def branch_outputs(self, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(outs [M, N, K], present [M, N] float, hidden per modality)."""
+        """(outs [M, N, K], present [M, N] float, hidden per modality); with branch offsets
+        (`fusion.offset`) out_m = x_m^T beta_m + head_m(MLP_m(x_m))."""
         hidden = {m: self.branches[m](batch[m]["pooled"]) for m in MODALITIES}
-        outs = torch.stack([self.branch_heads[m](hidden[m]) for m in MODALITIES])
+        outs = torch.stack([self._branch_out(m, hidden[m], batch) for m in MODALITIES])
         present = torch.stack([batch[m]["present"] for m in MODALITIES]).float()
         return outs, present, hidden
+
+    def _branch_out(self, modality: str, hidden: Tensor, batch: Batch) -> Tensor:
+        out: Tensor = self.branch_heads[modality](hidden)
+        if self.branch_offsets is not None:
+            # `batch` is normalised with the statistics and input balance the offset was
+            # fitted with, so its `fuse` (not `forward`, which would normalise again) applies
+            linear = self.branch_offsets[modality]
+            assert isinstance(linear, FusionStrategy)
+            out = out + linear.fuse(batch).out.to(out.dtype)
+        return out
 
     def fuse(self, batch: Batch) -> FusionOutput:
         outs, present, hidden = self.branch_outputs(batch)

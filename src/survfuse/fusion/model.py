@@ -52,7 +52,7 @@ from survfuse.fusion.batch import (
 from survfuse.fusion.branches import BranchStopper, BranchStopping
 from survfuse.fusion.model_params import FusionModelParams
 from survfuse.fusion.multimodal import MultimodalFeatures
-from survfuse.fusion.offset import attach_offset, fit_offset
+from survfuse.fusion.offset import attach_offset, fit_offset, has_offset
 from survfuse.fusion.params import harrell_c
 from survfuse.fusion.persistence import load_model, save_model
 from survfuse.fusion.rebalance import OGMGE
@@ -240,7 +240,7 @@ class FusionSurvivalModel(FusionModelParams):
             vt, ve = check_survival(vt_raw, ve_raw)
             check_modalities(vf, mods)
             val = (vf, vt, ve)
-        if module.offset is not None:  # the frozen linear part, fitted before the residual
+        if has_offset(module):  # the frozen linear part(s), fitted before the residual
             offset_val = None
             if val is not None:
                 offset_val = (to_batch(vf, modalities=mods, with_tokens=False, device=dev), vt, ve)

@@ -17,9 +17,10 @@ fusion_generalisation); a network trained from random weights by early stopping 
 validation C stops before it has learnt what the penalised linear model finds in closed form.
 This is the "wide and deep" construction (Cheng et al. 2016) with the wide part fitted first.
 
-Only the `cox` head applies (the offset shifts the log-hazard), and late fusion is excluded:
-its fused output is a combination of unimodal models trained on their own, not one learnt
-output a residual can be added to.
+Late fusion combines unimodal models, so there each branch gets its own offset: branch m is
+out_m = x_m^T beta_m + f_m(x_m) with beta_m the unimodal elastic-net Cox of modality m, and the
+learnt weights (or the stacking fitted on validation) combine these. Only the `cox` head
+applies (the offset shifts a log-hazard); the exactly fitted `linear` strategy takes none.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from survfuse.fusion.batch import Batch
 from survfuse.fusion.linear import LinearCox
 from survfuse.registry import look_up_option
 
-__all__ = ["OFFSETS", "attach_offset", "fit_offset"]
+__all__ = ["OFFSETS", "attach_offset", "fit_offset", "has_offset"]
 
 #: Values of the `offset` strategy parameter.
 OFFSETS = ("none", "linear")
@@ -52,21 +53,34 @@ def attach_offset(module: FusionStrategy, kind: str, *, strategy: str) -> None:
             f"offset 'linear' shifts a Cox log-hazard: strategy {strategy!r} has head "
             f"{module.head_name!r} (use head cox, or offset none)"
         )
-    if module.fits_exactly or module.needs_validation_after_training or strategy == "late":
+    if module.fits_exactly:
         raise ValueError(
             f"offset 'linear' applies to strategies trained end to end; {strategy!r} is "
-            "fitted exactly or combines separately trained unimodal models"
+            "fitted exactly"
         )
-    mods = module.modalities
+    if module.offset_per_branch:
+        module.branch_offsets = nn.ModuleDict({m: _linear(module, (m,)) for m in module.modalities})
+    else:
+        module.offset = _linear(module, module.modalities)
+    with torch.no_grad():  # every head starts at zero: the model starts at the linear Cox
+        for head in module.survival_heads():
+            for p in head.parameters():
+                p.zero_()
+
+
+def _linear(module: FusionStrategy, mods: tuple[str, ...]) -> LinearCox:
+    """A frozen `LinearCox` on `mods` with the strategy's input balance (its standardisation
+    statistics are copied at `fit_offset`, once they are fitted)."""
     linear = LinearCox(module.specs, head="cox", modality=None if len(mods) > 1 else mods[0])
-    # the strategy's input balance; its standardisation is copied at `fit_offset`
-    linear.pooled_scale = dict(module.pooled_scale)
+    linear.pooled_scale = {m: module.pooled_scale[m] for m in mods}
     for p in linear.parameters():
         p.requires_grad_(False)
-    module.offset = linear
-    with torch.no_grad():
-        for p in module.output_head.parameters():
-            p.zero_()
+    return linear
+
+
+def has_offset(module: FusionStrategy) -> bool:
+    """Whether `module` has a linear offset (on its output or on its branches) to fit."""
+    return module.offset is not None or module.branch_offsets is not None
 
 
 def fit_offset(
@@ -77,17 +91,25 @@ def fit_offset(
     validation: tuple[Batch, np.ndarray, np.ndarray] | None,
 ) -> list[dict[str, Any]]:
     """Fit the offset's elastic-net path on the training split (penalty chosen on validation);
-    returns its history rows with `stage` = "offset". No-op without an offset."""
-    linear = module.offset
-    if linear is None:
-        return []
-    assert isinstance(linear, LinearCox)
-    # the strategy's standardisation statistics (fitted on the training split by now); a
-    # copy, not a shared module, so the weights save as separate tensors
-    linear.norms.load_state_dict(module.norms.state_dict())
-    linear.eval()
-    rows = linear.fit_exact(train, time, event, validation)
-    return [{**row, "stage": "offset"} for row in rows]
+    returns its history rows with `stage` = "offset" (and `modality` for branch offsets).
+    No-op without an offset."""
+    fits: dict[str | None, nn.Module] = {}
+    if module.offset is not None:
+        fits[None] = module.offset
+    fits.update(module.branch_offsets.items() if module.branch_offsets is not None else {})
+    rows: list[dict[str, Any]] = []
+    for branch, linear in fits.items():
+        assert isinstance(linear, LinearCox)
+        # the strategy's standardisation statistics (fitted on the training split by now); a
+        # copy, not a shared module, so the weights save as separate tensors
+        for m in linear.modalities:
+            linear.norms[m].load_state_dict(module.norms[m].state_dict())
+        linear.eval()
+        for row in linear.fit_exact(train, time, event, validation):
+            rows.append(
+                {**row, "stage": "offset", **({} if branch is None else {"modality": branch})}
+            )
+    return rows
 
 
 def offset_risk(offset: nn.Module, batch: Batch) -> Tensor:
