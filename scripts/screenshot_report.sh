@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Render a survfuse report.html in headless Chromium and save a PNG screenshot.
 #   usage: scripts/screenshot_report.sh RUN_DIR/report.html [OUT.png] [WIDTH,HEIGHT]
+# For a check of every figure and one screenshot per section, use scripts/render_report.py.
 # Needs Debian's chromium (`apt-get install -y chromium`). The page is 1040 px wide at most, so
 # the default 1100 px window shows it without sideways scrolling.
 set -euo pipefail

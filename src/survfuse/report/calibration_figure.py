@@ -76,8 +76,9 @@ def calibration_figure(
             inner = outer[i, j].subgridspec(2, 1, height_ratios=[3.0, 1.0], hspace=0.08)
             ax, hist = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
             pts = [calibration_points(s, horizon, bins) for s in series]
-            top = max([0.05, *(float(np.nanmax(np.r_[x, y, u])) for x, y, _, u in pts)])
-            lim = min(1.0, top * 1.08)
+            # the axes cover the points (not their intervals, which may reach 1 in small bins)
+            top = max([0.05, *(float(np.nanmax(np.r_[x, y])) for x, y, _, _ in pts)])
+            lim = min(1.0, top * 1.15)
             for s, (x, y, lo, hi) in zip(series, pts, strict=True):
                 color = labels.setdefault(s.label, MODEL_COLORS[len(labels) % len(MODEL_COLORS)])
                 ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", ms=3.5, lw=1.2, capsize=2,

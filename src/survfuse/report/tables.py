@@ -235,7 +235,8 @@ def tests_note(metrics: pl.DataFrame) -> str:
 def references(metrics: pl.DataFrame) -> dict[str, str]:
     """Task -> display label of its reference model."""
     sel = _with_labels(metrics.filter(pl.col("is_reference")))
-    return {r["task"]: r["label"].rstrip(" *") for r in sel.unique("task").iter_rows(named=True)}
+    found = {r["task"]: r["label"].rstrip(" *") for r in sel.iter_rows(named=True)}
+    return {t: found[t] for t in task_order(metrics) if t in found}  # main-table order
 
 
 def md_escape(text: str) -> str:
