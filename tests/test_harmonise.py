@@ -113,8 +113,31 @@ def test_harmonise_features_adjusts_pooled_and_real_tokens_only() -> None:
     np.testing.assert_allclose(out.tokens[real, 2].mean(axis=0), 0.0, atol=1e-5)
     assert out.meta["harmonise"] == {
         "method": "site_standardise",
+        "reference_sites": None,
         "rows_per_site": {"A": 19, "C": 19},
     }
+
+
+@pytest.mark.parametrize("eb", [True, False])
+def test_reference_sites_stay_as_encoded_and_others_move_onto_them(
+    neuro: dict[str, np.ndarray], eb: bool
+) -> None:
+    x, site = neuro["x"], neuro["site"]
+    ref = np.isin(site, ["A", "B"])
+    c = site == "C"
+    standard = site_standardise(x, site, reference_sites=["A", "B"])
+    harmonised = combat(x, site, eb=eb, reference_sites=["A", "B"])
+    for out in (standard, harmonised):
+        np.testing.assert_array_equal(out[ref], x[ref])
+    m_ref, sd_ref = x[ref].mean(axis=0), x[ref].std(axis=0)
+    np.testing.assert_allclose(
+        standard[c], (x[c] - x[c].mean(axis=0)) / x[c].std(axis=0) * sd_ref + m_ref, atol=1e-12
+    )
+    if not eb:  # ComBat without shrinkage: the site's ddof-1 scale onto the reference's
+        want = (x[c] - x[c].mean(axis=0)) / x[c].std(axis=0, ddof=1) * sd_ref + m_ref
+        np.testing.assert_allclose(harmonised[c], want, atol=1e-12)
+    else:  # shrinkage moves it part of the way, towards the same target
+        np.testing.assert_allclose(harmonised[c].mean(axis=0), m_ref, atol=0.1)
 
 
 def test_unknown_method_suggests_the_spelling(sim_small: Path) -> None:
@@ -126,20 +149,20 @@ def test_unknown_method_suggests_the_spelling(sim_small: Path) -> None:
         parse_config(raw)
 
 
-def _tiny(sim: Path, tmp: Path, method: str) -> ExperimentConfig:
+def _tiny(sim: Path, tmp: Path, method: str, reference: str = "all") -> ExperimentConfig:
     return ct_only_config(
         sim,
         {"name": "unimodal", "modality": "ct"},
         feature_store=str(tmp / "store"),
-        harmonise={"method": method},
+        harmonise={"method": method, "reference": reference},
     )
 
 
-@pytest.mark.parametrize("method", ["combat"])
+@pytest.mark.parametrize(("method", "reference"), [("combat", "all"), ("combat", "development")])
 def test_outcome_permutation_leaves_harmonised_features_identical(
-    sim_small: Path, tmp_path: Path, method: str
+    sim_small: Path, tmp_path: Path, method: str, reference: str
 ) -> None:
-    cfg = _tiny(sim_small, tmp_path, method)
+    cfg = _tiny(sim_small, tmp_path, method, reference)
     ex = get_executor("local", workers=1)
     folders = []
     for k, permute in enumerate((False, True)):
@@ -154,7 +177,7 @@ def test_outcome_permutation_leaves_harmonised_features_identical(
         folders.append(rd.root / index["ct"]["ct_radiomics"])
         record = json.loads((rd.root / "features" / "harmonise.json").read_text())
         assert record["method"] == method and record["transductive"] is True
-        assert record["external_sites"] == ["C"]
+        assert record["external_sites"] == ["C"] and record["reference"] == reference
     ex.close()
     assert "harmonised" in folders[0].parts
     for name in ("pooled.npy", "tokens.npy"):
@@ -175,6 +198,10 @@ def test_outcome_permutation_leaves_harmonised_features_identical(
     assert (
         json.loads((rd.root / "features" / "harmonise.json").read_text())["transductive"] is False
     )
-    before = site_gap(ModalityFeatures.load(rd.root / index["ct"]["ct_radiomics"]))
-    after = site_gap(ModalityFeatures.load(folders[0]))
+    raw = ModalityFeatures.load(rd.root / index["ct"]["ct_radiomics"])
+    harmonised = ModalityFeatures.load(folders[0])
+    before, after = site_gap(raw), site_gap(harmonised)
     assert before > 1.0 and after < 0.3 * before  # the external scanner's offsets are removed
+    if reference == "development":  # training and internal-test features stay as encoded
+        np.testing.assert_array_equal(harmonised.pooled[~ext], raw.pooled[~ext])
+        np.testing.assert_array_equal(harmonised.tokens[~ext], raw.tokens[~ext])

@@ -17,6 +17,13 @@ Methods (`HARMONISE_METHODS`), for a feature column x, site s with n_s rows:
   across the columns of a block (the pooled vector, or one token position), and
   x' = (z - gamma*_s) / sqrt(delta*_s) * sqrt(v) + m. Columns with v = 0 are left as they are.
 
+Reference (`reference_sites`, config `reference: development`): the rows of the reference
+sites (the development sites) are left exactly as encoded and every other site is mapped onto
+them: `site_standardise` gives x' = (x - m_s) / sd_s * sd_ref + m_ref, `combat` uses m = m_ref
+and v = the reference rows' variance (neuroCombat's `ref_batch`, with the development sites as
+one batch). Training and internal-test features are then unchanged; only external sites move.
+With `reference: all` every site is adjusted as above.
+
 Transductive: when the cohort contains an external site, that site's (unlabelled) features
 determine its own adjustment, so the external evaluation uses the external site's feature
 distribution. `HarmoniseConfig.transductive` says so for a run.
@@ -25,7 +32,7 @@ distribution. `HarmoniseConfig.transductive` says so for a run.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -44,8 +51,12 @@ __all__ = [
 ]
 
 HARMONISE_METHODS = ("none", "site_standardise", "combat")
-#: The default method (chosen by measurement; see docs/benchmarks.md, "External sites").
+#: Defaults chosen by measurement (docs/benchmarks.md, "External sites"): harmonisation raised
+#: the external CT-only C a little but left the best model's external C within noise, and
+#: it makes the external evaluation transductive, so it is opt-in; with `reference: all` the
+#: development sites move too and the internal-test CT-only C fell, hence `development`.
 DEFAULT_HARMONISE = "none"
+DEFAULT_REFERENCE: Literal["development", "all"] = "development"
 _CONV = 1e-4  # relative change at which the EB iteration stops (neuroCombat's value)
 
 
@@ -56,6 +67,8 @@ class HarmoniseConfig(BaseModel):
 
     method: str = DEFAULT_HARMONISE
     modalities: list[Modality] = Field(default_factory=lambda: list[Modality](["ct"]))
+    # "development": development sites are the reference (unchanged); "all": every site moves
+    reference: Literal["development", "all"] = DEFAULT_REFERENCE
 
     @field_validator("method")
     @classmethod
@@ -90,22 +103,43 @@ def _check_sites(codes: NDArray[np.int64], names: list[str], used: NDArray[np.bo
             raise ValueError(f"harmonise: site {name!r} has {k} usable row; at least 2 are needed")
 
 
+def _reference(
+    codes: NDArray[np.int64],
+    names: list[str],
+    used: NDArray[np.bool_],
+    reference_sites: list[str] | None,
+) -> tuple[NDArray[np.bool_], list[int]]:
+    """Rows of the reference sites among `used`, and the codes of the sites to adjust."""
+    ref_codes = [names.index(s) for s in reference_sites or () if s in names]
+    ref = used & np.isin(codes, ref_codes)
+    if reference_sites is not None and not ref.any():
+        raise ValueError(f"harmonise: no usable row of the reference sites {reference_sites}")
+    todo = [k for k in range(len(names)) if k not in ref_codes and (used & (codes == k)).any()]
+    return ref, todo
+
+
 def site_standardise(
-    x: ArrayLike, site: ArrayLike, use: ArrayLike | None = None
+    x: ArrayLike,
+    site: ArrayLike,
+    use: ArrayLike | None = None,
+    *,
+    reference_sites: list[str] | None = None,
 ) -> NDArray[np.float64]:
     """Per-site standardisation of x [N, D]: x' = (x - mean_s) / sd_s over the rows `use` [N]
-    (default all) of each site s; other rows are returned unchanged."""
+    (default all) of each site s, or onto the reference sites' pooled rows,
+    x' = (x - mean_s) / sd_s * sd_ref + mean_ref (reference rows unchanged). Rows not in `use`
+    are returned unchanged."""
     a = np.array(x, dtype=np.float64, copy=True)
     codes, names = _site_codes(site, a.shape[0])
     used = _rows(use, a.shape[0])
     _check_sites(codes, names, used)
-    for k in range(len(names)):
+    ref, todo = _reference(codes, names, used, reference_sites)
+    m_ref, sd_ref = (a[ref].mean(axis=0), a[ref].std(axis=0)) if ref.any() else (0.0, 1.0)
+    for k in todo:
         rows = used & (codes == k)
-        if not rows.any():
-            continue
         m = a[rows].mean(axis=0)
         sd = a[rows].std(axis=0)
-        a[rows] = (a[rows] - m) / np.where(sd > 0, sd, 1.0)
+        a[rows] = (a[rows] - m) / np.where(sd > 0, sd, 1.0) * sd_ref + m_ref
     return a
 
 
@@ -146,55 +180,74 @@ def _eb(
 
 
 def combat(
-    x: ArrayLike, site: ArrayLike, use: ArrayLike | None = None, *, eb: bool = True
+    x: ArrayLike,
+    site: ArrayLike,
+    use: ArrayLike | None = None,
+    *,
+    eb: bool = True,
+    reference_sites: list[str] | None = None,
 ) -> NDArray[np.float64]:
     """ComBat location/scale harmonisation of x [N, D] (module docstring) over the rows `use`
-    [N] (default all); other rows and zero-variance columns are returned unchanged.
-    `eb=False` uses the per-site estimates without shrinkage."""
+    [N] (default all); other rows, the reference sites' rows and zero-variance columns are
+    returned unchanged. `eb=False` uses the per-site estimates without shrinkage."""
     a = np.array(x, dtype=np.float64, copy=True)
     codes, names = _site_codes(site, a.shape[0])
     used = _rows(use, a.shape[0])
     _check_sites(codes, names, used)
     if not used.any():
         return a
-    xs, cs = a[used], codes[used]
-    present_sites = [k for k in range(len(names)) if (cs == k).any()]
-    means = {k: xs[cs == k].mean(axis=0) for k in present_sites}
-    grand = xs.mean(axis=0)  # = sum_s n_s/n mean_s (neuroCombat's grand mean without covariates)
-    resid = xs - np.stack([means[k] for k in cs.tolist()]) if xs.shape[0] else xs
-    var = (resid**2).mean(axis=0)
+    ref, todo = _reference(codes, names, used, reference_sites)
+    if ref.any():
+        grand = a[ref].mean(axis=0)
+        var = a[ref].var(axis=0)
+    else:
+        xs, cs = a[used], codes[used]
+        means = np.stack(
+            [xs[cs == k].mean(axis=0) if (cs == k).any() else xs[0] for k in range(len(names))]
+        )
+        grand = xs.mean(axis=0)  # = sum_s n_s/n mean_s (neuroCombat's, without covariates)
+        var = ((xs - means[cs]) ** 2).mean(axis=0)
     cols = var > 0
     if not cols.any():
         return a
-    z = (xs[:, cols] - grand[cols]) / np.sqrt(var[cols])
-    out = z.copy()
-    for k in present_sites:
-        rows = cs == k
-        zk = z[rows]
+    sd = np.sqrt(var[cols])
+    for k in todo:
+        rows = used & (codes == k)
+        zk = (a[rows][:, cols] - grand[cols]) / sd
         g_hat = zk.mean(axis=0)
         d_hat = zk.var(axis=0, ddof=1)
         d_hat[d_hat == 0] = 1.0
         g, d = _eb(zk, g_hat, d_hat) if eb else (g_hat, d_hat)
-        out[rows] = (zk - g) / np.sqrt(d)
-    adjusted = xs.copy()
-    adjusted[:, cols] = out * np.sqrt(var[cols]) + grand[cols]
-    a[used] = adjusted
+        block = a[rows]
+        block[:, cols] = (zk - g) / np.sqrt(d) * sd + grand[cols]
+        a[rows] = block
     return a
 
 
 _METHODS = {"site_standardise": site_standardise, "combat": combat}
 
 
-def harmonise_features(feats: ModalityFeatures, site: ArrayLike, method: str) -> ModalityFeatures:
+def harmonise_features(
+    feats: ModalityFeatures,
+    site: ArrayLike,
+    method: str,
+    *,
+    reference_sites: list[str] | None = None,
+) -> ModalityFeatures:
     """`feats` with pooled and dense token features harmonised across `site` [N] by `method`.
 
     Uses only the feature values (present rows; real tokens). Sparse code tokens are kept as
-    they are. `meta["harmonise"]` records the method and each site's number of rows used.
+    they are. `reference_sites`: see the module docstring. `meta["harmonise"]` records the
+    method, the reference sites and each site's number of rows used.
     """
     method = look_up_option(method, HARMONISE_METHODS, kind="harmonise method")
     if method == "none":
         return feats
-    fn = _METHODS[method]
+    method_fn = _METHODS[method]
+
+    def fn(x: Any, site: Any, use: Any) -> NDArray[np.float64]:
+        return method_fn(x, site, use, reference_sites=reference_sites)
+
     present = np.asarray(feats.present, dtype=bool)
     codes, names = _site_codes(site, len(feats))
     pooled = fn(feats.pooled, site, present).astype(np.float32)
@@ -210,6 +263,7 @@ def harmonise_features(feats: ModalityFeatures, site: ArrayLike, method: str) ->
         **feats.meta,
         "harmonise": {
             "method": method,
+            "reference_sites": reference_sites,
             "rows_per_site": {n: int(c) for n, c in zip(names, counts, strict=True)},
         },
     }

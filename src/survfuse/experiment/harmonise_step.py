@@ -1,9 +1,11 @@
 """The run's harmonisation step: per-site adjusted copies of encoded features.
 
-`harmonise_encoded` writes `RUN/features/harmonised/<method>/<modality>/<encoder>` (reused when
-its fingerprint matches) and records in `RUN/features/harmonise.json` what it used: the method,
-the rows per site and whether external sites' own unlabelled features set their adjustment
-(`transductive`), so that a user can tell whether the external evaluation is transductive.
+`harmonise_encoded` writes `RUN/features/harmonised/<modality>/<encoder>/<label>`, the label
+being `<method>-<reference>-<fingerprint of features, sites and options>` (reused when present),
+and `harmonise_summary` records in `RUN/features/harmonise.json` what it used: the method, the
+reference, the rows per site and whether external sites' own unlabelled features set their
+adjustment (`transductive`), so that a user can tell whether the external evaluation is
+transductive.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ def harmonise_record(rd: RunDir) -> Path:
     return rd.root / "features" / "harmonise.json"
 
 
-def _fingerprint(feats: ModalityFeatures, site: np.ndarray, method: str) -> str:
+def _fingerprint(
+    feats: ModalityFeatures, site: np.ndarray, method: str, reference: list[str] | None
+) -> str:
     h = hashlib.sha256()
-    h.update(method.encode())
+    h.update(f"{method}|{reference}".encode())
     h.update(str(feats.meta.get("fingerprint", "")).encode())
     h.update(np.ascontiguousarray(feats.subject_id).tobytes())
     h.update("\0".join(site.tolist()).encode())
@@ -56,12 +60,18 @@ def harmonise_encoded(
     if not np.array_equal(np.asarray(feats.subject_id), sid):
         raise ValueError(f"harmonise: {modality} {key} feature rows do not follow the cohort")
     site = cohort["site"].cast(pl.Utf8).to_numpy().astype(str)
-    fp = _fingerprint(feats, site, method)
-    folder = rd.root / "features" / "harmonised" / method / modality / key
+    reference = None
+    if cfg.harmonise.reference == "development":
+        dev = cohort.filter(pl.col("split") != "external_test")["site"].cast(pl.Utf8)
+        reference = sorted(dev.unique().to_list())
+    fp = _fingerprint(feats, site, method, reference)
+    # the fingerprint is in the path: a cell's spec (and so its digest) changes with it
+    label = f"{method}-{cfg.harmonise.reference}-{fp[:12]}"
+    folder = rd.root / "features" / "harmonised" / modality / key / label
     meta_file = folder / "meta.json"
     done = meta_file.exists() and json.loads(meta_file.read_text()).get("harmonise_fp") == fp
     if not done:
-        out = harmonise_features(feats, site, method)
+        out = harmonise_features(feats, site, method, reference_sites=reference)
         out.meta["harmonise_fp"] = fp
         ModalityFeatures.save(out, folder)
     return folder
@@ -80,10 +90,12 @@ def harmonise_summary(
         features[name] = {
             "folder": str(folder.relative_to(rd.root)),
             "rows_per_site": meta["harmonise"]["rows_per_site"],
+            "reference_sites": meta["harmonise"]["reference_sites"],
         }
     return {
         "method": cfg.harmonise.method,
         "modalities": list(cfg.harmonise.modalities) if cfg.harmonise.method != "none" else [],
+        "reference": cfg.harmonise.reference,
         "uses": "each site's unlabelled encoder outputs (never outcomes, splits or labels)",
         "external_sites": external,
         "transductive": cfg.harmonise.transductive(external),

@@ -37,12 +37,12 @@ from survfuse.experiment.config import ExperimentConfig
 from survfuse.experiment.config_load import encoder_from_choice
 from survfuse.experiment.evaluate import evaluate_run
 from survfuse.experiment.executors import Executor, get_executor
+from survfuse.experiment.grid import CellSpec, expand_grid
 from survfuse.experiment.harmonise_step import (
     harmonise_encoded,
     harmonise_record,
     harmonise_summary,
 )
-from survfuse.experiment.grid import CellSpec, expand_grid
 from survfuse.experiment.imbalance_eval import imbalance_hook
 from survfuse.experiment.lock import RunLock
 from survfuse.experiment.rundir import (
