@@ -100,6 +100,11 @@ def main() -> None:
     ap.add_argument("--imbalance", default="0.25,0.5,0.75,1")
     ap.add_argument("--interaction", default="0,0.5")
     ap.add_argument("--site-shift", default="1,2")
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="explicit w:interaction:shift triples (e.g. 0.25:0:1,1:0.5:2) instead of the grid",
+    )
     ap.add_argument("--replicates", type=int, default=2, help="fresh simulator seeds")
     ap.add_argument("--sim-seeds", default=None, help="repeat a run: these simulator seeds")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds per cell")
@@ -128,58 +133,66 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     drops: list[dict[str, object]] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    for w in _floats(args.imbalance):
-        for inter in _floats(args.interaction):
-            for shift in _floats(args.site_shift):
-                for seed in sim_seeds:
-                    name = f"w{w:g}_i{inter:g}_s{shift:g}_sim{seed}"
-                    data = args.out / "data" / name
-                    if not (data / "dataset.json").exists():
-                        simulate(
-                            data, n=args.n, seed=seed, imbalance=w, interaction=inter,
-                            site_shift=shift, shape=shape, progress=False,
+    settings = (
+        [tuple(float(v) for v in s.split(":")) for s in args.settings.split(",")]
+        if args.settings
+        else [
+            (w, i, s)
+            for w in _floats(args.imbalance)
+            for i in _floats(args.interaction)
+            for s in _floats(args.site_shift)
+        ]
+    )
+    for w, inter, shift in settings:
+        for seed in sim_seeds:
+            name = f"w{w:g}_i{inter:g}_s{shift:g}_sim{seed}"
+            data = args.out / "data" / name
+            if not (data / "dataset.json").exists():
+                simulate(
+                    data, n=args.n, seed=seed, imbalance=w, interaction=inter,
+                    site_shift=shift, shape=shape, progress=False,
+                )  # fmt: skip
+            cfg = sweep_config(
+                args.config,
+                data,
+                strategies=args.strategies.split(",") if args.strategies else None,
+                ehr_encoders=args.ehr_encoders.split(","),
+                seeds=args.seeds,
+                bootstrap=args.bootstrap,
+                max_epochs=args.max_epochs,
+            )
+            cfg = with_offset(cfg, args.offset)
+            started = time.perf_counter()
+            res = run_experiment(cfg, args.out / "runs" / name, progress=False)
+            rd = RunDir(res.run_dir)
+            metrics = pl.read_parquet(rd.metrics).filter(pl.col("metric") == "harrell_c")
+            setting = {"imbalance": w, "interaction": inter, "site_shift": shift}
+            for task in cfg.tasks:
+                orc = oracle_c(rd, data, task)
+                for r in metrics.filter(pl.col("task") == task).iter_rows(named=True):
+                    rows.append(
+                        {
+                            **setting,
+                            "sim_seed": seed,
+                            "task": task,
+                            "split": r["split"],
+                            "model": r["model"],
+                            "unimodal": r["unimodal"],
+                            "c": r["estimate"],
+                            "lower": r["lower"],
+                            "upper": r["upper"],
+                            **{k: orc.get((r["split"], k), math.nan) for k in (
+                                "oracle", "image_oracle", "ehr_oracle")},
+                        }
+                    )  # fmt: skip
+                for d in dropped(rd):
+                    if d["task"] == task:
+                        key = "image_oracle" if d["modality"] == "ct" else "ehr_oracle"
+                        drops.append(
+                            {**setting, "sim_seed": seed, **d,
+                             "modality_oracle_c": orc.get(("internal_test", key))}
                         )  # fmt: skip
-                    cfg = sweep_config(
-                        args.config,
-                        data,
-                        strategies=args.strategies.split(",") if args.strategies else None,
-                        ehr_encoders=args.ehr_encoders.split(","),
-                        seeds=args.seeds,
-                        bootstrap=args.bootstrap,
-                        max_epochs=args.max_epochs,
-                    )
-                    cfg = with_offset(cfg, args.offset)
-                    started = time.perf_counter()
-                    res = run_experiment(cfg, args.out / "runs" / name, progress=False)
-                    rd = RunDir(res.run_dir)
-                    metrics = pl.read_parquet(rd.metrics).filter(pl.col("metric") == "harrell_c")
-                    setting = {"imbalance": w, "interaction": inter, "site_shift": shift}
-                    for task in cfg.tasks:
-                        orc = oracle_c(rd, data, task)
-                        for r in metrics.filter(pl.col("task") == task).iter_rows(named=True):
-                            rows.append(
-                                {
-                                    **setting,
-                                    "sim_seed": seed,
-                                    "task": task,
-                                    "split": r["split"],
-                                    "model": r["model"],
-                                    "unimodal": r["unimodal"],
-                                    "c": r["estimate"],
-                                    "lower": r["lower"],
-                                    "upper": r["upper"],
-                                    **{k: orc.get((r["split"], k), math.nan) for k in (
-                                        "oracle", "image_oracle", "ehr_oracle")},
-                                }
-                            )  # fmt: skip
-                        for d in dropped(rd):
-                            if d["task"] == task:
-                                key = "image_oracle" if d["modality"] == "ct" else "ehr_oracle"
-                                drops.append(
-                                    {**setting, "sim_seed": seed, **d,
-                                     "modality_oracle_c": orc.get(("internal_test", key))}
-                                )  # fmt: skip
-                    print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     table = pl.DataFrame(rows)
     table.write_csv(args.out / "generalisation.csv")
     pl.DataFrame(drops or None).write_csv(args.out / "drops.csv")
