@@ -9,6 +9,12 @@ Cases (each in its own subprocess so peak RSS is its own):
 
 Sizes: 64x64x40 and 160x160x96. Usage: `python benchmarks/bench_ct_encode.py [--threads 2]`.
 
+`--shape 512,512,300` (comma-separated): clinical-size CT. Synthetic int16 gzip NIfTI volumes
+(stored LPS at 0.7 x 0.7 x 1.25 mm); per-volume time (median over `--volumes`, after a warm-up
+volume) and peak RSS, each path in its own process: nibabel load alone (the I/O floor),
+survfuse's load -> preprocess -> `ct_radiomics` features, and MONAI's LoadImage -> Orientation
+-> Spacing -> ScaleIntensityRange; prints the ratios to the floor and to MONAI.
+
 `--fm`: the foundation-model presets end to end (`ct_monai` presets `merlin`, `ct-fm`,
 `ct-fm-patches`, published pipelines, random weights in the published layout) on one synthetic
 512 x 512 x 300 int16 NIfTI torso (0.7 x 0.7 x 1.25 mm, -1024 HU outside a circular field of
@@ -99,6 +105,13 @@ def _rate(fn: Any, items: list[Any], min_s: float = 2.0) -> float:
             done += 1
         if time.perf_counter() - t0 > min_s:
             return done / (time.perf_counter() - t0)
+
+
+def torch_threads(n: int) -> None:
+    """Pin torch's intra-op threads (MONAI's Spacing and survfuse's resampling use torch)."""
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _peak_rss_mb() -> float:
@@ -284,6 +297,122 @@ def main_fm(threads: int) -> None:
     )
 
 
+# ---------------------------------------------------------------------- clinical-size CT
+CLINICAL_CASES = ("nibabel_load", "radiomics", "monai_chain")
+
+
+def _write_clinical(folder: Path, shape: tuple[int, int, int], n: int) -> list[Path]:
+    """`n` synthetic int16 gzip NIfTI torsos of `shape` (0.7 x 0.7 x 1.25 mm; LPS-stored, so
+    reorientation to RAS is real work, as for DICOM-converted scans)."""
+    import nibabel as nib
+
+    paths = []
+    for i in range(n):
+        vol = np.clip(_volumes(shape, 1, seed=i)[0], -1024, 3071).astype(np.int16)
+        affine = np.diag([-FM_SPACING[0], -FM_SPACING[1], FM_SPACING[2], 1.0])
+        paths.append(folder / f"ct{i}.nii.gz")
+        nib.save(nib.Nifti1Image(vol, affine), str(paths[-1]))
+    return paths
+
+
+def clinical_case(name: str, paths: list[Path]) -> dict[str, Any]:
+    """Per-volume seconds (each volume once, after one warm-up volume) and this process's
+    peak RSS for one path: the nibabel load alone (int16 -> float32 HU, the I/O floor),
+    survfuse's load -> preprocess -> ct_radiomics features, or MONAI's LoadImage ->
+    Orientation -> Spacing -> ScaleIntensityRange chain."""
+    if name == "nibabel_load":
+        import nibabel as nib
+
+        def run(p: Path) -> None:
+            np.asarray(nib.load(str(p)).get_fdata(dtype=np.float32))
+
+    elif name == "radiomics":
+        from survfuse.data.imaging import load_ct
+        from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder, radiomics_features
+
+        enc = CTRadiomicsEncoder()
+        prep = enc.preprocessing()
+
+        def run(p: Path) -> None:
+            vol = load_ct(p, prep)
+            radiomics_features(
+                vol.array, grid=enc.grid, hu_window=enc.hu_window, spacing=tuple(vol.spacing)
+            )
+
+    elif name == "monai_chain":
+        from monai.transforms import (
+            Compose,
+            EnsureChannelFirst,
+            LoadImage,
+            Orientation,
+            ScaleIntensityRange,
+            Spacing,
+        )
+
+        chain = Compose(
+            [
+                LoadImage(image_only=True),
+                EnsureChannelFirst(),
+                Orientation(axcodes="RAS"),
+                Spacing(pixdim=FM_SPACING, mode="bilinear"),
+                ScaleIntensityRange(a_min=-1024, a_max=3071, b_min=0.0, b_max=1.0, clip=True),
+            ]
+        )
+
+        def run(p: Path) -> None:
+            chain(str(p))
+
+    else:
+        raise ValueError(name)
+    run(paths[0])  # warm-up: imports, numba compilation
+    seconds = []
+    for p in paths[1:]:
+        t0 = time.perf_counter()
+        run(p)
+        seconds.append(time.perf_counter() - t0)
+    return {"s_per_volume": float(np.median(seconds)), "rss_mb": _hwm_mb()}
+
+
+def _hwm_mb() -> float:
+    """Peak resident memory of this process image (VmHWM): unlike ru_maxrss, it does not
+    inherit the parent's peak across fork + exec (the parent held the volumes it wrote)."""
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def main_clinical(shape: tuple[int, int, int], n: int, threads: int) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="bench_ct_clinical_"))
+    try:
+        paths = _write_clinical(folder, shape, n + 1)
+        mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
+        print(f"{n} + 1 volumes of {shape} int16 gzip NIfTI ({mb:.0f} MB each on disk)")
+        res = {}
+        for name in CLINICAL_CASES:
+            cmd = [sys.executable, __file__, "--threads", str(threads), "--clinical-case", name]
+            out = subprocess.run(
+                [*cmd, *map(str, paths)], capture_output=True, text=True, check=True
+            )
+            res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(name, res[name], flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    floor, monai = res["nibabel_load"]["s_per_volume"], res["monai_chain"]["s_per_volume"]
+    print(f"\n{'path':<44}{'s / volume':>11}{'x load':>8}{'x MONAI':>9}{'peak RSS MB':>13}")
+    labels = {
+        "nibabel_load": "nibabel load (I/O floor)",
+        "radiomics": "survfuse load -> preprocess -> ct_radiomics",
+        "monai_chain": "MONAI Load -> Orientation -> Spacing -> Scale",
+    }
+    for name in CLINICAL_CASES:
+        r = res[name]
+        print(
+            f"{labels[name]:<44}{r['s_per_volume']:>11.2f}{r['s_per_volume'] / floor:>8.2f}"
+            f"{r['s_per_volume'] / monai:>9.2f}{r['rss_mb']:>13.0f}"
+        )
+    print(f"(targets: radiomics <= 1.5x load, <= 1.0x MONAI; {threads} threads; median of {n})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -293,7 +422,18 @@ def main() -> None:
     ap.add_argument("--fm-dir")
     ap.add_argument("--fm-write", action="store_true")
     ap.add_argument("--fm-case")
+    ap.add_argument("--volumes", type=int, default=3, help="clinical --shape: volumes timed")
+    ap.add_argument("--clinical-case")
+    ap.add_argument("paths", nargs="*")
     args = ap.parse_args()
+    torch_threads(args.threads)
+    if args.clinical_case:
+        print(json.dumps(clinical_case(args.clinical_case, [Path(p) for p in args.paths])))
+        return
+    if args.shape and "," in args.shape:
+        dims = tuple(int(s) for s in args.shape.split(","))
+        main_clinical(dims, args.volumes, args.threads)  # type: ignore[arg-type]
+        return
     if args.fm_write:
         _write_fm_inputs(Path(args.fm_dir))
         return

@@ -219,6 +219,13 @@ def bench(args: argparse.Namespace) -> None:
                 f"{r['peak_rss_mb']:>13.0f}"
                 f"{r.get('fit_s', float('nan')):>8.1f}"
             )
+        by_task = {r["task"]: r for r in rows}
+        direct, store = by_task["ehr_counts"], by_task["ehr_counts:store"]
+        print(
+            f"\nFeatureStore / direct ehr_counts events per wall second: "
+            f"{direct['wall_s'] / store['wall_s']:.2f} (target >= 0.90); per CPU second: "
+            f"{direct['cpu_s'] / store['cpu_s']:.2f}"
+        )
         print(
             f"\nCLMBR pretraining: {clmbr['tokens_per_s']:,.0f} tokens/s (d_model 64, 2 layers, "
             f"max_len 256, {args.cores} cores)"

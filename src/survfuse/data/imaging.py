@@ -222,10 +222,12 @@ def read_ct_hu(path: str | Path) -> tuple[NDArray[np.float32], NDArray[np.float6
 
 # ----------------------------------------------------------------------------- checks & geometry
 def _check_hu(path: Path, arr: NDArray[np.float32], prep: CTPreprocessing) -> dict[str, float]:
-    flat = arr.reshape(-1)
-    step = max(1, flat.size // 2_000_000)  # a strided sample keeps percentiles cheap
-    sample = flat[::step]
-    if not np.isfinite(sample).all() or not np.isfinite(arr).all():
+    step = max(1, arr.size // 2_000_000)  # a strided sample keeps percentiles cheap
+    # every step-th voxel in C order, gathered without reshaping (a NIfTI array is in Fortran
+    # order, and reshape(-1) would copy the whole volume to sample 1 voxel in `step`)
+    sample = arr[np.unravel_index(np.arange(0, arr.size, step), arr.shape)]
+    # min and max are NaN or infinite exactly when some voxel is: two reads, no [X, Y, Z] mask
+    if not (np.isfinite(sample).all() and np.isfinite(arr.min()) and np.isfinite(arr.max())):
         raise CTLoadError(path, "volume contains NaN or infinite values")
     lowest = float(sample.min())
     if lowest < prep.floor_hu and float(np.mean(sample == lowest)) > 1e-3:
@@ -262,14 +264,25 @@ def _check_hu(path: Path, arr: NDArray[np.float32], prep: CTPreprocessing) -> di
 def _reorient(
     arr: NDArray[np.float32], affine: NDArray[np.float64], codes: str
 ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    """`arr` as a view (flipped / transposed axes, no copy) in orientation `codes`."""
     import nibabel.orientations as nio
 
     current = nio.io_orientation(affine)
     target = nio.axcodes2ornt(tuple(codes))
     transform = nio.ornt_transform(current, target)
-    out = np.ascontiguousarray(nio.apply_orientation(arr, transform), dtype=np.float32)
+    out = nio.apply_orientation(arr, transform)
     new_affine = affine @ nio.inv_ornt_aff(transform, arr.shape)
     return out, new_affine
+
+
+def _bounded(arr: NDArray[np.float32], lo: float, hi: float | None) -> NDArray[np.float32]:
+    """A new C-contiguous float32 copy of `arr` (any strides) raised to `lo` and, unless `hi`
+    is None, clipped to `hi`, in one pass. Why: a flipped or transposed view is copied once,
+    by this pass, not first by a reorientation and again by each value change."""
+    out = np.empty(arr.shape, np.float32)
+    if hi is None:
+        return np.maximum(arr, np.float32(lo), out=out)
+    return np.clip(arr, np.float32(lo), np.float32(hi), out=out)
 
 
 def _spacing(affine: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -376,8 +389,15 @@ def preprocess_ct(
         native_orientation="".join(nib.aff2axcodes(affine)),
     )
     meta.update(check_ct_array(arr, prep, path=path))
-    arr = np.maximum(arr, np.float32(prep.floor_hu))
+    # Memory: the input is never written; one float32 copy is made, by the first value change
+    # (floor, or floor + window together when nothing geometric follows: max(x, f) clipped to
+    # [lo, hi] equals x clipped to [max(f, lo), hi]), reading the reoriented view directly.
     arr, affine = _reorient(arr, affine, prep.orientation)
+    geometric = prep.spacing is not None or prep.target_shape is not None
+    if prep.hu_window is not None and not geometric:
+        arr = _bounded(arr, max(prep.floor_hu, prep.hu_window[0]), prep.hu_window[1])
+    else:
+        arr = _bounded(arr, prep.floor_hu, None)
     if prep.spacing is not None:
         arr, affine = _resample(arr, affine, prep.spacing, prep.interpolation)
     if prep.target_shape is not None:
@@ -391,9 +411,11 @@ def preprocess_ct(
         arr, affine = _crop_or_pad(arr, affine, prep.target_shape, centre, prep.pad_hu)
     if prep.hu_window is not None:
         lo, hi = prep.hu_window
-        arr = np.clip(arr, lo, hi, out=arr)
+        if geometric:  # else clipped above
+            arr = np.clip(arr, lo, hi, out=arr)
         if prep.scale_to_unit:
-            arr = (arr - np.float32(lo)) / np.float32(hi - lo)
+            arr -= np.float32(lo)
+            arr /= np.float32(hi - lo)
     return CTVolume(
         array=np.ascontiguousarray(arr, dtype=np.float32),
         spacing=_spacing(affine),

@@ -22,7 +22,8 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ class ChunkJob:
     chunk_dirs: list[Path]
     todo: list[int]
     progress: bool
+    source_group: tuple[int, ...] = ()  # per chunk: the source shard it reads (see encode)
 
     @property
     def n_rows(self) -> int:
@@ -80,11 +82,32 @@ def _source_files_hash(source: Any) -> str:
     return hash_files(files())
 
 
+def _source_groups(source: Any, sid: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Per cohort row, the source shard its subject's events live in (0 for every row when the
+    source has no `subject_shards`; subjects in several shards, or in none, after the others).
+
+    Why: an encoder call re-reads every shard its subjects live in; chunks ordered by shard
+    let one call read one shard, as a direct encode of the whole cohort does.
+    """
+    table = getattr(source, "subject_shards", None)
+    if table is None:
+        return np.zeros(len(sid), np.int64)
+    frame = table()
+    ids = frame["subject_id"].to_numpy().astype(np.int64)
+    shard = frame["shard"].to_numpy().astype(np.int64)
+    uniq, first, count = np.unique(ids, return_index=True, return_counts=True)
+    own = np.where(count == 1, shard[first], shard.max(initial=0) + 1)
+    pos = np.minimum(np.searchsorted(uniq, sid), max(len(uniq) - 1, 0))
+    found = uniq[pos] == sid if len(uniq) else np.zeros(len(sid), bool)
+    return np.where(found, own[pos] if len(uniq) else 0, shard.max(initial=0) + 2)
+
+
 def _unique_sorted(
-    sid: NDArray[np.int64], pt: NDArray[np.int64]
+    sid: NDArray[np.int64], pt: NDArray[np.int64], group: NDArray[np.int64]
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """(first row of each unique key in sorted key order, inverse: row -> unique position)."""
-    order = np.lexsort((pt, sid))
+    """(first row of each unique key in (group, subject_id, prediction_time) order, inverse:
+    row -> unique position). `group` must be a function of the subject."""
+    order = np.lexsort((pt, sid, group))
     s, t = sid[order], pt[order]
     new = np.ones(len(order), dtype=bool)
     new[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1])
@@ -94,15 +117,29 @@ def _unique_sorted(
     return first, inverse
 
 
+def _chunk_bounds(group: NDArray[np.int64], chunk_size: int) -> list[tuple[int, int]]:
+    """Chunks of at most `chunk_size` consecutive keys that never span two source groups."""
+    cuts = [0, *(np.flatnonzero(group[1:] != group[:-1]) + 1).tolist(), len(group)]
+    chunks: list[tuple[int, int]] = []
+    for lo, hi in pairwise(cuts):
+        chunks.extend((a, min(a + chunk_size, hi)) for a in range(lo, hi, chunk_size))
+    return chunks
+
+
 def _chunk_groups(
-    todo: list[int], chunks: list[tuple[int, int]], batch_rows: int
+    todo: list[int], chunks: list[tuple[int, int]], batch_rows: int, source_group: list[int]
 ) -> list[list[int]]:
-    """Runs of consecutive chunks to encode in one `encode` call, each at most `batch_rows`
-    rows (one chunk per call when the encoder sets no `store_batch_rows`)."""
+    """Runs of consecutive chunks of one source group to encode in one `encode` call, each at
+    most `batch_rows` rows (one chunk per call when the encoder sets no `store_batch_rows`)."""
     groups: list[list[int]] = []
     for i in todo:
         g = groups[-1] if groups else None
-        if g is not None and g[-1] == i - 1 and chunks[i][1] - chunks[g[0]][0] <= batch_rows:
+        if (
+            g is not None
+            and g[-1] == i - 1
+            and source_group[i] == source_group[g[0]]
+            and chunks[i][1] - chunks[g[0]][0] <= batch_rows
+        ):
             g.append(i)
         else:
             groups.append([i])
@@ -111,8 +148,12 @@ def _chunk_groups(
 
 def _chunk_part(feats: ModalityFeatures, a: int, b: int, offset: int) -> ModalityFeatures:
     """Rows [a, b) of a multi-chunk encode (rows start at `offset`), as if encoded alone:
-    token_codes cut to the chunk's widest token, the manifest to the chunk's subjects."""
-    part = feats.select(np.arange(a - offset, b - offset))
+    token_codes cut to the chunk's widest token, the manifest to the chunk's subjects.
+    Arrays are views of `feats` (row slices of C-contiguous arrays are saved without a copy)."""
+    lo, hi = a - offset, b - offset
+    names = ("subject_id", "prediction_time", "pooled", "present", "tokens", "mask", "token_codes")
+    views = {k: getattr(feats, k)[lo:hi] for k in names if getattr(feats, k) is not None}
+    part = replace(feats, meta=dict(feats.meta), **views)
     if part.token_codes is not None and part.token_codes.shape[2] > 1:
         width = max(int((part.token_codes >= 0).sum(axis=2).max(initial=0)), 1)
         part.token_codes = np.ascontiguousarray(part.token_codes[:, :, :width])
@@ -120,6 +161,16 @@ def _chunk_part(feats: ModalityFeatures, a: int, b: int, offset: int) -> Modalit
         sids = set(part.subject_id.tolist())
         part.meta["manifest"] = [m for m in part.meta["manifest"] if m.get("subject_id") in sids]
     return part
+
+
+def _is_range(a: NDArray[np.int64], start: int) -> bool:
+    """Whether `a` is start, start + 1, ..., start + len(a) - 1."""
+    return (
+        a.size > 0
+        and int(a[0]) == start
+        and int(a[-1]) == start + a.size - 1
+        and (a.size < 2 or bool(np.all(np.diff(a) == 1)))
+    )
 
 
 class FeatureStore:
@@ -202,9 +253,9 @@ class FeatureStore:
 
         sid, pt = cohort_keys(cohort)
         pt_i = pt.astype(np.int64)
-        first, inverse = _unique_sorted(sid, pt_i)
-        bounds = [*range(0, len(first), chunk_size), len(first)]
-        chunks = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+        group = _source_groups(source, sid)
+        first, inverse = _unique_sorted(sid, pt_i, group)
+        chunks = _chunk_bounds(group[first], chunk_size)
         chunk_dirs = [
             chunk_root / hash_keys(sid[first[a:b]], pt[first[a:b]])[:20] for a, b in chunks
         ]
@@ -217,6 +268,7 @@ class FeatureStore:
         todo = [i for i, d in enumerate(chunk_dirs) if not (d / "meta.json").exists()]
         if todo:
             job = ChunkJob(encoder, cohort, source, first, chunks, chunk_dirs, todo, progress)
+            job = replace(job, source_group=tuple(int(group[first[a]]) for a, _ in chunks))
             self._encode_chunks(job)
         self.last_run = StoreRun(
             fp, enc_dir, len(chunks), len(todo), len(chunks) - len(todo), False, fitted
@@ -259,7 +311,9 @@ class FeatureStore:
         with progress_bar(title, enabled=job.progress) as bar:
             task = bar.add_task("encode", total=job.n_rows)
             batch_rows = int(getattr(encoder, "store_batch_rows", 0))
-            for group in _chunk_groups(job.todo, chunks, batch_rows):
+            source_group = list(job.source_group) or [0] * len(chunks)
+
+            for group in _chunk_groups(job.todo, chunks, batch_rows, source_group):
                 a, b = chunks[group[0]][0], chunks[group[-1]][1]
                 rows = cohort[first[a:b].tolist()]
                 feats = encoder.encode(rows, job.source)
@@ -321,7 +375,8 @@ class FeatureStore:
             out = {}
             for key, (shape, dtype, fill) in shapes.items():
                 arr = np.lib.format.open_memmap(tmp / f"{key}.npy", "w+", dtype, shape)
-                arr[...] = fill
+                if fill:  # a new file reads as zeros: filling it with 0 would write it twice
+                    arr[...] = fill
                 out[key] = arr
             out["subject_id"][:] = sid
             out["prediction_time"][:] = pt.astype(np.int64)
@@ -330,8 +385,11 @@ class FeatureStore:
             manifest: list[dict[str, Any]] = []
             for c, part in enumerate(parts):
                 a = chunks[c][0]
-                rows = order[starts[c] : starts[c + 1]]
-                src = inverse[rows] - a
+                rows: Any = order[starts[c] : starts[c + 1]]
+                src: Any = inverse[rows] - a
+                if _is_range(rows, int(rows[0]) if rows.size else 0) and _is_range(src, 0):
+                    # cohort rows in chunk order (the usual case): plain slices, no gathers
+                    rows, src = slice(int(rows[0]), int(rows[-1]) + 1), slice(None)
                 out["pooled"][rows] = part.pooled[src]
                 out["present"][rows] = part.present[src]
                 t = part.num_tokens
@@ -343,8 +401,8 @@ class FeatureStore:
                     k = part.token_codes.shape[2]
                     out["token_codes"][rows, :t, :k] = part.token_codes[src]
                 manifest.extend(part.meta.get("manifest", []))
-            for arr in out.values():
-                arr.flush()
+            # no msync (memmap.flush): like the chunks' np.save, the data is in the page cache,
+            # which survives a killed process; the rename below is what makes the result whole
             meta = {k: v for k, v in head.meta.items() if k != "manifest"}
             meta.update(fingerprint=fp, encoder=name, manifest=manifest)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
