@@ -1,5 +1,6 @@
-"""Survival metrics with their own statistics: concordance, AUC, Brier, calibration, bootstrap,
-paired tests.
+"""Survival metrics with their own statistics.
+
+Concordance, AUC, Brier, calibration, bootstrap and paired tests.
 
 Conventions: arguments `(time, event, risk)`; risk higher = worse; survival curves are
 [N, len(times)] on a strictly increasing grid; IPCW metrics take the training outcomes

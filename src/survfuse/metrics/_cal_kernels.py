@@ -1,5 +1,7 @@
-"""numba kernels for calibration statistics on resampled data: weighted Cox fits (Breslow ties)
-of a few covariates, one per row of a weight matrix W [B, N], in parallel over resamples.
+"""Numba kernels for calibration statistics on resampled data.
+
+Weighted Cox fits (Breslow ties) of a few covariates, one per row of a weight matrix W [B, N],
+in parallel over resamples.
 
 Data are sorted by time ascending (`t`, `e`, `x`); the risk set of row i is every j with
 t_j >= t_i, so one backward pass over blocks of tied times gives every sum.
@@ -119,8 +121,9 @@ def _cox_one(t, e, x, w, beta, max_iter, tol, horizon):  # type: ignore[no-untyp
 
 @numba.njit(cache=True, parallel=True)
 def cox_newton(t, e, x, W, beta0, max_iter, tol, horizon):  # type: ignore[no-untyped-def]
-    """Weighted Cox fits for every row of W [B, N] from beta0 [P]: maximises
-    sum_i w_i e_i (x_i b - log sum_{t_j >= t_i} w_j exp(x_j b)).
+    """Fit a weighted Cox model for every row of W [B, N], starting from beta0 [P].
+
+    Maximises sum_i w_i e_i (x_i b - log sum_{t_j >= t_i} w_j exp(x_j b)).
 
     Returns beta [B, P] and log H0(horizon) [B] (Breslow, at the same centring of x); NaN where
     Newton did not converge within `max_iter` steps (step < `tol`).

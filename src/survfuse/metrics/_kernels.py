@@ -327,7 +327,7 @@ def keyed_order(keys, x, shift):  # type: ignore[no-untyped-def]
 
 @numba.njit(cache=True)
 def permute_survival(order, e, r):  # type: ignore[no-untyped-def]
-    """event and risk in the given row order (one gather loop)."""
+    """Return event and risk in the given row order (one gather loop)."""
     n = order.shape[0]
     es = np.empty(n, dtype=np.bool_)
     rs = np.empty(n, dtype=np.float64)
@@ -375,11 +375,13 @@ def dense_ranks(idx, xs):  # type: ignore[no-untyped-def]
 
 @numba.njit(cache=True)
 def risk_groups(idx, xs, t, e):  # type: ignore[no-untyped-def]
-    """Per row, its group of equal risks as positions [lo, hi) in risk order, packed
-    lo + hi << 32 (one scattered write per row): lo rows have a lower risk, hi a lower or
+    """Return, per row, its group of equal risks as positions [lo, hi) in risk order.
+
+    Packed lo + hi << 32 (one scattered write per row): lo rows have a lower risk, hi a lower or
     equal one. Rows are in time order (`t`, `e`) and `idx` lists a group's rows in
     ascending row order (as `keyed_order` does), so the events of a group tied in time are
-    consecutive there: also returns their number of pairs (R's tied.xy)."""
+    consecutive there: also returns their number of pairs (R's tied.xy).
+    """
     n = idx.shape[0]
     out = np.empty(n, dtype=np.int64)
     tied_xy = 0
@@ -417,8 +419,11 @@ _LEAF = 7  # leaf blocks of 128 counters: one block scan replaces the cache-miss
 
 @numba.njit(cache=True, inline="always")
 def _add_blocked(leaf, blk, i, v):  # type: ignore[no-untyped-def]
-    """Add v at index i of a blocked prefix counter: plain counts in `leaf`, a Fenwick tree
-    over the sums of 128-counter blocks in `blk` (small enough to stay in cache)."""
+    """Add v at index i of a blocked prefix counter.
+
+    Plain counts in `leaf`, a Fenwick tree over the sums of 128-counter blocks in `blk` (small
+    enough to stay in cache).
+    """
     leaf[i] += v
     j = (i >> _LEAF) + 1
     k = blk.shape[0]
@@ -429,8 +434,11 @@ def _add_blocked(leaf, blk, i, v):  # type: ignore[no-untyped-def]
 
 @numba.njit(cache=True, inline="always")
 def _below_and_at(leaf, blk, i):  # type: ignore[no-untyped-def]
-    """(sum over indices < i, value at i): a fixed-length masked scan of i's block (contiguous,
-    vectorised) plus a prefix walk over the earlier blocks."""
+    """Return (sum over indices < i, value at i) of a blocked prefix counter.
+
+    A fixed-length masked scan of i's block (contiguous, vectorised) plus a prefix walk over
+    the earlier blocks.
+    """
     base = i & ~((1 << _LEAF) - 1)
     s = leaf[0] * 0
     for q in range(1 << _LEAF):

@@ -26,7 +26,7 @@ class TimeDependentAUC:
 
 
 def check_times(times: ArrayLike, time: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Evaluation times: 1-d, finite, strictly increasing, inside [min(time), max(time))."""
+    """Check evaluation times: 1-d, finite, strictly increasing, in [min(time), max(time))."""
     tt = check_time_grid(times)
     lo, hi = float(time.min()), float(time.max())
     if tt[0] < lo or tt[-1] >= hi:
@@ -90,14 +90,32 @@ def cumulative_dynamic_auc(
     train_time: ArrayLike,
     train_event: ArrayLike,
 ) -> TimeDependentAUC:
-    """Cumulative cases / dynamic controls AUC at each t_k, equal to scikit-survival's
-    `cumulative_dynamic_auc` (exact risk ties instead of its 1e-8 tolerance).
+    """Compute the cumulative cases / dynamic controls AUC at each t_k.
+
+    Equal to scikit-survival's `cumulative_dynamic_auc` (exact risk ties instead of its 1e-8
+    tolerance).
 
     AUC(t) = sum_{i: T_i <= t, event} sum_{j: T_j > t} w_i h(r_i, r_j) / (sum_i w_i * n_controls),
     w_i = 1/G(T_i) with G the censoring Kaplan-Meier of the training data, h = [r_i > r_j] +
     [r_i = r_j]/2. `risk_or_surv` is [N] risk (higher = worse) or [N, K] survival S_i(t_k)
     (scored by 1 - S). The mean AUC integrates AUC(t) against the test Kaplan-Meier:
     sum_k AUC(t_k) (S(t_{k-1}) - S(t_k)) / (1 - S(t_K)); with one time it is AUC(t_1).
+
+    Parameters
+    ----------
+    time, event : array-like [N]
+        Test follow-up (days) and event indicator (True = observed).
+    risk_or_surv : array-like [N] or [N, K]
+        Risk (higher = worse) or survival probabilities S_i(t_k) on `times`.
+    times : array-like [K]
+        Strictly increasing evaluation times inside [min(time), max(time)).
+    train_time, train_event : array-like
+        Training outcomes, for the censoring Kaplan-Meier G.
+
+    Returns
+    -------
+    TimeDependentAUC
+        `times` [K], `auc` [K] and `mean_auc`.
     """
     t, e = check_survival(time, event)
     tt = check_times(times, t)

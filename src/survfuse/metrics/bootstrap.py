@@ -195,8 +195,11 @@ def make_scorer(
     tau: float | None = None,
     times: ArrayLike | None = None,
 ) -> Scorer:
-    """Bind a metric to data. prediction: risk [N] (harrell_c, uno_c, td_auc, mean_auc) or
-    survival [N, K] on `times` (brier needs one time, ibs >= 2; td_auc/mean_auc accept both)."""
+    """Bind a metric to data.
+
+    prediction: risk [N] (harrell_c, uno_c, td_auc, mean_auc) or survival [N, K] on `times`
+    (brier needs one time, ibs >= 2; td_auc/mean_auc accept both).
+    """
     t, e = check_survival(time, event)
     if callable(metric):
         return _CallableScorer(metric, t, e, check_risk(prediction, t.shape[0]))
@@ -278,8 +281,10 @@ class Resampler:
         return np.bincount(self.inverse, weights=x, minlength=self.n_clusters).astype(np.float64)
 
     def jackknife_weights(self, n_groups: int, seed: int) -> Iterator[NDArray[np.float64]]:
-        """Delete-one-cluster (or delete-one-group of clusters when there are more than
-        n_groups) weight blocks, for the BCa acceleration of metrics without an IJ formula."""
+        """Yield delete-one-cluster weight blocks, for the BCa acceleration without IJ formula.
+
+        Delete-one-group of clusters when there are more than n_groups clusters.
+        """
         m = self.n_clusters
         if m <= n_groups:
             group = np.arange(m)
@@ -330,8 +335,10 @@ def _check_level(level: float, n_boot: int) -> None:
 def run_boot(
     scorers: Mapping[str, Scorer], res: Resampler, n_boot: int, seed: int
 ) -> dict[str, NDArray[np.float64]]:
-    """Replicates [n_boot] for every scorer on the same resamples (the engine,
-    `metrics.engine.score_on_blocks`, with one model and one seed)."""
+    """Return replicates [n_boot] of every scorer on the same resamples.
+
+    The engine, `metrics.engine.score_on_blocks`, with one model and one seed.
+    """
     return score_on_blocks({"model": [scorers]}, res.weights(n_boot, seed))["model"]
 
 
@@ -360,8 +367,11 @@ def _drop_nan(name: str, boots: NDArray[np.float64]) -> NDArray[np.float64]:
 
 @dataclass(frozen=True)
 class Scored:
-    """Models scored on the same resamples: the metric's `name`, the checked CI `method`, the
-    resampler, the number of events, and per model its scorer and replicates [n_boot]."""
+    """Models scored on the same resamples.
+
+    The metric's `name`, the checked CI `method`, the resampler, the number of events, and per
+    model its scorer and replicates [n_boot].
+    """
 
     name: str
     method: str
@@ -373,7 +383,7 @@ class Scored:
     boots: dict[str, NDArray[np.float64]]
 
     def summary(self, model: str, name: str, estimate: float, accel: float) -> MetricResult:
-        """Result `name`: `estimate` with the interval of `model`'s finite replicates."""
+        """Return result `name`: `estimate` with the interval of `model`'s finite replicates."""
         b = _drop_nan(name, self.boots[model])
         lo, hi = interval(estimate, b, self.level, self.method, accel)
         n, k = self.res.n_clusters, int(b.shape[0])
@@ -394,8 +404,11 @@ def score_models(
     method: str,
     options: Mapping[str, Any],
 ) -> Scored:
-    """Check the arguments of `bootstrap` / `compare`, then score every model (`make_scorer`
-    with `options`) on the same `n_boot` subject-level resamples drawn from `seed`."""
+    """Check the arguments of `bootstrap` / `compare`, then score every model.
+
+    Every model (`make_scorer` with `options`) on the same `n_boot` subject-level resamples
+    drawn from `seed`.
+    """
     _check_level(level, n_boot)
     method = look_up_option(method, CI_METHODS, kind="CI method")
     t, e = check_survival(time, event)

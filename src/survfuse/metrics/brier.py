@@ -66,10 +66,26 @@ def brier_score(
     train_time: ArrayLike,
     train_event: ArrayLike,
 ) -> NDArray[np.float64]:
-    """IPCW Brier score BS(t_k) [K] of survival curves `surv` [N, K] at `times` [K].
+    """Compute the IPCW Brier score BS(t_k) [K] of survival curves `surv` [N, K] at `times` [K].
 
     BS(t) = 1/N sum_i [S_i(t)^2 [T_i <= t, event] / G(T_i) + (1 - S_i(t))^2 [T_i > t] / G(t)],
     equal to scikit-survival's `brier_score`.
+
+    Parameters
+    ----------
+    time, event : array-like [N]
+        Test follow-up (days) and event indicator (True = observed).
+    surv : array-like [N, K]
+        Predicted survival S_i(t_k) (a 1-d [N] array when there is one time).
+    times : array-like [K]
+        Non-negative, strictly increasing evaluation times.
+    train_time, train_event : array-like
+        Training outcomes, for the censoring Kaplan-Meier G.
+
+    Returns
+    -------
+    ndarray [K]
+        BS(t_k); lower is better.
     """
     loss, _ = brier_losses(time, event, surv, times, train_time=train_time, train_event=train_event)
     return np.asarray(loss.mean(axis=0))
@@ -84,7 +100,10 @@ def integrated_brier_score(
     train_time: ArrayLike,
     train_event: ArrayLike,
 ) -> float:
-    """IBS = trapezoid integral of BS(t) over `times` / (t_K - t_1) (needs >= 2 times)."""
+    """Compute IBS = trapezoid integral of BS(t) over `times` / (t_K - t_1).
+
+    Needs at least two times; the arguments are those of `brier_score`.
+    """
     tt = check_time_grid(times, nonnegative=True)
     if tt.shape[0] < 2:
         raise ValueError("integrated_brier_score needs at least two times")

@@ -1,5 +1,8 @@
-"""Calibration at a horizon (grouped KM, ICI/E50 of Austin et al. 2020, slope) and
-D-calibration (Haider et al. 2020)."""
+"""Calibration at a horizon and D-calibration.
+
+At a horizon: grouped KM, ICI/E50 of Austin et al. 2020, slope; D-calibration of Haider et al.
+2020.
+"""
 
 from __future__ import annotations
 
@@ -90,9 +93,11 @@ def calibration_table(
 
 
 def rcs_basis(x: NDArray[np.float64], knots: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Restricted cubic spline basis [N, k-1] (Harrell's parameterisation, scaled by
-    (t_k - t_1)^2): x and, for j < k-1, (x-t_j)+^3 - (x-t_{k-1})+^3 (t_k-t_j)/(t_k-t_{k-1})
-    + (x-t_k)+^3 (t_{k-1}-t_j)/(t_k-t_{k-1})."""
+    """Return the restricted cubic spline basis [N, k-1] of x at `knots` [k].
+
+    Harrell's parameterisation, scaled by (t_k - t_1)^2: x and, for j < k-1, (x-t_j)+^3 -
+    (x-t_{k-1})+^3 (t_k-t_j)/(t_k-t_{k-1}) + (x-t_k)+^3 (t_{k-1}-t_j)/(t_k-t_{k-1}).
+    """
     k = knots.shape[0]
     cols = [x]
     tk, tk1 = knots[-1], knots[-2]
@@ -190,8 +195,11 @@ def cox_fit(
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    """Smooth calibration at a horizon: ICI = mean |obs - pred|, E50/E90 = median/90th
-    percentile, Emax = max; slope (1 = perfect) of a Cox model on log(-log S_pred(h))."""
+    """Smooth calibration at a horizon.
+
+    ICI = mean |obs - pred|, E50/E90 = median/90th percentile, Emax = max; slope (1 = perfect)
+    of a Cox model on log(-log S_pred(h)).
+    """
 
     horizon: float
     ici: float
@@ -211,12 +219,28 @@ def calibration(
     *,
     n_knots: int = 3,
 ) -> CalibrationResult:
-    """ICI / E50 / E90 (Austin, Harrell & van Klaveren 2020) and the calibration slope.
+    """Compute ICI / E50 / E90 (Austin, Harrell & van Klaveren 2020) and the calibration slope.
 
-    surv_t [N] = predicted S_i(horizon). The smooth observed probability comes from a Cox model
-    of the outcome on a restricted cubic spline (knots at Harrell's quantiles) of
-    cll_i = log(-log S_i(h)): obs_i = 1 - exp(-H0(h) exp(f(cll_i))). The slope is the coefficient
-    of a Cox model on cll alone.
+    The smooth observed probability comes from a Cox model of the outcome on a restricted cubic
+    spline (knots at Harrell's quantiles) of cll_i = log(-log S_i(h)):
+    obs_i = 1 - exp(-H0(h) exp(f(cll_i))). The slope is the coefficient of a Cox model on cll
+    alone.
+
+    Parameters
+    ----------
+    time, event : array-like [N]
+        Follow-up (days) and event indicator (True = observed); needs at least one event.
+    surv_t : array-like [N]
+        Predicted S_i(horizon), in [0, 1].
+    horizon : float
+        Time of the calibration, > 0 and not beyond the last follow-up.
+    n_knots : {3, 4, 5}
+        Spline knots; with fewer distinct predictions the model is linear in cll.
+
+    Returns
+    -------
+    CalibrationResult
+        ici, e50, e90, emax (absolute errors of 1 - S) and slope (1 = perfect).
     """
     t, e = check_survival(time, event)
     s = _check_prob(surv_t, t.shape[0], "surv_t")
@@ -253,8 +277,10 @@ def calibration(
 
 
 def survival_at(surv: ArrayLike, times: ArrayLike, at: ArrayLike) -> NDArray[np.float64]:
-    """Step-evaluate each row's curve surv [N, K] (on `times` [K]) at its own time at[i]:
-    S_i(at_i) = surv[i, k] for the last t_k <= at_i, 1 before t_1."""
+    """Step-evaluate each row's curve surv [N, K] (on `times` [K]) at its own time at[i].
+
+    S_i(at_i) = surv[i, k] for the last t_k <= at_i, 1 before t_1.
+    """
     s = np.asarray(surv, dtype=np.float64)
     tt = np.asarray(times, dtype=np.float64)
     a = np.asarray(at, dtype=np.float64)
@@ -284,7 +310,7 @@ def d_calibration(
     *,
     n_bins: int = 10,
 ) -> DCalibrationResult:
-    """D-calibration (Haider et al. 2020): if the curves are calibrated, S_i(T_i) ~ U(0, 1).
+    """Test D-calibration (Haider et al. 2020): calibrated curves give S_i(T_i) ~ U(0, 1).
 
     surv is [N] = S_i(T_i), or [N, K] curves on `times` [K] (step-evaluated at T_i). Bins are
     [b/B, (b+1)/B). An event adds 1 to the bin of S_i(T_i); a censored subject with

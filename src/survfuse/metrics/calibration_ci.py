@@ -122,7 +122,6 @@ def weighted_cox(
     Returns beta [B, P] and log H0(horizon) [B] (Breslow, same centring); NaN where Newton
     did not converge.
     """
-
     beta, logh0 = cox_newton(
         rs.time,
         rs.event,
@@ -246,7 +245,7 @@ class SmoothCalibration(_Base):
         self._memo: dict[str, Any] = {"w": None}
 
     def with_stat(self, stat: str) -> SmoothCalibration:
-        """The same fit, reporting another statistic (shares the per-block fit)."""
+        """Return the same fit, reporting another statistic (shares the per-block fit)."""
         if stat not in ("ici", "e50"):
             raise ValueError(f"stat must be 'ici' or 'e50', got {stat!r}")
         other = object.__new__(SmoothCalibration)
@@ -267,7 +266,7 @@ class SmoothCalibration(_Base):
         return self._memo
 
     def params(self, w: NDArray[np.float64]) -> NDArray[np.float64]:
-        """phi = (b, log H0(h)) [B, P + 1] of the smooth calibration model per resample."""
+        """Return phi = (b, log H0(h)) [B, P + 1] of the smooth calibration model per resample."""
         return np.asarray(self._fit(w)["phi"])
 
     def boot(self, w: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -282,8 +281,11 @@ class SmoothCalibration(_Base):
 
 
 def _weighted_median(x: NDArray[np.float64], w: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Median of each row of x with integer weights w (= np.median of the repeated values):
-    the mean of the values at 0-based positions floor((n-1)/2) and ceil((n-1)/2), n = sum w."""
+    """Return the median of each row of x with integer weights w.
+
+    Equal to np.median of the repeated values: the mean of the values at 0-based positions
+    floor((n-1)/2) and ceil((n-1)/2), n = sum w.
+    """
     o = np.argsort(x, axis=1, kind="stable")
     xs = np.take_along_axis(x, o, axis=1)
     cw = np.cumsum(np.take_along_axis(w, o, axis=1), axis=1)
@@ -300,9 +302,12 @@ def _weighted_median(x: NDArray[np.float64], w: NDArray[np.float64]) -> NDArray[
 def calibration_test(
     phi_hat: NDArray[np.float64], phi0: NDArray[np.float64], phi_boot: NDArray[np.float64]
 ) -> float:
-    """p-value of H0: perfect calibration, the Wald test W = d' S^-1 d ~ chi2(len(d)) with
-    d = phi_hat - phi0 and S the bootstrap covariance of phi* [B, len(d)] (non-finite rows
-    dropped). Several seeds: pass the concatenated parameters of all of them."""
+    """Return the p-value of H0: perfect calibration.
+
+    The Wald test W = d' S^-1 d ~ chi2(len(d)) with d = phi_hat - phi0 and S the bootstrap
+    covariance of phi* [B, len(d)] (non-finite rows dropped). Several seeds: pass the concatenated
+    parameters of all of them.
+    """
     ok = np.all(np.isfinite(phi_boot), axis=1)
     pb = phi_boot[ok]
     d = np.asarray(phi_hat, dtype=np.float64) - np.asarray(phi0, dtype=np.float64)
@@ -319,11 +324,13 @@ def calibration_test(
 def error_interval(
     estimate: float, boots: NDArray[np.float64], level: float, p_calibrated: float
 ) -> tuple[float, float]:
-    """Interval of an absolute calibration error (ICI, E50): the percentile interval of the
-    replicates, with its lower end set to 0 when perfect calibration is not rejected at
-    1 - level (`calibration_test`). Why: the error is >= 0 and biased upward, so for a
-    calibrated model every replicate lies above the truth 0 and the plain percentile interval
-    never covers it; the test gives that case its nominal coverage (docs/benchmarks.md)."""
+    """Return the interval of an absolute calibration error (ICI, E50).
+
+    The percentile interval of the replicates, with its lower end set to 0 when perfect calibration
+    is not rejected at 1 - level (`calibration_test`). Why: the error is >= 0 and biased upward, so
+    for a calibrated model every replicate lies above the truth 0 and the plain percentile interval
+    never covers it; the test gives that case its nominal coverage (docs/benchmarks.md).
+    """
     b = boots[np.isfinite(boots)]
     if b.shape[0] < 2 or not np.isfinite(estimate):
         return float("nan"), float("nan")
@@ -349,8 +356,11 @@ def calibration_scorers(
 
 @dataclass(frozen=True)
 class CalibrationIntervals:
-    """`results`: statistic -> MetricResult; `p_calibrated`: the Wald test of perfect
-    calibration (`calibration_test`) that sets the lower ends of ICI / E50."""
+    """Bootstrap intervals of the calibration statistics.
+
+    `results`: statistic -> MetricResult; `p_calibrated`: the Wald test of perfect calibration
+    (`calibration_test`) that sets the lower ends of ICI / E50.
+    """
 
     results: dict[str, MetricResult]
     p_calibrated: float
@@ -368,9 +378,31 @@ def calibration_intervals(
     level: float = 0.95,
     n_knots: int = 3,
 ) -> CalibrationIntervals:
-    """Calibration slope and intercept (percentile intervals) and ICI / E50 (`error_interval`)
-    at `horizon`, all on the same subject-level resamples."""
+    """Compute bootstrap intervals of the calibration slope, intercept, ICI and E50.
 
+    Slope and intercept get percentile intervals, ICI / E50 `error_interval`; all on the same
+    subject-level resamples.
+
+    Parameters
+    ----------
+    time, event : array-like [N]
+        Follow-up (days) and event indicator (True = observed).
+    surv_h : array-like [N]
+        Predicted S_i(horizon).
+    horizon : float
+        Time of the calibration.
+    cluster : array-like [N], optional
+        Subject ids: a resample draws subjects with replacement and keeps all their rows.
+    n_boot, seed, level : int, int, float
+        Number of resamples, their seed and the two-sided interval level.
+    n_knots : {3, 4, 5}
+        Spline knots of the smooth calibration model (see `calibration`).
+
+    Returns
+    -------
+    CalibrationIntervals
+        One MetricResult per statistic and the p-value of perfect calibration.
+    """
     _check_level(level, n_boot)
     t, e = check_survival(time, event)
     scorers = calibration_scorers(t, e, surv_h, horizon, n_knots=n_knots)

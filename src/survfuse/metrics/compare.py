@@ -31,11 +31,13 @@ __all__ = ["Comparison", "compare"]
 
 
 def bootstrap_p_value(diff: NDArray[np.float64]) -> float:
-    """Two-sided p of H0: difference = 0, by inverting the percentile interval:
+    """Return the two-sided p of H0: difference = 0, by inverting the percentile interval.
+
     p = min(1, 2 min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (B + 1)).
 
     Floored at 2 / (B + 1) (0.002 for B = 1000): no difference, however large, reads smaller,
-    so it is not the p of a comparison (see `compare`)."""
+    so it is not the p of a comparison (see `compare`).
+    """
     b = diff.shape[0]
     lo = 1 + int(np.sum(diff <= 0))
     hi = 1 + int(np.sum(diff >= 0))
@@ -44,12 +46,15 @@ def bootstrap_p_value(diff: NDArray[np.float64]) -> float:
 
 @dataclass(frozen=True, eq=False)
 class Comparison:
-    """`results`: one MetricResult per model (name "metric[model]"); `table`: one row per
+    """Paired comparison of models against a reference on shared resamples.
+
+    `results`: one MetricResult per model (name "metric[model]"); `table`: one row per
     non-reference model with the paired difference `delta` (model - reference) and its CI
     `delta_lower` / `delta_upper` (the column names of metrics.parquet), the p-value
     (`p_test`: "ij_z" or "bootstrap_z", with `std_error` of the difference), the floored
     bootstrap p (`p_bootstrap`) and the Holm adjustment over the table (`p_holm`,
-    `family_size`)."""
+    `family_size`).
+    """
 
     results: list[MetricResult]
     table: pl.DataFrame
@@ -75,13 +80,34 @@ def compare(
 ) -> Comparison:
     """Score every model on the same subject-level resamples; paired differences vs `reference`.
 
-    models: name -> risk [N] (or survival [N, K] for brier/ibs/td_auc on `times`).
     For each model m != reference: difference d = theta_m - theta_ref with the CI of d*
     (percentile or BCa with the acceleration of the paired influence U_m - U_ref) and a
     two-sided p: the IJ z-test z = d / sqrt(sum_k (U_mk - U_ref,k)^2) over clusters k when the
     metric has an influence function (harrell_c, uno_c, td_auc, brier, ibs; for harrell_c R's
     `concordance(fit_m, fit_ref)` contrast), else z = d / sd(d*). Holm-adjusted across the
     comparisons of the table (the family).
+
+    Parameters
+    ----------
+    models : mapping of str to array-like
+        Name -> risk [N] (or survival [N, K] for brier/ibs/td_auc on `times`).
+    time, event : array-like [N]
+        Follow-up (days) and event indicator (True = observed).
+    reference : str
+        The model every other one is compared with.
+    metric : str or callable
+        One of METRICS, or metric(time, event, risk) -> float.
+    cluster : array-like [N], optional
+        Subject ids: a resample draws subjects with replacement and keeps all their rows.
+    n_boot, seed, level, method
+        Resamples, their seed, interval level and "percentile" or "bca".
+    train_time, train_event, tau, times
+        Passed to the metric (see `make_scorer`).
+
+    Returns
+    -------
+    Comparison
+        Per-model results and the table of paired differences.
     """
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the models {sorted(models)}")

@@ -53,8 +53,11 @@ class SortedSurvival:
 
 
 def _keys(x: NDArray[np.float64]) -> tuple[NDArray[np.uint64], int]:
-    """Sorted packed uint64 keys (order-preserving value bits, row index in the low `shift`
-    bits): np.sort of uint64 is SIMD-vectorised, far faster than np.argsort of float64."""
+    """Return sorted packed uint64 keys of x and the number of index bits `shift`.
+
+    Order-preserving value bits, row index in the low `shift` bits: np.sort of uint64 is
+    SIMD-vectorised, far faster than np.argsort of float64.
+    """
     shift = max(1, (x.shape[0] - 1).bit_length())
     return np.sort(K.sort_keys(np.ascontiguousarray(x), shift)), shift
 
@@ -135,7 +138,7 @@ def concordance_index(
     *,
     cluster: ArrayLike | None = None,
 ) -> ConcordanceResult:
-    """Harrell's C in O(n log n), tie rules of R `survival::concordance(..., reverse = TRUE)`.
+    """Compute Harrell's C in O(n log n), tie rules of R `concordance(..., reverse = TRUE)`.
 
     time [N] days, event [N] bool, risk [N] (higher = worse). A pair (i, j) is comparable when
     i has an event and T_i < T_j, or T_i == T_j with j censored; it is concordant when
@@ -143,6 +146,18 @@ def concordance_index(
     comparable (`tied_time` counts them with different risks, `tied_risk_time` with equal
     risks, R's tied.y and tied.xy). Constant risk gives 0.5. `cluster` [N] groups rows of one
     subject for the variance. Raises NoComparablePairError when no pair is comparable.
+
+    Parameters
+    ----------
+    time, event, risk : array-like [N]
+        Follow-up (days), event indicator (True = observed) and risk (higher = worse).
+    cluster : array-like [N], optional
+        Subject ids; the IJ influences are summed within a subject for the variance.
+
+    Returns
+    -------
+    ConcordanceResult
+        The estimate, R's pair counts and the IJ variance with its influences [N].
     """
     t, e, r = _validate(time, event, risk)
     order, ts, es, rs = _sort_by_time(t, e, r)
@@ -215,8 +230,10 @@ def concordance_index_ipcw(
     train_event: ArrayLike,
     tau: float | None = None,
 ) -> IPCWConcordanceResult:
-    """Uno's C (Uno et al. 2011) in O(n log n), identical to scikit-survival's
-    `concordance_index_ipcw` (with exact risk ties instead of its 1e-8 tolerance).
+    """Compute Uno's C (Uno et al. 2011) in O(n log n).
+
+    Identical to scikit-survival's `concordance_index_ipcw` (with exact risk ties instead of its
+    1e-8 tolerance).
 
     C = sum_{i,j} u_i h_ij / sum_{i,j} u_i [j comparable to i], u_i = 1/G(T_i)^2 for events
     with T_i < tau, h_ij = [r_i > r_j] + [r_i = r_j]/2, pairs comparable as in Harrell's C.
@@ -230,6 +247,20 @@ def concordance_index_ipcw(
 
     tau beyond the last training follow-up raises ValueError; no event before tau raises
     NoEventBeforeTauError; no comparable pair raises NoComparablePairError.
+
+    Parameters
+    ----------
+    time, event, risk : array-like [N]
+        Test follow-up (days), event indicator (True = observed) and risk (higher = worse).
+    train_time, train_event : array-like
+        Training outcomes, for the censoring Kaplan-Meier G.
+    tau : float, optional
+        Truncation time: only events with T_i < tau count (None: no truncation).
+
+    Returns
+    -------
+    IPCWConcordanceResult
+        The estimate, its numerator / denominator, tau and the IJ influences [N].
     """
     t, e, r = _validate(time, event, risk)
     cens = CensoringModel(train_time, train_event)
@@ -274,7 +305,7 @@ def compare_concordance(
     *,
     cluster: ArrayLike | None = None,
 ) -> PairedConcordanceTest:
-    """z-test of C_a - C_b from the IJ influence terms (R `concordance(fit_a, fit_b)` covariance).
+    """Test C_a - C_b by a z-test on the IJ influences (R `concordance(fit_a, fit_b)`).
 
     Var(C_a - C_b) = sum_k (U_ak - U_bk)^2 with U the per-subject (per-cluster) influence;
     z = (C_a - C_b) / sqrt(Var), two-sided p = 2 Phi(-|z|).

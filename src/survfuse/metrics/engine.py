@@ -1,5 +1,6 @@
-"""The bootstrap engine: many models, each with one scorer per seed and metric, scored on the
-same subject-level resamples, one weight block at a time.
+"""The bootstrap engine: many models scored on the same subject-level resamples.
+
+Each model has one scorer per seed and metric; the resamples come one weight block at a time.
 
 A resample is a weight vector over rows (`Resampler.weights` yields blocks [<=128, n]); every
 model sees the same blocks, so differences between models are paired. A model's statistic on a

@@ -1,5 +1,8 @@
-"""Kaplan-Meier estimates of the survival and the censoring distribution (step functions),
-their log-log confidence band, numbers at risk and the median follow-up (reverse Kaplan-Meier)."""
+"""Kaplan-Meier estimates of the survival and the censoring distribution (step functions).
+
+Also their log-log confidence band, numbers at risk and the median follow-up (reverse
+Kaplan-Meier).
+"""
 
 from __future__ import annotations
 
@@ -66,7 +69,10 @@ def _counts(
 def kaplan_meier(
     time: ArrayLike, event: ArrayLike, *, weights: ArrayLike | None = None
 ) -> KaplanMeier:
-    """Kaplan-Meier survival estimate; `weights` [N] are optional case weights (e.g. resampling counts)."""
+    """Estimate the Kaplan-Meier survival curve of (time, event).
+
+    `weights` [N] are optional case weights (e.g. resampling counts).
+    """
     t, e = check_survival(time, event)
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     uniq, n_risk, d, _ = _counts(t, e, w)
@@ -113,17 +119,21 @@ def km_confidence_band(
 
 
 def number_at_risk(time: ArrayLike, at: ArrayLike) -> NDArray[np.int64]:
-    """Subjects still at risk at each time of `at` [K]: #{i: T_i >= t} (R's `summary(survfit,
-    times = at)$n.risk`)."""
+    """Count subjects still at risk at each time of `at` [K]: #{i: T_i >= t}.
+
+    R's `summary(survfit, times = at)$n.risk`.
+    """
     t = np.sort(np.asarray(time, dtype=np.float64))
     a = np.asarray(at, dtype=np.float64).reshape(-1)
     return (t.shape[0] - np.searchsorted(t, a, side="left")).astype(np.int64)
 
 
 def median_follow_up(time: ArrayLike, event: ArrayLike) -> float:
-    """Median follow-up by the reverse Kaplan-Meier method (Schemper & Smith 1996): the median
-    of the KM of the censoring times, events counted as censored. NaN when that curve never
-    falls to 0.5 (most subjects had the event)."""
+    """Return the median follow-up by the reverse Kaplan-Meier method (Schemper & Smith 1996).
+
+    The median of the KM of the censoring times, events counted as censored. NaN when that
+    curve never falls to 0.5 (most subjects had the event).
+    """
     t, e = check_survival(time, event)
     rev = kaplan_meier(t, ~e)
     below = np.flatnonzero(rev.survival <= 0.5)

@@ -15,8 +15,11 @@ __all__ = ["LogRankResult", "logrank_test"]
 
 @dataclass(frozen=True)
 class LogRankResult:
-    """`statistic` ~ chi-square with `df` = K - 1 under equal hazards; `groups` [K] in sorted
-    order with their `observed` and `expected` event counts."""
+    """Log-rank test of K groups.
+
+    `statistic` ~ chi-square with `df` = K - 1 under equal hazards; `groups` [K] in sorted order
+    with their `observed` and `expected` event counts.
+    """
 
     statistic: float
     df: int

@@ -23,8 +23,10 @@ MIN_SE = 1e-6  # a degenerate interval (a model identical to its reference) stil
 def random_effects(
     gain: NDArray[np.float64], se: NDArray[np.float64], *, level: float = 0.95
 ) -> tuple[float, float, float, float]:
-    """DerSimonian-Laird pooled estimate of independent estimates `gain` [R] with standard
-    errors `se` [R]: (estimate, lower, upper, tau^2) at two-sided `level` (see the module docstring)."""
+    """Pool independent estimates `gain` [R] with standard errors `se` [R] (DerSimonian-Laird).
+
+    Returns (estimate, lower, upper, tau^2) at two-sided `level` (see the module docstring).
+    """
     g = np.asarray(gain, dtype=np.float64)
     v = np.maximum(np.asarray(se, dtype=np.float64), MIN_SE) ** 2
     w = 1.0 / v

@@ -41,7 +41,8 @@ P_TESTS = {
 def z_test(difference: float, variance: float) -> tuple[float, float, float]:
     """(se, z, two-sided p) of H0: difference = 0 with a normal null: z = d / sqrt(var).
 
-    var = 0: z = 0 (p = 1) when d = 0, else +-inf (p = 0); NaN input gives NaN."""
+    var = 0: z = 0 (p = 1) when d = 0, else +-inf (p = 0); NaN input gives NaN.
+    """
     if not (math.isfinite(difference) and math.isfinite(variance)):
         return math.nan, math.nan, math.nan
     se = math.sqrt(max(variance, 0.0))
@@ -54,8 +55,10 @@ def z_test(difference: float, variance: float) -> tuple[float, float, float]:
 
 @dataclass(frozen=True, eq=False)
 class ConcordanceMatrix:
-    """Harrell's C of several risk scores on the same subjects and their IJ covariance
-    (R `concordance(fit1, fit2, ...)`: `$concordance` and `$var`). `influence` [K, n_clusters]."""
+    """Harrell's C of several risk scores on the same subjects and their IJ covariance.
+
+    R `concordance(fit1, fit2, ...)`: `$concordance` and `$var`. `influence` [K, n_clusters].
+    """
 
     names: list[str]
     estimates: NDArray[np.float64]
@@ -78,8 +81,11 @@ def concordance_matrix(
     *,
     cluster: ArrayLike | None = None,
 ) -> ConcordanceMatrix:
-    """Harrell's C of every risk score [N] and V = U U' with U [K, n_clusters] the per-cluster
-    IJ influences (`concordance_index`), as R `concordance(fit1, fit2, ...)` computes."""
+    """Compute Harrell's C of every risk score [N] and their IJ covariance V = U U'.
+
+    U [K, n_clusters] are the per-cluster IJ influences (`concordance_index`), as R
+    `concordance(fit1, fit2, ...)` computes.
+    """
     names = list(risks)
     res = [concordance_index(time, event, risks[k]) for k in names]
     n = res[0].n_subjects
@@ -95,9 +101,11 @@ def paired_concordance(
     reference: str,
     cluster: ArrayLike | None = None,
 ) -> pl.DataFrame:
-    """Each model's Harrell C against `reference` on the same subjects: one row per other
-    model with c, c_reference, delta, std_error, z, p_value (IJ z-test), p_test "ij_z",
-    and p_holm over these comparisons with family_size."""
+    """Compare each model's Harrell C with `reference` on the same subjects (IJ z-test).
+
+    One row per other model with c, c_reference, delta, std_error, z, p_value (IJ z-test), p_test
+    "ij_z", and p_holm over these comparisons with family_size.
+    """
     if reference not in risks:
         raise ValueError(f"reference {reference!r} is not one of the models {sorted(risks)}")
     cm = concordance_matrix(time, event, risks, cluster=cluster)
@@ -128,7 +136,8 @@ def paired_concordance(
 def holm(p: ArrayLike) -> NDArray[np.float64]:
     """Holm step-down adjusted p-values: p_(k) * (m - k + 1), running max, capped at 1.
 
-    NaN p-values (no test) stay NaN and do not count in m, as in R's `p.adjust`."""
+    NaN p-values (no test) stay NaN and do not count in m, as in R's `p.adjust`.
+    """
     pv = np.asarray(p, dtype=np.float64)
     out = np.full(pv.shape, np.nan)
     ok = np.isfinite(pv)
@@ -142,9 +151,11 @@ def holm(p: ArrayLike) -> NDArray[np.float64]:
 
 
 def holm_family(p: ArrayLike, in_family: ArrayLike) -> tuple[NDArray[np.float64], int]:
-    """Holm-adjusted p over the members of a pre-specified family (`in_family` [M] bool);
+    """Holm-adjust p over the members of a pre-specified family (`in_family` [M] bool).
+
     NaN outside the family and for NaN p. Returns (p_holm [M], family size m = finite
-    members)."""
+    members).
+    """
     pv = np.asarray(p, dtype=np.float64)
     fam = np.asarray(in_family, dtype=bool) & np.isfinite(pv)
     out = np.full(pv.shape, np.nan)
