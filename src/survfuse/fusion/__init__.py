@@ -16,5 +16,12 @@ from survfuse.fusion import (  # noqa: F401  (imported so the strategies registe
 from survfuse.fusion.base import FusionOutput, FusionStrategy
 from survfuse.fusion.batch import ModalitySpec
 from survfuse.fusion.model import FusionSurvivalModel
+from survfuse.fusion.multimodal import MultimodalFeatures
 
-__all__ = ["FusionOutput", "FusionStrategy", "FusionSurvivalModel", "ModalitySpec"]
+__all__ = [
+    "FusionOutput",
+    "FusionStrategy",
+    "FusionSurvivalModel",
+    "ModalitySpec",
+    "MultimodalFeatures",
+]
