@@ -43,10 +43,10 @@ class StepFunction:
 def breslow_baseline(
     time: ArrayLike, event: ArrayLike, risk: ArrayLike, *, ties: str = "breslow"
 ) -> StepFunction:
-    """Baseline cumulative hazard H0(t) of a Cox model with linear predictor `risk` (uncentered).
+    """Estimate the baseline cumulative hazard H0(t) of a Cox model with predictor `risk`.
 
-    time [N], event [N] bool, risk [N] (log relative hazard). At each distinct time t_g with
-    d_g events, risk-set sum R_g = sum_{t_j >= t_g} exp(r_j) and event mass D_g:
+    `risk` is the uncentered linear predictor. At each distinct time t_g with d_g events,
+    risk-set sum R_g = sum_{t_j >= t_g} exp(r_j) and event mass D_g:
 
     - Breslow: dH0(t_g) = d_g / R_g
     - Efron (R's `survfit.coxph` for Efron fits): dH0(t_g) = sum_{l<d_g} 1 / (R_g - (l/d_g) D_g)
@@ -54,6 +54,20 @@ def breslow_baseline(
     The step function jumps at every distinct time (censored times give zero jumps), as
     `basehaz(fit, centered = FALSE)`. exp(r - max r) is used internally; H0 scales by exp(-max r),
     so center large risks (e.g. subtract their mean) before calling to avoid underflow.
+
+    Parameters
+    ----------
+    time, event : array-like [N]
+        Follow-up (days) and event indicator (True = observed).
+    risk : array-like [N]
+        Log relative hazard of each subject.
+    ties : {"breslow", "efron"}
+        Estimator of the jumps at tied event times.
+
+    Returns
+    -------
+    StepFunction
+        H0 with a jump at every distinct time (ascending `x`, cumulative `y`).
     """
     ties = look_up_option(ties, ("breslow", "efron"), kind="ties")
     t, e = check_survival(time, event)

@@ -41,8 +41,10 @@ def _np(x: Tensor | ArrayLike) -> np.ndarray:
 
 
 class SurvivalHead(nn.Module, abc.ABC):
-    """The interface every head implements (typed here; see the module docstring), and shared
-    plumbing: buffers that may change size are resized when a state_dict is loaded."""
+    """The interface every head implements (typed here; see the module docstring).
+
+    Also shared plumbing: buffers that may change size are resized when a state_dict is loaded.
+    """
 
     _resizable: tuple[str, ...] = ()
 
@@ -245,8 +247,10 @@ class DiscreteTimeHead(SurvivalHead):
         check_survival(_np(time), _np(event))
 
     def survival(self, out: Tensor, times: ArrayLike) -> Tensor:
-        """S(t) = S_{j-1} for t in bin j = [c_{j-1}, c_j) (S_{-1} = 1): surviving a bin means
-        reaching its end, the convention of the loss. Returns [N, T] float64."""
+        """Return S(t) [N, T] float64 at `times`: S_{j-1} for t in bin j = [c_{j-1}, c_j).
+
+        S_{-1} = 1: surviving a bin means reaching its end, the convention of the loss.
+        """
         self._check_prepared()
         t = np.asarray(times, dtype=np.float64).reshape(-1)
         idx = torch.as_tensor(bin_times(t, self.cuts.cpu().numpy()), device=out.device)

@@ -85,16 +85,18 @@ def _risk_vector(risk: Tensor, name: str = "risk") -> Tensor:
 
 
 def _descending_order(time: Tensor) -> Tensor:
-    """Indices sorting `time` descending. Order inside a tie group does not matter (every
-    quantity is per group), so the sort need not be stable; on CPU numpy's SIMD sort is ~10x
-    faster than torch.sort."""
+    """Return the indices that sort `time` descending.
+
+    Order inside a tie group does not matter (every quantity is per group), so the sort need not
+    be stable; on CPU numpy's SIMD sort is ~10x faster than torch.sort.
+    """
     if time.device.type == "cpu":
         return torch.from_numpy(np.argsort(-time.numpy()))
     return torch.sort(time, descending=True).indices
 
 
 def _cox_nll_sum(time: Tensor, event: Tensor, risk: Tensor, ties: str) -> Tensor:
-    """Summed negative log partial likelihood of one stratum (needs at least one event).
+    """Return the summed negative log partial likelihood of one stratum (needs an event).
 
     Fast path: one sort by descending time, w = exp(r - max r) in float64, risk-set sums R_g as
     cumulative sums at each tie group's last row, event masses D_g as differences of the
@@ -192,7 +194,7 @@ def cox_partial_nll(
     strata: Tensor | ArrayLike | None = None,
     no_event: str = "zero",
 ) -> Tensor:
-    """Negative Cox log partial likelihood, O(n log n), stable for any finite risk.
+    """Compute the negative Cox log partial likelihood, O(n log n), stable for any finite risk.
 
     time [N] float days, event [N] bool (True = observed), risk [N] or [N, 1] log relative
     hazard (higher = worse). With risk sets R(t) = {j : t_j >= t}, tie groups g with d_g events
@@ -206,6 +208,26 @@ def cox_partial_nll(
     by the number of events. Flag `no_event`: a batch without any event has no partial
     likelihood; `"zero"` (default) returns `risk.sum() * 0`, a zero that is still attached to the
     graph (its gradient is 0, never NaN); `"raise"` raises ValueError instead.
+
+    Parameters
+    ----------
+    time, event : Tensor or array-like [N]
+        Follow-up (float days) and event indicator (True = observed).
+    risk : Tensor [N] or [N, 1]
+        Log relative hazard (higher = worse); must be finite.
+    ties : {"efron", "breslow"}
+        Handling of tied event times.
+    reduction : {"mean", "sum"}
+        Mean over the events, or the sum.
+    strata : Tensor or array-like [N], optional
+        Integer stratum labels; each stratum has its own risk sets.
+    no_event : {"zero", "raise"}
+        What a batch without any event gives.
+
+    Returns
+    -------
+    Tensor
+        Scalar loss, differentiable in `risk`.
     """
     ties = look_up_option(ties, TIES, kind="ties")
     reduction = look_up_option(reduction, REDUCTIONS, kind="reduction")
@@ -240,7 +262,7 @@ def cox_partial_nll(
 
 # ----------------------------------------------------------------------------- discrete time
 def time_bin_cuts(time: ArrayLike, event: ArrayLike, n_bins: int) -> NDArray[np.float64]:
-    """Interior cut points (n_bins - 1) at the k/n_bins quantiles of the observed event times.
+    """Return interior cut points (n_bins - 1) at the k/n_bins quantiles of the event times.
 
     As MCAT/SurvPath (`pd.qcut` on uncensored times): bin k is [c_{k-1}, c_k) with c_{-1} = -inf
     and c_{n_bins-1} = +inf, so every time falls in a bin. Use the training split only.
@@ -255,7 +277,7 @@ def time_bin_cuts(time: ArrayLike, event: ArrayLike, n_bins: int) -> NDArray[np.
 
 
 def bin_times(time: ArrayLike, cuts: ArrayLike) -> NDArray[np.int64]:
-    """Bin index in [0, len(cuts)] of each time: the number of cuts <= time."""
+    """Return the bin index in [0, len(cuts)] of each time: the number of cuts <= time."""
     t = np.asarray(time, dtype=np.float64).reshape(-1)
     return np.searchsorted(np.asarray(cuts, dtype=np.float64), t, side="right").astype(np.int64)
 
@@ -267,13 +289,28 @@ def discrete_time_nll(
     *,
     reduction: str = "mean",
 ) -> Tensor:
-    """Logistic-hazard negative log-likelihood (MCAT/SurvPath `NLLSurvLoss` with alpha = 0).
+    """Compute the logistic-hazard negative log-likelihood (MCAT/SurvPath `NLLSurvLoss`, alpha 0).
 
-    time_bin [N] int in [0, K), event [N] bool, logits [N, K]; hazards h_k = sigmoid(logit_k).
-    For a subject in bin j: event -> -[sum_{k<j} log(1 - h_k) + log h_j]; censored -> survived
-    bin j too: -sum_{k<=j} log(1 - h_k). Computed with logsigmoid (stable for large logits).
-    `reduction`: "mean" over subjects or "sum". The risk summary is -sum_k S_k with
-    S_k = prod_{m<=k} (1 - h_m) (see `DiscreteTimeHead.risk`).
+    Hazards h_k = sigmoid(logit_k). For a subject in bin j: event ->
+    -[sum_{k<j} log(1 - h_k) + log h_j]; censored -> survived bin j too:
+    -sum_{k<=j} log(1 - h_k). Computed with logsigmoid (stable for large logits). The risk
+    summary is -sum_k S_k with S_k = prod_{m<=k} (1 - h_m) (see `DiscreteTimeHead.risk`).
+
+    Parameters
+    ----------
+    time_bin : Tensor or array-like [N]
+        Bin index in [0, K) of each follow-up time (`bin_times`).
+    event : Tensor or array-like [N]
+        Event indicator (True = observed).
+    logits : Tensor [N, K]
+        Logit of the hazard of each bin.
+    reduction : {"mean", "sum"}
+        Mean over subjects, or the sum.
+
+    Returns
+    -------
+    Tensor
+        Scalar loss, differentiable in `logits`.
     """
     reduction = look_up_option(reduction, REDUCTIONS, kind="reduction")
     if not isinstance(logits, Tensor) or logits.ndim != 2:
