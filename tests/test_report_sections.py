@@ -234,3 +234,10 @@ def test_fit_loop_logs_the_model_loss_apart_from_callback_extras() -> None:
     for rec in state.history:
         assert rec["train_loss"] - rec["fused_loss"] == pytest.approx(1.5)
     assert state.history[0]["fused_loss"] == pytest.approx(float(((2 * x) ** 2).mean()))
+
+
+def test_forest_plot_without_any_comparison_is_an_empty_panel_not_an_error() -> None:
+    only_ref = pl.DataFrame([_metrics_row("internal_test", "ref", "harrell_c", 0.7)])
+    fig = figures.forest_plot(only_ref)
+    assert fig.axes[0].get_title(loc="left") == "(no comparisons)"
+    assert not [ln for ln in fig.axes[0].lines if ln.get_marker() == "o"]

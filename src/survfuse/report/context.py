@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from pydantic import ValidationError
 
 from survfuse.data.cohort import outcome_columns
 from survfuse.experiment.config import EvaluationConfig
@@ -87,8 +88,14 @@ class ReportContext:
 
     @cached_property
     def eval_config(self) -> EvaluationConfig:
-        """The run's evaluation settings, typed (defaults where the stored config has none)."""
-        return EvaluationConfig.model_validate(self.evaluation)
+        """The run's evaluation settings, typed (defaults where the stored config has none).
+        A config written by another survfuse version keeps the settings the report reads."""
+        try:
+            return EvaluationConfig.model_validate(self.evaluation)
+        except ValidationError:
+            keep = ("horizons", "calibration_horizon", "calibration_bins", "ibs_points")
+            ev = {k: v for k, v in self.evaluation.items() if k in (*keep, "bootstrap", "alpha")}
+            return EvaluationConfig.model_validate(ev)
 
     @property
     def split(self) -> np.ndarray:

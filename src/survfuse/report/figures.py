@@ -86,9 +86,10 @@ def forest_plot(
         gridspec_kw={"height_ratios": [0.75 + 0.32 * n for n in n_models]},
     )
     shown = [s for s in splits if s in set(sel["split"].to_list())]
-    offsets = dict(
-        zip(shown, np.linspace(-0.18, 0.18, len(shown)) if len(shown) > 1 else [0.0], strict=True)
-    )
+    # one offset per split shown (none when no comparison exists, e.g. the reference's cells
+    # are the only ones that finished)
+    spread = np.linspace(-0.18, 0.18, len(shown)) if len(shown) > 1 else np.zeros(len(shown))
+    offsets = dict(zip(shown, spread.tolist(), strict=True))
     for ax, task in zip(axes[:, 0], tasks, strict=True):
         part = sel.filter(pl.col("task") == task)
         models = sorted(dict.fromkeys(part["model"].to_list()), key=order.index)
@@ -128,7 +129,7 @@ def forest_plot(
         ax.set_ylim(len(models) - 0.5, -0.6)
         ax.axvline(0.0, color="black", lw=0.8, ls="--")
         ref = short_model(str(part["reference"][0])) if part.height else ""
-        ax.set_title(f"{task} (reference: {ref})", fontsize=9, loc="left")
+        ax.set_title(f"{task} (reference: {ref})" if ref else task, fontsize=9, loc="left")
         ax.set_xlabel(f"{label} (fused − reference; > 0: better than the reference)", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
