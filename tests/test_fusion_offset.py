@@ -59,7 +59,10 @@ def test_before_the_residual_learns_the_model_is_the_linear_cox(strategy, params
         branch_stopping=False,
     ).fit(f, t, e, validation=(vf, vt, ve))
     np.testing.assert_allclose(deep.predict_risk(tf), lin.predict_risk(tf), atol=1e-4)
-    assert [h["penalty"] for h in deep.offset_history_] == [h["penalty"] for h in lin.history_]
+    kept = [h for h in deep.offset_history_ if h["kept"]]
+    assert [h["penalty"] for h in kept] == [h["penalty"] for h in lin.history_]
+    # both modalities carry signal here: the concatenation is the candidate kept
+    assert {h["candidate"] for h in kept} == {"ct+ehr" if modality is None else modality}
     assert all(h["stage"] == "offset" for h in deep.offset_history_)
 
 
@@ -93,7 +96,30 @@ def test_late_fusion_branches_start_at_the_unimodal_linear_models(combine) -> No
         risk, ref = outs[i, :, 0].numpy(), lin.predict_risk(tf)
         assert np.corrcoef(risk, ref)[0, 1] > 0.9999
         np.testing.assert_allclose(risk, ref, atol=0.02)
-    assert {h.get("modality") for h in late.offset_history_} == {"ct", "ehr"}
+    assert {h["branch"] for h in late.offset_history_} == {"ct", "ehr"}
+
+
+def test_the_offset_is_the_linear_candidate_best_on_validation() -> None:
+    """EHR replaced by noise: the offset is whichever of the concatenation, CT alone and EHR
+    alone has the best validation C, and the untrained model predicts exactly that model."""
+    (f, t, e, _), (vf, vt, ve, _), (tf, *_rest) = _data(seed=7, p_noise=60)
+    rng = np.random.default_rng(0)
+    for feats in (f, vf, tf):
+        x = np.asarray(feats["ehr"].pooled)
+        feats["ehr"] = replace(feats["ehr"], pooled=rng.normal(size=x.shape).astype(np.float32))
+    model = FusionSurvivalModel(
+        "concat", strategy_params={"offset": "linear"}, device="cpu", max_epochs=2, lr=1e-12
+    ).fit(f, t, e, validation=(vf, vt, ve))
+    hist = model.offset_history_
+    best = {c: max(h["val_c_index"] for h in hist if h["candidate"] == c) for c in ("ct", "ehr")}
+    best["ct+ehr"] = max(h["val_c_index"] for h in hist if h["candidate"] == "ct+ehr")
+    (kept,) = {h["candidate"] for h in hist if h["kept"]}
+    assert best[kept] == max(best.values())
+    assert best["ehr"] < 0.56 < best["ct"]  # noise alone is near chance, CT is not
+    params = {} if kept == "ct+ehr" else {"modality": kept}
+    ref = FusionSurvivalModel("linear", strategy_params=params, device="cpu")
+    ref.fit(f, t, e, validation=(vf, vt, ve))
+    np.testing.assert_allclose(model.predict_risk(tf), ref.predict_risk(tf), atol=1e-3)
 
 
 def test_the_residual_trains_and_saves(tmp_path) -> None:

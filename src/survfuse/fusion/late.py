@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from survfuse.features import MODALITIES
 from survfuse.fusion.base import FusionOutput, FusionStrategy
 from survfuse.fusion.batch import Batch, ModalitySpec
+from survfuse.fusion.offset import LinearOffset
 from survfuse.registry import FUSIONS, look_up_option
 
 
@@ -108,7 +109,7 @@ class Late(FusionStrategy):
             # `batch` is normalised with the statistics and input balance the offset was
             # fitted with, so its `fuse` (not `forward`, which would normalise again) applies
             linear = self.branch_offsets[modality]
-            assert isinstance(linear, FusionStrategy)
+            assert isinstance(linear, LinearOffset)
             out = out + linear.fuse(batch).out.to(out.dtype)
         return out
 

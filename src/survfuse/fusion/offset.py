@@ -6,7 +6,9 @@ With `offset: linear` in a strategy's parameters the fused Cox output becomes
 
 where x_lin^T beta is the `linear` strategy (`survfuse.fusion.linear.LinearCox`: elastic-net
 Cox on the same standardised pooled features and presence flags, penalty chosen on the
-validation split) fitted by its exact solver *before* training and then frozen, and f_deep is
+validation split; for two modalities the best on validation of the concatenation and each
+modality alone, `LinearOffset`) fitted by its exact solver *before* training and then frozen,
+and f_deep is
 the strategy's own network, whose output layer starts at zero. Training therefore starts at the
 linear model and early stopping (on the validation C) keeps an epoch only where the deep part
 helps; f_deep only has to learn what a linear Cox cannot (interactions, token-level findings).
@@ -31,20 +33,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from survfuse.fusion.base import FusionStrategy
+from survfuse.fusion.base import FusionOutput, FusionStrategy
 from survfuse.fusion.batch import Batch
 from survfuse.fusion.linear import LinearCox
 from survfuse.registry import look_up_option
 
-__all__ = ["OFFSETS", "attach_offset", "fit_offset", "has_offset"]
+__all__ = ["OFFSETS", "LinearOffset", "attach_offset", "fit_offset", "has_offset"]
 
 #: Values of the `offset` strategy parameter.
 OFFSETS = ("none", "linear")
 
 
 def attach_offset(module: FusionStrategy, kind: str, *, strategy: str) -> None:
-    """Give `module` an (unfitted) linear offset when `kind` is "linear"; checks the head and
-    strategy, and zeroes the output head so training starts at the linear model."""
+    """Give `module` an (unfitted) linear offset when `kind` is "linear".
+
+    Checks the head and the strategy, and zeroes every survival head so that training starts
+    at the linear model.
+    """
     kind = look_up_option(kind, OFFSETS, kind="offset")
     if kind == "none":
         return
@@ -59,18 +64,87 @@ def attach_offset(module: FusionStrategy, kind: str, *, strategy: str) -> None:
             "fitted exactly"
         )
     if module.offset_per_branch:
-        module.branch_offsets = nn.ModuleDict({m: _linear(module, (m,)) for m in module.modalities})
+        module.branch_offsets = nn.ModuleDict(
+            {m: LinearOffset(module, (m,)) for m in module.modalities}
+        )
     else:
-        module.offset = _linear(module, module.modalities)
+        module.offset = LinearOffset(module, module.modalities)
     with torch.no_grad():  # every head starts at zero: the model starts at the linear Cox
         for head in module.survival_heads():
             for p in head.parameters():
                 p.zero_()
 
 
+class LinearOffset(nn.Module):
+    """The frozen linear Cox of a strategy's inputs: the best candidate on validation.
+
+    Candidates: the elastic-net Cox on the concatenation of the modalities and, with two
+    modalities, on each modality alone (`LinearCox`, each with its own penalty path). The one
+    with the highest validation Harrell C is kept (`pick`; the concatenation without validation
+    data or on a tie), so a modality without linear signal does not even enter the offset and
+    a fused model whose other modality is noise starts at the unimodal linear model.
+    """
+
+    pick: Tensor
+
+    def __init__(self, module: FusionStrategy, modalities: tuple[str, ...]) -> None:
+        super().__init__()
+        names = ["+".join(modalities)] + (list(modalities) if len(modalities) > 1 else [])
+        mods = [modalities] + ([(m,) for m in modalities] if len(modalities) > 1 else [])
+        self.names = names
+        self.candidates = nn.ModuleDict(
+            {n: _linear(module, m) for n, m in zip(names, mods, strict=True)}
+        )
+        self.register_buffer("pick", torch.tensor(0))
+
+    @property
+    def chosen(self) -> LinearCox:
+        """The candidate in use."""
+        linear = self.candidates[self.names[int(self.pick)]]
+        assert isinstance(linear, LinearCox)
+        return linear
+
+    def forward(self, batch: Batch) -> FusionOutput:
+        """Linear Cox output of a raw batch."""
+        out: FusionOutput = self.chosen(batch)
+        return out
+
+    def fuse(self, batch: Batch) -> FusionOutput:
+        """Linear Cox output of a batch already normalised as the strategy normalises."""
+        return self.chosen.fuse(batch)
+
+    def fit(
+        self,
+        module: FusionStrategy,
+        train: Batch,
+        time: np.ndarray,
+        event: np.ndarray,
+        validation: tuple[Batch, np.ndarray, np.ndarray] | None,
+    ) -> list[dict[str, Any]]:
+        """Fit every candidate's penalty path, keep the best; history rows per penalty."""
+        rows: list[dict[str, Any]] = []
+        best: list[float] = []
+        for name, linear in self.candidates.items():
+            assert isinstance(linear, LinearCox)
+            # the strategy's standardisation statistics (fitted on the training split by
+            # now); a copy, not a shared module, so the weights save as separate tensors
+            for m in linear.modalities:
+                linear.norms[m].load_state_dict(module.norms[m].state_dict())
+            linear.eval()
+            history = linear.fit_exact(train, time, event, validation)
+            scores = [h["val_c_index"] for h in history if np.isfinite(h["val_c_index"])]
+            best.append(max(scores) if scores else -np.inf)
+            rows += [{**h, "stage": "offset", "candidate": name} for h in history]
+        pick = int(np.argmax(best)) if validation is not None else 0
+        self.pick.fill_(pick)
+        return [{**r, "kept": r["candidate"] == self.names[pick]} for r in rows]
+
+
 def _linear(module: FusionStrategy, mods: tuple[str, ...]) -> LinearCox:
-    """A frozen `LinearCox` on `mods` with the strategy's input balance (its standardisation
-    statistics are copied at `fit_offset`, once they are fitted)."""
+    """Frozen `LinearCox` on `mods` with the strategy's input balance.
+
+    Its standardisation statistics are copied by `LinearOffset.fit`, once they are fitted.
+    """
     linear = LinearCox(module.specs, head="cox", modality=None if len(mods) > 1 else mods[0])
     linear.pooled_scale = {m: module.pooled_scale[m] for m in mods}
     for p in linear.parameters():
@@ -79,7 +153,7 @@ def _linear(module: FusionStrategy, mods: tuple[str, ...]) -> LinearCox:
 
 
 def has_offset(module: FusionStrategy) -> bool:
-    """Whether `module` has a linear offset (on its output or on its branches) to fit."""
+    """Return whether `module` has a linear offset (on its output or its branches)."""
     return module.offset is not None or module.branch_offsets is not None
 
 
@@ -90,29 +164,18 @@ def fit_offset(
     event: np.ndarray,
     validation: tuple[Batch, np.ndarray, np.ndarray] | None,
 ) -> list[dict[str, Any]]:
-    """Fit the offset's elastic-net path on the training split (penalty chosen on validation);
-    returns its history rows with `stage` = "offset" (and `modality` for branch offsets).
-    No-op without an offset."""
+    """Fit the offset(s) on the training split, choosing penalties and candidates on validation.
+
+    Returns the history rows (`stage` = "offset", `candidate`, `kept`, and `branch` for late
+    fusion's branch offsets); a no-op without an offset.
+    """
     fits: dict[str | None, nn.Module] = {}
     if module.offset is not None:
         fits[None] = module.offset
     fits.update(module.branch_offsets.items() if module.branch_offsets is not None else {})
     rows: list[dict[str, Any]] = []
-    for branch, linear in fits.items():
-        assert isinstance(linear, LinearCox)
-        # the strategy's standardisation statistics (fitted on the training split by now); a
-        # copy, not a shared module, so the weights save as separate tensors
-        for m in linear.modalities:
-            linear.norms[m].load_state_dict(module.norms[m].state_dict())
-        linear.eval()
-        for row in linear.fit_exact(train, time, event, validation):
-            rows.append(
-                {**row, "stage": "offset", **({} if branch is None else {"modality": branch})}
-            )
+    for branch, offset in fits.items():
+        assert isinstance(offset, LinearOffset)
+        for row in offset.fit(module, train, time, event, validation):
+            rows.append(row if branch is None else {**row, "branch": branch})
     return rows
-
-
-def offset_risk(offset: nn.Module, batch: Batch) -> Tensor:
-    """The offset's log-hazard [N] of a raw (not yet normalised) batch."""
-    out: Tensor = offset(batch).risk
-    return out
