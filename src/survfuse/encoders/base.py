@@ -141,7 +141,6 @@ class CTSource:
         cls, path: str | os.PathLike[str], *, lookback_days: float | None = None
     ) -> CTSource:
         """Read a CT index (parquet or CSV); relative paths resolve against its folder."""
-
         path = Path(path)
         return cls(
             index=load_ct_index(path),
@@ -151,12 +150,11 @@ class CTSource:
         )
 
     def studies(self, cohort: pl.DataFrame) -> pl.DataFrame:
-        """Latest study at or before each prediction: [subject_id, prediction_time, study_time, path].
+        """Return the latest study at or before each prediction.
 
-        Rows follow `cohort`'s order; `path` is null when no study qualifies
-        (`survfuse.data.ct_index.select_studies`).
+        Columns [subject_id, prediction_time, study_time, path]. Rows follow `cohort`'s order;
+        `path` is null when no study qualifies (`survfuse.data.ct_index.select_studies`).
         """
-
         return select_studies(cohort, self.index, lookback_days=self.lookback_days)
 
     def input_files(self) -> list[Path]:
@@ -177,7 +175,6 @@ def iter_ct_volumes(
     `CTLoadError` reason) yields None and its manifest entry (JSON-able: prediction_time as ISO
     text), so the store can report why `present` is False.
     """
-
     for i, (row, vol) in enumerate(iter_ct(source.studies(cohort), preprocessing)):
         if vol is None:
             entry = dict(row)
@@ -293,7 +290,6 @@ def register_encoder(name: str) -> Any:
 
 def build_encoder(name: str, **config: Any) -> Encoder:
     """Instantiate the registered encoder `name` (unknown names suggest the closest)."""
-
     all_registries()  # imports every encoder module, so every name is registered
 
     klass = ENCODERS.get(name)

@@ -46,8 +46,11 @@ POSITIONS = ("rotary", "time")
 
 # ---------------------------------------------------------------------- timelines
 class Timeline:
-    """One event sequence: `ids` [L] int64, `days` [L] float64 days since its first timed
-    event (0 for static events), `static` [L] bool."""
+    """One event sequence.
+
+    `ids` [L] int64, `days` [L] float64 days since its first timed event (0 for static events),
+    `static` [L] bool.
+    """
 
     __slots__ = ("days", "ids", "static")
 
@@ -60,7 +63,7 @@ class Timeline:
         return int(self.ids.shape[0])
 
     def tail(self, n: int) -> Timeline:
-        """The last n events, days re-based on the first timed event kept."""
+        """Return the last n events, days re-based on the first timed event kept."""
         ids, static = self.ids[-n:], self.static[-n:]
         t = self.days[-n:]
         timed = t[~static]
@@ -158,8 +161,11 @@ class _Block(nn.Module):
 
 
 class CLMBRModel(nn.Module):
-    """Causal transformer over token ids: `forward(ids [B,L], time_feats [B,L,8], mask [B,L])`
-    -> hidden states [B, L, d_model] (final LayerNorm applied)."""
+    """Causal transformer over token ids.
+
+    `forward(ids [B,L], time_feats [B,L,8], mask [B,L])` -> hidden states [B, L, d_model]
+    (final LayerNorm applied).
+    """
 
     def __init__(
         self,
@@ -206,7 +212,7 @@ class CLMBRModel(nn.Module):
 
 
 def next_code_loss(model: CLMBRModel, h: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, int]:
-    """Summed next-token NLL over positions whose next token is real, and their count."""
+    """Return the summed next-token NLL over positions whose next token is real, and their count."""
     valid = mask[:, :-1] & mask[:, 1:]
     logits = model.head(h[:, :-1][valid])
     nll = F.cross_entropy(logits, ids[:, 1:][valid], reduction="sum")

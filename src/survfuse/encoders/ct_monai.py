@@ -231,8 +231,11 @@ def load_checkpoint(
 
 
 def _foreground_crop(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """Bounding box of voxels > 0 (the `generic` preset's crop="foreground" without a
-    target_shape; the ct-fm presets use MONAI's CropForeground itself)."""
+    """Crop x to the bounding box of its voxels > 0.
+
+    The `generic` preset's crop="foreground" without a target_shape; the ct-fm presets use
+    MONAI's CropForeground itself.
+    """
     fg = x > 0
     if not fg.any():
         return x
@@ -306,7 +309,7 @@ class CTMonaiEncoder(Encoder):
 
     # ------------------------------------------------------------------ network
     def network(self) -> nn.Module:
-        """The network with its checkpoint loaded (built once, eval mode, on `device`)."""
+        """Return the network with its checkpoint loaded (built once, eval mode, on `device`)."""
         if self._net is None:
             cfg = self._config
             # built on the meta device: no time spent on a random init the checkpoint replaces
@@ -321,13 +324,12 @@ class CTMonaiEncoder(Encoder):
         return self._net
 
     def fingerprint(self) -> str:
-        """Base fingerprint + the checkpoint file's (path, size, mtime)."""
+        """Return the base fingerprint + the checkpoint file's (path, size, mtime)."""
         ckpt = self._config["checkpoint"]
         return hash_parts(super().fingerprint(), hash_files([ckpt]) if ckpt else "no-checkpoint")
 
     def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's feature map [B, C, a, b, c] of inputs x [B, 1, X, Y, Z]."""
-
+        """Return the network's feature map [B, C, a, b, c] of inputs x [B, 1, X, Y, Z]."""
         net = self.network()
         if self._preset.inference == "tiled":
             return fm_inference.segres_deepest_tiled(net, x, self.tile)

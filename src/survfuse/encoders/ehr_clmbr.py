@@ -207,8 +207,11 @@ class EHRCLMBREncoder(EHREncoder):
 
     # ------------------------------------------------------------------ pretraining
     def fit(self, cohort: pl.DataFrame, source: Any) -> EHRCLMBREncoder:
-        """Fit the vocabulary and pretrain on the training rows' timelines (one per subject:
-        its latest prediction_time, cut into `max_len` pieces from the end)."""
+        """Fit the vocabulary and pretrain on the training rows' timelines.
+
+        One timeline per subject: its latest prediction_time, cut into `max_len` pieces from the
+        end.
+        """
         c = self._config
         self.vocab = fit_cohort_vocab(
             cohort,

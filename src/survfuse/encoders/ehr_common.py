@@ -20,8 +20,10 @@ __all__ = ["EHREncoder", "cohort_features", "fit_cohort_vocab"]
 
 
 class EHREncoder(Encoder):
-    """Base of the encoders that read a `survfuse.data.meds.MEDSDataset` and fit a vocabulary
-    on the training split."""
+    """Base of the encoders that read a `survfuse.data.meds.MEDSDataset`.
+
+    They fit a vocabulary on the training split.
+    """
 
     modality: ClassVar[Any] = "ehr"
     learns: ClassVar[bool] = True
@@ -61,8 +63,11 @@ def cohort_features(
     meta: dict[str, Any],
     **per_key: NDArray[Any],
 ) -> ModalityFeatures:
-    """`ModalityFeatures` of `cohort`'s rows from per-key arrays (`pooled`, `present`,
-    `tokens`, `mask`, `token_codes`: first axis = `index.n_keys`), expanded by `index.row_key`."""
+    """Build the `ModalityFeatures` of `cohort`'s rows from per-key arrays.
+
+    The arrays (`pooled`, `present`, `tokens`, `mask`, `token_codes`: first axis =
+    `index.n_keys`) are expanded by `index.row_key`.
+    """
     return ModalityFeatures(
         subject_id=cohort["subject_id"].cast(pl.Int64).to_numpy(),
         prediction_time=cohort["prediction_time"].cast(pl.Datetime("us")).to_numpy(),

@@ -1,6 +1,9 @@
-"""Compiled (numba) kernels of `ehr_counts`: per-window counts, last and mean numeric values
-of each prediction's events, filled straight into CSR rows in one pass per batch of keys (means
-summed in (time, value) order with Kahan compensation)."""
+"""Compiled (numba) kernels of `ehr_counts`.
+
+Per-window counts, last and mean numeric values of each prediction's events, filled straight
+into CSR rows in one pass per batch of keys (means summed in (time, value) order with Kahan
+compensation).
+"""
 
 from __future__ import annotations
 
@@ -138,9 +141,11 @@ def scatter_pooled(
     out: NDArray[np.float32],
     present: NDArray[np.bool_],
 ) -> None:
-    """Write CSR row r (raw features) to dense row `rows[r]` of `out`, transformed as
-    `pooled_from_counts` does (same float64 arithmetic, then float32): counts -> log1p (a
-    table), numeric values -> clip((x - mean) / sd, -10, 10), age -> (x - mean) / sd."""
+    """Write CSR row r (raw features) to dense row `rows[r]` of `out`, transformed.
+
+    Transformed as `pooled_from_counts` does (same float64 arithmetic, then float32): counts ->
+    log1p (a table), numeric values -> clip((x - mean) / sd, -10, 10), age -> (x - mean) / sd.
+    """
     width = vocab_size + 2 * n_numeric
     age_col = out.shape[1] - 1
     for r in range(rows.shape[0]):
@@ -228,8 +233,9 @@ def window_counts(
     windows: Sequence[float | None],
     age: NDArray[np.float64] | None = None,
 ) -> sp.csr_matrix:
-    """Raw count / last / mean features [n_keys, len(windows) * (V + 2 M)] as CSR float64
-    (one more last column with `age` [n_keys] when given; stored where > 0).
+    """Return raw count / last / mean features [n_keys, len(windows) * (V + 2 M)], CSR float64.
+
+    One more last column with `age` [n_keys] when given; stored where > 0.
 
     key: [n] key per event (events in time order within a key); days_before: [n] (NaN =
     static, in every window); ids: [n] token ids; num_idx: [n] numeric-code index or -1;
@@ -257,8 +263,10 @@ def window_counts(
 def gather_rows(
     parts: list[sp.csr_matrix], keys: list[NDArray[np.int64]], rows: NDArray[np.int64], width: int
 ) -> sp.csr_matrix:
-    """Rows `rows` (key indices) of the stacked per-key matrices `parts` (rows `keys`); keys
-    without a row are all zero."""
+    """Return rows `rows` (key indices) of the stacked per-key matrices `parts` (rows `keys`).
+
+    Keys without a row are all zero.
+    """
     if not parts:
         return sp.csr_matrix((rows.shape[0], width), dtype=np.float64)
     stacked = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")

@@ -7,16 +7,15 @@ no value binning), the row of a prediction holds
 
     [ count(code j in w) for j in 0..V | last value of numeric code m | mean value of m in w ]
 
-where the numeric codes are the `max_numeric` vocabulary codes with the most training values,
-plus one last column `age_years`: years since the subject's `birth_code` event (MEDS_BIRTH; 0 when
+where the numeric codes are the `max_numeric` vocabulary codes with the most training values, plus
+one last column `age_years`: years since the subject's `birth_code` event (MEDS_BIRTH; 0 when
 absent; read whatever the windows, as birth lies decades back), which counts cannot express and
-which most risks depend on.
-`count_matrix` returns these raw values as a `scipy.sparse.csr_matrix` [N, F] (for GBMs);
-`encode` gives `ModalityFeatures` with pooled only: dense float32 [N, F] with `log1p` counts and
-numeric values z-scored by training mean / sd and clipped to +-10 (absent values stay 0). `meta["feature_names"]`
-names the F columns, e.g. `"30d/count/LAB//CREAT"`, `"all/mean/LAB//CREAT"`. One compiled (numba)
-pass per batch of keys fills every window's CSR rows (means summed in (time, value) order with
-Kahan compensation).
+which most risks depend on. `count_matrix` returns these raw values as a `scipy.sparse.csr_matrix`
+[N, F] (for GBMs); `encode` gives `ModalityFeatures` with pooled only: dense float32 [N, F] with
+`log1p` counts and numeric values z-scored by training mean / sd and clipped to +-10 (absent values
+stay 0). `meta["feature_names"]` names the F columns, e.g. `"30d/count/LAB//CREAT"`,
+`"all/mean/LAB//CREAT"`. One compiled (numba) pass per batch of keys fills every window's CSR rows
+(means summed in (time, value) order with Kahan compensation).
 """
 
 from __future__ import annotations
@@ -112,13 +111,18 @@ class EHRCountsEncoder(EHREncoder):
 
     @property
     def _read_lookback(self) -> float | None:
-        """Look-back of the event read: all history when ages are computed, because the birth
-        event lies decades before any finite window (the windows are applied per feature)."""
+        """Return the look-back of the event read.
+
+        All history when ages are computed, because the birth event lies decades before any
+        finite window (the windows are applied per feature).
+        """
         return None if self._config["birth_code"] is not None else self._lookback
 
     def _in_lookback(self, batch: EventBatch) -> EventBatch:
-        """The events within the longest window (static events always), i.e. what the count
-        features can see; the read may hold older events for the age."""
+        """Return the events within the longest window (static events always).
+
+        That is what the count features can see; the read may hold older events for the age.
+        """
         lb = self._lookback
         if lb is None or self._read_lookback is not None:
             return batch

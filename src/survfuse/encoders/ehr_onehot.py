@@ -76,15 +76,15 @@ def _plan_tokens(
     tok_len: NDArray[np.int32],
     flat: NDArray[np.int32],
 ) -> tuple[int, int]:
-    """One pass over events grouped by key (key j = events starts[j]:starts[j + 1], static
-    events first, then time order, so `day` is non-increasing after them).
+    """Plan the tokens of every key in one pass over events grouped by key.
 
-    Per key: the most recent `t_max` days (minus one slot for the static token) become tokens;
-    a token's ids are sorted, de-duplicated and cut to `k_max` and appended to `flat`; token t
-    goes to output row `tok_row[t]`, position `tok_pos[t]` (chronological, static last), has
-    day index `tok_day[t]` (-1 = static) and `tok_len[t]` ids. With a non-empty `pooled`,
-    `pooled[rows[j], id] = count of id / number of events` is written on the way (ids < V).
-    Returns (number of tokens, ids written to flat).
+    Key j = events starts[j]:starts[j + 1], static events first, then time order, so `day` is
+    non-increasing after them. Per key: the most recent `t_max` days (minus one slot for the static
+    token) become tokens; a token's ids are sorted, de-duplicated and cut to `k_max` and appended to
+    `flat`; token t goes to output row `tok_row[t]`, position `tok_pos[t]` (chronological, static
+    last), has day index `tok_day[t]` (-1 = static) and `tok_len[t]` ids. With a non-empty `pooled`,
+    `pooled[rows[j], id] = count of id / number of events` is written on the way (ids < V). Returns
+    (number of tokens, ids written to flat).
     """
     n_keys = starts.shape[0] - 1
     do_pooled = pooled.shape[0] > 0
@@ -170,8 +170,10 @@ def _fill_tokens(
     feats: NDArray[np.float32],
     mask: NDArray[np.bool_],
 ) -> None:
-    """Scatter planned tokens into `codes` [N, T, K], `feats` [N, T, 8] (row d + 1 of `table`
-    for day d) and `mask` [N, T]."""
+    """Scatter planned tokens into `codes` [N, T, K], `feats` [N, T, 8] and `mask` [N, T].
+
+    `feats` of a token of day d is row d + 1 of `table`.
+    """
     off = 0
     k_out = codes.shape[2]
     for t in range(tok_row.shape[0]):
@@ -205,8 +207,10 @@ class _TokenPlan:
         max_codes_per_token: int,
         pooled: NDArray[np.float32] | None = None,
     ) -> NDArray[np.int64]:
-        """Plan the tokens of events (key, day_index, id); key k goes to row `rows[k]` (key
-        itself when None). Returns the distinct keys seen."""
+        """Plan the tokens of events (key, day_index, id) and return the distinct keys seen.
+
+        Key k goes to row `rows[k]` (key itself when None).
+        """
         n = key.shape[0]
         if n == 0:
             return np.zeros(0, np.int64)

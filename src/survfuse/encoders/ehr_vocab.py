@@ -95,7 +95,7 @@ class EventBatch:
         return int(self.key.shape[0])
 
     def take(self, keep: NDArray[np.bool_]) -> EventBatch:
-        """The events where `keep` [n] is True (order kept)."""
+        """Return the events where `keep` [n] is True (order kept)."""
         return EventBatch(
             key=self.key[keep],
             subject_id=self.subject_id[keep],
@@ -356,10 +356,13 @@ _set_madvise_hugepage: Any = getattr(
 
 
 def output_array(shape: tuple[int, ...], dtype: Any, fill: Any = 0) -> NDArray[Any]:
-    """A new output array filled with `fill`, allocated without numpy's transparent-huge-page
-    advice. Why: the encoders' dense outputs are written once, and on a busy machine the first
-    touch of huge pages triggers memory compaction that cost ~5x the whole write (1.7 s vs
-    0.3 s CPU for 770 MB); the setting is restored right after the allocation."""
+    """Return a new output array filled with `fill`, without transparent-huge-page advice.
+
+    numpy advises huge pages for large arrays. Why not here: the encoders' dense outputs are written
+    once, and on a busy machine the first touch of huge pages triggers memory compaction that cost
+    ~5x the whole write (1.7 s vs 0.3 s CPU for 770 MB); the setting is restored right after the
+    allocation.
+    """
     prev = _set_madvise_hugepage(False) if _set_madvise_hugepage is not None else None
     try:
         out: NDArray[Any] = np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)
@@ -381,9 +384,12 @@ def expand_rows(per_key: NDArray[Any], row_key: NDArray[np.int64]) -> NDArray[An
 def key_runs(
     key: NDArray[np.int64], time_us: NDArray[np.int64]
 ) -> tuple[NDArray[np.int64] | None, NDArray[np.int64], NDArray[np.int64]]:
-    """Runs of events by key: (stable order that groups the events by key with `time_us`
-    non-decreasing within a key, or None when they already are; run starts [n_runs + 1] in
-    that order; key of each run [n_runs]). `time_us` is any int64 sort key."""
+    """Return the runs of events by key: (order, run starts [n_runs + 1], key of each run).
+
+    The order is stable, groups the events by key with `time_us` non-decreasing within a key,
+    and is None when they already are; the run starts are in that order. `time_us` is any int64
+    sort key.
+    """
     order = None
     n = key.shape[0]
     same = key[1:] == key[:-1]

@@ -28,7 +28,7 @@ __all__ = ["patch_embeddings", "segres_deepest", "segres_deepest_tiled", "segres
 
 
 def _convs(module: nn.Module) -> Iterator[nn.Conv3d]:
-    """The Conv3d layers of `module` in forward order (SegResEncoder registers them in order)."""
+    """Yield the Conv3d layers of `module` in forward order (SegResEncoder registers them so)."""
     for m in module.modules():
         if isinstance(m, nn.Conv3d):
             yield m

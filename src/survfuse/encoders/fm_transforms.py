@@ -133,7 +133,7 @@ class FMPreprocessing(BaseModel):
         return all(getattr(self, k) == v for k, v in PUBLISHED[self.pipeline].items())
 
     def checks(self) -> CTPreprocessing:
-        """The data checks as a `CTPreprocessing` (for `check_ct_array`)."""
+        """Return the data checks as a `CTPreprocessing` (for `check_ct_array`)."""
         return CTPreprocessing(
             check_hu=self.check_hu,
             min_slices=self.min_slices,
@@ -145,7 +145,7 @@ class FMPreprocessing(BaseModel):
 
 
 def build_chain(prep: FMPreprocessing) -> Callable[[Any], Any]:
-    """The published transform chain after loading: MetaTensor [1, X, Y, Z] HU -> model input.
+    """Build the published transform chain after loading: MetaTensor [1, X, Y, Z] HU -> input.
 
     Keyword for keyword as upstream (Merlin and the CT-FM scripts use dictionary transforms on
     key "image", the CT-FM card array transforms; each is built here as its source writes it).
@@ -223,7 +223,7 @@ def _nifti_loader() -> Any:
 
 
 def load_hu_tensor(path: str | Path) -> Any:
-    """A CT as MONAI's loader gives it: `MetaTensor` [1, X, Y, Z] float32 HU with a RAS affine.
+    """Load a CT as MONAI's loader gives it: `MetaTensor` [1, X, Y, Z] float32 HU, RAS affine.
 
     NIfTI: `LoadImage(reader=NibabelReader(), ensure_channel_first=True)` (the reader the
     published `LoadImage(d)` picks for NIfTI). Others (DICOM series folder, .mha, .nrrd):

@@ -175,7 +175,7 @@ class PrecomputedEncoder(Encoder):
         self.modality = modality  # type: ignore[misc,assignment]
 
     def fingerprint(self) -> str:
-        """Base fingerprint + the embedding file's (path, size, mtime)."""
+        """Return the base fingerprint + the embedding file's (path, size, mtime)."""
         return hash_parts(super().fingerprint(), hash_files([self._config["path"]]))
 
     def input_files(self) -> list[Path]:

@@ -32,7 +32,7 @@ __all__ = ["RayFeatureStore", "encoder_blueprint", "ray_encode"]
 
 
 def encoder_blueprint(encoder: Encoder) -> dict[str, Any]:
-    """What an actor needs to rebuild `encoder`: name, config, fitted state and fingerprint."""
+    """Return what an actor needs to rebuild `encoder`: name, config, fitted state, fingerprint."""
     return {
         "name": encoder.name,
         "config": encoder.config(),
@@ -43,8 +43,10 @@ def encoder_blueprint(encoder: Encoder) -> dict[str, Any]:
 
 
 def rebuild_encoder(blueprint: dict[str, Any]) -> Encoder:
-    """The encoder of `encoder_blueprint`; refuses one whose fingerprint differs (other code)."""
+    """Rebuild the encoder of `encoder_blueprint`.
 
+    Refuses one whose fingerprint differs (built by other code).
+    """
     all_registries()  # imports every encoder module, so every name is registered
 
     enc: Encoder = ENCODERS.get(blueprint["name"])(**blueprint["config"])
