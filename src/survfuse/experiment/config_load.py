@@ -33,7 +33,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- errors
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class reached by following `loc` field names from `model`."""
+    """Return the pydantic model class reached by following `loc` field names from `model`."""
     current: Any = model
     for part in loc:
         if isinstance(part, int):
@@ -210,7 +210,6 @@ def check_inputs(cfg: ExperimentConfig, *, source: str = "config") -> None:
 
 def cohort_tasks(columns: list[str]) -> list[str]:
     """Tasks a cohort table defines: `default` (time/event) and every `<task>_time/_event` pair."""
-
     return list(task_columns(list(columns)))
 
 
@@ -218,7 +217,6 @@ def encoder_from_choice(
     choice: EncoderChoice, *, source: str = "config", where: str = "encoders"
 ) -> Any:
     """Instantiate an encoder from its choice; bad parameters become a ConfigError."""
-
     cls = ENCODERS.get(choice.name)
     try:
         return cls(**choice.params)

@@ -19,7 +19,7 @@ __all__ = ["default_demo_config", "demo_config", "run_demo"]
 
 
 def default_demo_config() -> Path:
-    """The shipped `examples/demo.yaml` (the repository's, for an editable install)."""
+    """Return the shipped `examples/demo.yaml` (the repository's, for an editable install)."""
     candidates = [
         Path(survfuse.__file__).resolve().parents[2] / "examples" / "demo.yaml",
         Path.cwd() / "examples" / "demo.yaml",
@@ -34,7 +34,7 @@ def default_demo_config() -> Path:
 
 
 def demo_config(data_dir: Path, config: Path | None = None) -> ExperimentConfig:
-    """The demo config with its data paths pointed at a simulated dataset folder."""
+    """Return the demo config with its data paths pointed at a simulated dataset folder."""
     overrides = {
         "data": {
             "cohort": str(data_dir / "cohort.parquet"),
@@ -58,7 +58,6 @@ def run_demo(
 
     Returns {"run": RunResult, "data": Path}.
     """
-
     out = Path(out).resolve()
     data_dir = out / "data"
     if not (data_dir / "dataset.json").exists() or not (data_dir / "cohort.parquet").exists():

@@ -1,6 +1,9 @@
-"""Scoring every task x split group of a run: per-model statistics read from the run's
-evaluation cache when unchanged, the rest scored by the executor (Ray: bootstrap blocks fanned
-out as tasks; local: worker processes or this process) with a progress bar."""
+"""Scoring every task x split group of a run.
+
+Per-model statistics are read from the run's evaluation cache when unchanged, the rest scored by
+the executor (Ray: bootstrap blocks fanned out as tasks; local: worker processes or this
+process) with a progress bar.
+"""
 
 from __future__ import annotations
 
@@ -47,10 +50,12 @@ def score_groups(
     progress: bool = True,
     console: Any = None,
 ) -> list[dict[str, Any]]:
-    """`score_group` of every group, per-model statistics read from / written to the run's
-    evaluation cache (`eval_cache.EvalCache`; no cache when `rd` is None). Only models whose
-    entry is missing are scored: by `executor.score_groups` (Ray), in the local executor's
-    worker processes, or here, with a progress bar."""
+    """Run `score_group` on every group, through the run's evaluation cache.
+
+    Per-model statistics are read from / written to the cache (`eval_cache.EvalCache`; no cache when
+    `rd` is None). Only models whose entry is missing are scored: by `executor.score_groups` (Ray),
+    in the local executor's worker processes, or here, with a progress bar.
+    """
     from dataclasses import replace
 
     from rich.console import Console

@@ -1,6 +1,7 @@
-"""Score a finished grid: per task x split x model, seeds averaged, with bootstrap CIs and
-paired comparisons against the reference (best unimodal) model, Holm-adjusted over a
-pre-specified family.
+"""Score a finished grid: per task x split x model, seeds averaged.
+
+With bootstrap CIs and paired comparisons against the reference (best unimodal) model,
+Holm-adjusted over a pre-specified family.
 
 For each task and evaluation split (validation, internal_test, external_test):
 - every model's per-seed predictions are scored with the configured metrics (Harrell and Uno C,
@@ -132,7 +133,7 @@ class ComparisonFamily:
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> ComparisonFamily:
-        """The config's `evaluation.family`."""
+        """Return the config's `evaluation.family`."""
         f = cfg.evaluation.family
         return cls(metrics=tuple(f.metrics), splits=tuple(f.splits), models=f.models)
 
@@ -228,7 +229,7 @@ def choose_reference(
     validation_point: dict[str, dict[MetricKey, float]],
     models: dict[str, CellSpec],
 ) -> str | None:
-    """The reference model of a task, chosen on validation Harrell C (never on a test split)."""
+    """Choose the reference model of a task on validation Harrell C (never on a test split)."""
     ref = cfg.evaluation.reference
     if ref == "best_unimodal":
         candidates = [k for k, s in models.items() if len(s.modalities) == 1]
@@ -245,7 +246,6 @@ def choose_reference(
 
 def _ci(x: NDArray[np.float64], estimate: float, alpha: float) -> tuple[float, float]:
     """Percentile interval of the finite replicates (`survfuse.metrics.interval`)."""
-
     x = x[np.isfinite(x)]
     if x.size < 2 or not math.isfinite(estimate):
         return math.nan, math.nan
@@ -260,7 +260,6 @@ def _compare(
     u_ref: NDArray[np.float64] | None,
 ) -> tuple[float, str]:
     """(p, test) of one paired difference: the IJ z-test, else the bootstrap-SD z-test."""
-
     if not math.isfinite(delta):
         return math.nan, ""
     if u is not None and u_ref is not None:
@@ -305,7 +304,7 @@ def assemble_table(
     scores: list[dict[str, Any]],
     family: ComparisonFamily | None = None,
 ) -> pl.DataFrame:
-    """The long metrics table (one row per task x split x model x metric x horizon).
+    """Build the long metrics table (one row per task x split x model x metric x horizon).
 
     Columns: the model (`MODEL_SCHEMA`), metric, horizon, estimate, lower, upper, ci_method
     ("percentile", or "percentile_calibration_test" for ICI / E50), n_seeds, n, n_events,
@@ -313,7 +312,6 @@ def assemble_table(
     delta_lower / delta_upper, p_value and p_test ("ij_z" or "bootstrap_z"), in_family,
     family_size and p_holm (Holm over the family, `ComparisonFamily`; NaN outside it).
     """
-
     family = family or ComparisonFamily.of(cfg)
     alpha = cfg.evaluation.alpha
     rows: list[dict[str, Any]] = []
@@ -431,8 +429,8 @@ def evaluate_run(
 ) -> pl.DataFrame:
     """Score every finished cell and write `metrics.parquet` + `metrics.csv`; return the table.
 
-    Statistics of unchanged models come from `RUN_DIR/eval_cache/` (`score_groups`)."""
-
+    Statistics of unchanged models come from `RUN_DIR/eval_cache/` (`score_groups`).
+    """
     groups = build_groups(cfg, rd, specs)
     scores = score_groups(groups, rd, executor=executor, progress=progress, console=console)
     table = assemble_table(cfg, groups, scores)

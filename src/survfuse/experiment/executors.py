@@ -43,7 +43,9 @@ class Executor(abc.ABC):
         on_result: Callable[[CellResult], None] | None = None,
     ) -> list[CellResult]:
         """Run `run_cell(spec, run_dir)` for each spec; call `on_result` as each one finishes.
-        Returns the results in the order of `specs`."""
+
+        Returns the results in the order of `specs`.
+        """
         by_id: dict[str, CellResult] = {}
         for spec, result in self.finished(specs, run_dir):
             by_id[spec.cell_id] = result
@@ -71,8 +73,11 @@ class Executor(abc.ABC):
         fit_cohort: Any = None,
         progress: bool = True,
     ) -> Any:
-        """Encode one modality through the feature store; the chunks are encoded by the store
-        `encoding_store` picks (a cluster may fan them out), into the same folders."""
+        """Encode one modality through the feature store.
+
+        The chunks are encoded by the store `encoding_store` picks (a cluster may fan them out),
+        into the same folders.
+        """
         encoding = self.encoding_store(store, encoder)
         feats = encoding.encode(encoder, cohort, source, fit_cohort=fit_cohort, progress=progress)
         if encoding is not store:
@@ -80,7 +85,7 @@ class Executor(abc.ABC):
         return feats
 
     def encoding_store(self, store: Any, encoder: Any) -> Any:
-        """The feature store that encodes `encoder`'s chunks: `store` itself here."""
+        """Return the feature store that encodes `encoder`'s chunks: `store` itself here."""
         return store
 
     def close(self) -> None:

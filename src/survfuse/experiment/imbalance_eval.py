@@ -64,10 +64,12 @@ def _ablation_file(rd: RunDir, spec: CellSpec) -> Path:
 def ablation_predictions(
     rd: RunDir, spec: CellSpec, rows: np.ndarray | None = None
 ) -> pl.DataFrame:
-    """Risk of one finished fused cell per cohort row: `full`, `ct` (only CT present), `ehr`
-    (only EHR present); predicted for `rows` only (default: all; NaN elsewhere, e.g. the
-    training rows, which no analysis scores). Cached per cell digest."""
+    """Predict the risk of one finished fused cell per cohort row, with and without each modality.
 
+    Columns `full`, `ct` (only CT present), `ehr` (only EHR present); predicted for `rows` only
+    (default: all; NaN elsewhere, e.g. the training rows, which no analysis scores). Cached per cell
+    digest.
+    """
     path = _ablation_file(rd, spec)
     if path.exists():
         return pl.read_parquet(path)
@@ -94,8 +96,11 @@ def _risk_matrix(rd: RunDir, cells: list[CellSpec], rows: np.ndarray) -> np.ndar
 def _baselines(
     specs: list[CellSpec], fused: CellSpec, metrics: pl.DataFrame | None
 ) -> dict[str, list[CellSpec]]:
-    """The unimodal cells (all seeds) of each modality with the fused model's encoder; when the
-    config has several unimodal strategies per modality, the best on validation Harrell C."""
+    """Return the unimodal cells (all seeds) of each modality with the fused model's encoder.
+
+    When the config has several unimodal strategies per modality, the best on validation
+    Harrell C.
+    """
     out: dict[str, list[CellSpec]] = {}
     for m in ("ct", "ehr"):
         enc = fused.ct_encoder if m == "ct" else fused.ehr_encoder
@@ -143,8 +148,7 @@ def _model_frames(
     cache_dir: Path,
     used: set[str],
 ) -> list[pl.DataFrame]:
-    """The imbalance rows of one fused model, per evaluation split (validation first)."""
-
+    """Compute the imbalance rows of one fused model, per evaluation split (validation first)."""
     schema = {**MODEL_COLUMNS, **TABLE_SCHEMA}
     eval_rows = np.flatnonzero(np.isin(split, list(EVAL_SPLITS)))
     cells = sorted(cells, key=lambda c: c.seed)
@@ -231,7 +235,7 @@ def evaluate_imbalance(
     progress: bool = True,
     console: Any = None,
 ) -> pl.DataFrame:
-    """The imbalance table of a run (see the module docstring); written to RUN_DIR when `write`.
+    """Compute the imbalance table of a run (module docstring); written to RUN_DIR when `write`.
 
     Columns: task, split, model, strategy, fusion, ct_encoder, ehr_encoder, head, n_seeds,
     reference_modality, then `ImbalanceAnalysis.table()`'s quantity, modality, estimate,
@@ -286,9 +290,11 @@ def evaluate_imbalance(
 
 
 def ensure_imbalance(run_dir: str | Path) -> Path | None:
-    """`RUN_DIR/imbalance.parquet`, computed now from the run folder alone (its resolved config
-    and the cells' spec.json) when it is missing or older than `metrics.parquet`; None when
-    the run has no metrics yet."""
+    """Return `RUN_DIR/imbalance.parquet`, computing it first when missing or stale.
+
+    Computed from the run folder alone (its resolved config and the cells' spec.json) when it is
+    missing or older than `metrics.parquet`; None when the run has no metrics yet.
+    """
     import json
 
     rd = RunDir(run_dir)
@@ -309,8 +315,11 @@ def ensure_imbalance(run_dir: str | Path) -> Path | None:
 
 
 def imbalance_hook(cfg: ExperimentConfig, rd: RunDir, specs: list[CellSpec], executor: Any) -> None:
-    """`runner.POST_EVALUATION` hook: the imbalance table of every run. A failure here is a
-    warning, not a failed run (the metrics are already written; the report retries it)."""
+    """Write the imbalance table of every run (the `runner.POST_EVALUATION` hook).
+
+    A failure here is a warning, not a failed run (the metrics are already written; the report
+    retries it).
+    """
     try:
         evaluate_imbalance(cfg, rd, specs)
     except Exception as exc:  # the analysis must not fail a finished run

@@ -92,8 +92,11 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Empty the record and drop the lock (the file stays: unlinking it would let a waiting
-        process lock the removed file while a third locks a new one)."""
+        """Empty the record and drop the lock.
+
+        The file stays: unlinking it would let a waiting process lock the removed file while a
+        third locks a new one.
+        """
         if self._fd is None:
             return
         try:

@@ -159,8 +159,11 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------------ encoding
     def encoding_store(self, store: Any, encoder: Any) -> Any:
-        """Encoders of `ray.encode_modalities`: a `RayFeatureStore` on the same folder (chunks
-        encoded through Ray Data); the others: `store` (on the driver)."""
+        """Return the feature store that encodes `encoder`'s chunks.
+
+        Encoders of `ray.encode_modalities`: a `RayFeatureStore` on the same folder (chunks
+        encoded through Ray Data); the others: `store` (on the driver).
+        """
         if getattr(encoder, "modality", None) not in self.options.encode_modalities:
             return store
 
@@ -183,20 +186,21 @@ class RayExecutor(Executor):
 def score_block(
     g: Any, blocks: Sequence[NDArray[np.float64]], *, points: bool = False
 ) -> dict[str, Any]:
-    """Seed-averaged statistics of every model of group `g` on weight blocks (+ points):
+    """Compute seed-averaged statistics of every model of group `g` on weight blocks (+ points).
+
     `evaluate.score_blocks`, the steps of `evaluate.score_group` with the scorers built once
     per call. Returns {"boot": {model: {key: [sum b] array}}, "cal": {model: per-seed
     calibration-model parameters or None}, "point": {model: {key: value}} or None}.
     """
-
     return score_blocks(g, blocks, points=points)
 
 
 def score_groups_on_ray(
     groups: Sequence[Any], *, block: int = 256, cpus: int | None = None
 ) -> list[dict[str, Any]]:
-    """Score groups like `evaluate.score_blocks` (the caller adds `evaluate.finish_group`),
-    resample blocks in parallel Ray tasks.
+    """Score groups like `evaluate.score_blocks`, resample blocks in parallel Ray tasks.
+
+    The caller adds `evaluate.finish_group`.
 
     The weights come from `Resampler.weights(n_boot, group_seed(...))` on the driver, the same
     stream as the local evaluation (blocks of 128 resamples), so every resample and every

@@ -63,6 +63,7 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON with sorted keys to `path` atomically."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
@@ -81,7 +82,8 @@ def remove_debris(rd: RunDir, *, store: bool = True) -> int:
 
     Call it only while holding the run folder's lock (`survfuse.experiment.lock.RunLock`): then
     no other process is writing here. `store=False` leaves `features/store` alone (a store
-    shared with other runs is theirs too)."""
+    shared with other runs is theirs too).
+    """
     import shutil
 
     removed = 0
@@ -143,7 +145,7 @@ class RunDir:
         return self.root / "data_manifest.parquet"
 
     def cell(self, cell_id: str) -> Path:
-        """The folder of a cell; the id is checked so that it cannot name a path outside."""
+        """Return the folder of a cell; the id is checked so that it cannot name a path outside."""
         return inside(self.cells, check_cell_id(cell_id), "cell folder")
 
     @property
@@ -163,7 +165,7 @@ class RunDir:
         return self.root / "summary.md"
 
     def cell_status(self, cell_id: str) -> dict[str, Any] | None:
-        """The cell's `status.json`, or None when the cell has not finished (or never ran)."""
+        """Return the cell's `status.json`, or None when it has not finished (or never ran)."""
         f = self.cell(cell_id) / "status.json"
         if not f.exists():
             return None
@@ -174,7 +176,7 @@ class RunDir:
         return out
 
     def is_done(self, cell_id: str, digest: str) -> bool:
-        """True when the cell finished successfully for exactly this spec digest."""
+        """Return True when the cell finished successfully for exactly this spec digest."""
         st = self.cell_status(cell_id)
         return (
             st is not None

@@ -1,5 +1,7 @@
-"""`run_sweep`: where does fusion help? Simulate a cohort per (imbalance, site shift), run every
-strategy through the runner, and tabulate + plot the gain over the best unimodal baseline.
+"""`run_sweep`: a sweep over simulated cohorts that shows where fusion helps.
+
+Simulate a cohort per (imbalance, site shift), run every strategy through the runner, and
+tabulate + plot the gain over the best unimodal baseline.
 
 A setting is (imbalance w, site shift, simulation seed); `replicates` R simulates R independent
 cohorts per (w, shift) (seeds `sim_seed`, `sim_seed` + 1, ...), so the sweep's gains are not
@@ -18,22 +20,22 @@ strategies and the unimodal baselines see) carries almost none of the simulator'
 features are unstandardised (no fitting: the fusion model standardises with training rows).
 With "config" the base config's CT encoders are used as they are.
 
-The gain of a fused model is the runner's paired difference against each task's reference, the
-best unimodal model on validation: delta = C(fused) - C(reference) on internal and external test,
-with its percentile CI over the run's shared subject-level resamples (seeds averaged). The row
-`best fusion` takes, per setting and task, the fused model with the highest validation C (never
-chosen on a test split; column `selected` names it). With `rebalance=True` every fused strategy also runs with OGM-GE
-gradient modulation (`<strategy>_ogm`), so its effect appears as extra lines. The measured CT
+The gain of a fused model is the runner's paired difference against each task's reference, the best
+unimodal model on validation: delta = C(fused) - C(reference) on internal and external test, with
+its percentile CI over the run's shared subject-level resamples (seeds averaged). The row `best
+fusion` takes, per setting and task, the fused model with the highest validation C (never chosen on
+a test split; column `selected` names it). With `rebalance=True` every fused strategy also runs with
+OGM-GE gradient modulation (`<strategy>_ogm`), so its effect appears as extra lines. The measured CT
 share of the Shapley contributions (`survfuse.analysis`) is added to each row.
 
-Pooling replicates: the R cohorts are independent studies of the same setting, so their gains
-are combined by a DerSimonian-Laird random-effects meta-analysis
+Pooling replicates: the R cohorts are independent studies of the same setting, so their gains are
+combined by a DerSimonian-Laird random-effects meta-analysis
 (`survfuse.metrics.meta.random_effects`; the between-cohort variance tau^2 absorbs that training
-runs and cohorts differ by more than test sampling explains). Each cohort's bootstrap interval
-gives its within-cohort standard error, se_r = (upper_r - lower_r) / (2 z) with z the run's
-two-sided normal quantile. With R = 1 the run's own percentile interval is kept. With few cohorts tau^2 is imprecise:
-the interval is approximate. `best fusion` is selected on validation within each cohort (column
-`selected` counts the choices).
+runs and cohorts differ by more than test sampling explains). Each cohort's bootstrap interval gives
+its within-cohort standard error, se_r = (upper_r - lower_r) / (2 z) with z the run's two-sided
+normal quantile. With R = 1 the run's own percentile interval is kept. With few cohorts tau^2 is
+imprecise: the interval is approximate. `best fusion` is selected on validation within each cohort
+(column `selected` counts the choices).
 
 Measured balance: the nominal w says where the simulator put the signal, not how much of it the
 encoders recover (on the 32x32x20 simulator the MACE image factor, coronary calcium, is about
@@ -76,8 +78,10 @@ __all__ = ["SweepResult", "run_sweep", "sweep_config", "write_cell_embeddings"]
 
 @dataclass
 class SweepResult:
-    """The sweep's folder, its pooled gain table, the per-cohort table and the site shifts
-    (`survfuse.report.sweep.write_sweep_report` draws and summarises them)."""
+    """The sweep's folder, its pooled gain table, the per-cohort table and the site shifts.
+
+    `survfuse.report.sweep.write_sweep_report` draws and summarises them.
+    """
 
     out: Path
     table: pl.DataFrame
@@ -101,11 +105,13 @@ def _parse_floats(values: Sequence[float], what: str) -> list[float]:
 def write_cell_embeddings(
     data_dir: Path, out: Path, *, grid: tuple[int, int, int] = (2, 2, 2), n_bins: int = 16
 ) -> Path:
-    """CT embeddings of every cohort row as an npz for the `precomputed` encoder: pooled =
+    """Write CT embeddings of every cohort row as an npz for the `precomputed` encoder.
+
+    pooled =
     [whole-volume features, each grid cell's features] (raw `ct_radiomics` statistics), tokens =
     cells + centre positions, mask = cells with voxels. Rows without a CT are left out (the
-    encoder then marks them absent with `on_missing="absent"`)."""
-
+    encoder then marks them absent with `on_missing="absent"`).
+    """
     cohort = pl.read_parquet(data_dir / "cohort.parquet").select(
         pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
     )
@@ -146,13 +152,12 @@ def sweep_config(
     rebalance: bool = False,
     ct_embeddings: Path | None = None,
 ) -> ExperimentConfig:
-    """The base study pointed at `data_dir` and reduced for a sweep (see the module docstring).
+    """Return the base study pointed at `data_dir` and reduced for a sweep (module docstring).
 
     strategies: keys to keep (e.g. `unimodal_ct`, `late`; unimodal baselines are always kept);
     ehr_encoders: EHR encoder keys to keep; seeds: training seeds 0..seeds-1; ct_embeddings:
     an npz of `write_cell_embeddings` that replaces the CT encoders (label `ct_cells`).
     """
-
     raw: dict[str, Any] = (
         dict(base) if isinstance(base, dict) else yaml.safe_load(Path(base).read_text())
     )
@@ -236,7 +241,6 @@ def run_sweep(
     simulation seed (within a replicate the same latent patients in every setting, so settings
     differ only in w and the site shift); replicates: independent cohorts per (w, shift).
     """
-
     ct_features = look_up_option(ct_features, ("cells", "config"), kind="ct_features")
     ws = _parse_floats(imbalance, "imbalance")
     shifts = _parse_floats(site_shift, "site_shift")

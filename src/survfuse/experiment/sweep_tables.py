@@ -1,6 +1,9 @@
-"""The tables of `survfuse sweep-imbalance`: each cohort's gain over its best unimodal model
-(`gain_table`), the measured-balance correlation (`gap_correlation`) and the random-effects
-pooling of cohorts (`pool_replicates`); see `survfuse.experiment.sweep` for the design."""
+"""The tables of `survfuse sweep-imbalance`.
+
+Each cohort's gain over its best unimodal model (`gain_table`), the measured-balance correlation
+(`gap_correlation`) and the random-effects pooling of cohorts (`pool_replicates`); see
+`survfuse.experiment.sweep` for the design.
+"""
 
 from __future__ import annotations
 
@@ -58,8 +61,11 @@ def gain_table(
     setting: dict[str, float | int],
     rebalanced: set[str] | None = None,
 ) -> pl.DataFrame:
-    """Gain over the reference (best unimodal) of every fused model and of the best fusion, per
-    task x test split, from one run's `metrics.parquet` (+ its `imbalance.parquet`)."""
+    """Tabulate the gain over the reference (best unimodal) of every fused model.
+
+    Also of the best fusion, per task x test split, from one run's `metrics.parquet` (+ its
+    `imbalance.parquet`).
+    """
     rebalanced = rebalanced or set()
     hc = metrics.filter(pl.col("metric") == "harrell_c")
     rows: list[dict[str, Any]] = []
@@ -138,8 +144,10 @@ def _best_unimodal_per_modality(t: pl.DataFrame) -> dict[str, str]:
 
 
 def gap_correlation(per_cohort: pl.DataFrame) -> pl.DataFrame:
-    """Spearman correlation between |unimodal_gap| and the best fusion's gain over cohorts x
-    imbalances, per site shift x task x split (columns rho, n)."""
+    """Compute the Spearman correlation between |unimodal_gap| and the best fusion's gain.
+
+    Over cohorts x imbalances, per site shift x task x split (columns rho, n).
+    """
     from scipy.stats import spearmanr
 
     best = per_cohort.filter(
@@ -165,11 +173,14 @@ POOLED_KEYS = ("imbalance", "site_shift", "task", "split", "model")
 
 
 def pool_replicates(table: pl.DataFrame, *, level: float = 0.95) -> pl.DataFrame:
-    """Random-effects pooled gain over the simulated cohorts of each (w, shift, task, split,
-    model), with its interval at `level` (the runs' bootstrap level; module docstring); the
-    run's own interval when a group has one cohort. Columns: those of `GAIN_SCHEMA` without
-    `sim_seed`, plus `tau2` (between-cohort variance) and `n_replicates`; `selected` lists how
-    often each strategy was the validation-selected best fusion; other numbers are means."""
+    """Pool the gain over the simulated cohorts by random effects.
+
+    Per (w, shift, task, split, model), with its interval at `level` (the runs' bootstrap level;
+    module docstring); the run's own interval when a group has one cohort. Columns: those of
+    `GAIN_SCHEMA` without `sim_seed`, plus `tau2` (between-cohort variance) and `n_replicates`;
+    `selected` lists how often each strategy was the validation-selected best fusion; other numbers
+    are means.
+    """
     from statistics import NormalDist
 
     if not table.height:
