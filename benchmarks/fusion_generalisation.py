@@ -198,6 +198,8 @@ def main() -> None:
     pl.DataFrame(drops or None).write_csv(args.out / "drops.csv")
     with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200, fmt_str_lengths=60):
         print(summarise(table))
+        print("where the signal is lost: each modality's oracle C against its best model:")
+        print(signal_loss(table))
         print("deep fusion (best on validation) against the linear concatenation, per split:")
         print(deep_vs_linear(table))
         if args.offset == "both":
@@ -232,6 +234,42 @@ def with_offset(cfg: ExperimentConfig, offset: str) -> ExperimentConfig:
 def _strategy(model: str) -> str:
     """`concat_lin[ct_radiomics+ehr_onehot]/cox` -> `concat_lin`."""
     return model.split("[", 1)[0]
+
+
+def signal_loss(table: pl.DataFrame) -> pl.DataFrame:
+    """Per setting x task on internal test (mean over seeds): the image-only and EHR-only
+    oracle C beside the best CT-only and EHR-only model chosen on validation: a modality's
+    features lose its signal where its best model stays far below its oracle."""
+    t = table.with_columns(pl.col("model").map_elements(_strategy, pl.String).alias("strategy"))
+    keys = ["imbalance", "interaction", "site_shift", "sim_seed", "task"]
+    out = []
+    for key, part in t.group_by(keys, maintain_order=True):
+        row = dict(zip(keys, key, strict=True))
+        test = part.filter(pl.col("split") == "internal_test")
+        if not test.height:
+            continue
+        for modality in ("ct", "ehr"):
+            uni = part.filter(pl.col("unimodal") & pl.col("strategy").str.contains(modality))
+            val = uni.filter(pl.col("split") == "validation").sort("c", descending=True)
+            best = val["model"][0] if val.height else None
+            c = test.filter(pl.col("model") == best)["c"]
+            row[f"{modality}_model_c"] = c[0] if c.len() else math.nan
+        row["image_oracle"] = test["image_oracle"][0]
+        row["ehr_oracle"] = test["ehr_oracle"][0]
+        row["oracle"] = test["oracle"][0]
+        out.append(row)
+    return (
+        pl.DataFrame(out)
+        .group_by(["task", "imbalance", "interaction", "site_shift"], maintain_order=True)
+        .agg(
+            pl.col("oracle").mean(),
+            pl.col("image_oracle").mean(),
+            pl.col("ct_model_c").mean(),
+            pl.col("ehr_oracle").mean(),
+            pl.col("ehr_model_c").mean(),
+        )
+        .sort(["task", "imbalance", "interaction", "site_shift"])
+    )
 
 
 def deep_vs_linear(table: pl.DataFrame) -> pl.DataFrame:
