@@ -17,8 +17,9 @@ from ct_only_study import ct_only_config
 from survfuse.experiment.config import ConfigError, ExperimentConfig
 from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.executors import get_executor
+from survfuse.experiment.predict import predict_cohort
 from survfuse.experiment.rundir import RunDir
-from survfuse.experiment.runner import encode_features, prepare_cohort
+from survfuse.experiment.runner import encode_features, prepare_cohort, run_experiment
 from survfuse.features import ModalityFeatures
 from survfuse.features_harmonise import combat, harmonise_features, site_standardise
 
@@ -205,3 +206,13 @@ def test_outcome_permutation_leaves_harmonised_features_identical(
     if reference == "development":  # training and internal-test features stay as encoded
         np.testing.assert_array_equal(harmonised.pooled[~ext], raw.pooled[~ext])
         np.testing.assert_array_equal(harmonised.tokens[~ext], raw.tokens[~ext])
+
+
+def test_predict_refuses_a_harmonised_run(sim_small: Path, tmp_path: Path) -> None:
+    """New patients' features would need their own site's adjustment: predict says so."""
+    cfg = _tiny(sim_small, tmp_path, "site_standardise", "development")
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})})
+    res = run_experiment(cfg, tmp_path / "run", progress=False)
+    cell = next(p.name for p in (res.run_dir / "cells").iterdir() if p.is_dir())
+    with pytest.raises(ValueError, match="harmonised its features per site"):
+        predict_cohort(res.run_dir, cell, sim_small / "cohort.parquet")

@@ -106,6 +106,11 @@ def predict_cohort(
     spec = CellSpec.model_validate(json.loads((rd.cell(cell_id) / "spec.json").read_text()))
     cfg = parse_config(raw, base=rd.root, source=str(rd.config))
     keys = load_keys(cohort, date_format=date_format or cfg.data.date_format)
+    if any(cfg.harmonise.applies(m) for m in spec.modalities):
+        raise ValueError(
+            f"{rd.root}: the run harmonised its features per site ({cfg.harmonise.method}); "
+            "predict does not harmonise new patients' features"
+        )
 
     features: dict[str, Any] = {}
     for modality in spec.modalities:
