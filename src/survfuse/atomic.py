@@ -1,5 +1,8 @@
-"""Atomic folder writes: a folder is filled under a temporary sibling name and renamed into
-place, so after a crash (even `kill -9`) it is either complete or absent."""
+"""Atomic folder writes.
+
+A folder is filled under a temporary sibling name and renamed into place, so after a crash
+(even `kill -9`) it is either complete or absent.
+"""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ Modality = Literal["ct", "ehr"]
 
 
 def _as(a: Any, dtype: Any) -> Any:
-    """`a` with `dtype` (no copy when it already has it, so memory maps are kept)."""
+    """Return `a` with `dtype` (no copy when it already has it, so memory maps are kept)."""
     if isinstance(a, np.ndarray) and a.dtype == dtype:
         return a
     return np.asarray(a, dtype=dtype)

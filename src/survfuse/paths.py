@@ -38,7 +38,7 @@ def check_name(value: str, what: str) -> str:
 
 
 def check_cell_id(cell_id: str) -> str:
-    """A cell id: safe names joined by single dots (never `..`, `/` or a leading dot)."""
+    """Check a cell id: safe names joined by single dots (never `..`, `/` or a leading dot)."""
     if not isinstance(cell_id, str) or not _CELL_ID.match(cell_id):
         raise UnsafePathError(
             f"cell id {cell_id!r} is not names of letters, digits, '_' and '-' joined by '.'"

@@ -19,9 +19,12 @@ def progress_bar(
     enabled: bool = True,
     console: Any = None,
 ) -> Progress:
-    """A rich `Progress`: `title`, the bar, done / total, the `stats` text columns, time elapsed
-    and remaining, then the `note` text column (text in rich markup, with `{task...}` fields).
-    `enabled=False` shows nothing; `console`: where it draws (None: rich's console)."""
+    """Build a rich `Progress` with a bar, counts, statistics, times and a note.
+
+    Columns: `title`, the bar, done / total, the `stats` text columns, time elapsed and
+    remaining, then the `note` text column (text in rich markup, with `{task...}` fields).
+    `enabled=False` shows nothing; `console`: where it draws (None: rich's console).
+    """
     import rich.progress as rp
 
     after = [] if note is None else [rp.TextColumn(note)]

@@ -75,9 +75,12 @@ class RiskModel(Protocol):
 
 # ----------------------------------------------------------------------------- masking
 def mask_modality(features: ModalityFeatures) -> ModalityFeatures:
-    """The same rows with the modality missing for everyone: present=False, mask all False,
-    pooled/tokens zero, token codes -1 (exactly what `ModalityFeatures.align` gives a key
-    without data, so the model sees the missing-modality input it was built to handle)."""
+    """Return the same rows with the modality missing for everyone.
+
+    present=False, mask all False, pooled/tokens zero, token codes -1 (exactly what
+    `ModalityFeatures.align` gives a key without data, so the model sees the missing-modality
+    input it was built to handle).
+    """
 
     def zeros(a: NDArray[Any] | None, fill: int = 0) -> Any:
         return None if a is None else np.full(a.shape, fill, dtype=a.dtype)
@@ -140,8 +143,9 @@ def _ct_share(phi_ct: ArrayLike, phi_ehr: ArrayLike) -> NDArray[np.float64]:
 # ----------------------------------------------------------------------------- result
 @dataclass(frozen=True, eq=False)
 class ImbalanceAnalysis:
-    """`results`: one MetricResult per quantity, named `quantity` or `quantity[modality]`:
+    """Modality contributions and imbalance of one fused model, with bootstrap intervals.
 
+    `results`: one MetricResult per quantity, named `quantity` or `quantity[modality]`:
     harrell_c[full], harrell_c[ct], harrell_c[ehr] (only that modality present),
     ablation_drop[ct] = C(full) - C(only ehr) (the loss when CT is masked), ablation_drop[ehr],
     shapley[ct], shapley[ehr], shapley_sum (= C(full) - 0.5), imbalance_index, ct_share,

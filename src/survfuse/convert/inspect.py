@@ -150,8 +150,11 @@ def _ct_index(df: pl.DataFrame, ct_root: Path, counts: dict[str, Any]) -> pl.Dat
 
 
 def _code_metadata(meds: Path, codes: list[str]) -> pa.Table:
-    """codes.parquet rows for `codes`, with descriptions from the input's metadata if any
-    (MEDS 0.1 `metadata.json` `code_metadata`, or a current `metadata/codes.parquet`)."""
+    """Return the codes.parquet rows for `codes`.
+
+    With descriptions from the input's metadata if any (MEDS 0.1 `metadata.json`
+    `code_metadata`, or a current `metadata/codes.parquet`).
+    """
     desc: dict[str, tuple[str | None, list[str]]] = {}
     try:
         old = json.loads((meds / "metadata.json").read_text()).get("code_metadata") or {}

@@ -94,7 +94,7 @@ class FlattenResult:
 
 
 def meds_shards(root: str | Path) -> list[Path]:
-    """The parquet shards of a MEDS root: `data/**/*.parquet`, else `**/*.parquet` under it."""
+    """List the parquet shards of a MEDS root: `data/**/*.parquet`, else `**/*.parquet`."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"MEDS folder not found: {root}")
@@ -106,7 +106,7 @@ def meds_shards(root: str | Path) -> list[Path]:
 
 
 def _leaf(leaves: list[str], *parts: str) -> str | None:
-    """The leaf path `a.<list>.b...` whatever the writer called list elements."""
+    """Return the leaf path `a.<list>.b...` whatever the writer called list elements."""
     for elem in ("list.element", "list.item", "bag.array", "array"):
         path = f".{elem}.".join(parts)
         if path in leaves:
@@ -222,8 +222,10 @@ def _first(mask: pa.Array) -> int:
 def _times(
     arr: pa.Array, ctx: _Ctx, rows: _Rows, column: str, *, nullable: bool
 ) -> tuple[NDArray[np.int64], NDArray[np.bool_] | None]:
-    """Event times as int64 microseconds and a null mask (None: no nulls); checks the type,
-    nulls (unless `nullable`) and the range [1800, 2200)."""
+    """Return event times as int64 microseconds and a null mask (None: no nulls).
+
+    Checks the type, nulls (unless `nullable`) and the range [1800, 2200).
+    """
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         s = pl.Series("t", arr.cast(pa.string()))
@@ -372,7 +374,7 @@ class _Flattener:
         ccol: str,
         has_numeric: bool,
     ) -> pa.Table:
-        """The flat table of one batch; `src` holds the `code` (and `numeric_value`) fields."""
+        """Return the flat table of one batch; `src` holds the `code` (and `numeric_value`)."""
         get = (lambda f: src.column(f)) if isinstance(src, pa.RecordBatch) else (
             lambda f: pc.struct_field(src, f)
         )  # fmt: skip

@@ -94,7 +94,7 @@ def _crosscheck(cc: dict[str, Any], mism: pl.DataFrame | None) -> list[str]:
 
 
 def render_report(counts: dict[str, Any], mismatches: pl.DataFrame | None = None) -> str:
-    """The Markdown report of a conversion's `counts` (see `convert_inspect`)."""
+    """Render the Markdown report of a conversion's `counts` (see `convert_inspect`)."""
     inp, c = counts["inputs"], counts["cohort"]
     lines = [
         "# INSPECT conversion report",

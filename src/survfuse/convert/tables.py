@@ -133,8 +133,11 @@ def parse_datetime(
     fmt: str | None = None,
     rows: pl.Series | None = None,
 ) -> pl.Series:
-    """`try_parse_datetime`, raising `ConversionError` naming file, row and column for the
-    first value that does not parse. `rows` maps positions to source rows (a subset)."""
+    """Parse datetimes like `try_parse_datetime`, raising `ConversionError` where one fails.
+
+    The error names file, row and column of the first value that does not parse. `rows` maps
+    positions to source rows (a subset).
+    """
     parsed, bad, rule = try_parse_datetime(values, fmt)
     if bad is not None:
         row = int(rows[bad]) if rows is not None else bad

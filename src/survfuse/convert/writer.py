@@ -84,8 +84,10 @@ class BackgroundWriter:
         self._queue.put(table)
 
     def close(self) -> None:
-        """Flush, close the file and re-raise a write error. A file nothing was written to
-        gets `empty_schema` and no rows (when given)."""
+        """Flush, close the file and re-raise a write error.
+
+        A file nothing was written to gets `empty_schema` and no rows (when given).
+        """
         self._queue.put(_DONE)
         self._thread.join()
         if self._writer is not None:

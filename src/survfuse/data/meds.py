@@ -103,7 +103,7 @@ class _Shard:
     has_numeric: bool
 
     def scan(self) -> pl.LazyFrame:
-        """The shard as a lazy frame with exactly the canonical MEDS columns and dtypes."""
+        """Scan the shard as a lazy frame with exactly the canonical MEDS columns and dtypes."""
         lf = pl.scan_parquet(self.path)
         nv = (
             pl.col("numeric_value").cast(pl.Float32)
@@ -297,8 +297,8 @@ class MEDSDataset:
         Each yielded frame has columns `WINDOW_SCHEMA` (subject_id, prediction_time, time, code,
         numeric_value), is sorted by (subject_id, prediction_time, time) with static events first
         (ties keep their file order), and holds all rows of each of its keys. Keys without events
-        yield no rows. Shards are processed one at a time (in chunks of about `chunk_rows` rows cut at
-        subject boundaries when a shard is sorted by subject), subjects whose events span several
+        yield no rows. Shards are processed one at a time (in chunks of about `chunk_rows` rows cut
+        at subject boundaries when a shard is sorted by subject), subjects whose events span several
         shards last; frames come in that order, not globally sorted.
         """
         if batch_size < 1:
@@ -337,7 +337,7 @@ class MEDSDataset:
             )
 
     def _read_chunks(self, shard: _Shard, subjects: pl.Series) -> Iterator[pl.DataFrame]:
-        """The shard's events for `subjects`, in chunks that never split a subject.
+        """Yield the shard's events for `subjects`, in chunks that never split a subject.
 
         Few wanted subjects: one filtered read (parquet statistics can skip row groups). A shard
         sorted by subject_id and larger than `chunk_rows`: contiguous row slices cut at subject
@@ -403,8 +403,11 @@ def _first_index(
     *,
     strict: bool,
 ) -> NDArray[np.int64]:
-    """Vectorised binary search: per query, the first i in [lo, hi) with a[i] > x (strict) or
-    a[i] >= x (not strict); hi when there is none. `a` is sorted within each [lo, hi)."""
+    """Vectorised binary search within per-query ranges [lo, hi) of a sorted `a`.
+
+    Per query, the first i in [lo, hi) with a[i] > x (strict) or a[i] >= x (not strict); hi
+    when there is none. `a` is sorted within each [lo, hi).
+    """
     lo, hi = lo.copy(), hi.copy()
     if a.size == 0:
         return lo
@@ -431,12 +434,12 @@ def _concat_ranges(starts: NDArray[np.int64], lengths: NDArray[np.int64]) -> NDA
 def _window_events(
     events: pl.DataFrame, keys: pl.DataFrame, lookback_us: int | None, batch_size: int
 ) -> Iterator[pl.DataFrame]:
-    """Window `events` (canonical MEDS columns, any order) for `keys` (subject_id,
-    prediction_time), yielding frames of at most `batch_size` keys.
+    """Window `events` for `keys`, yielding frames of at most `batch_size` keys.
 
-    Events are put in (subject_id, time) order with static events first (a stable sort, skipped
-    when the shard is already in that order, as MEDS shards usually are). A key's window is then
-    two contiguous ranges of its subject's block: the static events, and the timed events in
+    `events` has the canonical MEDS columns, in any order; `keys` are (subject_id, prediction_time).
+    Events are put in (subject_id, time) order with static events first (a stable sort, skipped when
+    the shard is already in that order, as MEDS shards usually are). A key's window is then two
+    contiguous ranges of its subject's block: the static events, and the timed events in
     [prediction_time - lookback, prediction_time], found by binary search.
     """
     if events.height == 0:

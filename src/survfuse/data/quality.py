@@ -1,4 +1,4 @@
-"""The data manifest: for every prediction and modality, is the data present, missing or failed?
+"""The data manifest: per prediction and modality, whether data is present, missing or failed.
 
 A study must never use bad data silently. Encoders mark a patient's modality `present = False`
 when there is nothing to encode; this module says *why*, per row, from what the encoders record
@@ -121,8 +121,10 @@ def _short(reason: str) -> str:
 
 
 def manifest_summary(manifest: pl.DataFrame) -> list[str]:
-    """One line per modality x encoder, e.g.
-    "ct (ct_radiomics): 2,011 present, 489 missing (no CT study ...: 489), 3 failed (...: 3)"."""
+    """Summarise the manifest in one line per modality x encoder.
+
+    E.g. "ct (ct_radiomics): 2,011 present, 489 missing (no CT study ...: 489), 3 failed (...: 3)".
+    """
     lines = []
     for (modality, encoder), part in manifest.group_by(
         ["modality", "encoder"], maintain_order=True

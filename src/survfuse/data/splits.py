@@ -144,11 +144,14 @@ def predefined_splits(
     *,
     source: object = "cohort",
 ) -> pl.DataFrame:
-    """`(subject_id, split)` from a cohort column of predefined splits (e.g. a release's own
-    train / validation / test assignment); subjects of `external_sites` become external_test.
+    """Read `(subject_id, split)` from a cohort column of predefined splits.
+
+    E.g. a release's own train / validation / test assignment; subjects of `external_sites`
+    become external_test.
 
     Raises SplitError naming the column and subject for a missing column, a null or unknown
-    value, or a subject with two values (splits must be disjoint by subject)."""
+    value, or a subject with two values (splits must be disjoint by subject).
+    """
     if column not in cohort_df.columns:
         raise SplitError(
             f"{source}: splits.column {column!r} is not a cohort column (columns: "

@@ -1,5 +1,6 @@
-"""The ground-truth simulator: multi-site CT + EHR cohorts with known signal, kept apart from
-the real-data loaders in `survfuse.data`.
+"""The ground-truth simulator: multi-site CT + EHR cohorts with known signal.
+
+Kept apart from the real-data loaders in `survfuse.data`.
 
 `cohort` draws sites, latent factors, hazards and outcomes; `ct` renders NIfTI volumes with
 scanner effects; `ehr` writes MEDS events; `write` puts a whole dataset on disk

@@ -1,5 +1,6 @@
-"""The generative model of the simulated cohort (`survfuse.simulate`): sites, latent
-factors, log-hazards, outcomes and the cohort / oracle tables, without any file writing.
+"""The generative model of the simulated cohort (`survfuse.simulate`), without file writing.
+
+Sites, latent factors, log-hazards, outcomes and the cohort / oracle tables.
 
 Per task the log-hazard is
 
@@ -179,7 +180,7 @@ def _hazard_parts(
     imbalance: float,
     interaction: float,
 ) -> dict[str, np.ndarray]:
-    """The log-hazard of `task` and its image, EHR, shared (age) and interaction parts."""
+    """Compute the log-hazard of `task` and its image, EHR, shared (age) and interaction parts."""
     img_raw, ehr_raw = _raw_parts(lat, task)
     img = (img_raw - moments["img_mean"]) / moments["img_sd"]
     ehr_z = (ehr_raw - moments["ehr_mean"]) / moments["ehr_sd"]
@@ -258,8 +259,10 @@ def _outcomes(
 
 @dataclass(frozen=True)
 class CohortArgs:
-    """The arguments of the generative model, those `simulate` and `simulate_tables` share
-    (site names made str), checked on creation with a message naming the argument."""
+    """The arguments of the generative model, those `simulate` and `simulate_tables` share.
+
+    Site names are made str; checked on creation with a message naming the argument.
+    """
 
     n: int
     sites: tuple[str, ...]
@@ -395,7 +398,7 @@ ORACLE_LATENTS = (
 
 
 def cohort_tables(plan: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The cohort table and the oracle table of a plan."""
+    """Build the cohort table and the oracle table of a plan."""
     outcomes, parts, lat = plan["outcomes"], plan["parts"], plan["lat"]
     pred_time = pl.Series("prediction_time", plan["index_us"]).cast(pl.Datetime("us"))
     site_names = pl.Series(
@@ -438,8 +441,11 @@ def simulate_tables(
     site_shift: float = 1.0,
     censoring: float = 0.6,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The (cohort, oracle) tables `simulate` writes for the same arguments, without rendering
-    any CT or EHR (fast: for studying the outcome model, e.g. oracle C-indices)."""
+    """Return the (cohort, oracle) tables `simulate` writes for the same arguments.
+
+    Without rendering any CT or EHR (fast: for studying the outcome model, e.g. oracle
+    C-indices).
+    """
     args = CohortArgs(
         n, tuple(sites), tuple(external), seed, imbalance, interaction, site_shift, censoring
     )

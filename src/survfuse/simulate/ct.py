@@ -303,7 +303,7 @@ def render_ct(
 
 @lru_cache(maxsize=16)
 def _nifti_header(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> bytes:
-    """The 352 header bytes (header + empty extension flag) nibabel writes for int16 RAS+."""
+    """Return the 352 header bytes (header + empty extension flag) nibabel writes, int16 RAS+."""
     img = nib.Nifti1Image(np.zeros(shape, dtype=np.int16), affine_for(shape, spacing))
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_qform(img.affine, code=1)

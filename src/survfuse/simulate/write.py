@@ -358,9 +358,11 @@ def simulate(
 
 
 def _prepare_folder(out: Path) -> None:
-    """Make `out` ready for a fresh dataset: stale files of an earlier simulation would change
-    the dataset (an extra MEDS shard or CT file), so they are removed; any other content is an
-    error rather than something to delete."""
+    """Make `out` ready for a fresh dataset.
+
+    Stale files of an earlier simulation would change the dataset (an extra MEDS shard or CT
+    file), so they are removed; any other content is an error rather than something to delete.
+    """
     if out.exists() and any(out.iterdir()):
         ours = (out / INCOMPLETE_MARKER).exists()
         if (out / "dataset.json").exists():
