@@ -58,11 +58,27 @@ def calibration_table(
     *,
     n_groups: int = 10,
 ) -> pl.DataFrame:
-    """Observed vs predicted event probability at `horizon` per risk group.
+    """Tabulate observed vs predicted event probability at `horizon` per risk group.
 
-    surv_t [N] = predicted S_i(horizon). Subjects are cut into `n_groups` quantile groups of
-    predicted risk 1 - S; observed = 1 - Kaplan-Meier of the group at the horizon.
-    Columns: group, n, n_events, predicted, observed.
+    Subjects are cut into `n_groups` quantile groups of predicted risk 1 - S (by rank, so groups
+    have equal sizes even with tied predictions); observed = 1 - Kaplan-Meier of the group at
+    the horizon.
+
+    Parameters
+    ----------
+    time, event : array-like [N]
+        Follow-up (days) and event indicator (True = observed).
+    surv_t : array-like [N]
+        Predicted S_i(horizon), in [0, 1].
+    horizon : float
+        Time of the calibration, > 0 and not beyond the last follow-up.
+    n_groups : int
+        Number of risk groups (>= 1).
+
+    Returns
+    -------
+    polars.DataFrame
+        One row per non-empty group: group, n, n_events, predicted, observed.
     """
     t, e = check_survival(time, event)
     s = _check_prob(surv_t, t.shape[0], "surv_t")
@@ -317,6 +333,22 @@ def d_calibration(
     c = S_i(T_i) spreads 1 uniformly over [0, c] (its event comes later, so its survival
     probability there is below c): (min(hi, c) - min(lo, c)) / c to each bin.
     statistic = sum_b (O_b - N/B)^2 / (N/B) ~ chi2(B - 1).
+
+    Parameters
+    ----------
+    time, event : array-like [N]
+        Follow-up (days) and event indicator (True = observed).
+    surv : array-like [N] or [N, K]
+        S_i(T_i) itself, or survival curves on `times`.
+    times : array-like [K], optional
+        Time grid of 2-d `surv`; None when `surv` is already S_i(T_i).
+    n_bins : int
+        Number B of equal-width probability bins (>= 2).
+
+    Returns
+    -------
+    DCalibrationResult
+        statistic, p_value and bin_counts [B]; a small p says the curves are not calibrated.
     """
     t, e = check_survival(time, event)
     if times is None:

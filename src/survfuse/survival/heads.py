@@ -98,10 +98,17 @@ class SurvivalHead(nn.Module, abc.ABC):
 class CoxHead(SurvivalHead):
     """Linear layer -> log relative hazard [N, 1]; Cox partial likelihood; Breslow curves.
 
-    kwargs: `ties` ("efron" | "breslow") for the loss and the baseline estimator, `bias`
-    (a bias is unidentifiable in a Cox model; default False).
     Fitted buffers: `baseline_time` [M], `baseline_cumhaz` [M] (H0 at the centred risk) and
     `risk_offset` (the mean training risk the baseline is centred on), `baseline_fitted`.
+
+    Parameters
+    ----------
+    in_features : int
+        Width D of the input [N, D].
+    ties : {"efron", "breslow"}
+        Tie handling of the loss and of the baseline estimator.
+    bias : bool
+        Give the linear layer a bias (unidentifiable in a Cox model; default False).
     """
 
     _resizable = ("baseline_time", "baseline_cumhaz")
@@ -177,9 +184,15 @@ class CoxHead(SurvivalHead):
 class DiscreteTimeHead(SurvivalHead):
     """Linear layer -> per-bin hazard logits [N, n_bins]; logistic-hazard NLL (MCAT/SurvPath).
 
-    kwargs: `n_bins` (default 4, as MCAT). `prepare` cuts the time axis at the training
-    event-time quantiles (`time_bin_cuts`), stored in the buffer `cuts` [n_bins - 1].
-    risk = -sum_k S_k with S_k = prod_{m<=k} (1 - h_m).
+    `prepare` cuts the time axis at the training event-time quantiles (`time_bin_cuts`), stored
+    in the buffer `cuts` [n_bins - 1]. risk = -sum_k S_k with S_k = prod_{m<=k} (1 - h_m).
+
+    Parameters
+    ----------
+    in_features : int
+        Width D of the input [N, D].
+    n_bins : int
+        Number of time bins (>= 1; default 4, as MCAT).
     """
 
     cuts: Tensor
