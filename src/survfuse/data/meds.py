@@ -403,10 +403,9 @@ def _first_index(
     *,
     strict: bool,
 ) -> NDArray[np.int64]:
-    """Vectorised binary search within per-query ranges [lo, hi) of a sorted `a`.
+    """Binary-search each query's range [lo, hi) of `a` (sorted there), vectorised.
 
-    Per query, the first i in [lo, hi) with a[i] > x (strict) or a[i] >= x (not strict); hi
-    when there is none. `a` is sorted within each [lo, hi).
+    Returns the first i with a[i] > x (strict) or a[i] >= x (not strict); hi when there is none.
     """
     lo, hi = lo.copy(), hi.copy()
     if a.size == 0:
