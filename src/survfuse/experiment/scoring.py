@@ -205,9 +205,7 @@ def make_scorers(
     return out
 
 
-def null_model_scores(
-    g: GroupData, metrics: tuple[str, ...] = ("ibs",)
-) -> dict[MetricKey, float]:
+def null_model_scores(g: GroupData, metrics: tuple[str, ...] = ("ibs",)) -> dict[MetricKey, float]:
     """Point estimates of the Kaplan-Meier null model on one task x split: every subject gets
     the training split's KM survival curve S_0(t) and the same risk, scored by the same scorers
     as the models (`make_scorers`), so its IBS is the benchmark a model must beat (C and AUC
