@@ -308,9 +308,50 @@ def test_shapes_order_and_duplicates(
     assert f.token_codes.shape == (cohort.height, 4, 3) and f.tokens.shape == (cohort.height, 4, 8)
     assert f.vocab_size == 101 and f.token_codes.max() < 101 and f.token_codes.min() == -1
     assert ((f.token_codes >= 0).any(-1) == f.mask).all()
-    np.testing.assert_allclose(f.pooled.sum(1)[f.present], 1.0, rtol=1e-5)
+    # code frequencies, then age_years (its values: test_onehot_age_matches_the_raw_birth_events)
+    assert f.pooled.shape[1] == 102 and f.meta["pooled_columns"][-1] == "age_years"
+    np.testing.assert_allclose(f.pooled[:, :-1].sum(1)[f.present], 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="position"):
         build_encoder("ehr_clmbr", position="rotery")
+
+
+def _age_years(events: pl.DataFrame, cohort: pl.DataFrame) -> np.ndarray:
+    """Reference: years from each row's latest MEDS_BIRTH event to prediction_time (0: none)."""
+    birth = (
+        events.filter(pl.col("code") == "MEDS_BIRTH")
+        .group_by("subject_id")
+        .agg(pl.col("time").max())
+    )
+    days = (
+        cohort.join(birth, on="subject_id", how="left", maintain_order="left")
+        .select(
+            ((pl.col("prediction_time") - pl.col("time")).dt.total_microseconds() / 86_400e6)
+            .fill_null(0.0)
+            .alias("d")
+        )["d"]
+        .to_numpy()
+    )
+    return np.asarray(days / 365.25)
+
+
+@pytest.mark.parametrize("lookback", [None, 30.0])
+def test_onehot_age_matches_the_raw_birth_events(
+    mimic: tuple[pl.DataFrame, pl.DataFrame], mimic_root: Path, lookback: float | None
+) -> None:
+    """The last pooled column is the age at prediction, also when a look-back window keeps
+    the (decades old) birth event out of the tokens and counts; birth_code=None drops it."""
+    events, cohort = mimic
+    src = MEDSDataset(mimic_root)
+    train = cohort.filter(pl.col("split") == "train")
+    enc = EHROneHotEncoder(max_codes=100, max_tokens=4, lookback_days=lookback).fit(train, src)
+    f = enc.encode(cohort, src)
+    want = _age_years(events, cohort)
+    assert (want > 18).sum() > 90
+    np.testing.assert_allclose(f.pooled[:, -1], want, rtol=1e-6)
+    plain = EHROneHotEncoder(max_codes=100, max_tokens=4, lookback_days=lookback, birth_code=None)
+    g = plain.fit(train, src).encode(cohort, src)
+    np.testing.assert_array_equal(g.pooled, f.pooled[:, :-1])
+    np.testing.assert_array_equal(g.token_codes, f.token_codes)
 
 
 def test_counts_age_with_finite_windows(
@@ -322,21 +363,7 @@ def test_counts_age_with_finite_windows(
     src = MEDSDataset(mimic_root)
     train = cohort.filter(pl.col("split") == "train")
     enc = EHRCountsEncoder(windows=(30, 365), max_codes=100, max_numeric=8).fit(train, src)
-    birth = (
-        events.filter(pl.col("code") == "MEDS_BIRTH")
-        .group_by("subject_id")
-        .agg(pl.col("time").max())
-    )
-    want = (
-        cohort.join(birth, on="subject_id", how="left", maintain_order="left")
-        .select(
-            ((pl.col("prediction_time") - pl.col("time")).dt.total_microseconds() / 86_400e6)
-            .fill_null(0.0)
-            .alias("d")
-        )["d"]
-        .to_numpy()
-        / 365.25
-    )
+    want = _age_years(events, cohort)
     assert (want > 18).sum() > 90  # the demo's subjects have a birth event
     mat = enc.count_matrix(cohort, src)
     assert enc.feature_names[-1] == "age_years"
@@ -424,7 +451,7 @@ def test_onehot_compiled_equals_reference(
     u, cnt = np.unique(ev.key * enc.vocab.size + ev_ids, return_counts=True)
     total = np.bincount(ev.key, minlength=index.n_keys)
     pooled[u // enc.vocab.size, u % enc.vocab.size] = cnt / total[u // enc.vocab.size]
-    np.testing.assert_array_equal(f.pooled, pooled)
+    np.testing.assert_array_equal(f.pooled[:, :-1], pooled)  # the last column: age_years
 
 
 def _reference_window_counts(

@@ -2,21 +2,30 @@
 
 - `EHREncoder`: their base class (modality "ehr", learns, large FeatureStore chunks);
 - `fit_cohort_vocab`: a `CodeVocab` fitted on the windowed events of the training rows;
-- `cohort_features`: per-key arrays expanded to the cohort's rows as `ModalityFeatures`.
+- `cohort_features`: per-key arrays expanded to the cohort's rows as `ModalityFeatures`;
+- `add_age`: years since the birth event, the `age_years` column of `ehr_counts` / `ehr_onehot`.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
 from survfuse.encoders.base import Encoder
-from survfuse.encoders.ehr_vocab import CodeVocab, KeyIndex, expand_rows, fit_vocab, windowed_events
+from survfuse.encoders.ehr_vocab import (
+    CodeVocab,
+    EventBatch,
+    KeyIndex,
+    expand_rows,
+    fit_vocab,
+    windowed_events,
+)
 from survfuse.features import ModalityFeatures
 
-__all__ = ["EHREncoder", "cohort_features", "fit_cohort_vocab"]
+__all__ = ["EHREncoder", "add_age", "cohort_features", "fit_cohort_vocab"]
 
 
 class EHREncoder(Encoder):
@@ -74,3 +83,14 @@ def cohort_features(
         **{k: expand_rows(v, index.row_key) for k, v in per_key.items()},
         meta=meta,
     )
+
+
+def add_age(age: NDArray[np.float64], batch: EventBatch, birth_code: str) -> None:
+    """Set age[key] = max(age[key], years since each `birth_code` event of `batch`) in place.
+
+    Years are days before the prediction time / 365.25; a key without a birth event keeps 0.
+    """
+    if len(batch) == 0:
+        return
+    hit = (batch.code == birth_code).to_numpy() & np.isfinite(batch.days_before)
+    np.maximum.at(age, batch.key[hit], batch.days_before[hit] / 365.25)

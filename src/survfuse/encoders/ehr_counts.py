@@ -29,7 +29,7 @@ import scipy.sparse as sp
 from numpy.typing import NDArray
 
 from survfuse.encoders.base import register_encoder
-from survfuse.encoders.ehr_common import EHREncoder, cohort_features
+from survfuse.encoders.ehr_common import EHREncoder, add_age, cohort_features
 from survfuse.encoders.ehr_count_kernels import gather_rows, scatter_pooled, window_rows
 from survfuse.encoders.ehr_vocab import (
     CodeVocab,
@@ -184,12 +184,9 @@ class EHRCountsEncoder(EHREncoder):
         return age
 
     def _add_age(self, age: NDArray[np.float64], batch: EventBatch) -> None:
-        """age[key] = max(age[key], years since each birth_code event of the batch)."""
-        code = self._config["birth_code"]
-        if code is None or len(batch) == 0:
-            return
-        hit = (batch.code == code).to_numpy() & np.isfinite(batch.days_before)
-        np.maximum.at(age, batch.key[hit], batch.days_before[hit] / 365.25)
+        """Update age[key] with the birth events of `batch` (`ehr_common.add_age`)."""
+        if self._config["birth_code"] is not None:
+            add_age(age, batch, self._config["birth_code"])
 
     def _iter_rows(
         self, index: KeyIndex, source: Any

@@ -14,8 +14,12 @@ numeric values binned by training quantiles, id 0 = out of vocabulary), stored s
   date and the prediction date): `log1p(d)`, `sin/cos(2 pi d / P)` for P in 7, 30.4375, 365.25
   days, and a static flag;
 - `mask` [N, T] bool; tokens are chronological (oldest first), padding at the end;
-- `pooled` [N, V + 1] float32: normalised code counts, count of id j / number of events
-  (the vocabulary is capped by `max_codes`, so this dense matrix stays small);
+- `pooled` [N, V + 1 (+ 1)] float32: normalised code counts, count of id j / number of events
+  (the vocabulary is capped by `max_codes`, so this dense matrix stays small), and with
+  `birth_code` (default `MEDS_BIRTH`) a last column `age_years`: years from the latest birth
+  event to `prediction_time` (0 when none). Why: counts cannot express age, a major risk
+  factor that every MEDS timeline carries in its birth event (`ehr_counts` has the same column);
+  `meta["pooled_columns"]` names the columns;
 - `meta["vocab_size"] = V + 1`, `meta["vocab"]` the token strings.
 """
 
@@ -30,7 +34,7 @@ import polars as pl
 from numpy.typing import NDArray
 
 from survfuse.encoders.base import register_encoder
-from survfuse.encoders.ehr_common import EHREncoder, cohort_features, fit_cohort_vocab
+from survfuse.encoders.ehr_common import EHREncoder, add_age, cohort_features, fit_cohort_vocab
 from survfuse.encoders.ehr_vocab import (
     CodeVocab,
     KeyIndex,
@@ -304,7 +308,8 @@ class EHROneHotEncoder(EHREncoder):
     Config: `max_codes` (V, default 2048), `n_bins` (quantile bins per numeric code, default 5),
     `min_values` (values needed to bin a code, 20), `min_subjects` (1), `lookback_days`
     (None = all history), `max_tokens` (64), `max_codes_per_token` (64), `batch_size` (keys per
-    windowed batch, 4096).
+    windowed batch, 4096), `birth_code` (the code whose event gives the `age_years` column,
+    "MEDS_BIRTH"; None: no age column).
     """
 
     def __init__(
@@ -318,6 +323,7 @@ class EHROneHotEncoder(EHREncoder):
         max_tokens: int = 64,
         max_codes_per_token: int = 64,
         batch_size: int = 4096,
+        birth_code: str | None = "MEDS_BIRTH",
     ) -> None:
         if max_tokens < 1 or max_codes_per_token < 1:
             raise ValueError("max_tokens and max_codes_per_token must be >= 1")
@@ -330,6 +336,7 @@ class EHROneHotEncoder(EHREncoder):
             max_tokens=max_tokens,
             max_codes_per_token=max_codes_per_token,
             batch_size=batch_size,
+            birth_code=birth_code,
         )
         self.vocab: CodeVocab | None = None
 
@@ -363,12 +370,19 @@ class EHROneHotEncoder(EHREncoder):
         n, t, v = index.n_keys, cfg["max_tokens"], self.vocab.size
         # pooled is written by the planning pass; tokens are planned batch by batch and
         # scattered once, with K = the most ids any token has (<= max_codes_per_token)
-        pooled = output_array((n, v), np.float32)
+        birth = cfg["birth_code"]
+        pooled = output_array((n, v + (birth is not None)), np.float32)
+        counts = pooled[:, :v] if birth is not None else pooled
         present = np.zeros(n, bool)
         plan = _TokenPlan()
+        # the birth event lies decades back: with a look-back window, age needs its own read
+        age_here = birth is not None and cfg["lookback_days"] is None
+        age = np.zeros(n)
         for batch in iter_event_batches(
             source, index, lookback_days=cfg["lookback_days"], batch_size=cfg["batch_size"]
         ):
+            if age_here:
+                add_age(age, batch, birth)
             ids = self.vocab.transform(batch.code, batch.value)
             seen = plan.add(
                 batch.key,
@@ -377,9 +391,16 @@ class EHROneHotEncoder(EHREncoder):
                 None,
                 max_tokens=t,
                 max_codes_per_token=cfg["max_codes_per_token"],
-                pooled=pooled,
+                pooled=counts,
             )
             present[seen] = True
+        if birth is not None:
+            if not age_here:
+                for batch in iter_event_batches(
+                    source, index, lookback_days=None, batch_size=cfg["batch_size"]
+                ):
+                    add_age(age, batch, birth)
+            pooled[:, v] = age.astype(np.float32)
         codes = output_array((n, t, max(plan.width, 1)), np.int32, -1)
         feats = output_array((n, t, TIME_DIM), np.float32)
         mask = output_array((n, t), bool)
@@ -396,6 +417,7 @@ class EHROneHotEncoder(EHREncoder):
                 "encoder": self.name,
                 "vocab_size": v,
                 "vocab": self.vocab.tokens.tolist(),
+                "pooled_columns": [*self.vocab.tokens.tolist(), *(["age_years"] if birth else [])],
                 "time_features": ["log1p_days"]
                 + [f"{f}_{p:g}d" for p in _PERIODS for f in ("sin", "cos")]
                 + ["static"],
