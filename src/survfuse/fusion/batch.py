@@ -4,6 +4,24 @@ A *batch* is `dict[modality, dict[str, Tensor]]` with, per modality (N rows, T t
 `pooled` [N, Dp] float, `present` [N] bool, and when the encoder produced tokens `mask` [N, T]
 bool plus `tokens` [N, T, D] float and/or `token_codes` [N, T, K] long (-1 = padding).
 A missing modality is `present=False` with zeros, never a crash.
+
+Mini-batch risk sets. The estimator trains on the whole training split as one batch up to
+`FULL_BATCH_MAX` patients and otherwise on `to_batch` slices of a fresh random partition per
+epoch (`LARGE_BATCH` rows each, `survfuse.fusion.model`); the Cox loss of a batch b of B of the
+n patients uses the risk sets inside the batch, R_b(t_i) = {j in b : t_j >= t_i}. Every other
+member of R(t_i) is in the batch with probability f = (B - 1) / (n - 1), so
+
+    E[sum_{j in R_b(t_i)} exp(r_j)] = exp(r_i) + f * sum_{j in R(t_i), j != i} exp(r_j)
+
+and the batch loss l_b = (1 / d_b) sum_{i in b, event} [log sum_{R_b(t_i)} exp(r_j) - r_i]
+estimates the full loss plus the constant log f, which no gradient sees. What remains is a bias
+of order 1 / B from the last events, whose batch risk sets are small (Jensen's inequality on
+the log pulls it down, patient i's own weight counted in full instead of f pushes it up).
+Measured on a simulated 20,000-patient cohort with 56% events (tests/test_training_minibatch.py,
+100 epochs of the estimator's own batches): E[l_b - log f] - l_full = +0.002 nats at B = 2048,
++0.003 to +0.005 at B = 1024, +0.008 to +0.012 at B = 512 (full loss about 8.7); the mean
+batch gradient has cosine >= 0.9995 with the full gradient and a norm within 1% of it.
+Below about B = 500 the approximation degrades quickly, hence the large batches.
 """
 
 from __future__ import annotations
