@@ -56,7 +56,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a bad environment, not a bug in survfuse: shown as one line.
 
     ValueError covers config, cohort, MEDS, path-name and data-quality errors (all subclass it);
-    OSError covers missing files, permissions, a full disk and `--out` being a file."""
+    OSError covers missing files, permissions, a full disk and `--out` being a file.
+    """
     import polars.exceptions
     import yaml
     from safetensors import SafetensorError
@@ -89,8 +90,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _errors(fn: F) -> F:
-    """Run a command so that expected errors become `error: ...` on one line and exit 2
-    (`--debug` re-raises them with their traceback). Bugs keep their traceback."""
+    """Exit 2 with an `error: ...` line on expected errors (`--debug` re-raises); bugs propagate."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -212,8 +212,8 @@ def run(
 ) -> None:
     """Run (or resume) an experiment grid: encode, train every cell, evaluate.
 
-    Exit status: 0 when every cell finished, 3 when some failed (named on stderr), 2 for bad
-    input (config, data, paths) or a run folder in use."""
+    Exit status 0: every cell finished; 3: some failed (named on stderr); 2: bad input, run in use.
+    """
     from rich.console import Console
 
     from survfuse.experiment.config_load import load_config
@@ -290,7 +290,8 @@ def predict(
     NaN for a patient with no data in any modality the model uses); surv_<t>, the predicted
     probability of no event by day t, at the run's survival times (NaN likewise); has_ct /
     has_ehr, whether the patient has a CT study at or before prediction_time / EHR events up
-    to it (one column per modality the model uses). Patients without data are named on stderr."""
+    to it (one column per modality the model uses). Patients without data are named on stderr.
+    """
     from survfuse.experiment.predict import missing_data_warning, predict_cohort
 
     df, path = predict_cohort(
@@ -320,8 +321,7 @@ def recalibrate(
         "baseline", "--method", help="Refit the baseline hazard only, or the slope too."
     ),
 ) -> None:
-    """Recalibrate every finished cell on a labelled sample of a new site; the run's own
-    metrics are not touched (output: recalibration.parquet/.csv, per-cell fits, predictions)."""
+    """Recalibrate every finished cell on a new site's labelled sample (run metrics untouched)."""
     from survfuse.experiment.recalibrate import recalibrate_run
 
     folder = recalibrate_run(run_dir, cohort, out, method=method)
@@ -491,6 +491,7 @@ def convert_inspect_cmd(
 
 
 def main() -> None:
+    """Run the `survfuse` command."""
     app()
 
 

@@ -1,6 +1,8 @@
-"""What the `survfuse` command's `--help` needs from typer: the choices of its enumerated options
-and command classes that show on/off flags without a value type. Imports only typer, so
-`survfuse --help` stays fast."""
+"""What the `survfuse` command's `--help` needs from typer.
+
+The choices of its enumerated options and command classes that show on/off flags without a
+value type. Imports only typer, so `survfuse --help` stays fast.
+"""
 
 from __future__ import annotations
 

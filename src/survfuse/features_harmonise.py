@@ -79,8 +79,10 @@ class HarmoniseConfig(BaseModel):
         return self.method != "none" and modality in self.modalities
 
     def transductive(self, external_sites: list[str]) -> bool:
-        """True when the external sites' own (unlabelled) features set their adjustment:
-        harmonisation is on and the cohort holds external sites."""
+        """Return True when the external sites' own (unlabelled) features set their adjustment.
+
+        That is when harmonisation is on and the cohort holds external sites.
+        """
         return self.method != "none" and bool(external_sites)
 
 
@@ -125,10 +127,12 @@ def site_standardise(
     *,
     reference_sites: list[str] | None = None,
 ) -> NDArray[np.float64]:
-    """Per-site standardisation of x [N, D]: x' = (x - mean_s) / sd_s over the rows `use` [N]
-    (default all) of each site s, or onto the reference sites' pooled rows,
-    x' = (x - mean_s) / sd_s * sd_ref + mean_ref (reference rows unchanged). Rows not in `use`
-    are returned unchanged."""
+    """Standardise x [N, D] per site.
+
+    x' = (x - mean_s) / sd_s over the rows `use` [N] (default all) of each site s, or onto the
+    reference sites' pooled rows, x' = (x - mean_s) / sd_s * sd_ref + mean_ref (reference rows
+    unchanged). Rows not in `use` are returned unchanged.
+    """
     a = np.array(x, dtype=np.float64, copy=True)
     codes, names = _site_codes(site, a.shape[0])
     used = _rows(use, a.shape[0])
@@ -187,9 +191,12 @@ def combat(
     eb: bool = True,
     reference_sites: list[str] | None = None,
 ) -> NDArray[np.float64]:
-    """ComBat location/scale harmonisation of x [N, D] (module docstring) over the rows `use`
-    [N] (default all); other rows, the reference sites' rows and zero-variance columns are
-    returned unchanged. `eb=False` uses the per-site estimates without shrinkage."""
+    """Harmonise x [N, D] with ComBat location/scale (module docstring).
+
+    Fitted over the rows `use` [N] (default all); other rows, the reference sites' rows and
+    zero-variance columns are returned unchanged. `eb=False` uses the per-site estimates without
+    shrinkage.
+    """
     a = np.array(x, dtype=np.float64, copy=True)
     codes, names = _site_codes(site, a.shape[0])
     used = _rows(use, a.shape[0])

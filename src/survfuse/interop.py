@@ -87,8 +87,10 @@ def _check_event(event: ArrayLike, name: str = "event") -> NDArray[np.bool_]:
 
 
 def check_time_grid(times: ArrayLike, *, nonnegative: bool = False) -> NDArray[np.float64]:
-    """Evaluation times [K]: non-empty, 1-d, finite (and >= 0 when `nonnegative`), strictly
-    increasing."""
+    """Check evaluation times [K] and return them as float64.
+
+    They must be non-empty, 1-d, finite (and >= 0 when `nonnegative`) and strictly increasing.
+    """
     tt = np.atleast_1d(np.asarray(times, dtype=np.float64))
     if tt.ndim != 1 or tt.shape[0] == 0:
         raise ValueError(f"times must be a non-empty 1-d array, got shape {tt.shape}")
@@ -174,9 +176,11 @@ def to_sksurv(time: ArrayLike, event: ArrayLike) -> NDArray[Any]:
 
 
 def from_sksurv(y: NDArray[Any]) -> SurvivalData:
-    """Read a scikit-survival structured array: two fields, the event indicator first and the
-    time second, whatever their names (`sksurv.util.Surv.from_arrays(event, time, name_event=...,
-    name_time=...)`)."""
+    """Read a scikit-survival structured array.
+
+    Two fields, the event indicator first and the time second, whatever their names
+    (`sksurv.util.Surv.from_arrays(event, time, name_event=..., name_time=...)`).
+    """
     names = getattr(getattr(y, "dtype", None), "names", None)
     if not names or len(names) != 2:
         got = f"dtype {y.dtype}, shape {y.shape}" if hasattr(y, "dtype") else type(y).__name__
@@ -195,8 +199,11 @@ def from_sksurv(y: NDArray[Any]) -> SurvivalData:
 def survival_from_y(
     y: ArrayLike, event: ArrayLike | None = None
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-    """`(time, event)` from an estimator's target: a scikit-survival structured `y` (when `event`
-    is None) or `y` = time with a separate `event` (the survfuse argument order)."""
+    """Return `(time, event)` from an estimator's target.
+
+    `y` is a scikit-survival structured array (when `event` is None) or `y` = time with a separate
+    `event` (the survfuse argument order).
+    """
     if y is None:
         raise ValueError(
             "this estimator requires y to be passed, but the target y is None: pass a structured "
@@ -242,7 +249,7 @@ def from_lifelines(
 
 # ----------------------------------------------------------------------------- pycox
 def to_pycox(time: ArrayLike, event: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """pycox target tuple `(durations, events)`, both float arrays (events 1.0 = observed)."""
+    """Return the pycox target `(durations, events)`, both float arrays (events 1.0 = observed)."""
     t, e = check_survival(time, event)
     return t.copy(), e.astype(np.float64)
 

@@ -28,8 +28,11 @@ class UnknownNameError(KeyError, ValueError):
 
 
 def suggest(name: str, options: Iterable[str]) -> str:
-    """`"; did you mean 'x'?"` for the closest option, `"; did you mean 'x'? (or 'y', 'z')"`
-    when others are close too (at most `MAX_CANDIDATES` in all), or an empty string."""
+    """Return a did-you-mean hint for `name` among `options`, or an empty string.
+
+    `"; did you mean 'x'?"` for the closest option, `"; did you mean 'x'? (or 'y', 'z')"` when
+    others are close too (at most `MAX_CANDIDATES` in all).
+    """
     match = difflib.get_close_matches(name, list(options), n=MAX_CANDIDATES, cutoff=0.5)
     if not match:
         return ""
@@ -38,7 +41,7 @@ def suggest(name: str, options: Iterable[str]) -> str:
 
 
 def closest(name: str, options: Iterable[str], n: int = MAX_CANDIDATES) -> list[str]:
-    """The `n` options most like `name`: those containing it first, then by difflib ratio."""
+    """Return the `n` options most like `name`: those containing it first, then by difflib ratio."""
 
     def score(option: str) -> tuple[bool, float, str]:
         ratio = difflib.SequenceMatcher(None, name, option).ratio()
@@ -48,8 +51,11 @@ def closest(name: str, options: Iterable[str], n: int = MAX_CANDIDATES) -> list[
 
 
 def valid_names(name: str, options: Iterable[str], *, label: str = "valid") -> str:
-    """`"valid: a, b, c"`, or for a long list its size and the `MAX_CANDIDATES` closest to
-    `name`: `"108 valid; closest: a, b, c, d, e"`."""
+    """Return the valid names as a short string.
+
+    `"valid: a, b, c"`, or for a long list its size and the `MAX_CANDIDATES` closest to `name`:
+    `"108 valid; closest: a, b, c, d, e"`.
+    """
     options = sorted(options)
     if len(options) <= _SHOW_ALL_UP_TO:
         return f"{label}: {', '.join(options) or 'none'}"
@@ -59,8 +65,10 @@ def valid_names(name: str, options: Iterable[str], *, label: str = "valid") -> s
 def look_up_option(
     name: str, options: Iterable[str], *, kind: str = "option", where: str = ""
 ) -> str:
-    """Validate a string option, raising UnknownNameError (a ValueError) that suggests the
-    closest valid values (at most `MAX_CANDIDATES`); `where` tells where the full list is.
+    """Validate a string option, raising UnknownNameError (a ValueError) on an unknown one.
+
+    The error suggests the closest valid values (at most `MAX_CANDIDATES`); `where` tells where the
+    full list is.
 
     >>> look_up_option("efron", ["efron", "breslow"], kind="ties")
     'efron'
@@ -96,7 +104,7 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator registering `obj` under `name`; a name can be registered once."""
+        """Return a decorator registering `obj` under `name`; a name can be registered once."""
 
         def deco(obj: T) -> T:
             if name in self._items and self._items[name] is not obj:
@@ -121,7 +129,7 @@ class Registry(Generic[T]):
             ) from None
 
     def list(self) -> list[str]:
-        """Registered names, sorted."""
+        """Return the registered names, sorted."""
         return sorted(self._items)
 
     def describe(self, name: str) -> str:
