@@ -108,9 +108,10 @@ def _design(
 def _loglik_grad_info(
     des: _Design, beta: NDArray[np.float64], *, need_info: bool = True
 ) -> tuple[float, NDArray[np.float64], NDArray[np.float64] | None, NDArray[np.float64]]:
-    """Log partial likelihood, its gradient [p], the observed information [p, p] and the
-    baseline-hazard jumps [Ge] at the event groups (sum_i 1 / den_i: Breslow, or Efron's
-    adjusted estimator; for the centred linear predictor).
+    """Return the log partial likelihood, gradient [p], information [p, p] and hazard jumps [Ge].
+
+    The observed information and the baseline-hazard jumps at the event groups (sum_i 1 / den_i:
+    Breslow, or Efron's adjusted estimator) are for the centred linear predictor.
 
     Per event i (group g, Efron fraction f_i): den_i = S0_g - f_i D0_g, where S* sum over the
     risk set and D* over the group's events (Breslow: f_i = 0); a_i = (S1_g - f_i D1_g) / den_i.
@@ -248,9 +249,12 @@ class CoxPH(SurvivalEstimatorMixin, BaseEstimator):
         self.max_halvings = max_halvings
 
     def fit(self, X: ArrayLike, y: ArrayLike, event: ArrayLike | None = None) -> CoxPH:
-        """Fit on X [N, p] (2-d; a DataFrame's column names name the coefficients) and the
-        outcome: `y` a scikit-survival structured array (event, time)
-        when `event` is None, else `y` = time [N] and `event` [N] bool."""
+        """Fit on X [N, p] and the outcome.
+
+        X is 2-d (a DataFrame's column names name the coefficients); `y` is a scikit-survival
+        structured array (event, time) when `event` is None, else `y` = time [N] and `event` [N]
+        bool.
+        """
         ties = look_up_option(self.ties, ("efron", "breslow"), kind="ties")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
@@ -338,8 +342,11 @@ class CoxPH(SurvivalEstimatorMixin, BaseEstimator):
     def _validate_x(
         self, X: ArrayLike, *, reset: bool, n: int | None = None
     ) -> NDArray[np.float64]:
-        """X as 2-d float64 with sklearn's bookkeeping (n_features_in_, feature_names_in_:
-        set at fit, checked at predict); errors are one line and name the first bad cell."""
+        """Return X as 2-d float64 with sklearn's bookkeeping.
+
+        n_features_in_ and feature_names_in_ are set at fit and checked at predict; errors are one
+        line and name the first bad cell.
+        """
         if np.ndim(X) != 2:
             raise ValueError(
                 f"X must be 2-d [n_samples, n_features], got shape {np.shape(X)}; Reshape your "
@@ -385,8 +392,9 @@ class CoxPH(SurvivalEstimatorMixin, BaseEstimator):
 
     @property
     def summary(self) -> pd.DataFrame:
-        """lifelines' `CoxPHFitter.summary`: one row per covariate (index `covariate`: the
-        column names of a DataFrame X, else x0, x1, ...), Wald statistics at coef_.
+        """Lifelines' `CoxPHFitter.summary`: Wald statistics at coef_, one row per covariate.
+
+        The index `covariate` holds the column names of a DataFrame X, else x0, x1, ...
 
         coef = beta; se(coef) = sqrt(diag(var_)); 95% limits beta +- z_0.975 se and their
         exp; cmp to = 0 (the null value); z = beta / se; p = 2 (1 - Phi(|z|)); -log2(p).

@@ -25,9 +25,11 @@ __all__ = ["SurvivalEstimatorMixin", "step_functions"]
 def step_functions(
     times: NDArray[np.float64], values: NDArray[np.float64], before: float
 ) -> NDArray[np.object_]:
-    """One right-continuous `StepFunction` per row of `values` [N, M] on knots `times` [M],
-    equal to `before` left of the first knot, as an object array [N] (scikit-survival's return
-    type for `predict_survival_function`)."""
+    """Return one right-continuous `StepFunction` per row of `values` [N, M] on knots `times` [M].
+
+    Each equals `before` left of the first knot; returned as an object array [N]
+    (scikit-survival's return type for `predict_survival_function`).
+    """
     out = np.empty(values.shape[0], dtype=object)
     for i, row in enumerate(values):
         out[i] = StepFunction(x=times, y=row, y_before=before)
@@ -47,19 +49,24 @@ class SurvivalEstimatorMixin:
     """`score`, `predict_survival_function`, `predict_cumulative_hazard_function` (see module)."""
 
     def score(self: _SurvivalModel, X: Any, y: ArrayLike) -> float:
-        """Harrell's C of `predict(X)` against the structured `y` (event, time): the fraction of
-        comparable pairs (i has an event, T_i < T_j) with risk_i > risk_j, ties counting 1/2.
-        Raises when `y` has no comparable pair."""
+        """Return Harrell's C of `predict(X)` against the structured `y` (event, time).
+
+        The fraction of comparable pairs (i has an event, T_i < T_j) with risk_i > risk_j, ties
+        counting 1/2. Raises when `y` has no comparable pair.
+        """
         time, event = survival_from_y(y)
         return float(concordance_index(time, event, self.predict(X)).estimate)
 
     def predict_survival_function(
         self: _SurvivalModel, X: Any, return_array: bool = False
     ) -> NDArray[np.object_] | NDArray[np.float64]:
-        """S(t | x) per row: an object array [N] of `StepFunction` (callable on times, with
-        knots `.x` [M] and values `.y` [M], S = 1 before the first knot and constant after
-        the last), or with `return_array` the values [N, M] at the knots. The knots are the
-        times at which the model's curves can change (CoxPH: the distinct training times)."""
+        """Predict S(t | x) per row.
+
+        Returns an object array [N] of `StepFunction` (callable on times, with knots `.x` [M] and
+        values `.y` [M], S = 1 before the first knot and constant after the last), or with
+        `return_array` the values [N, M] at the knots. The knots are the times at which the model's
+        curves can change (CoxPH: the distinct training times).
+        """
         knots = self._curve_times()
         values = np.asarray(self.predict_survival(X, knots), dtype=np.float64)
         return values if return_array else step_functions(knots, values, 1.0)

@@ -37,8 +37,10 @@ _EPS = 1e-10
 
 
 def log_cumhaz_at(surv_h: ArrayLike) -> NDArray[np.float64]:
-    """cll [N] = log(-log S(h)) of predicted survival probabilities S(h) [N] (clipped to
-    [1e-10, 1 - 1e-10] so that 0 and 1 stay finite)."""
+    """Return cll [N] = log(-log S(h)) of predicted survival probabilities S(h) [N].
+
+    S(h) is clipped to [1e-10, 1 - 1e-10] so that 0 and 1 stay finite.
+    """
     s = np.asarray(surv_h, dtype=np.float64).reshape(-1)
     bad = ~np.isfinite(s) | (s < 0) | (s > 1)
     if bad.any():
