@@ -1,6 +1,7 @@
-"""The fusion strategy base: `FusionStrategy` (what every registered strategy subclasses) and
-`FusionOutput` (what it returns). Batches: `survfuse.fusion.batch`; layers:
-`survfuse.fusion.layers`.
+"""The fusion strategy base: `FusionStrategy` and `FusionOutput`.
+
+`FusionStrategy` is what every registered strategy subclasses and `FusionOutput` what it
+returns. Batches: `survfuse.fusion.batch`; layers: `survfuse.fusion.layers`.
 
 Every strategy handles a missing modality (present=False) through masks: absent rows contribute
 zeros / no attention keys, and a fully-masked attention row yields a zero output instead of NaN.
@@ -28,9 +29,12 @@ __all__ = ["AttentionStrategy", "FusionOutput", "FusionStrategy"]
 
 @dataclass
 class FusionOutput:
-    """What a strategy returns: head outputs `out` [N, K], `risk` [N] (higher = worse),
-    an auxiliary loss added to the head loss (or None), the modality-specific representations
-    [N, d_m] used for imbalance scoring, and extras (attention weights when recorded)."""
+    """What a strategy returns.
+
+    Head outputs `out` [N, K], `risk` [N] (higher = worse), an auxiliary loss added to the head
+    loss (or None), the modality-specific representations [N, d_m] used for imbalance scoring, and
+    extras (attention weights when recorded).
+    """
 
     out: Tensor
     risk: Tensor
@@ -136,12 +140,15 @@ class FusionStrategy(nn.Module, abc.ABC):
         self.epoch = epoch
 
     def training_stage(self) -> str:
-        """ "survival" (default) or "align" (contrastive two-stage: survival loss off)."""
+        """Return "survival" (default) or "align" (contrastive two-stage: survival loss off)."""
         return "survival"
 
     def normalise(self, batch: Batch) -> Batch:
-        """What `fuse` sees: each modality standardised (`FeatureNorm`) and its pooled vector
-        scaled by the input balance `pooled_scale`."""
+        """Return what `fuse` sees.
+
+        Each modality standardised (`FeatureNorm`) and its pooled vector scaled by the input balance
+        `pooled_scale`.
+        """
         normed = {m: self.norms[m](batch[m]) for m in self.modalities}
         for m, scale in getattr(self, "pooled_scale", {}).items():
             if scale != 1.0:

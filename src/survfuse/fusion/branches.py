@@ -134,7 +134,8 @@ class BranchStopper:
     ) -> Tensor | None:
         """loss_weight * sum_m CoxNLL(g_m(r_m)) over the rows with m present (None if empty).
 
-        Frozen branches are skipped (their representation no longer changes)."""
+        Frozen branches are skipped (their representation no longer changes).
+        """
         if self.loss_weight <= 0 or self.probes is None:
             return None
         parts = []
@@ -161,7 +162,8 @@ class BranchStopper:
         being reshaped for the fusion, not overfitting (on METABRIC, freezing the clinical
         branch at its early probe peak cost late fusion 0.04 test C).
         `std_errors[m]`: the standard error of `scores[m]` (for the chance test of `drop`).
-        Returns the modalities frozen at this epoch."""
+        Returns the modalities frozen at this epoch.
+        """
         newly: list[str] = []
         for m, c in scores.items():
             if m in self.frozen or m not in self.params:
@@ -186,8 +188,10 @@ class BranchStopper:
         return newly
 
     def above_chance(self, modality: str) -> bool:
-        """Whether the branch's best validation C exceeds 0.5 at one-sided level `drop_alpha`:
-        (C - 0.5) / SE > z_{1 - alpha} (without a standard error: C > 0.5)."""
+        """Return whether the branch's best validation C exceeds 0.5 at one-sided `drop_alpha`.
+
+        (C - 0.5) / SE > z_{1 - alpha} (without a standard error: C > 0.5).
+        """
         c, se = self.best[modality], self.best_se[modality]
         if not math.isfinite(c):
             return False
@@ -201,7 +205,8 @@ class BranchStopper:
         A branch is a candidate once it is frozen or its best C has not risen by
         `DROP_MIN_DELTA` for `patience` scored epochs (a branch still learning is not judged);
         the estimator drops a candidate only if masking it raises the fused validation C-index
-        by `DROP_MIN_GAIN` (`drop`)."""
+        by `DROP_MIN_GAIN` (`drop`).
+        """
         if self.drop_alpha is None:
             return []
         live = [m for m in self.params if m not in self.dropped]
@@ -253,8 +258,11 @@ def probe_scores(
     time: NDArray[np.float64],
     event: NDArray[np.bool_],
 ) -> dict[str, tuple[float, float]]:
-    """(Harrell's C, its standard error) of each branch's probe on the rows where that modality
-    is present; (NaN, NaN) when it has no comparable pair there (NaN counts as no gain)."""
+    """Return (Harrell's C, its standard error) of each branch's probe.
+
+    Computed on the rows where that modality is present; (NaN, NaN) when it has no comparable pair
+    there (NaN counts as no gain).
+    """
     out: dict[str, tuple[float, float]] = {}
     if stopper.probes is None:
         return out
@@ -276,8 +284,10 @@ def probe_scores(
 
 
 class BranchStopping(Callback):
-    """The training-loop side of `BranchStopper`: adds the probes' loss, scores the probes on
-    validation, freezes stalled branches and drops chance-level ones (see the module docstring).
+    """The training-loop side of `BranchStopper`.
+
+    Adds the probes' loss, scores the probes on validation, freezes stalled branches and drops
+    chance-level ones (see the module docstring).
 
     `val_time`, `val_event`: the validation outcomes; `c_without(m)`: the fused validation C
     with modality m also masked; `dropped`: the estimator's list of dropped modalities (appended

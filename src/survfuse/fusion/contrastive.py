@@ -1,5 +1,7 @@
-"""`contrastive`: CLIP-style alignment of CT and EHR embeddings plus a survival head on the fused
-aligned embedding."""
+"""`contrastive`: CLIP-style alignment of CT and EHR embeddings plus a survival head.
+
+The survival head sits on the fused aligned embedding.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ from survfuse.registry import FUSIONS
 
 
 def symmetric_info_nce(z_a: Tensor, z_b: Tensor, logit_scale: Tensor) -> Tensor:
-    """Symmetric InfoNCE (CLIP): with S = exp(s) * z_a z_b^T for L2-normalised z [n, d],
+    """Compute the symmetric InfoNCE (CLIP) loss.
+
+    With S = exp(s) * z_a z_b^T for L2-normalised z [n, d],
     L = (CE(S, diag) + CE(S^T, diag)) / 2, i.e. each patient's CT must pick its own EHR among the
-    batch and vice versa."""
+    batch and vice versa.
+    """
     logits = logit_scale.exp() * z_a @ z_b.T
     target = torch.arange(z_a.shape[0], device=z_a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

@@ -96,8 +96,10 @@ class Late(FusionStrategy):
         return F.softplus(self.weight_logits)
 
     def branch_outputs(self, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(outs [M, N, K], present [M, N] float, hidden per modality); with branch offsets
-        (`fusion.offset`) out_m = x_m^T beta_m + head_m(MLP_m(x_m))."""
+        """Return (outs [M, N, K], present [M, N] float, hidden per modality).
+
+        With branch offsets (`fusion.offset`) out_m = x_m^T beta_m + head_m(MLP_m(x_m)).
+        """
         hidden = {m: self.branches[m](batch[m]["pooled"]) for m in MODALITIES}
         outs = torch.stack([self._branch_out(m, hidden[m], batch) for m in MODALITIES])
         present = torch.stack([batch[m]["present"] for m in MODALITIES]).float()

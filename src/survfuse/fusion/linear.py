@@ -100,7 +100,7 @@ class LinearCox(FusionStrategy):
         return {}  # one linear map: no modality-specific layers to rebalance or freeze
 
     def design(self, batch: Batch) -> Tensor:
-        """x [N, sum d_m (+ M flags)] from a normalised batch."""
+        """Return the design x [N, sum d_m (+ M flags)] of a normalised batch."""
         parts = [batch[m]["pooled"] for m in self.modalities]
         if self.flags:
             parts.append(torch.stack([batch[m]["present"] for m in self.modalities], 1).float())
@@ -119,8 +119,11 @@ class LinearCox(FusionStrategy):
         event: np.ndarray,
         validation: tuple[Batch, np.ndarray, np.ndarray] | None,
     ) -> list[dict[str, Any]]:
-        """Fit beta along the penalty grid, keep the best on validation; returns one history row
-        per penalty (`penalty`, `train_loss` = mean NLL per event, `val_c_index`)."""
+        """Fit beta along the penalty grid and keep the best on validation.
+
+        Returns one history row per penalty (`penalty`, `train_loss` = mean NLL per event,
+        `val_c_index`).
+        """
         x = self.design(self.normalise(train)).double().cpu().numpy()
         xv = None
         if validation is not None:

@@ -165,9 +165,12 @@ class FusionSurvivalModel(FusionModelParams):
         *,
         validation: Validation | None = None,
     ) -> FusionSurvivalModel:
-        """Train on X (dict "ct"/"ehr" -> ModalityFeatures, rows aligned with the outcome) and
-        `y`, a scikit-survival structured array (event, time), or `y` = time and `event`.
-        `validation`: `(X_val, y_val)` or `(X_val, time_val, event_val)`, for early stopping."""
+        """Train on X and the outcome.
+
+        X: dict "ct"/"ehr" -> ModalityFeatures, rows aligned with the outcome; `y`: a
+        scikit-survival structured array (event, time), or `y` = time and `event`.
+        `validation`: `(X_val, y_val)` or `(X_val, time_val, event_val)`, for early stopping.
+        """
         options = self._check()
         t, e = survival_from_y(y, event)
         features = X
@@ -358,8 +361,10 @@ class FusionSurvivalModel(FusionModelParams):
     def _forward_all(
         self, features: Features, *, mask: Iterable[str] = ()
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """Head outputs [N, K], modality representations {m: [N, d_m]} and presence {m: [N]}
-        of every row (eval mode, in chunks); dropped modalities and `mask` are masked."""
+        """Return head outputs [N, K], representations {m: [N, d_m]} and presence {m: [N]}.
+
+        Every row, in eval mode and in chunks; dropped modalities and `mask` are masked.
+        """
         module = self._module
         was_training = module.training
         module.eval()
@@ -417,8 +422,11 @@ class FusionSurvivalModel(FusionModelParams):
         return out + 0.0  # -0.0 -> 0.0 where S = 1
 
     def _curve_times(self) -> NDArray[np.float64]:
-        """Times at which the curves can change: the Cox head's baseline times (the distinct
-        training times), the discrete head's bin cut points."""
+        """Return the times at which the curves can change.
+
+        The Cox head's baseline times (the distinct training times), the discrete head's bin cut
+        points.
+        """
         head = self._module.output_head
         for name in ("baseline_time", "cuts"):
             knots = getattr(head, name, None)
@@ -428,8 +436,11 @@ class FusionSurvivalModel(FusionModelParams):
 
     @torch.no_grad()
     def attention(self, features: Features) -> dict[str, NDArray[np.float32]]:
-        """Attention weights of an attention strategy (co-attention [N, H, T_G, T_O], pooling
-        [N, T], cross-attention [N, H, T_q, T_k]); empty for strategies without attention."""
+        """Return the attention weights of an attention strategy.
+
+        Co-attention [N, H, T_G, T_O], pooling [N, T], cross-attention [N, H, T_q, T_k]; empty for
+        strategies without attention.
+        """
         module = self._module
         if not hasattr(module, "record_attention"):
             return {}

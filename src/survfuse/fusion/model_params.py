@@ -1,5 +1,6 @@
-"""`FusionModelParams`: the constructor arguments of `FusionSurvivalModel` as scikit-learn
-estimator parameters, their validation and the `TrainingOptions` they make.
+"""`FusionModelParams`: the constructor arguments of `FusionSurvivalModel` as estimator parameters.
+
+Their scikit-learn handling, their validation and the `TrainingOptions` they make.
 
 Every argument is stored as given (`get_params` / `set_params` / `sklearn.base.clone` read the
 signature); the training arguments are exactly the fields of `TrainingOptions`, with its
@@ -79,7 +80,7 @@ class FusionModelParams(SurvivalEstimatorMixin, BaseEstimator):
 
     @classmethod
     def from_options(cls, strategy: str, options: TrainingOptions, **kwargs: Any) -> Any:
-        """The model with the training options of a `TrainingOptions` (e.g. a study config's)."""
+        """Build the model with the options of a `TrainingOptions` (e.g. a study config's)."""
         return cls(strategy, **options.model_dump(), **kwargs)
 
     def _check(self) -> TrainingOptions:

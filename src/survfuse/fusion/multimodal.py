@@ -1,5 +1,4 @@
-"""`MultimodalFeatures`: the X of `FusionSurvivalModel`, a dict of modalities that scikit-learn
-can split by rows.
+"""`MultimodalFeatures`: the X of `FusionSurvivalModel`, a dict of modalities split by rows.
 
 scikit-learn's model selection (`cross_val_score`, `GridSearchCV`, `train_test_split`) counts
 samples with `X.shape[0]` and takes rows with `X[rows, ...]`; a plain dict of

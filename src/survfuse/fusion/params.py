@@ -1,5 +1,8 @@
-"""Checks shared by the estimator and the study config: strategy / head parameters against
-their constructors' signatures, and the validation C-index used for model selection."""
+"""Checks shared by the estimator and the study config.
+
+Strategy / head parameters against their constructors' signatures, and the validation C-index
+used for model selection.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +29,11 @@ STRATEGY_OPTIONS = ("offset",)
 def check_params(
     params: Mapping[str, Any], target: Any, *, kind: str, extra: tuple[str, ...] = ()
 ) -> None:
-    """Every key of `params` must be a keyword argument of `target`'s `__init__` or one of
-    `extra` (did-you-mean error otherwise); a target that accepts **kwargs accepts anything."""
+    """Check that every key of `params` is a keyword argument of `target`'s `__init__`.
+
+    Keys in `extra` are accepted too; others raise a did-you-mean error. A target that accepts
+    **kwargs accepts anything.
+    """
     sig = inspect.signature(target.__init__)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
         return
@@ -42,8 +48,10 @@ def check_params(
 
 
 def harrell_c(time: ArrayLike, event: ArrayLike, risk: ArrayLike) -> float:
-    """Harrell's C of `risk` (`survfuse.metrics.concordance_index`), used for early stopping;
-    NaN when the split has no comparable pair (early stopping then keeps the first epoch)."""
+    """Return Harrell's C of `risk` (`survfuse.metrics.concordance_index`), used for early stopping.
+
+    NaN when the split has no comparable pair (early stopping then keeps the first epoch).
+    """
     try:
         return float(concordance_index(time, event, risk).estimate)
     except NoComparablePairError:

@@ -1,6 +1,8 @@
-"""Saving and loading a fitted `FusionSurvivalModel`: `config.json` (the constructor's
-arguments, feature specs, training history) beside `model.safetensors` (weights, normalisation
-statistics, the head's fitted state)."""
+"""Saving and loading a fitted `FusionSurvivalModel`.
+
+`config.json` (the constructor's arguments, feature specs, training history) beside
+`model.safetensors` (weights, normalisation statistics, the head's fitted state).
+"""
 
 from __future__ import annotations
 

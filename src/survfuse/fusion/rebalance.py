@@ -33,8 +33,11 @@ PROBE_LR = 1e-2
 
 
 class OGMGE(Callback):
-    """OGM-GE for a two-modality strategy; `params[m]` are modality m's encoder-side parameters,
-    `generator` draws the noise (shared with the estimator's modality dropout, in step order)."""
+    """OGM-GE for a two-modality strategy.
+
+    `params[m]` are modality m's encoder-side parameters; `generator` draws the noise (shared with
+    the estimator's modality dropout, in step order).
+    """
 
     def __init__(
         self,

@@ -42,9 +42,11 @@ def linear_signal(
     alpha: float = 0.05,
     seed: int = 0,
 ) -> tuple[float, float, bool] | None:
-    """(validation C, its SE, whether C > 0.5 at one-sided level `alpha`) of an elastic-net Cox
-    fitted on x_train [N, d] (rows with the modality present); None when it cannot be judged
-    (scikit-survival missing, too few events or rows)."""
+    """Return (validation C, its SE, whether C > 0.5 at one-sided level `alpha`).
+
+    The model is an elastic-net Cox fitted on x_train [N, d] (rows with the modality present);
+    None when it cannot be judged (scikit-survival missing, too few events or rows).
+    """
     try:
         from sksurv.linear_model import CoxnetSurvivalAnalysis
         from sksurv.util import Surv
@@ -104,8 +106,11 @@ def signal_check(
     alpha: float = 0.05,
     seed: int = 0,
 ) -> Callable[[str], bool | None]:
-    """`check(m)`: does modality m carry signal on its own (`linear_signal` on its pooled
-    features, on the training and validation rows where it is present)? None: cannot say."""
+    """Return `check(m)`, which says whether modality m carries signal on its own.
+
+    `linear_signal` on its pooled features, on the training and validation rows where it is
+    present; None: cannot say.
+    """
     vf, vt, ve = validation
 
     def check(m: str) -> bool | None:

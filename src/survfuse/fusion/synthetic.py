@@ -19,6 +19,8 @@ from survfuse.features import ModalityFeatures
 
 @dataclass
 class SyntheticFusionData:
+    """A synthetic two-modality data set: features, outcome and the true log hazard."""
+
     features: dict[str, ModalityFeatures]
     time: NDArray[np.float64]
     event: NDArray[np.bool_]
