@@ -49,9 +49,11 @@ def outcome_columns(task: str) -> tuple[str, str]:
 
 
 def task_columns(columns: list[str]) -> dict[str, tuple[str, str]]:
-    """Task name -> (time column, event column) of the tasks a cohort's `columns` hold:
+    """Map task name -> (time column, event column) for the tasks a cohort's `columns` hold.
+
     "default" -> (time, event), plus every `<task>_time` that has a matching `<task>_event`
-    (the names `outcome_columns` gives)."""
+    (the names `outcome_columns` gives).
+    """
     out = {DEFAULT_TASK: outcome_columns(DEFAULT_TASK)}
     for col in columns:
         if col.endswith("_time") and col != "prediction_time":
@@ -263,13 +265,16 @@ class Cohort:
         return sorted(self.df["site"].unique().to_list())
 
     def filter(self, predicate: Any) -> Cohort:
-        """A sub-cohort (polars predicate expression or boolean Series)."""
+        """Return a sub-cohort (polars predicate expression or boolean Series)."""
         return Cohort(self.df.filter(predicate), source=self.source)
 
 
 def read_table(path: str | Path) -> pl.DataFrame:
-    """A parquet, CSV or TSV table as written: text columns stay text (dates are parsed by
-    `validate_cohort`, ISO 8601 only unless a format is declared, never guessed)."""
+    """Read a parquet, CSV or TSV table as written.
+
+    Text columns stay text (dates are parsed by `validate_cohort`, ISO 8601 only unless a format is
+    declared, never guessed).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cohort file {path} not found")
@@ -283,7 +288,8 @@ def load_cohort(path: str | Path, *, date_format: str | None = None) -> Cohort:
     """Read and validate a cohort from parquet, CSV or TSV.
 
     `date_format`: strftime pattern of the text dates (default: ISO 8601 only; `10/09/2016`
-    raises a CohortError naming the file, column and row)."""
+    raises a CohortError naming the file, column and row).
+    """
     source = f"cohort {path}"
     df = read_table(path)
     if df.schema.get("prediction_time") == pl.String:  # parsed here: Cohort takes no format

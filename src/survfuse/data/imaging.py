@@ -142,8 +142,11 @@ class CTPreprocessing(BaseModel):
 
 @dataclass
 class CTVolume:
-    """A preprocessed CT: `array` float32 [X, Y, Z] (HU, or [0, 1] when scaled), `spacing` (3,) mm,
-    `affine` (4, 4) voxel -> world (RAS+ mm), `meta` (source path, format, native geometry ...)."""
+    """A preprocessed CT volume with its geometry.
+
+    `array` float32 [X, Y, Z] (HU, or [0, 1] when scaled), `spacing` (3,) mm, `affine` (4, 4)
+    voxel -> world (RAS+ mm), `meta` (source path, format, native geometry ...).
+    """
 
     array: NDArray[np.float32]
     spacing: NDArray[np.float64]
@@ -276,9 +279,12 @@ def _reorient(
 
 
 def _bounded(arr: NDArray[np.float32], lo: float, hi: float | None) -> NDArray[np.float32]:
-    """A new C-contiguous float32 copy of `arr` (any strides) raised to `lo` and, unless `hi`
-    is None, clipped to `hi`, in one pass. Why: a flipped or transposed view is copied once,
-    by this pass, not first by a reorientation and again by each value change."""
+    """Return a new C-contiguous float32 copy of `arr` raised to `lo` and clipped to `hi`.
+
+    `arr` may have any strides; `hi` None means no upper clip; done in one pass. Why: a flipped or
+    transposed view is copied once, by this pass, not first by a reorientation and again by each
+    value change.
+    """
     out = np.empty(arr.shape, np.float32)
     if hi is None:
         return np.maximum(arr, np.float32(lo), out=out)
@@ -349,8 +355,10 @@ def _crop_or_pad(
 def check_ct_array(
     arr: NDArray[np.float32], preprocessing: CTPreprocessing, *, path: str | Path = "<array>"
 ) -> dict[str, float]:
-    """The checks made before any value changes: a non-empty 3-d volume with at least
-    `min_slices` voxels along every axis and (`check_hu`) a plausible CT HU distribution.
+    """Make the checks done before any value changes.
+
+    A non-empty 3-d volume with at least `min_slices` voxels along every axis and (`check_hu`) a
+    plausible CT HU distribution.
 
     Returns the HU percentiles {hu_p01, hu_p50, hu_p99}; raises `CTLoadError(path, reason)`.
     Shared by `preprocess_ct` and the published MONAI pipelines (`survfuse.encoders.fm_transforms`).
