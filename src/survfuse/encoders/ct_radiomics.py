@@ -74,9 +74,12 @@ def feature_names(n_bins: int = 16) -> list[str]:
 def _axis_cells(
     shape: tuple[int, int, int], grid: tuple[int, int, int]
 ) -> tuple[NDArray[np.int64], ...]:
-    """Per axis, the cell index of every voxel position (cells split each axis as evenly as
-    possible); voxel (i, j, k) is in cell (ix[i] * gy + iy[j]) * gz + iz[k]. Three vectors
-    instead of an [X, Y, Z] label volume (8 bytes a voxel: 0.6 GB at 512 x 512 x 300)."""
+    """Return, per axis, the cell index of every voxel position.
+
+    Cells split each axis as evenly as possible; voxel (i, j, k) is in cell
+    (ix[i] * gy + iy[j]) * gz + iz[k]. Three vectors instead of an [X, Y, Z] label volume (8 bytes
+    a voxel: 0.6 GB at 512 x 512 x 300).
+    """
     ids = []
     for size, g in zip(shape, grid, strict=True):
         edges = np.linspace(0, size, g + 1).round().astype(np.int64)
@@ -128,8 +131,9 @@ def _sums_kernel(
     isy: float,
     isz: float,
 ) -> Any:  # pragma: no cover - compiled
-    """One pass over the voxels accumulating, per cell (cell n_cells = outside the ROI; `roi`
-    [X, Y, Z] bool, or [1, 1, 1] for no ROI):
+    """Accumulate per-cell histograms, moments and texture sums in one pass over the voxels.
+
+    Cell n_cells is outside the ROI; `roi` is [X, Y, Z] bool, or [1, 1, 1] for no ROI. Per cell:
     fine histogram [C+1, nb]; count, Σz, Σz², Σz³, Σz⁴ [C+1, 5] (z = HU/1000); texture sums
     [C+1, 9]: (n, Σ|dx|), (n, Σ|dy|), (n, Σ|dz|), (n, Σg, Σg²) of forward differences
     (per mm) whose voxels are all inside the ROI, g = gradient magnitude.
@@ -354,8 +358,7 @@ class CTRadiomicsEncoder(Encoder):
         self._stats: dict[str, NDArray[np.float64]] = {}
 
     def preprocessing(self) -> Any:
-        """The `survfuse.data.imaging.CTPreprocessing` this encoder loads volumes with."""
-
+        """Return the `survfuse.data.imaging.CTPreprocessing` this encoder loads volumes with."""
         return CTPreprocessing(**self._config["preprocessing"])
 
     @property

@@ -56,8 +56,11 @@ class StoreRun:
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """The chunks an `encode` call still has to encode: chunk i (each i of `todo`) is rows
-    `first[a:b]` of `cohort`, (a, b) = `chunks[i]`, saved to `chunk_dirs[i]`."""
+    """The chunks an `encode` call still has to encode.
+
+    Chunk i (each i of `todo`) is rows `first[a:b]` of `cohort`, (a, b) = `chunks[i]`, saved to
+    `chunk_dirs[i]`.
+    """
 
     encoder: Encoder
     cohort: pl.DataFrame
@@ -83,8 +86,10 @@ def _source_files_hash(source: Any) -> str:
 
 
 def _source_groups(source: Any, sid: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Per cohort row, the source shard its subject's events live in (0 for every row when the
-    source has no `subject_shards`; subjects in several shards, or in none, after the others).
+    """Return, per cohort row, the source shard its subject's events live in.
+
+    0 for every row when the source has no `subject_shards`; subjects in several shards, or in
+    none, come after the others.
 
     Why: an encoder call re-reads every shard its subjects live in; chunks ordered by shard
     let one call read one shard, as a direct encode of the whole cohort does.
@@ -105,8 +110,11 @@ def _source_groups(source: Any, sid: NDArray[np.int64]) -> NDArray[np.int64]:
 def _unique_sorted(
     sid: NDArray[np.int64], pt: NDArray[np.int64], group: NDArray[np.int64]
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """(first row of each unique key in (group, subject_id, prediction_time) order, inverse:
-    row -> unique position). `group` must be a function of the subject."""
+    """Return (first row of each unique key, inverse: row -> unique position).
+
+    The unique keys (group, subject_id, prediction_time) come in sorted order. `group` must be a
+    function of the subject.
+    """
     order = np.lexsort((pt, sid, group))
     s, t = sid[order], pt[order]
     new = np.ones(len(order), dtype=bool)
@@ -129,8 +137,11 @@ def _chunk_bounds(group: NDArray[np.int64], chunk_size: int) -> list[tuple[int, 
 def _chunk_groups(
     todo: list[int], chunks: list[tuple[int, int]], batch_rows: int, source_group: list[int]
 ) -> list[list[int]]:
-    """Runs of consecutive chunks of one source group to encode in one `encode` call, each at
-    most `batch_rows` rows (one chunk per call when the encoder sets no `store_batch_rows`)."""
+    """Return runs of consecutive chunks of one source group to encode in one `encode` call.
+
+    Each run has at most `batch_rows` rows (one chunk per call when the encoder sets no
+    `store_batch_rows`).
+    """
     groups: list[list[int]] = []
     for i in todo:
         g = groups[-1] if groups else None
@@ -147,9 +158,11 @@ def _chunk_groups(
 
 
 def _chunk_part(feats: ModalityFeatures, a: int, b: int, offset: int) -> ModalityFeatures:
-    """Rows [a, b) of a multi-chunk encode (rows start at `offset`), as if encoded alone:
-    token_codes cut to the chunk's widest token, the manifest to the chunk's subjects.
-    Arrays are views of `feats` (row slices of C-contiguous arrays are saved without a copy)."""
+    """Return rows [a, b) of a multi-chunk encode (rows start at `offset`), as if encoded alone.
+
+    token_codes are cut to the chunk's widest token, the manifest to the chunk's subjects.
+    Arrays are views of `feats` (row slices of C-contiguous arrays are saved without a copy).
+    """
     lo, hi = a - offset, b - offset
     names = ("subject_id", "prediction_time", "pooled", "present", "tokens", "mask", "token_codes")
     views = {k: getattr(feats, k)[lo:hi] for k in names if getattr(feats, k) is not None}
@@ -221,7 +234,7 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ public API
     def directory(self, encoder: Encoder, source: Any) -> Path:
-        """The cache folder of a (fitted) encoder on a source."""
+        """Return the cache folder of a (fitted) encoder on a source."""
         fp = hash_parts(encoder.fingerprint(), _source_files_hash(source))
         return self.root / f"{encoder.name}-{fp[:16]}"
 
