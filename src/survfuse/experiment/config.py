@@ -82,10 +82,13 @@ class DataConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    """Per-subject splits: external sites form `external_test`; the rest is split by fractions,
-    or, with `column`, taken from that cohort column (a predefined split such as INSPECT's
-    `inspect_split`: values train / validation / internal_test, one per subject; subjects of
-    `external_sites` still form external_test)."""
+    """Per-subject splits.
+
+    External sites form `external_test`; the rest is split by fractions, or, with `column`, taken
+    from that cohort column (a predefined split such as INSPECT's `inspect_split`: values train /
+    validation / internal_test, one per subject; subjects of `external_sites` still form
+    external_test).
+    """
 
     external_sites: list[str] = Field(default_factory=list)
     column: str | None = None
@@ -128,6 +131,8 @@ class EncoderChoice(_Strict):
 
 
 class EncodersConfig(_Strict):
+    """The YAML `encoders:` section: the CT and EHR encoders to run, each label used once."""
+
     ct: list[EncoderChoice] = Field(default_factory=list)
     ehr: list[EncoderChoice] = Field(default_factory=list)
 
@@ -144,13 +149,16 @@ class EncodersConfig(_Strict):
 
 
 class TrainingConfig(TrainingOptions):
-    """The YAML `training:` section: `survfuse.training.TrainingOptions` (one set of fields,
-    defaults and checks, shared with the estimator) plus the survival head's parameters."""
+    """The YAML `training:` section.
+
+    `survfuse.training.TrainingOptions` (one set of fields, defaults and checks, shared with the
+    estimator) plus the survival head's parameters.
+    """
 
     head_params: dict[str, Any] = Field(default_factory=dict)
 
     def options(self) -> TrainingOptions:
-        """The training options alone (what `FusionSurvivalModel.from_options` takes)."""
+        """Return the training options alone (what `FusionSurvivalModel.from_options` takes)."""
         return TrainingOptions(**self.model_dump(exclude={"head_params"}))
 
 
@@ -223,10 +231,12 @@ _TEST_SPLITS: tuple[TestSplit, ...] = ("internal_test", "external_test")
 
 
 class FamilyConfig(_Strict):
-    """The pre-specified comparison family Holm adjusts together, study-wide: these metrics of
-    the compared models (`fused`: two-modality models; `all`: every non-reference model) against
-    the reference on these test splits. Validation is never in it (the reference is chosen
-    there)."""
+    """The pre-specified comparison family Holm adjusts together, study-wide.
+
+    These metrics of the compared models (`fused`: two-modality models; `all`: every non-reference
+    model) against the reference on these test splits. Validation is never in it (the reference is
+    chosen there).
+    """
 
     metrics: list[str] = Field(default_factory=lambda: ["harrell_c"])
     splits: list[TestSplit] = Field(default_factory=lambda: list(_TEST_SPLITS))
@@ -277,7 +287,7 @@ class EvaluationConfig(_Strict):
         return float(self.calibration_horizon or self.horizons[0])
 
     def survival_times(self) -> list[float]:
-        """Times at which every cell stores survival: the horizons, the IBS grid, calibration."""
+        """Return the times at which every cell stores survival: horizons, IBS grid, calibration."""
         last = max(self.horizons)
         grid = [last * (i + 1) / self.ibs_points for i in range(self.ibs_points)]
         return sorted(set([*self.horizons, *(round(t, 6) for t in grid), self.cal_horizon]))
@@ -426,5 +436,5 @@ class ExperimentConfig(_Strict):
         return choices[keys.index(look_up_option(key, keys, kind=f"{modality} encoder"))]
 
     def dump(self) -> str:
-        """The resolved config as YAML (absolute paths, defaults filled in)."""
+        """Return the resolved config as YAML (absolute paths, defaults filled in)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

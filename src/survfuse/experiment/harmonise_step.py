@@ -27,6 +27,7 @@ __all__ = ["harmonise_encoded", "harmonise_record", "harmonise_summary"]
 
 
 def harmonise_record(rd: RunDir) -> Path:
+    """Return the path of the run's harmonisation record, `features/harmonise.json`."""
     return rd.root / "features" / "harmonise.json"
 
 
@@ -51,8 +52,10 @@ def harmonise_encoded(
     key: str,
     feats: ModalityFeatures,
 ) -> Path:
-    """Harmonise `feats` (rows in the cohort's order) across the cohort's `site` column with
-    `cfg.harmonise.method`; returns the saved folder."""
+    """Harmonise `feats` (rows in the cohort's order) across the cohort's `site` column.
+
+    Uses `cfg.harmonise.method`; returns the saved folder.
+    """
     method = cfg.harmonise.method
     if "site" not in cohort.columns:
         raise ValueError(f"harmonise: {method} needs a `site` column in {cfg.data.cohort}")
@@ -80,8 +83,10 @@ def harmonise_encoded(
 def harmonise_summary(
     cfg: ExperimentConfig, rd: RunDir, cohort: pl.DataFrame, folders: dict[str, Path]
 ) -> dict[str, Any]:
-    """What harmonisation used in this run (`features/harmonise.json`); `folders` maps
-    `modality/encoder` to each harmonised folder."""
+    """Return what harmonisation used in this run (`features/harmonise.json`).
+
+    `folders` maps `modality/encoder` to each harmonised folder.
+    """
     ext = cohort.filter(pl.col("split") == "external_test")
     external = sorted(ext["site"].cast(pl.Utf8).unique().to_list()) if "site" in ext.columns else []
     features = {}

@@ -38,7 +38,8 @@ _SHOWN_IDS = 5
 def load_keys(path: str | Path, *, date_format: str | None = None) -> pl.DataFrame:
     """`subject_id` (Int64) and `prediction_time` (Datetime us) of a parquet or CSV cohort.
 
-    Text dates must be ISO 8601 unless `date_format` (a strftime pattern) declares them."""
+    Text dates must be ISO 8601 unless `date_format` (a strftime pattern) declares them.
+    """
     path = Path(path)
     df = read_table(path)
     for col in ("subject_id", "prediction_time"):
@@ -59,8 +60,10 @@ def load_keys(path: str | Path, *, date_format: str | None = None) -> pl.DataFra
 
 
 def missing_data_warning(predictions: pl.DataFrame) -> str | None:
-    """One line naming the patients of `predict_cohort`'s output with no data in any modality
-    (NaN risk), or None when every patient has some."""
+    """Return one line naming the patients with no data in any modality (NaN risk), or None.
+
+    The patients are those of `predict_cohort`'s output; None when every patient has some data.
+    """
     flags = [c for c in predictions.columns if c.startswith("has_")]
     if not flags:
         return None
@@ -95,7 +98,6 @@ def predict_cohort(
     run's survival times, and `has_<modality>` for each modality the model uses. Risk and
     survival are NaN where every `has_<modality>` is False.
     """
-
     rd = RunDir(run_dir)
     raw = rd.read_config_yaml()
     cells = sorted(p.name for p in rd.cells.glob("*") if (p / "status.json").exists())

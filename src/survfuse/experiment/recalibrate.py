@@ -1,5 +1,7 @@
-"""`recalibrate_run`: refit each cell's baseline hazard (and optionally its slope) on a labelled
-sample of a new site, as a separate step whose output never enters the run's test metrics.
+"""`recalibrate_run`: refit each cell's baseline hazard (and optionally its slope) on a new site.
+
+The refit uses a labelled sample of the new site, as a separate step whose output never enters
+the run's test metrics.
 
 For every finished cell and every task the sample has outcomes for, the cell's predicted
 S(h) at the calibration horizon h (`evaluation.calibration_horizon`) for the sample's rows is
@@ -64,7 +66,7 @@ def _read_sample(path: Path, tasks: list[str]) -> tuple[pl.DataFrame, list[str]]
 def _sample_predictions(
     rd: RunDir, spec: CellSpec, sample: pl.DataFrame, cohort: Path, harmonised: bool
 ) -> pl.DataFrame:
-    """The cell's predictions for the sample's rows, in the sample's order."""
+    """Return the cell's predictions for the sample's rows, in the sample's order."""
     preds = pl.read_parquet(rd.cell(spec.cell_id) / "predictions.parquet").with_columns(
         pl.col("prediction_time").cast(pl.Datetime("us"))
     )
@@ -91,9 +93,12 @@ def recalibrate_run(
     *,
     method: str = "baseline",
 ) -> Path:
-    """Recalibrate every finished cell of `run_dir` on the labelled sample `cohort` (parquet or
-    CSV: subject_id, prediction_time and each task's outcome columns); returns the output folder
-    (module docstring). `method`: "baseline" (slope fixed at 1) or "baseline+slope"."""
+    """Recalibrate every finished cell of `run_dir` on the labelled sample `cohort`.
+
+    `cohort` is parquet or CSV: subject_id, prediction_time and each task's outcome columns.
+    Returns the output folder (module docstring). `method`: "baseline" (slope fixed at 1) or
+    "baseline+slope".
+    """
     rd = RunDir(run_dir)
     cohort = Path(cohort)
     cfg = parse_config(rd.read_config_yaml(), base=rd.root, source=str(rd.config))

@@ -89,7 +89,6 @@ class RunResult:
 
 def prepare_cohort(cfg: ExperimentConfig, rd: RunDir) -> pl.DataFrame:
     """Load the cohort, make the per-subject splits and write both into the run directory."""
-
     cohort = load_cohort(cfg.data.cohort, date_format=cfg.data.date_format)
     sp = cfg.splits
     if sp.column is not None:
@@ -110,7 +109,7 @@ def prepare_cohort(cfg: ExperimentConfig, rd: RunDir) -> pl.DataFrame:
 
 
 def sources(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The input source of each modality: a CTSource for CT, a MEDSDataset for EHR."""
+    """Return the input source of each modality: a CTSource for CT, a MEDSDataset for EHR."""
     out: dict[str, Any] = {}
     if cfg.data.ct_index is not None:
         src = CTSource.from_index(cfg.data.ct_index)
@@ -149,7 +148,6 @@ def encode_features(
     console: Any = None,
 ) -> dict[str, dict[str, str]]:
     """Fit (training rows) and encode (all rows) every encoder; returns modality -> label -> folder."""
-
     store = FeatureStore(cfg.feature_store or rd.store)
     srcs = check_sources(cfg)
     keys = _keys(cohort)
@@ -207,8 +205,10 @@ def encode_features(
 def write_data_manifest(
     rd: RunDir, cohort: pl.DataFrame, manifest: pl.DataFrame, *, console: Any = None
 ) -> pl.DataFrame:
-    """Write `data_manifest.parquet` (site and split joined in), print its summary, and stop the
-    run when an encoder produced NaN/inf features for a row it marks present."""
+    """Write `data_manifest.parquet` (site and split joined in) and print its summary.
+
+    Stops the run when an encoder produced NaN/inf features for a row it marks present.
+    """
     extra = [c for c in ("site", "split") if c in cohort.columns]
     if extra:
         manifest = manifest.join(
@@ -244,9 +244,11 @@ def write_data_manifest(
 
 
 def check_sources(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Open every modality source and check its data before any work: the MEDS shards' values
-    (`MEDSDataset.validate(deep=True)`: null codes or subject ids, NaN/inf values) and the CT
-    index. Raises a ValueError that names the file, subject and column."""
+    """Open every modality source and check its data before any work.
+
+    The MEDS shards' values (`MEDSDataset.validate(deep=True)`: null codes or subject ids, NaN/inf
+    values) and the CT index. Raises a ValueError that names the file, subject and column.
+    """
     srcs = sources(cfg)
     if "ehr" in srcs:
         srcs["ehr"].validate(deep=True)
@@ -271,7 +273,8 @@ def run_experiment(
     """Run (or resume) the whole study of `cfg` in `run_dir`; see the module docstring.
 
     Holds the run folder's lock (`RunLockedError` when another run holds it) and removes the
-    temp files of an interrupted run before anything else."""
+    temp files of an interrupted run before anything else.
+    """
     t0 = _time.perf_counter()
     rd = RunDir(run_dir)
     if rd.root.exists() and not rd.root.is_dir():

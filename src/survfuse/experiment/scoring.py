@@ -157,13 +157,14 @@ class CalibrationScorer:
 def make_scorers(
     g: GroupData, risk: NDArray[np.float64], surv: NDArray[np.float64]
 ) -> dict[MetricKey, Any]:
-    """One scorer (`point()`, `boot(w [B, n])`, `influence()`) per configured metric x horizon
-    for one prediction; `calibration` gives cal_slope, cal_intercept, ici and e50 at the
-    calibration horizon (ici and e50 share one fit, `params(w)` its parameters).
+    """Make one scorer (`point()`, `boot(w [B, n])`, `influence()`) per metric x horizon.
+
+    For one prediction and every configured metric; `calibration` gives cal_slope, cal_intercept,
+    ici and e50 at the calibration horizon (ici and e50 share one fit, `params(w)` its
+    parameters).
 
     `surv` [n, len(g.times)] holds S(t) at `g.times`. Metrics undefined on these data give NaN.
     """
-
     out: dict[MetricKey, Any] = {}
     tau = max(g.horizons)
     col = {float(t): j for j, t in enumerate(g.times)}
@@ -206,10 +207,13 @@ def make_scorers(
 
 
 def null_model_scores(g: GroupData, metrics: tuple[str, ...] = ("ibs",)) -> dict[MetricKey, float]:
-    """Point estimates of the Kaplan-Meier null model on one task x split: every subject gets
-    the training split's KM survival curve S_0(t) and the same risk, scored by the same scorers
-    as the models (`make_scorers`), so its IBS is the benchmark a model must beat (C and AUC
-    are 0.5 by construction). Not in metrics.parquet; the report shows it beside each model."""
+    """Return point estimates of the Kaplan-Meier null model on one task x split.
+
+    Every subject gets the training split's KM survival curve S_0(t) and the same risk, scored by
+    the same scorers as the models (`make_scorers`), so its IBS is the benchmark a model must beat
+    (C and AUC are 0.5 by construction). Not in metrics.parquet; the report shows it beside each
+    model.
+    """
     km = kaplan_meier(g.train_time, g.train_event)
     n = g.time.shape[0]
     surv = np.tile(km(g.times), (n, 1))
@@ -220,12 +224,12 @@ def null_model_scores(g: GroupData, metrics: tuple[str, ...] = ("ibs",)) -> dict
 
 # ----------------------------------------------------------------------------- statistics
 def group_seed(seed: int, task: str, split: str) -> int:
-    """The resampling seed of one task x split: shared by every model (paired resamples)."""
+    """Return the resampling seed of one task x split: shared by every model (paired resamples)."""
     return (int(seed) * 1_000_003 + zlib.crc32(f"{task}|{split}".encode())) % (2**32)
 
 
 def _smooth_key(per_seed: list[dict[MetricKey, Any]]) -> MetricKey | None:
-    """The key of the ICI scorer (the one with `params`) of a model, if every seed has one."""
+    """Return the key of a model's ICI scorer (the one with `params`), if every seed has one."""
     for k in per_seed[0]:
         if k[0] == "ici" and all(hasattr(p[k], "params") for p in per_seed):
             return k
@@ -233,8 +237,7 @@ def _smooth_key(per_seed: list[dict[MetricKey, Any]]) -> MetricKey | None:
 
 
 def group_weights(g: GroupData) -> Iterable[NDArray[np.float64]]:
-    """The resample weight blocks [<=128, n] of a task x split (`Resampler.weights`)."""
-
+    """Return the resample weight blocks [<=128, n] of a task x split (`Resampler.weights`)."""
     if g.n_boot <= 0:
         return iter(())
     res = Resampler.build(g.time.shape[0], g.subject_id)
@@ -297,11 +300,12 @@ def finish_group(
     raw: dict[str, Any],
     scorers: dict[str, list[dict[MetricKey, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Add what needs no resampling to `score_blocks`' output (points when missing): per model
-    and key the seed-averaged IJ influence per subject ("infl", None without an influence
-    function) and the p of the Wald test of perfect calibration of all seeds together
-    ("p_cal": {horizon: p}, `metrics.calibration_ci.calibration_test`)."""
+    """Add what needs no resampling to `score_blocks`' output (points when missing).
 
+    Per model and key the seed-averaged IJ influence per subject ("infl", None without an
+    influence function) and the p of the Wald test of perfect calibration of all seeds together
+    ("p_cal": {horizon: p}, `metrics.calibration_ci.calibration_test`).
+    """
     if scorers is None:
         scorers = {
             m.model: [make_scorers(g, m.risk[s], m.surv[s]) for s in range(len(m.seeds))]
@@ -340,8 +344,10 @@ def finish_group(
 
 
 def score_group(g: GroupData, on_block: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Point estimates, resampled statistics, IJ influences and calibration tests of every
-    model of one task x split (`score_blocks` on `group_weights`, then `finish_group`).
+    """Score every model of one task x split.
+
+    Point estimates, resampled statistics, IJ influences and calibration tests
+    (`score_blocks` on `group_weights`, then `finish_group`).
 
     Each model's statistic (point and on every resample) is the mean over its seeds.
     Returns {"point": {model: {key: value}}, "boot": {model: {key: [B] array}},
