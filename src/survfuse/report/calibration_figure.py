@@ -1,6 +1,9 @@
-"""Calibration figure: observed against predicted risk at a horizon in quantile bins of
-predicted risk, with the Kaplan-Meier interval of each observed value, and a histogram of the
-predicted risks under each panel. One row per task, one column per test split."""
+"""Calibration figure: observed against predicted risk at a horizon in quantile bins.
+
+Observed risk in quantile bins of predicted risk, with the Kaplan-Meier interval of each observed
+value, and a histogram of the predicted risks under each panel. One row per task, one column per
+test split.
+"""
 
 from __future__ import annotations
 
@@ -37,8 +40,11 @@ class CalibrationSeries:
 def calibration_points(
     s: CalibrationSeries, horizon: float, bins: int
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    """Per quantile bin of predicted risk p = 1 - S(h): mean p, observed 1 - KM(h) and the
-    95% interval of the observed value (log-log Greenwood band of the bin's KM): [4, bins]."""
+    """Return, per quantile bin of predicted risk p = 1 - S(h), the points of the calibration plot.
+
+    Rows: mean p, observed 1 - KM(h) and the 95% interval of the observed value (log-log Greenwood
+    band of the bin's KM): [4, bins].
+    """
     pred = 1.0 - s.surv_h
     order = np.argsort(pred, kind="stable")
     out = []
@@ -63,8 +69,10 @@ def calibration_figure(
     bins: int = 10,
     titles: dict[tuple[str, str], str] | None = None,
 ) -> Figure:
-    """`panels[(task, split label)]`: the series drawn in that panel (one colour per series
-    label across panels). Rows are tasks in the order given, columns splits."""
+    """Draw the calibration figure of `panels[(task, split label)]`, the series of each panel.
+
+    One colour per series label across panels. Rows are tasks in the order given, columns splits.
+    """
     tasks = list(dict.fromkeys(t for t, _ in panels))
     splits = list(dict.fromkeys(s for _, s in panels))
     fig = plt.figure(figsize=(WIDTH, 4.3 * len(tasks) + 0.6))

@@ -1,6 +1,9 @@
-"""The report's "Calibration" section: the calibration figure of each task's best fused and
-reference model on the test splits, every model's slope, intercept and IBS beside the
-Kaplan-Meier null model's IBS, the flags, and the smoothed calibration errors (ICI, E50)."""
+"""The report's "Calibration" section.
+
+The calibration figure of each task's best fused and reference model on the test splits, every
+model's slope, intercept and IBS beside the Kaplan-Meier null model's IBS, the flags, and the
+smoothed calibration errors (ICI, E50).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ Panels = dict[tuple[str, str], list[CalibrationSeries]]
 
 
 def _panels(ctx: ReportContext, horizon: float) -> tuple[Panels, dict[tuple[str, str], str]]:
-    """Series per (task, split label), labelled by role (one colour per role across tasks),
-    and panel titles naming the models."""
+    """Return the series per (task, split label) and the panel titles naming the models.
+
+    Series are labelled by role (one colour per role across tasks).
+    """
     col = surv_column(horizon)
     panels: Panels = {}
     titles: dict[tuple[str, str], str] = {}
@@ -48,6 +53,7 @@ def _panels(ctx: ReportContext, horizon: float) -> tuple[Panels, dict[tuple[str,
 
 
 def calibration_section(ctx: ReportContext) -> Section | None:
+    """Build the "Calibration" section, or None when there is no curve or table to show."""
     horizon = ctx.eval_config.cal_horizon
     bins = ctx.eval_config.calibration_bins
     panels, titles = _panels(ctx, horizon)

@@ -1,6 +1,9 @@
-"""The report's cohort table ("Table 1"): per split x site, the number of subjects, per task the
-events, censored subjects and median follow-up (reverse Kaplan-Meier), and per modality how
-many subjects have data (`data_manifest.parquet`)."""
+"""The report's cohort table ("Table 1").
+
+Per split x site, the number of subjects, per task the events, censored subjects and median
+follow-up (reverse Kaplan-Meier), and per modality how many subjects have data
+(`data_manifest.parquet`).
+"""
 
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ def _pct(k: int, n: int) -> str:
 
 
 def _availability(manifest: pl.DataFrame | None) -> dict[str, pl.DataFrame]:
-    """Column name -> (subject_id, prediction_time, present) per modality (and encoder when a
-    modality has several)."""
+    """Map column name -> (subject_id, prediction_time, present) per modality.
+
+    The column is named by the modality, and by the encoder when a modality has several.
+    """
     if manifest is None or not manifest.height:
         return {}
     out = {}
@@ -43,9 +48,12 @@ def _availability(manifest: pl.DataFrame | None) -> dict[str, pl.DataFrame]:
 def cohort_table(
     cohort: pl.DataFrame, tasks: list[str], manifest: pl.DataFrame | None = None
 ) -> pl.DataFrame:
-    """Display strings, one row per split x site (and an `all` row per split with several
-    sites): n; per task events (%), censored (%) and median follow-up in days by the reverse
-    Kaplan-Meier method; per modality the subjects with usable data (%)."""
+    """Return the cohort table's display strings, one row per split x site.
+
+    An `all` row is added per split with several sites. Columns: n; per task events (%), censored
+    (%) and median follow-up in days by the reverse Kaplan-Meier method; per modality the subjects
+    with usable data (%).
+    """
     avail = _availability(manifest)
     keyed = cohort.with_row_index("_row")
     for name, frame in avail.items():
@@ -78,6 +86,7 @@ def cohort_table(
 
 
 def cohort_section(ctx: ReportContext) -> Section | None:
+    """Build the "Cohort" section, or None when the cohort has no split or site column."""
     if "split" not in ctx.cohort.columns or "site" not in ctx.cohort.columns:
         return None
     man = pl.read_parquet(ctx.rd.data_manifest) if ctx.rd.data_manifest.exists() else None

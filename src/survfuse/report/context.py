@@ -1,5 +1,8 @@
-"""What report sections read: `ReportContext` (the run folder, config, metrics, cohort, cells),
-`Section` (what a builder returns) and `img` (a figure embedded as PNG)."""
+"""What report sections read.
+
+`ReportContext` (the run folder, config, metrics, cohort, cells), `Section` (what a builder
+returns) and `img` (a figure embedded as PNG).
+"""
 
 from __future__ import annotations
 
@@ -89,7 +92,9 @@ class ReportContext:
     @cached_property
     def eval_config(self) -> EvaluationConfig:
         """The run's evaluation settings, typed (defaults where the stored config has none).
-        A config written by another survfuse version keeps the settings the report reads."""
+
+        A config written by another survfuse version keeps the settings the report reads.
+        """
         try:
             return EvaluationConfig.model_validate(self.evaluation)
         except ValidationError:
@@ -115,8 +120,10 @@ class ReportContext:
         )
 
     def group_data(self, task: str, split: str) -> GroupData:
-        """The scoring inputs of one task x split without models (outcomes, training outcomes
-        for the IPCW weights, the stored survival grid), as the evaluation built them."""
+        """Return the scoring inputs of one task x split without models, as evaluation built them.
+
+        Outcomes, training outcomes for the IPCW weights and the stored survival grid.
+        """
         time, event = self.outcome(task)
         rows, train = self.split == split, self.split == "train"
         ev = self.eval_config
@@ -151,6 +158,7 @@ SectionBuilder = Callable[[ReportContext], "Section | None"]
 
 
 def img(fig: Any, alt: str) -> str:
+    """Return an `<img>` tag embedding `fig` as base64 PNG, with the alt text `alt`."""
     return (
         f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{figures.to_png_base64(fig)}">'
     )

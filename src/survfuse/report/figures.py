@@ -1,5 +1,7 @@
-"""Report figures (matplotlib, Agg backend): forest plot and training curves (Kaplan-Meier:
-`km_figure`; calibration: `calibration_figure`; performance over time: `time_curves`). Each function returns a Figure; `to_png_base64` embeds it in the HTML page.
+"""Report figures (matplotlib, Agg backend): forest plot and training curves.
+
+Kaplan-Meier: `km_figure`; calibration: `calibration_figure`; performance over time:
+`time_curves`. Each function returns a Figure; `to_png_base64` embeds it in the HTML page.
 
 Figures are at most 10 inches wide so the page never scrolls sideways.
 """
@@ -146,8 +148,11 @@ def forest_plot(
 
 @dataclass
 class TrainingRun:
-    """One cell's per-epoch history: its `seed`; `reference`: a reference-model cell (drawn
-    grey and dashed, in the validation panel only: its loss is of another model)."""
+    """One cell's per-epoch history.
+
+    `seed`: its seed; `reference`: a reference-model cell (drawn grey and dashed, in the validation
+    panel only: its loss is of another model).
+    """
 
     seed: int
     history: pl.DataFrame
@@ -162,8 +167,10 @@ def _first(h: pl.DataFrame, col: str) -> int | None:
 
 
 def _events(h: pl.DataFrame) -> list[tuple[int, str]]:
-    """(epoch, "CT frozen" / "EHR dropped") per modality: a dropped branch is also frozen, so
-    a drop is the one mark it gets."""
+    """Return (epoch, "CT frozen" / "EHR dropped") per modality.
+
+    A dropped branch is also frozen, so a drop is the one mark it gets.
+    """
     out = []
     for m in ("ct", "ehr"):
         for what in ("dropped", "frozen"):
@@ -215,11 +222,13 @@ def _training_row(row: Any, runs: list[TrainingRun]) -> None:
 
 
 def training_curves_figure(curves: dict[str, list[TrainingRun]]) -> Figure:
-    """Per task (one row, titled by the key): the fused model's own training loss, the
-    branch probes' loss (train_loss - fused_loss; a frozen branch's probe leaves the sum) and
-    the validation C-index of the fused model, each branch probe and the reference model, per
-    epoch and seed. Dotted vertical lines mark the epochs at which a branch was frozen or
-    dropped (listed in the middle panel)."""
+    """Draw the training curves, one row per task (titled by the key).
+
+    Per epoch and seed: the fused model's own training loss, the branch probes' loss
+    (train_loss - fused_loss; a frozen branch's probe leaves the sum) and the validation C-index of
+    the fused model, each branch probe and the reference model. Dotted vertical lines mark the
+    epochs at which a branch was frozen or dropped (listed in the middle panel).
+    """
     n = max(len(curves), 1)
     fig, axes = plt.subplots(n, 3, figsize=(WIDTH, 3.2 * n + 0.7), squeeze=False)
     seeds: set[int] = set()

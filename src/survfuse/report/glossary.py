@@ -1,5 +1,7 @@
-"""The report's glossary: every quantity and mark the report uses, defined once, with the
-run's own settings (horizons, truncation time, interval level, resamples) filled in."""
+"""The report's glossary: every quantity and mark the report uses, defined once.
+
+The run's own settings (horizons, truncation time, interval level, resamples) are filled in.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ def _md_key(key: str) -> str:
 
 
 def glossary_section(ctx: ReportContext) -> Section:
+    """Build the "Glossary" section."""
     items = _entries(ctx)
     body = "<dl>" + "".join(
         f"<dt><b>{html.escape(k)}</b></dt><dd>{html.escape(v)}</dd>" for k, v in items

@@ -1,5 +1,6 @@
-"""`build_report(run_dir)`: one self-contained `report.html` (PNG figures embedded as base64)
-and a `summary.md` with the same tables.
+"""`build_report(run_dir)`: one self-contained `report.html` and a `summary.md`.
+
+The HTML page embeds its PNG figures as base64; `summary.md` has the same tables.
 
 Sections: the cohort table (Table 1), the headline C-index table (strategies x splits x tasks,
 with CIs), the data (present / missing / failed per site x split x modality, with reasons), the
@@ -109,7 +110,10 @@ def _failed(ctx: ReportContext) -> Section | None:
 
 
 def _data(ctx: ReportContext) -> Section | None:
-    """Counts per site x split x modality x encoder (present / missing / failed) and reasons."""
+    """Build the "Data" section, or None when the run has no data manifest.
+
+    Counts per site x split x modality x encoder (present / missing / failed) and reasons.
+    """
     path = ctx.rd.data_manifest
     if not path.exists():
         return None

@@ -87,9 +87,11 @@ def _wrapped_label(row: dict[str, Any]) -> str:
 def contribution_figure(
     imb: pl.DataFrame, splits: tuple[str, ...] = TEST_SPLITS, tasks: list[str] | None = None
 ) -> Figure:
-    """Shapley contributions of CT and EHR (bars, 95% CI whiskers) per fused model; one row
-    per task (in `tasks` order), one column per split, model labels on the left column only
-    and the legend below the panels."""
+    """Draw the Shapley contributions of CT and EHR (bars, 95% CI whiskers) per fused model.
+
+    One row per task (in `tasks` order), one column per split, model labels on the left column only
+    and the legend below the panels.
+    """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -139,8 +141,11 @@ def contribution_figure(
 
 
 def grad_ratio_figure(curves: dict[str, list[tuple[str, pl.DataFrame]]]) -> Figure:
-    """log10 of the per-epoch gradient-norm ratio CT / EHR, one line per fused model x seed
-    (one colour per model; the legend, one entry per model, sits below the panels)."""
+    """Draw log10 of the per-epoch gradient-norm ratio CT / EHR.
+
+    One line per fused model x seed (one colour per model; the legend, one entry per model, sits
+    below the panels).
+    """
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(name.rsplit(" s", 1)[0] for s in curves.values() for name, _ in s))
@@ -199,8 +204,11 @@ def _grad_curves(ctx: ReportContext) -> dict[str, list[tuple[str, pl.DataFrame]]
 
 
 def dropped_table(ctx: ReportContext) -> pl.DataFrame:
-    """Fused models whose training dropped a chance-level modality: task, model, the dropped
-    modality, the seeds that dropped it (of the model's finished seeds) and at which epoch."""
+    """Return the fused models whose training dropped a chance-level modality.
+
+    Columns: task, model, the dropped modality, the seeds that dropped it (of the model's finished
+    seeds) and at which epoch.
+    """
     found: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
     n_seeds: dict[tuple[str, str], int] = {}
     for c in ctx.cells:
@@ -233,8 +241,10 @@ def dropped_table(ctx: ReportContext) -> pl.DataFrame:
 
 
 def imbalance_section(ctx: ReportContext) -> Section | None:
-    """The "Modality contributions" section, or None when the run has no imbalance table
-    (`survfuse run` writes it; `survfuse report` brings it up to date before rendering)."""
+    """Build the "Modality contributions" section, or None when the run has no imbalance table.
+
+    `survfuse run` writes the table; `survfuse report` brings it up to date before rendering.
+    """
     path = ctx.rd.root / IMBALANCE_FILE
     if not path.exists():
         return None

@@ -1,6 +1,8 @@
-"""Kaplan-Meier by risk group: one panel per model (best fused beside the reference) and task,
+"""Kaplan-Meier by risk group: one panel per model (best fused beside the reference) and task.
+
 95% log-log bands, curves stopped where fewer than `MIN_AT_RISK` subjects remain at risk, and a
-number-at-risk table under each axis (its row labels, in the group colours, are the legend)."""
+number-at-risk table under each axis (its row labels, in the group colours, are the legend).
+"""
 
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ GROUP_COLORS = ("#2ca02c", "#ff7f0e", "#d62728")
 
 
 def _curve(rg: RiskGroups, g: int, ax: Axes) -> float:
-    """Draw group g's KM step curve and band up to its last time with >= MIN_AT_RISK at risk;
-    returns that time (0 when the group is smaller than MIN_AT_RISK)."""
+    """Draw group g's KM step curve and band up to its last time with >= MIN_AT_RISK at risk.
+
+    Returns that time (0 when the group is smaller than MIN_AT_RISK).
+    """
     idx = rg.group == g
     if idx.sum() < MIN_AT_RISK:
         return 0.0
@@ -76,8 +80,10 @@ def _panel(rg: RiskGroups, ax: Axes, table: Axes, t_max: float) -> None:
 
 
 def km_risk_group_figure(rows: list[list[RiskGroups]]) -> Figure:
-    """One row of panels per task (e.g. best fused model, reference), each a KM axis over a
-    number-at-risk table; all panels of a row share the time axis."""
+    """Draw one row of panels per task (e.g. best fused model, reference).
+
+    Each panel is a KM axis over a number-at-risk table; all panels of a row share the time axis.
+    """
     n_rows = max(len(rows), 1)
     n_cols = max((len(r) for r in rows), default=1)
     fig = plt.figure(figsize=(WIDTH, 4.6 * n_rows))

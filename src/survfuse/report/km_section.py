@@ -1,6 +1,9 @@
-"""The report's "Risk groups" section: Kaplan-Meier curves of low / middle / high predicted
-risk (cut at the development split's tertiles) for each task's best fused model beside its
-reference model, with hazard ratios and log-rank p on both test splits."""
+"""The report's "Risk groups" section.
+
+Kaplan-Meier curves of low / middle / high predicted risk (cut at the development split's
+tertiles) for each task's best fused model beside its reference model, with hazard ratios and
+log-rank p on both test splits.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ def _fmt_hr(hr: tuple[float, float, float], g: int) -> str:
 
 
 def risk_group_table(groups: list[tuple[str, str, RiskGroups]]) -> pl.DataFrame:
-    """Display rows task, split, model, group (with its risk range), n, events, HR [CI] vs the
-    low-risk group and the log-rank p (on the group's first row)."""
+    """Return the risk groups' display rows.
+
+    Columns task, split, model, group (with its risk range), n, events, HR [CI] vs the low-risk
+    group and the log-rank p (on the group's first row).
+    """
     rows = []
     for task, split, rg in groups:
         lo, hi = rg.cuts
@@ -49,6 +55,7 @@ def risk_group_table(groups: list[tuple[str, str, RiskGroups]]) -> pl.DataFrame:
 
 
 def km_section(ctx: ReportContext) -> Section | None:
+    """Build the "Risk groups" section, or None without a test split or a model to show."""
     split = ctx.split
     if not ctx.test_splits:
         return None

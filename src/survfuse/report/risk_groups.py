@@ -1,6 +1,8 @@
-"""Risk groups: subjects of a test split cut into low / middle / high predicted risk at the
-tertiles of the development (train + validation) predictions, with per-group Kaplan-Meier,
-hazard ratios against the low-risk group (Cox, Efron ties) and the log-rank test."""
+"""Risk groups: subjects of a test split cut into low / middle / high predicted risk.
+
+The cuts are the tertiles of the development (train + validation) predictions; per group
+Kaplan-Meier, hazard ratios against the low-risk group (Cox, Efron ties) and the log-rank test.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ MIN_AT_RISK = 10
 
 
 def development_cuts(dev_risk: NDArray[np.float64]) -> NDArray[np.float64]:
-    """The two tertile cut-points of the development split's predicted risk."""
+    """Return the two tertile cut-points of the development split's predicted risk."""
     finite = dev_risk[np.isfinite(dev_risk)]
     if finite.size == 0:
         raise ValueError("no finite development-split risk to cut into tertiles")
@@ -45,9 +47,11 @@ def group_hazard_ratios(
     n_groups: int = 3,
     alpha: float = 0.05,
 ) -> list[tuple[float, float, float]]:
-    """(HR, lower, upper) of each group against group 0 from a Cox model on group indicators
-    (Efron ties, Wald interval exp(beta +- z se)); group 0 is (1, 1, 1); NaN where a group is
-    empty, has no event, or the fit does not converge."""
+    """Return (HR, lower, upper) of each group against group 0.
+
+    From a Cox model on group indicators (Efron ties, Wald interval exp(beta +- z se)); group 0 is
+    (1, 1, 1); NaN where a group is empty, has no event, or the fit does not converge.
+    """
     nan = (math.nan, math.nan, math.nan)
     out: list[tuple[float, float, float]] = [(1.0, 1.0, 1.0)] + [nan] * (n_groups - 1)
     used = [g for g in range(1, n_groups) if event[group == g].any()]
@@ -96,8 +100,11 @@ def risk_groups(
     risk: NDArray[np.float64],
     dev_risk: NDArray[np.float64],
 ) -> RiskGroups:
-    """Groups of `risk` at the development tertiles of `dev_risk` (a subject exactly at a cut
-    goes to the lower group), their hazard ratios and the log-rank p (NaN with one group)."""
+    """Cut `risk` into groups at the development tertiles of `dev_risk`.
+
+    A subject exactly at a cut goes to the lower group. Returns the groups, their hazard ratios and
+    the log-rank p (NaN with one group).
+    """
     cuts = development_cuts(dev_risk)
     group = np.digitize(risk, cuts, right=True).astype(np.int64)
     p = (

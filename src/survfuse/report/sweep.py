@@ -1,6 +1,8 @@
-"""Figures and Markdown of `survfuse sweep-imbalance` (the tables come from
-`survfuse.experiment.sweep.run_sweep`): gain against the imbalance, gain against the measured
-unimodal gap, and `sweep.md`."""
+"""Figures and Markdown of `survfuse sweep-imbalance`.
+
+The tables come from `survfuse.experiment.sweep.run_sweep`; here: gain against the imbalance,
+gain against the measured unimodal gap, and `sweep.md`.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ __all__ = ["gap_figure", "summary_markdown", "sweep_figure", "write_sweep_report
 
 
 def write_sweep_report(res: SweepResult) -> tuple[list[Path], Path]:
-    """Write `sweep.png` (one per site shift when several), `sweep_gap.png` and `sweep.md`
-    into the sweep folder; returns (figure paths, summary path)."""
+    """Write `sweep.png`, `sweep_gap.png` and `sweep.md` into the sweep folder.
+
+    One `sweep.png` per site shift when several; returns (figure paths, summary path).
+    """
     import matplotlib.pyplot as plt
 
     root, shifts = res.out, res.site_shifts
@@ -44,8 +48,10 @@ def write_sweep_report(res: SweepResult) -> tuple[list[Path], Path]:
 
 
 def gap_figure(per_cohort: pl.DataFrame, *, site_shift: float | None = None) -> Any:
-    """Best-fusion gain (95% CI) of each cohort against its measured unimodal gap C(CT-only) -
-    C(EHR-only); one panel per task x split, colour = nominal imbalance w."""
+    """Plot each cohort's best-fusion gain (95% CI) against its measured unimodal gap.
+
+    The gap is C(CT-only) - C(EHR-only); one panel per task x split, colour = nominal imbalance w.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,8 +91,10 @@ def gap_figure(per_cohort: pl.DataFrame, *, site_shift: float | None = None) -> 
 
 
 def sweep_figure(table: pl.DataFrame, *, site_shift: float | None = None) -> Any:
-    """Gain over the best unimodal baseline (95% CI) against the imbalance; one panel per task
-    x split, one line per model (`best fusion` in black)."""
+    """Plot the gain over the best unimodal baseline (95% CI) against the imbalance.
+
+    One panel per task x split, one line per model (`best fusion` in black).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,9 +159,12 @@ def _fmt(est: float, lo: float, hi: float) -> str:
 
 
 def summary_markdown(table: pl.DataFrame, correlation: pl.DataFrame | None = None) -> str:
-    """`gain [CI]` per model (rows) and imbalance (columns), per site shift, task and split;
-    the mean measured unimodal gap per imbalance; where the best fusion peaks; and the
-    Spearman correlation of `gap_correlation` when given."""
+    """Return the Markdown of `sweep.md`: gains per model and imbalance, and the unimodal gaps.
+
+    `gain [CI]` per model (rows) and imbalance (columns), per site shift, task and split; the mean
+    measured unimodal gap per imbalance; where the best fusion peaks; and the Spearman correlation
+    of `gap_correlation` when given.
+    """
     lines = ["# survfuse sweep-imbalance", ""]
     for shift in sorted(set(table["site_shift"].to_list())):
         for task in dict.fromkeys(table["task"].to_list()):
@@ -209,8 +220,10 @@ def summary_markdown(table: pl.DataFrame, correlation: pl.DataFrame | None = Non
 
 
 def _peak_line(part: pl.DataFrame) -> str:
-    """Where the best fusion's gain peaks and what it is at the extremes of w (the study's
-    claim: largest at balanced contributions, shrinking toward 0 at the extremes)."""
+    """Return where the best fusion's gain peaks and what it is at the extremes of w.
+
+    The study's claim: largest at balanced contributions, shrinking toward 0 at the extremes.
+    """
     best = part.filter(pl.col("model") == BEST_FUSION).sort("imbalance")
     if best.height < 2:
         return ""

@@ -95,7 +95,7 @@ def model_label(row: dict[str, Any], *, with_head: bool = False) -> str:
 
 
 def short_model(model: str) -> str:
-    """A model key `late[ct_radiomics+ehr_onehot]/cox` as `late (ct_radiomics + ehr_onehot)`."""
+    """Shorten `late[ct_radiomics+ehr_onehot]/cox` to `late (ct_radiomics + ehr_onehot)`."""
     name, _, rest = model.partition("[")
     encs = rest.split("]")[0].replace("+", " + ") if rest else ""
     return f"{name} ({encs})" if encs else name
@@ -115,6 +115,7 @@ def _with_labels(metrics: pl.DataFrame) -> pl.DataFrame:
 def model_order(metrics: pl.DataFrame) -> list[str]:
     # Unimodal baselines first, then fused models, each in order of first appearance (the
     # metrics table is in config order).
+    """Return the models in display order: unimodal baselines first, then fused models."""
     seen: dict[str, bool] = {}
     for r in metrics.iter_rows(named=True):
         seen.setdefault(r["model"], bool(r["unimodal"]))
@@ -154,14 +155,16 @@ def metric_table(
 
 
 def c_index_table(metrics: pl.DataFrame) -> pl.DataFrame:
-    """The headline table: Harrell's C with CIs, strategies x splits x tasks."""
+    """Return the headline table: Harrell's C with CIs, strategies x splits x tasks."""
     return metric_table(metrics, "harrell_c")
 
 
 def comparison_table(metrics: pl.DataFrame, metric: str = "harrell_c") -> pl.DataFrame:
-    """Change against each task's reference model: `delta (CI)`, p with the test that made
-    it, and the Holm-adjusted p with its family size (`–`: not in the pre-specified family,
-    e.g. every validation comparison), per split."""
+    """Return the change against each task's reference model, per split.
+
+    `delta (CI)`, p with the test that made it, and the Holm-adjusted p with its family size (`–`:
+    not in the pre-specified family, e.g. every validation comparison).
+    """
     sel = metrics.filter((pl.col("metric") == metric) & ~pl.col("is_reference"))
     if sel.height and sel["horizon"].null_count() < sel.height:
         sel = sel.filter(pl.col("horizon") == sel["horizon"].drop_nulls().min())
@@ -240,13 +243,16 @@ def references(metrics: pl.DataFrame) -> dict[str, str]:
 
 
 def md_escape(text: str) -> str:
-    """Text safe inside a Markdown table cell: HTML-significant characters as entities (a site
-    or model name must never become markup) and `|` escaped."""
+    """Return `text` safe inside a Markdown table cell.
+
+    HTML-significant characters become entities (a site or model name must never become markup) and
+    `|` is escaped.
+    """
     return html.escape(text, quote=False).replace("|", "\\|")
 
 
 def to_markdown(df: pl.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table."""
+    """Return `df` as a GitHub-flavoured Markdown table."""
     cols = df.columns
     lines = [
         "| " + " | ".join(md_escape(c) for c in cols) + " |",
@@ -258,7 +264,7 @@ def to_markdown(df: pl.DataFrame) -> str:
 
 
 def to_html(df: pl.DataFrame, *, caption: str | None = None) -> str:
-    """An HTML table (escaped); repeated task cells are blanked for readability."""
+    """Return `df` as an HTML table (escaped); repeated task cells are blanked for readability."""
     cols = df.columns
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
@@ -276,7 +282,7 @@ def to_html(df: pl.DataFrame, *, caption: str | None = None) -> str:
 
 
 def rich_table(df: pl.DataFrame, *, title: str | None = None) -> Any:
-    """A `rich.table.Table` of the display frame (for the terminal)."""
+    """Return a `rich.table.Table` of the display frame (for the terminal)."""
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
@@ -305,8 +311,10 @@ NullIBS = dict[tuple[str, str], float]  # (task, split) -> IBS of the Kaplan-Mei
 def _calibration_rows(
     metrics: pl.DataFrame, horizon: float, null_ibs: NullIBS | None
 ) -> list[dict[str, Any]]:
-    """Per test split x model (main-table order): slope, intercept and IBS rows (None if
-    absent), the null model's IBS and the reasons to flag it."""
+    """Return, per test split x model (main-table order), the calibration rows.
+
+    Slope, intercept and IBS rows (None if absent), the null model's IBS and the reasons to flag it.
+    """
     lo, hi = SLOPE_RANGE
     sel = _with_labels(metrics.filter(pl.col("split").is_in(["internal_test", "external_test"])))
     order = {m: i for i, m in enumerate(model_order(sel))}
@@ -363,10 +371,12 @@ def _ibs_vs_null(r: dict[str, Any]) -> str:
 def calibration_flags(
     metrics: pl.DataFrame, horizon: float, null_ibs: NullIBS | None = None
 ) -> pl.DataFrame:
-    """Models to distrust as risk predictors on a test split: calibration slope at `horizon`
-    outside `SLOPE_RANGE`, or (with `null_ibs`) an IBS above the Kaplan-Meier null model's.
-    Columns task, split, model, calibration slope [CI], IBS [CI] vs the null model's, meaning;
-    empty when nothing is flagged."""
+    """Return the models to distrust as risk predictors on a test split.
+
+    Flagged: calibration slope at `horizon` outside `SLOPE_RANGE`, or (with `null_ibs`) an IBS above
+    the Kaplan-Meier null model's. Columns task, split, model, calibration slope [CI], IBS [CI] vs
+    the null model's, meaning; empty when nothing is flagged.
+    """
     rows = [
         {
             "task": r["task"],
@@ -386,8 +396,11 @@ def calibration_flags(
 def calibration_summary(
     metrics: pl.DataFrame, horizon: float, null_ibs: NullIBS | None = None
 ) -> pl.DataFrame:
-    """Every model on every test split: calibration slope and intercept at `horizon` with
-    CIs, IBS with CI beside the Kaplan-Meier null model's IBS, and a flag column."""
+    """Return every model on every test split with its calibration and IBS.
+
+    Calibration slope and intercept at `horizon` with CIs, IBS with CI beside the Kaplan-Meier null
+    model's IBS, and a flag column.
+    """
     rows = [
         {
             "task": r["task"],

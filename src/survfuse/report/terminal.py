@@ -1,5 +1,7 @@
-"""The run summary printed in the terminal: Harrell's C per model and split, with the change
-against each task's reference model and its Holm-adjusted p, in a fixed width (100 columns).
+"""The run summary printed in the terminal, in a fixed width (100 columns).
+
+Harrell's C per model and split, with the change against each task's reference model and its
+Holm-adjusted p.
 
 Models get short names, `<strategy label> [<code>]`, where the code letter stands for the
 encoder combination and a legend under the table spells the codes out; a strategy label too
@@ -72,7 +74,7 @@ def _task_rows(part: pl.DataFrame, names: dict[str, str], splits: list[str]) -> 
 def summary_lines(
     metrics: pl.DataFrame, *, metric: str = "harrell_c", width: int = WIDTH
 ) -> list[str]:
-    """The terminal summary of a run's `metrics.parquet` as lines of at most `width` characters.
+    """Return the terminal summary of a run's `metrics.parquet`, lines of at most `width` chars.
 
     Per task (in the order of the metrics table): one row per model (unimodal first), the
     metric on validation and, per test split, the estimate, Δ = estimate − reference's on the

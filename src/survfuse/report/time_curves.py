@@ -1,6 +1,9 @@
-"""The report's "Performance over time" section: td-AUC(t) and the Brier score BS(t) of each
-task's best fused and reference model on the test splits, beside the Kaplan-Meier null model
-(AUC 0.5; BS of the training split's KM curve given to everyone)."""
+"""The report's "Performance over time" section.
+
+td-AUC(t) and the Brier score BS(t) of each task's best fused and reference model on the test
+splits, beside the Kaplan-Meier null model (AUC 0.5; BS of the training split's KM curve given
+to everyone).
+"""
 
 from __future__ import annotations
 
@@ -46,8 +49,10 @@ class TimePanel:
 
 
 def auc_grid(time: NDArray[np.float64], event: NDArray[np.bool_], t_max: float) -> np.ndarray:
-    """`N_AUC_TIMES` times from the `MIN_CASES`-th event time to min(t_max, last follow-up)
-    (exclusive): with fewer cases AUC(t) jumps by large steps."""
+    """Return `N_AUC_TIMES` times from the `MIN_CASES`-th event time to min(t_max, last follow-up).
+
+    The end is exclusive; with fewer cases AUC(t) jumps by large steps.
+    """
     if event.sum() < MIN_CASES:
         return np.empty(0)
     lo = float(np.sort(time[event])[MIN_CASES - 1])
@@ -103,6 +108,7 @@ def time_curves_figure(panels: list[TimePanel]) -> Figure:
 
 
 def time_curves_section(ctx: ReportContext) -> Section | None:
+    """Build the "Performance over time" section, or None when no panel has a curve."""
     panels, names = [], []
     for task in ctx.tasks:
         best, ref = ctx.best_model(task), ctx.reference(task)

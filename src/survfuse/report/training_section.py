@@ -1,7 +1,9 @@
-"""The report's "Training curves" section: per task, the best fused model's per-epoch loss
-(its own loss apart from the branch probes' loss) and validation C-index per seed, with the
-reference model's curves in grey and the epochs at which branch stopping froze or dropped a
-branch marked."""
+"""The report's "Training curves" section.
+
+Per task, the best fused model's per-epoch loss (its own loss apart from the branch probes'
+loss) and validation C-index per seed, with the reference model's curves in grey and the epochs
+at which branch stopping froze or dropped a branch marked.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ __all__ = ["training_section"]
 
 
 def training_section(ctx: ReportContext) -> Section | None:
+    """Build the "Training curves" section, or None when no cell has a training history."""
     curves: dict[str, list[TrainingRun]] = {}
     old_format = False
     for task in ctx.tasks:
