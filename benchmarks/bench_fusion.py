@@ -8,13 +8,17 @@ stopping (15% validation, max 100 epochs, patience 10) and the wall time to stop
 `--epochs-large` epochs. `--offsets none,linear` runs each strategy without and with
 `strategy_params={"offset": "linear"}` (training starts at the elastic-net Cox). Accuracy:
 the best validation C and Harrell's C on an independent test cohort of 1,000 patients
-(`synthetic_features(seed=1)`, same signal).
+(`synthetic_features(seed=1)`, same signal). `--threads` sets the benchmark process's torch
+threads; the model trains with its own `threads` option (default 1), which `--options` sets
+(JSON training options, ';' between configurations, each run in turn for every strategy).
 
 Peer, in the same subprocess and on the same pooled features: an MLP with torchsurv's Cox loss
 (`torchsurv.loss.cox.neg_partial_log_likelihood`), full batch, same epochs as survfuse `concat`;
 the table gives survfuse's time per epoch / the peer's.
 
     .venv/bin/python benchmarks/bench_fusion.py --n 3000,30000 --threads 2
+    .venv/bin/python benchmarks/bench_fusion.py --n 3000 --strategies cross_attention \
+        --offsets none,linear --options '{};{"threads": 2}'
 """
 
 from __future__ import annotations
@@ -79,7 +83,9 @@ def cohort(n: int, seed: int) -> Any:
     )
 
 
-def child(name: str, n: int, epochs_large: int, threads: int, offset: str) -> None:
+def child(
+    name: str, n: int, epochs_large: int, threads: int, offset: str, options: dict[str, Any]
+) -> None:
     import torch
 
     from survfuse.fusion import FusionSurvivalModel
@@ -103,6 +109,7 @@ def child(name: str, n: int, epochs_large: int, threads: int, offset: str) -> No
         device="cpu",
         max_epochs=100 if small else epochs_large,
         patience=10,
+        **options,
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     model.fit(
@@ -123,6 +130,7 @@ def child(name: str, n: int, epochs_large: int, threads: int, offset: str) -> No
             {
                 "strategy": name,
                 "offset": offset,
+                "options": options,
                 "n": n,
                 "epochs": len(model.history_),
                 "sec_per_epoch": per_epoch,
@@ -148,21 +156,29 @@ def main() -> None:
     p.add_argument("--epochs-large", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--offsets", default="none", help="comma list of none / linear")
+    p.add_argument(
+        "--options",
+        default="{}",
+        help="training options as JSON, ';'-separated for several runs of each strategy, "
+        "e.g. '{};{\"threads\": 2}' (the model trains with `threads`, default 1, whatever "
+        "--threads sets for the benchmark process)",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per (strategy, n)")
-    p.add_argument("--child", nargs=3, metavar=("STRATEGY", "N", "OFFSET"))
+    p.add_argument("--child", nargs=4, metavar=("STRATEGY", "N", "OFFSET", "OPTIONS"))
     args = p.parse_args()
     if args.child:
-        name, n, offset = args.child
-        child(name, int(n), args.epochs_large, args.threads, offset)
+        name, n, offset, options = args.child
+        child(name, int(n), args.epochs_large, args.threads, offset, json.loads(options))
         return
     rows = []
     runs = [
-        (n, name, offset)
+        (n, name, offset, options)
         for n in [int(v) for v in args.n.split(",")]
         for name in args.strategies.split(",")
         for offset in args.offsets.split(",")
+        for options in args.options.split(";")
     ]
-    for n, name, offset in runs:
+    for n, name, offset, options in runs:
         cmd = [
             sys.executable,
             __file__,
@@ -170,6 +186,7 @@ def main() -> None:
             name,
             str(n),
             offset,
+            options,
             "--epochs-large",
             str(args.epochs_large),
             "--threads",
@@ -182,25 +199,27 @@ def main() -> None:
             row = json.loads(res.stdout.strip().splitlines()[-1])
         except subprocess.TimeoutExpired:
             row = {"strategy": name, "offset": offset, "n": n, "timeout": args.timeout}
+            row["options"] = json.loads(options)
         except subprocess.CalledProcessError as err:
             row = {
                 "strategy": name,
                 "offset": offset,
+                "options": json.loads(options),
                 "n": n,
                 "error": err.stderr.strip().splitlines()[-1],
             }
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(
-        f"\n{'strategy':16s} {'offset':6s} {'n':>6s} {'epochs':>6s} {'best':>4s} {'s/epoch':>8s} "
-        f"{'fit s':>8s} {'peak MB':>8s} {'val C':>6s} {'test C':>6s} {'vs torchsurv MLP':>16s}"
+        f"\n{'strategy':16s} {'offset':6s} {'options':22s} {'n':>6s} {'epochs':>6s} {'best':>4s} "
+        f"{'s/epoch':>8s} {'fit s':>7s} {'CPU s':>7s} {'peak MB':>7s} {'val C':>6s} {'test C':>6s} "
+        f"{'vs torchsurv MLP':>16s}"
     )
     for r in rows:
+        opts = json.dumps(r["options"], separators=(",", ":"))
         if "sec_per_epoch" not in r:
-            print(
-                f"{r['strategy']:16s} {r['offset']:6s} {r['n']:>6d}  "
-                f"{'timeout' if 'timeout' in r else r.get('error')}"
-            )
+            why = "timeout" if "timeout" in r else r.get("error")
+            print(f"{r['strategy']:16s} {r['offset']:6s} {opts:22s} {r['n']:>6d}  {why}")
             continue
         ratio = (
             f"{r['sec_per_epoch'] / r['peer_sec_per_epoch']:.1f}x"
@@ -208,9 +227,10 @@ def main() -> None:
             else ""
         )
         print(
-            f"{r['strategy']:16s} {r['offset']:6s} {r['n']:>6d} {r['epochs']:>6d} "
-            f"{r['best_epoch']:>4d} {r['sec_per_epoch']:>8.3f} {r['fit_seconds']:>8.1f} "
-            f"{r['peak_rss_mb']:>8.0f} {r['best_val_c']:>6.3f} {r['test_c']:>6.3f} {ratio:>16s}"
+            f"{r['strategy']:16s} {r['offset']:6s} {opts:22s} {r['n']:>6d} {r['epochs']:>6d} "
+            f"{r['best_epoch']:>4d} {r['sec_per_epoch']:>8.3f} {r['fit_seconds']:>7.1f} "
+            f"{r['fit_cpu_seconds']:>7.1f} {r['peak_rss_mb']:>7.0f} {r['best_val_c']:>6.3f} "
+            f"{r['test_c']:>6.3f} {ratio:>16s}"
         )
 
 

@@ -21,7 +21,7 @@ Measured on a simulated 20,000-patient cohort with 56% events (tests/test_traini
 100 epochs of the estimator's own batches): E[l_b - log f] - l_full = +0.002 nats at B = 2048,
 +0.003 to +0.005 at B = 1024, +0.008 to +0.012 at B = 512 (full loss about 8.7); the mean
 batch gradient has cosine >= 0.9995 with the full gradient and a norm within 1% of it.
-Below about B = 500 the approximation degrades quickly, hence the large batches.
+The bias roughly doubles each time B halves, hence the large default batches.
 """
 
 from __future__ import annotations
