@@ -183,3 +183,19 @@ def test_the_study_config_accepts_offset_for_every_strategy() -> None:
     bad = {"name": "unimodal", "modality": "ehr", "params": {"ofset": "linear"}}
     with pytest.raises(ValueError, match="offset"):
         ExperimentConfig.model_validate({**cfg.model_dump(), "strategies": [bad]})
+
+
+def test_with_an_offset_branch_stopping_never_drops_a_modality() -> None:
+    """A pure-noise EHR is dropped without the offset (the drop rule) and kept, as a modality,
+    with it: the offset's candidate choice is what keeps noise out of the linear part."""
+    (f, t, e, _), (vf, vt, ve, _), _ = _data(seed=11, p_noise=20)
+    rng = np.random.default_rng(1)
+    for feats in (f, vf):
+        x = np.asarray(feats["ehr"].pooled)
+        feats["ehr"] = replace(feats["ehr"], pooled=rng.normal(size=x.shape).astype(np.float32))
+    kw = {"device": "cpu", "max_epochs": 40, "branch_patience": 2, "seed": 0}
+    plain = FusionSurvivalModel("concat", **kw).fit(f, t, e, validation=(vf, vt, ve))
+    lin = FusionSurvivalModel("concat", strategy_params={"offset": "linear"}, **kw)
+    lin.fit(f, t, e, validation=(vf, vt, ve))
+    assert plain.dropped_modalities_ == ["ehr"]
+    assert lin.dropped_modalities_ == []

@@ -294,7 +294,11 @@ class FusionSurvivalModel(FusionModelParams):
                         mod_params,
                         patience=opts.branch_patience or opts.patience,
                         loss_weight=opts.branch_loss,
-                        drop_alpha=opts.branch_drop_alpha,
+                        # with a linear offset nothing is dropped: the offset's candidate
+                        # choice on validation already keeps a modality without linear signal
+                        # out, and masking one for everyone also removes its offset term
+                        # (docs/benchmarks.md: drops of signal-carrying modalities cost C)
+                        drop_alpha=None if has_offset(module) else opts.branch_drop_alpha,
                     ),
                     lr=opts.lr,
                     val_time=vt,
