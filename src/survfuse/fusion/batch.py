@@ -121,12 +121,16 @@ def to_batch(
 
 
 def batch_size_of(batch: Batch) -> int:
+    """Return the number of patients (rows) in `batch`."""
     return int(next(iter(batch.values()))["present"].shape[0])
 
 
 def mask_modalities(batch: Batch, modalities: Iterable[str]) -> Batch:
-    """The batch with `modalities` missing for every patient (`present` and `mask` False; a new
-    dict of shallow copies): how a fused model sees a modality it has dropped."""
+    """Return the batch with `modalities` missing for every patient.
+
+    `present` and `mask` become False (a new dict of shallow copies): how a fused model sees a
+    modality it has dropped.
+    """
     names = set(modalities) & set(batch)
     if not names:
         return batch

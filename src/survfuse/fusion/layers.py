@@ -1,6 +1,9 @@
-"""Layers shared by the fusion strategies: input standardisation, token embedding, MLPs,
-masked attention and gated attention pooling. Masks make a missing modality or padding token
-contribute nothing, and a fully-masked attention row yields zeros instead of NaN."""
+"""Layers shared by the fusion strategies.
+
+Input standardisation, token embedding, MLPs, masked attention and gated attention pooling.
+Masks make a missing modality or padding token contribute nothing, and a fully-masked attention
+row yields zeros instead of NaN.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +38,10 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def _seeded_subsample(f: ModalityFeatures, rows: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """`k` of `rows`, a seeded random subsample that does not depend on the cohort's row order:
-    rows are ranked by a seeded hash of (subject_id, prediction_time) and the k smallest kept."""
+    """Return `k` of `rows`, a seeded random subsample independent of the cohort's row order.
+
+    Rows are ranked by a seeded hash of (subject_id, prediction_time) and the k smallest kept.
+    """
     sid = np.asarray(f.subject_id)[rows].astype(np.int64).view(np.uint64)
     pt = np.asarray(f.prediction_time)[rows].astype("datetime64[us]").astype(np.int64)
     key = _splitmix64(_splitmix64(sid ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) ^ pt.view(np.uint64))
@@ -72,8 +77,11 @@ class FeatureNorm(nn.Module):
 
     @torch.no_grad()
     def fit(self, f: ModalityFeatures, seed: int = 0) -> None:
-        """Fit the statistics; token statistics use a seeded random subsample of
-        `TOKEN_STAT_ROWS` present rows that is independent of the cohort's row order."""
+        """Fit the statistics.
+
+        Token statistics use a seeded random subsample of `TOKEN_STAT_ROWS` present rows that
+        is independent of the cohort's row order.
+        """
 
         def stats(x: np.ndarray) -> tuple[Tensor, Tensor]:
             if x.shape[0] == 0:
@@ -262,8 +270,11 @@ class AttentionBlock(nn.Module):
 
 
 class GatedAttentionPool(nn.Module):
-    """Gated attention pooling (Ilse et al. 2018, as in MCAT): a_t = w^T (tanh(V h_t) * sigmoid(U h_t)),
-    weights softmax over real tokens, pooled = sum_t weight_t h_t; [N, T, d] -> ([N, d], [N, T])."""
+    """Gated attention pooling (Ilse et al. 2018, as in MCAT).
+
+    a_t = w^T (tanh(V h_t) * sigmoid(U h_t)), weights softmax over real tokens,
+    pooled = sum_t weight_t h_t; [N, T, d] -> ([N, d], [N, T]).
+    """
 
     def __init__(self, d_model: int, hidden: int | None = None, dropout: float = 0.1) -> None:
         super().__init__()

@@ -34,7 +34,7 @@ class Callback:
     def extra_loss(
         self, state: TrainState, output: Any, batch: Any, time: Tensor, event: Tensor
     ) -> Tensor | None:
-        """A term added to the training loss of this step (None: nothing)."""
+        """Return a term added to the training loss of this step (None: nothing)."""
         return None
 
     def after_backward(
@@ -43,10 +43,10 @@ class Callback:
         """Gradients are computed and not yet clipped or applied."""
 
     def after_step(self, state: TrainState) -> None:
-        """The optimiser has stepped."""
+        """Act after the optimiser has stepped."""
 
     def on_train_end(self, state: TrainState) -> None:
-        """The epoch's training steps are done; add to `state.record`."""
+        """Act once the epoch's training steps are done; add to `state.record`."""
 
     def on_validation(self, state: TrainState) -> None:
         """`state.val_c` holds this epoch's validation C-index; judge the epoch."""
@@ -55,7 +55,7 @@ class Callback:
         """Every callback has judged the epoch; act on it."""
 
     def ready_to_stop(self, state: TrainState) -> bool:
-        """May training stop now? (It stops only when every callback agrees.)"""
+        """Return whether training may stop now (it stops only when every callback agrees)."""
         return True
 
     def on_fit_end(self, state: TrainState) -> None:
@@ -71,8 +71,10 @@ def grad_norm(params: list[nn.Parameter]) -> float:
 
 
 class GradientLogging(Callback):
-    """Mean gradient L2 norm of each modality's encoder-side parameters per epoch
-    (`grad_norm_<m>`) and `grad_ratio` = ct / ehr: the modality-imbalance diagnostic."""
+    """Log the mean gradient L2 norm of each modality's encoder side per epoch.
+
+    Records `grad_norm_<m>` and `grad_ratio` = ct / ehr: the modality-imbalance diagnostic.
+    """
 
     def __init__(self, params: dict[str, list[nn.Parameter]]) -> None:
         self.params = params
@@ -95,12 +97,15 @@ class GradientLogging(Callback):
 
 
 class EarlyStopping(Callback):
-    """Keep the weights of the best validation C-index; stop after `patience` epochs without a
-    gain of more than `min_delta`. Only epochs of the "survival" training stage count.
+    """Keep the weights of the best validation C-index and stop after `patience` idle epochs.
+
+    An idle epoch gains no more than `min_delta`. Only epochs of the "survival" training stage
+    count.
 
     Other callbacks may reset the count (`state.froze`: a branch was frozen, the fusion layers
     get `patience` epochs to adapt) or restart it from the current weights (`state.dropped`: a
-    modality is now masked, so no weights scored with it present are kept)."""
+    modality is now masked, so no weights scored with it present are kept).
+    """
 
     def __init__(self, patience: int, min_delta: float = 1e-6) -> None:
         self.patience = int(patience)
