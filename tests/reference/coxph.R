@@ -15,14 +15,7 @@ library(survival)
 
 ctrl <- coxph.control(eps = 1e-12, toler.chol = 1e-13, iter.max = 100)
 
-num <- function(x) {
-  x <- as.numeric(x)
-  paste0("[", paste(ifelse(is.na(x), "null", sprintf("%.17g", x)), collapse = ", "), "]")
-}
-str_json <- function(x) paste0("\"", gsub("\"", "\\\\\"", x), "\"")
-obj <- function(items) {
-  paste0("{", paste(paste0(str_json(names(items)), ": ", unlist(items)), collapse = ", "), "}")
-}
+source("tests/reference/json_helpers.R")  # num(), str_json(), obj()
 
 datasets <- list(
   lung = list(
