@@ -336,10 +336,14 @@ def test_index_errors(tmp_path: Path) -> None:
     pl.DataFrame(
         {"subject_id": [1, 2], "study_time": ["2020-01-01", "soon"], "path": ["a", "b"]}
     ).write_csv(tmp_path / "j.csv")
-    with pytest.raises(
-        ValueError, match=r"'study_time' is null or unparsable in row 1 \(subject 2"
-    ):
+    with pytest.raises(ValueError, match=r"column 'study_time': 'soon' is not an ISO 8601.*row 1"):
         load_ct_index(tmp_path / "j.csv")
+    # a day/month date is never guessed (10/09/2016: September or October?)
+    pl.DataFrame({"subject_id": [1], "study_time": ["10/09/2016"], "path": ["a"]}).write_csv(
+        tmp_path / "k.csv"
+    )
+    with pytest.raises(ValueError, match=r"k\.csv: column 'study_time': '10/09/2016'"):
+        load_ct_index(tmp_path / "k.csv")
 
 
 # ----------------------------------------------------------------------------- batch & manifest

@@ -138,3 +138,22 @@ def test_recalibrate_run_names_the_missing_outcome_column(small_run: Path, tmp_p
         ValueError, match=r"no_outcome\.parquet: no outcome columns.*pe_mortality_time"
     ):
         recalibrate_run(small_run, path)
+
+
+def test_a_csv_sample_takes_iso_dates_only(small_run: Path, tmp_path: Path) -> None:
+    """A CSV sample's text dates are read as the cohort's are: ISO 8601 gives the same fit as
+    the parquet sample, a day/month date is refused naming the file, column and row."""
+    rd = RunDir(small_run)
+    sample = pl.read_parquet(rd.cohort).filter(pl.col("site") == "C")
+    iso = sample.with_columns(pl.col("prediction_time").dt.strftime("%Y-%m-%dT%H:%M:%S"))
+    iso.write_csv(tmp_path / "iso.csv")
+    sample.write_parquet(tmp_path / "iso.parquet")
+    a = pl.read_parquet(recalibrate_run(small_run, tmp_path / "iso.csv") / "recalibration.parquet")
+    b = pl.read_parquet(
+        recalibrate_run(small_run, tmp_path / "iso.parquet") / "recalibration.parquet"
+    )
+    assert a.equals(b)
+    dmy = sample.with_columns(pl.col("prediction_time").dt.strftime("%d/%m/%Y %H:%M"))
+    dmy.write_csv(tmp_path / "dmy.csv")
+    with pytest.raises(ValueError, match=r"dmy\.csv: column 'prediction_time'.*row 0"):
+        recalibrate_run(small_run, tmp_path / "dmy.csv")

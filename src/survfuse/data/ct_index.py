@@ -18,6 +18,7 @@ from typing import Any
 
 import polars as pl
 
+from survfuse.data.dates import parse_dates
 from survfuse.data.imaging import CTLoadError, CTLoadWarning, CTPreprocessing, CTVolume, load_ct
 
 __all__ = [
@@ -53,8 +54,8 @@ def validate_ct_index(
             raise ValueError(f"{source}: missing column {col!r} (columns: {df.columns})")
     st = df.schema["study_time"]
     study_time = pl.col("study_time")
-    if st == pl.String:
-        study_time = study_time.str.to_datetime(time_unit="us", strict=False)
+    if st == pl.String:  # ISO 8601 only: a day/month order is never guessed (data.dates)
+        study_time = pl.lit(parse_dates(df["study_time"], source=source, column="study_time"))
     elif not isinstance(st, pl.Datetime | pl.Date):
         raise ValueError(f"{source}: column 'study_time' must be a datetime, got {st}")
     if not (df.schema["subject_id"].is_integer() or df.schema["subject_id"] == pl.String):
@@ -96,7 +97,7 @@ def load_ct_index(path: str | Path) -> pl.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"CT index {path} not found")
     if path.suffix.lower() == ".csv":
-        df = pl.read_csv(path, try_parse_dates=True)
+        df = pl.read_csv(path, try_parse_dates=False)  # text dates: validate_ct_index, ISO only
     else:
         df = pl.read_parquet(path)
     return validate_ct_index(df, source=f"CT index {path}", root=path.parent)

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from survfuse.data.cohort import outcome_columns
+from survfuse.data.cohort import outcome_columns, read_table
+from survfuse.data.dates import parse_dates
 from survfuse.experiment.cell import surv_column
 from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.grid import CellSpec
@@ -46,10 +47,13 @@ _KEYS = ["subject_id", "prediction_time"]
 def _read_sample(path: Path, tasks: list[str]) -> tuple[pl.DataFrame, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"recalibration sample {path} not found")
-    df = pl.read_csv(path, try_parse_dates=True) if path.suffix == ".csv" else pl.read_parquet(path)
+    df = read_table(path)  # CSV / TSV text stays text: dates are ISO 8601 only (data.dates)
     for col in _KEYS:
         if col not in df.columns:
             raise ValueError(f"{path}: missing column {col!r} (has {df.columns})")
+    if df.schema["prediction_time"] == pl.String:
+        times = parse_dates(df["prediction_time"], source=str(path), column="prediction_time")
+        df = df.with_columns(times.alias("prediction_time"))
     have = [t for t in tasks if all(c in df.columns for c in outcome_columns(t))]
     if not have:
         wanted = ", ".join("/".join(outcome_columns(t)) for t in tasks)
