@@ -185,7 +185,7 @@ def test_the_study_config_accepts_offset_for_every_strategy() -> None:
         ExperimentConfig.model_validate({**cfg.model_dump(), "strategies": [bad]})
 
 
-def test_with_an_offset_branch_stopping_never_drops_a_modality() -> None:
+def test_with_a_fused_offset_branch_stopping_never_drops_a_modality() -> None:
     """A pure-noise EHR is dropped without the offset (the drop rule) and kept, as a modality,
     with it: the offset's candidate choice is what keeps noise out of the linear part."""
     (f, t, e, _), (vf, vt, ve, _), _ = _data(seed=11, p_noise=20)
@@ -199,3 +199,7 @@ def test_with_an_offset_branch_stopping_never_drops_a_modality() -> None:
     lin.fit(f, t, e, validation=(vf, vt, ve))
     assert plain.dropped_modalities_ == ["ehr"]
     assert lin.dropped_modalities_ == []
+    # late fusion's offsets are per branch: its average of branches still drops a noise one
+    late = FusionSurvivalModel("late", strategy_params={"offset": "linear"}, **kw)
+    late.fit(f, t, e, validation=(vf, vt, ve))
+    assert late.dropped_modalities_ == ["ehr"]
