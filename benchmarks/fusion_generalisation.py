@@ -236,11 +236,31 @@ def _strategy(model: str) -> str:
     return model.split("[", 1)[0]
 
 
+def _with_strategy(table: pl.DataFrame) -> pl.DataFrame:
+    """`table` with a `strategy` column (the model key without encoders and head)."""
+    return table.with_columns(pl.col("model").map_elements(_strategy, pl.String).alias("strategy"))
+
+
+SETTING = ["imbalance", "interaction", "site_shift"]
+
+
+def _mean_over_seeds(
+    per: pl.DataFrame, by: list[str], means: list[str], names: str, order: list[str]
+) -> pl.DataFrame:
+    """Mean of `means` per `by` group (the simulator seeds averaged), the distinct values of
+    the model-name column `names` joined, rows sorted by `order`."""
+    return (
+        per.group_by(by, maintain_order=True)
+        .agg(*[pl.col(c).mean() for c in means], pl.col(names).unique().str.join(", "))
+        .sort(order)
+    )
+
+
 def signal_loss(table: pl.DataFrame) -> pl.DataFrame:
     """Per setting x task on internal test (mean over seeds): the image-only and EHR-only
     oracle C beside the best CT-only and EHR-only model chosen on validation: a modality's
     features lose its signal where its best model stays far below its oracle."""
-    t = table.with_columns(pl.col("model").map_elements(_strategy, pl.String).alias("strategy"))
+    t = _with_strategy(table)
     keys = ["imbalance", "interaction", "site_shift", "sim_seed", "task"]
     out = []
     for key, part in t.group_by(keys, maintain_order=True):
@@ -275,7 +295,7 @@ def signal_loss(table: pl.DataFrame) -> pl.DataFrame:
 def deep_vs_linear(table: pl.DataFrame) -> pl.DataFrame:
     """Per setting x task x test split (mean over seeds): the deep fusion chosen on validation
     (every fused model but `linear` and late) against the `linear` concatenation."""
-    t = table.with_columns(pl.col("model").map_elements(_strategy, pl.String).alias("strategy"))
+    t = _with_strategy(table)
     deep = t.filter(~pl.col("unimodal") & (pl.col("strategy") != "linear"))
     keys = ["imbalance", "interaction", "site_shift", "sim_seed", "task"]
     out = []
@@ -297,23 +317,13 @@ def deep_vs_linear(table: pl.DataFrame) -> pl.DataFrame:
                      "best_deep": _strategy(best), "deep_c": c_deep[0], "linear_c": c_lin[0]}
                 )  # fmt: skip
     per = pl.DataFrame(out).with_columns((pl.col("deep_c") - pl.col("linear_c")).alias("delta"))
-    return (
-        per.group_by(
-            ["task", "split", "imbalance", "interaction", "site_shift"], maintain_order=True
-        )
-        .agg(
-            pl.col("deep_c").mean(),
-            pl.col("linear_c").mean(),
-            pl.col("delta").mean(),
-            pl.col("best_deep").unique().str.join(", "),
-        )
-        .sort(["task", "split", "imbalance", "interaction", "site_shift"])
-    )
+    by = ["task", "split", *SETTING]
+    return _mean_over_seeds(per, by, ["deep_c", "linear_c", "delta"], "best_deep", by)
 
 
 def offset_effect(table: pl.DataFrame) -> pl.DataFrame:
     """Mean (over settings and seeds) C of `<strategy>_lin` minus `<strategy>`, per task x split."""
-    t = table.with_columns(pl.col("model").map_elements(_strategy, pl.String).alias("strategy"))
+    t = _with_strategy(table)
     keys = ["imbalance", "interaction", "site_shift", "sim_seed", "task", "split"]
     lin = t.filter(pl.col("strategy").str.ends_with("_lin")).with_columns(
         pl.col("strategy").str.strip_suffix("_lin")
@@ -361,20 +371,10 @@ def summarise(table: pl.DataFrame) -> pl.DataFrame:
                     "n_fusions": fused.height,
                 }
             )
-    per = pl.DataFrame(out)
-    return (
-        per.group_by(
-            ["imbalance", "interaction", "site_shift", "task", "split"], maintain_order=True
-        )
-        .agg(
-            pl.col("oracle").mean(),
-            pl.col("best_c").mean(),
-            pl.col("gap").mean(),
-            pl.col("best_unimodal_c").mean(),
-            pl.col("fusions_below_unimodal").mean(),
-            pl.col("best_model").unique().str.join(", "),
-        )
-        .sort(["task", "split", "imbalance", "interaction", "site_shift"])
+    means = ["oracle", "best_c", "gap", "best_unimodal_c", "fusions_below_unimodal"]
+    order = ["task", "split", *SETTING]
+    return _mean_over_seeds(
+        pl.DataFrame(out), [*SETTING, "task", "split"], means, "best_model", order
     )
 
 

@@ -24,7 +24,7 @@ from survfuse.fusion.layers import MLP, FeatureNorm, ModalityEmbedding
 from survfuse.registry import HEADS
 from survfuse.survival.heads import SurvivalHead
 
-__all__ = ["AttentionStrategy", "FusionOutput", "FusionStrategy"]
+__all__ = ["AttentionStrategy", "ExactStrategy", "FusionOutput", "FusionStrategy"]
 
 
 @dataclass
@@ -60,8 +60,6 @@ class FusionStrategy(nn.Module, abc.ABC):
     head: SurvivalHead
     # heads the strategy can use (None: every registered head); the grid skips the others
     supported_heads: tuple[str, ...] | None = None
-    # fitted in closed form / by an exact solver (`fit_exact`) instead of the training loop
-    fits_exactly: bool = False
     # the linear offset (`fusion.offset`) goes on each modality branch, not on the fused output
     offset_per_branch: bool = False
 
@@ -180,16 +178,6 @@ class FusionStrategy(nn.Module, abc.ABC):
             return output.out.sum() * 0.0
         return torch.stack(parts).sum()
 
-    def fit_exact(
-        self,
-        train: Batch,
-        time: np.ndarray,
-        event: np.ndarray,
-        validation: tuple[Batch, np.ndarray, np.ndarray] | None,
-    ) -> list[dict[str, Any]]:
-        """Fit without the training loop (strategies with `fits_exactly`); returns history rows."""
-        raise NotImplementedError(f"{type(self).__name__} is trained by the training loop")
-
     @property
     def needs_validation_after_training(self) -> bool:
         """Whether `finish_training` must run (on the validation split) after training."""
@@ -202,6 +190,23 @@ class FusionStrategy(nn.Module, abc.ABC):
         """JSON-serialisable strategy parameters (set by subclasses in `self.params`)."""
         params: dict[str, Any] = dict(getattr(self, "params", {}))
         return params
+
+
+class ExactStrategy(FusionStrategy):
+    """Base of the strategies fitted by an exact solver instead of the training loop.
+
+    The estimator calls `fit_exact` once (no epochs, no callbacks, no branch stopping).
+    """
+
+    @abc.abstractmethod
+    def fit_exact(
+        self,
+        train: Batch,
+        time: np.ndarray,
+        event: np.ndarray,
+        validation: tuple[Batch, np.ndarray, np.ndarray] | None,
+    ) -> list[dict[str, Any]]:
+        """Fit on `train` (validation data may choose a penalty); return history rows."""
 
 
 class AttentionStrategy(FusionStrategy):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from survfuse.features import MODALITIES
-from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.base import ExactStrategy, FusionOutput
 from survfuse.fusion.batch import Batch, ModalitySpec
 from survfuse.fusion.params import harrell_c
 from survfuse.registry import FUSIONS, look_up_option
@@ -52,11 +52,10 @@ def _mean_nll(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
 
 
 @FUSIONS.register("linear")
-class LinearCox(FusionStrategy):
+class LinearCox(ExactStrategy):
     """Ridge Cox on the pooled features (see the module docstring)."""
 
     supported_heads = ("cox",)
-    fits_exactly = True
 
     def __init__(
         self,

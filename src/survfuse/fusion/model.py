@@ -41,7 +41,7 @@ from torch import Tensor
 
 from survfuse.device import resolve_device
 from survfuse.features import ModalityFeatures
-from survfuse.fusion.base import FusionStrategy
+from survfuse.fusion.base import ExactStrategy, FusionStrategy
 from survfuse.fusion.batch import (
     ModalitySpec,
     check_modalities,
@@ -249,7 +249,7 @@ class FusionSurvivalModel(FusionModelParams):
                 offset_val = (to_batch(vf, modalities=mods, with_tokens=False, device=dev), vt, ve)
             train_pooled = to_batch(features, modalities=mods, with_tokens=False, device=dev)
             self.offset_history_ = fit_offset(module, train_pooled, t, e, offset_val)
-        if module.fits_exactly:  # an exact solver: no epochs, no callbacks
+        if isinstance(module, ExactStrategy):  # an exact solver: no epochs, no callbacks
             train = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
             exact_val = None
             if val is not None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from survfuse.fusion.base import FusionOutput, FusionStrategy
+from survfuse.fusion.base import ExactStrategy, FusionOutput, FusionStrategy
 from survfuse.fusion.batch import Batch
 from survfuse.fusion.linear import LinearCox
 from survfuse.registry import look_up_option
@@ -58,7 +58,7 @@ def attach_offset(module: FusionStrategy, kind: str, *, strategy: str) -> None:
             f"offset 'linear' shifts a Cox log-hazard: strategy {strategy!r} has head "
             f"{module.head_name!r} (use head cox, or offset none)"
         )
-    if module.fits_exactly:
+    if isinstance(module, ExactStrategy):
         raise ValueError(
             f"offset 'linear' applies to strategies trained end to end; {strategy!r} is "
             "fitted exactly"
@@ -91,7 +91,6 @@ class LinearOffset(nn.Module):
         super().__init__()
         names = ["+".join(modalities)] + (list(modalities) if len(modalities) > 1 else [])
         mods = [modalities] + ([(m,) for m in modalities] if len(modalities) > 1 else [])
-        self.names = names
         self.candidates = nn.ModuleDict(
             {n: _linear(module, m) for n, m in zip(names, mods, strict=True)}
         )
@@ -100,7 +99,7 @@ class LinearOffset(nn.Module):
     @property
     def chosen(self) -> LinearCox:
         """The candidate in use."""
-        linear = self.candidates[self.names[int(self.pick)]]
+        linear = list(self.candidates.values())[int(self.pick)]
         assert isinstance(linear, LinearCox)
         return linear
 
@@ -137,7 +136,8 @@ class LinearOffset(nn.Module):
             rows += [{**h, "stage": "offset", "candidate": name} for h in history]
         pick = int(np.argmax(best)) if validation is not None else 0
         self.pick.fill_(pick)
-        return [{**r, "kept": r["candidate"] == self.names[pick]} for r in rows]
+        kept = list(self.candidates)[pick]
+        return [{**r, "kept": r["candidate"] == kept} for r in rows]
 
 
 def _linear(module: FusionStrategy, mods: tuple[str, ...]) -> LinearCox:
