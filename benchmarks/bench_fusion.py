@@ -8,7 +8,8 @@ stopping (15% validation, max 100 epochs, patience 10) and the wall time to stop
 `--epochs-large` epochs. `--offsets none,linear` runs each strategy without and with
 `strategy_params={"offset": "linear"}` (training starts at the elastic-net Cox). Accuracy:
 the best validation C and Harrell's C on an independent test cohort of 1,000 patients
-(`synthetic_features(seed=1)`, same signal). `--threads` sets the benchmark process's torch
+(`synthetic_features(seed=seed + 1)`, same signal); `--seed` is the training cohort's data seed
+(default 0; the split and the model seed stay 0). `--threads` sets the benchmark process's torch
 threads; the model trains with its own `threads` option (default 1), which `--options` sets
 (JSON training options, ';' between configurations, each run in turn for every strategy).
 
@@ -84,7 +85,13 @@ def cohort(n: int, seed: int) -> Any:
 
 
 def child(
-    name: str, n: int, epochs_large: int, threads: int, offset: str, options: dict[str, Any]
+    name: str,
+    n: int,
+    epochs_large: int,
+    threads: int,
+    offset: str,
+    options: dict[str, Any],
+    seed: int = 0,
 ) -> None:
     import torch
 
@@ -92,7 +99,7 @@ def child(
     from survfuse.metrics import concordance_index
 
     torch.set_num_threads(threads)
-    data = cohort(n, seed=0)
+    data = cohort(n, seed=seed)
     rng = np.random.default_rng(0)
     val = np.zeros(n, bool)
     val[rng.permutation(n)[: int(0.15 * n)]] = True
@@ -117,7 +124,7 @@ def child(
     )
     total = time.perf_counter() - started
     total_cpu = time.process_time() - cpu_started
-    test = cohort(1000, seed=1)
+    test = cohort(1000, seed=seed + 1)
     test_risk = model.predict(test.features)
     test_c = concordance_index(test.time, test.event, test_risk).estimate
     per_epoch = float(np.median([h["seconds"] for h in model.history_]))
@@ -132,6 +139,7 @@ def child(
                 "offset": offset,
                 "options": options,
                 "n": n,
+                "seed": seed,
                 "epochs": len(model.history_),
                 "sec_per_epoch": per_epoch,
                 "fit_seconds": total,
@@ -155,6 +163,7 @@ def main() -> None:
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--epochs-large", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="data seed (test cohort: seed + 1)")
     p.add_argument("--offsets", default="none", help="comma list of none / linear")
     p.add_argument(
         "--options",
@@ -168,7 +177,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         name, n, offset, options = args.child
-        child(name, int(n), args.epochs_large, args.threads, offset, json.loads(options))
+        child(name, int(n), args.epochs_large, args.threads, offset, json.loads(options), args.seed)
         return
     rows = []
     runs = [
@@ -191,6 +200,8 @@ def main() -> None:
             str(args.epochs_large),
             "--threads",
             str(args.threads),
+            "--seed",
+            str(args.seed),
         ]
         try:
             res = subprocess.run(
@@ -211,8 +222,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(
-        f"\n{'strategy':16s} {'offset':6s} {'options':22s} {'n':>6s} {'epochs':>6s} {'best':>4s} "
-        f"{'s/epoch':>8s} {'fit s':>7s} {'CPU s':>7s} {'peak MB':>7s} {'val C':>6s} {'test C':>6s} "
+        f"\n{'strategy':16s} {'offset':6s} {'options':22s} {'n':>6s} {'seed':>4s} {'epochs':>6s} "
+        f"{'best':>4s} {'s/epoch':>8s} {'fit s':>7s} {'CPU s':>7s} {'peak MB':>7s} {'val C':>6s} {'test C':>6s} "
         f"{'vs torchsurv MLP':>16s}"
     )
     for r in rows:
@@ -227,8 +238,8 @@ def main() -> None:
             else ""
         )
         print(
-            f"{r['strategy']:16s} {r['offset']:6s} {opts:22s} {r['n']:>6d} {r['epochs']:>6d} "
-            f"{r['best_epoch']:>4d} {r['sec_per_epoch']:>8.3f} {r['fit_seconds']:>7.1f} "
+            f"{r['strategy']:16s} {r['offset']:6s} {opts:22s} {r['n']:>6d} "
+            f"{r.get('seed', 0):>4d} {r['epochs']:>6d} {r['best_epoch']:>4d} {r['sec_per_epoch']:>8.3f} {r['fit_seconds']:>7.1f} "
             f"{r['fit_cpu_seconds']:>7.1f} {r['peak_rss_mb']:>7.0f} {r['best_val_c']:>6.3f} "
             f"{r['test_c']:>6.3f} {ratio:>16s}"
         )
