@@ -223,8 +223,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print(
         f"\n{'strategy':16s} {'offset':6s} {'options':22s} {'n':>6s} {'seed':>4s} {'epochs':>6s} "
-        f"{'best':>4s} {'s/epoch':>8s} {'fit s':>7s} {'CPU s':>7s} {'peak MB':>7s} {'val C':>6s} {'test C':>6s} "
-        f"{'vs torchsurv MLP':>16s}"
+        f"{'best':>4s} {'s/epoch':>8s} {'fit s':>7s} {'CPU s':>7s} {'peak MB':>7s} {'val C':>6s} "
+        f"{'test C':>6s} {'vs torchsurv MLP':>16s}"
     )
     for r in rows:
         opts = json.dumps(r["options"], separators=(",", ":"))
@@ -239,7 +239,8 @@ def main() -> None:
         )
         print(
             f"{r['strategy']:16s} {r['offset']:6s} {opts:22s} {r['n']:>6d} "
-            f"{r.get('seed', 0):>4d} {r['epochs']:>6d} {r['best_epoch']:>4d} {r['sec_per_epoch']:>8.3f} {r['fit_seconds']:>7.1f} "
+            f"{r.get('seed', 0):>4d} {r['epochs']:>6d} {r['best_epoch']:>4d} "
+            f"{r['sec_per_epoch']:>8.3f} {r['fit_seconds']:>7.1f} "
             f"{r['fit_cpu_seconds']:>7.1f} {r['peak_rss_mb']:>7.0f} {r['best_val_c']:>6.3f} "
             f"{r['test_c']:>6.3f} {ratio:>16s}"
         )
