@@ -3,9 +3,11 @@
 For fresh simulator seeds (printed; pass --sim-seeds to repeat) at site shift 1 and 2, with
 imbalance w cycling over --imbalance (one w per seed), simulate a cohort (sites A, B
 development, C external), encode it once (shared feature store) and run a reduced study once
-per harmonisation method of the CT features (`none`; `site_standardise` and `combat` with every
-site adjusted, and with the development sites as the unchanged reference). Prints, per
-setting x task x method, on the external site (and internal test):
+per CT intensity calibration (`--hu-calibration`: `none` and/or `landmarks`, the
+`CTPreprocessing.hu_calibration` of `ct_radiomics`, each volume's lung peak moved to -850 HU)
+and per harmonisation method of the CT features (`none`; `site_standardise` and `combat` with
+every site adjusted, and with the development sites as the unchanged reference). Prints, per
+setting x task x calibration x method, on the external site (and internal test):
 
 - the oracle C, the image-only and the EHR-only oracle C (simulator truth);
 - CT-only C (best of the linear and deep CT-only models, chosen on validation), EHR-only C,
@@ -16,7 +18,8 @@ setting x task x method, on the external site (and internal test):
 
     .venv/bin/python benchmarks/external_sites.py --out /tmp/external_sites \
         [--n 2500] [--site-shift 1,2] [--imbalance 0.25,0.75] [--replicates 2] \
-        [--sim-seeds 11,12] [--methods none,site_standardise,combat] [--max-epochs 60]
+        [--sim-seeds 11,12] [--methods none,site_standardise,combat] [--max-epochs 60] \
+        [--hu-calibration none,landmarks]
 
 Writes OUT/external_sites.csv (one row per setting x seed x method x task x split x model).
 """
@@ -27,6 +30,7 @@ import argparse
 import random
 import sys
 import time
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +58,17 @@ STRATEGIES: list[dict[str, Any]] = [
 ]
 
 
-def study(data: Path, store: Path, method: str, max_epochs: int, bootstrap: int) -> Any:
+def study(
+    data: Path,
+    store: Path,
+    method: str,
+    max_epochs: int,
+    bootstrap: int,
+    hu_calibration: str = "none",
+) -> Any:
     """The demo study reduced to ct_radiomics + ehr_onehot, `STRATEGIES`, one seed;
     `method` is `name` (every site adjusted) or `name/development` (development sites are the
-    reference and stay as encoded)."""
+    reference and stay as encoded); `hu_calibration` is ct_radiomics' preprocessing option."""
     raw = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
     raw["data"] = {
         "cohort": str(data / "cohort.parquet"),
@@ -65,6 +76,10 @@ def study(data: Path, store: Path, method: str, max_epochs: int, bootstrap: int)
         "meds_root": str(data / "meds"),
     }
     raw["encoders"]["ehr"] = [e for e in raw["encoders"]["ehr"] if e["name"] == "ehr_onehot"]
+    if hu_calibration != "none":  # "none" leaves the config (and its store key) as before
+        for enc in raw["encoders"]["ct"]:
+            prep = enc.setdefault("params", {}).setdefault("preprocessing", {})
+            prep["hu_calibration"] = hu_calibration
     raw["strategies"] = STRATEGIES
     raw["seeds"] = [0]
     raw["training"].update(max_epochs=max_epochs, threads=1)
@@ -102,7 +117,7 @@ def rows_of(run: RunDir, data: Path, setting: dict[str, Any]) -> list[dict[str, 
 
 def summarise(table: pl.DataFrame) -> pl.DataFrame:
     """Per setting x seed x method x task x test split: the columns of the module docstring."""
-    keys = ["site_shift", "imbalance", "sim_seed", "method", "task"]
+    keys = ["site_shift", "imbalance", "sim_seed", "hu_calibration", "method", "task"]
     out = []
     for key, part in table.group_by(keys, maintain_order=True):
         c = part.filter(pl.col("metric") == "harrell_c")
@@ -160,6 +175,7 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=60)
     ap.add_argument("--bootstrap", type=int, default=20)
     ap.add_argument("--shape", default="64,64,40")
+    ap.add_argument("--hu-calibration", default="none", help="comma list of none, landmarks")
     args = ap.parse_args()
     seeds = (
         [int(s) for s in args.sim_seeds.split(",")]
@@ -178,23 +194,24 @@ def main() -> None:
             if not (data / "dataset.json").exists():
                 simulate(data, n=args.n, seed=seed, imbalance=w, interaction=0.0,
                          site_shift=shift, shape=shape, progress=False)  # fmt: skip
-            for method in args.methods.split(","):
+            for cal, method in product(args.hu_calibration.split(","), args.methods.split(",")):
                 t0 = time.perf_counter()
-                cfg = study(
-                    data, args.out / "store" / name, method, args.max_epochs, args.bootstrap
-                )
-                folder = args.out / "runs" / name / method.replace("/", "@")
+                store = args.out / "store" / name
+                cfg = study(data, store, method, args.max_epochs, args.bootstrap, cal)
+                folder = args.out / "runs" / name / cal / method.replace("/", "@")
                 res = run_experiment(cfg, folder, progress=False)
-                setting = {"site_shift": shift, "imbalance": w, "sim_seed": seed, "method": method}
+                setting = {"site_shift": shift, "imbalance": w, "sim_seed": seed,
+                           "hu_calibration": cal, "method": method}  # fmt: skip
                 rows += rows_of(RunDir(res.run_dir), data, setting)
-                print(f"{name} {method}: {time.perf_counter() - t0:.0f} s", flush=True)
+                print(f"{name} {cal} {method}: {time.perf_counter() - t0:.0f} s", flush=True)
             table = pl.DataFrame(rows)
             table.write_csv(args.out / "external_sites.csv")
     summary = summarise(pl.DataFrame(rows))
     summary.write_csv(args.out / "summary.csv")
     with pl.Config(tbl_rows=200, tbl_cols=30, tbl_width_chars=250, float_precision=3):
         print(summary.drop("best_model"))
-        print(summary.select(["site_shift", "sim_seed", "method", "task", "split", "best_model"]))
+        ids = ["site_shift", "sim_seed", "hu_calibration", "method", "task", "split"]
+        print(summary.select([*ids, "best_model"]))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ folder. For each prediction the study used is the latest one at or before `predi
 
 `load_ct(path, preprocessing)` returns a `CTVolume` (`array` float32 [X, Y, Z]) after, in order:
 HU (DICOM: stored value x RescaleSlope + RescaleIntercept; NIfTI: scl_slope/scl_inter), checks that
-the volume is a CT in Hounsfield units, values below `floor_hu` (outside-FOV padding) raised to it,
-reorientation to `orientation` (axis codes, RAS+ world like NIfTI), trilinear resampling to
+the volume is a CT in Hounsfield units, optional HU calibration from a landmark of the volume
+itself (`hu_calibration`, `survfuse.data.hu_calibration`), values below `floor_hu` (outside-FOV
+padding) raised to it, reorientation to `orientation` (axis codes, RAS+ world like NIfTI), trilinear resampling to
 `spacing`, crop/pad to `target_shape` (centre of the volume or of the body foreground), clipping
 to `hu_window` and optional scaling to [0, 1]. Failures raise `CTLoadError(path, reason)`;
 `load_ct_batch` turns them into per-subject "failed" rows of a manifest (`ct_manifest.parquet`)
@@ -26,6 +27,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from survfuse.data.dicom import DicomSeriesError, read_dicom_series
+from survfuse.data.hu_calibration import HU_CALIBRATIONS, apply_shift, calibration_shift
 from survfuse.registry import look_up_option
 
 __all__ = [
@@ -77,6 +79,12 @@ class CTPreprocessing(BaseModel):
     min_slices: refuse volumes with fewer voxels than this along any axis (a localiser, a single
         slice or a 2-D image saved as 3-D is not a CT volume; its statistics are noise). 16 is
         below any diagnostic chest CT (>= ~40 slices at 5 mm) and above scout series.
+    hu_calibration: "none" (default) or "landmarks": before any other value change, shift the
+        volume's non-padding voxels so that its lung parenchyma peak sits at -850 HU
+        (`survfuse.data.hu_calibration`; undoes a scanner's HU offset). It uses the volume alone
+        (no outcome, no site label, no other patient), so it is not transductive; a volume without
+        a trustworthy landmark (no lung in view, tiny, all air) is used as stored, with a
+        `CTCalibrationWarning` naming the file. The shift is in `CTVolume.meta`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -96,6 +104,7 @@ class CTPreprocessing(BaseModel):
     max_p01_hu: float = -500.0
     min_p01_hu: float = -2000.0
     max_p99_hu: float = 4000.0
+    hu_calibration: str = "none"
 
     @field_validator("orientation")
     @classmethod
@@ -111,6 +120,11 @@ class CTPreprocessing(BaseModel):
     @classmethod
     def _crop(cls, v: str) -> str:
         return look_up_option(v, CROP_MODES, kind="crop mode")
+
+    @field_validator("hu_calibration")
+    @classmethod
+    def _calibration(cls, v: str) -> str:
+        return look_up_option(v, HU_CALIBRATIONS, kind="hu_calibration")
 
     @field_validator("interpolation")
     @classmethod
@@ -397,6 +411,11 @@ def preprocess_ct(
         native_orientation="".join(nib.aff2axcodes(affine)),
     )
     meta.update(check_ct_array(arr, prep, path=path))
+    if prep.hu_calibration == "landmarks":
+        shift = calibration_shift(arr, prep.floor_hu, path=path)
+        meta["hu_calibration_shift"] = shift
+        if shift != 0.0:  # a calibrated copy (opt-in: one more pass than without)
+            arr = apply_shift(arr, shift, prep.floor_hu)
     # Memory: the input is never written; one float32 copy is made, by the first value change
     # (floor, or floor + window together when nothing geometric follows: max(x, f) clipped to
     # [lo, hi] equals x clipped to [max(f, lo), hi]), reading the reoriented view directly.
