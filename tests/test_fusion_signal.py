@@ -67,7 +67,6 @@ def _callback(signal: object) -> tuple[BranchStopping, TrainState, list[str]]:
         val_event=np.array([True, True, False]),
         c_without=lambda m: 0.9,  # masking it would raise the fused C: the old rule drops
         dropped=dropped,
-        patience=1,
         signal=signal,  # type: ignore[arg-type]
     )
     state = TrainState(module=nn.Linear(1, 1), options=TrainingOptions())

@@ -13,8 +13,11 @@ stops with the CT branch half-trained.
 - its own early stopping: the validation C-index of g_m(r_m) is computed every epoch; the
   encoder-side parameters of m are snapshotted at its best epoch and, after `patience` epochs in
   which neither the branch nor the fused model improved, restored to that snapshot and frozen.
-  The rest of the model keeps training, and the estimator does not stop before every branch is
-  frozen.
+  The rest of the model keeps training. The fused model's early stopping alone decides when
+  training ends (the estimator's `patience` epochs without a better fused validation C, counted
+  again from a freeze or a drop): a branch still unfrozen then simply keeps its trained weights. Waiting for
+  every branch to freeze kept training 20 or more epochs past the fused best epoch, whose
+  weights are the ones restored (docs/benchmarks.md, issue 25).
 
 Dropping (`drop_alpha`, default 0.05): a frozen pure-noise modality still hurts, because its
 frozen representation was fitted to the training risk sets and the fusion layers keep weighting
@@ -295,6 +298,8 @@ class BranchStopping(Callback):
     `state.val_payload` must be `(reprs, present)` of the validation rows. `signal(m)`, when
     given, is an independent check that modality m carries signal on its own
     (`survfuse.fusion.signal.linear_signal`): a modality it finds above chance is never dropped.
+    It never holds training back (`ready_to_stop` is always true): a freeze or a drop restarts
+    the fused model's early stopping instead.
     """
 
     def __init__(
@@ -306,7 +311,6 @@ class BranchStopping(Callback):
         val_event: NDArray[np.bool_],
         c_without: Callable[[str], float],
         dropped: list[str],
-        patience: int,
         signal: Callable[[str], bool | None] | None = None,
     ) -> None:
         self.stopper = stopper
@@ -314,7 +318,6 @@ class BranchStopping(Callback):
         self.val_time, self.val_event = val_time, val_event
         self.c_without = c_without
         self.dropped = dropped
-        self.patience = int(patience)
         self.signal = signal
         self._signal: dict[str, bool | None] = {}
         self.opt: torch.optim.Optimizer | None = None
@@ -366,11 +369,6 @@ class BranchStopping(Callback):
                 state.record[f"dropped_{m}"] = state.record[f"frozen_{m}"] = True
                 self.dropped.append(m)
                 state.dropped, state.val_c = True, without
-
-    def ready_to_stop(self, state: TrainState) -> bool:
-        # wait for every branch to be frozen (a slower modality may still be learning), but not
-        # beyond 2 x patience epochs without a better fused model
-        return self.stopper.all_frozen or state.bad_epochs >= 2 * self.patience
 
     def on_fit_end(self, state: TrainState) -> None:
         self.stopper.release()

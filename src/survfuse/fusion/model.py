@@ -307,7 +307,6 @@ class FusionSurvivalModel(FusionModelParams):
                     val_event=ve,
                     c_without=lambda m: self._val_c(vf, vt, ve, mask=[m]),
                     dropped=self.dropped_modalities_,
-                    patience=opts.patience,
                     signal=None
                     if val is None
                     else signal_check(
