@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from survfuse.data.hu_calibration import HU_CALIBRATIONS
 from survfuse.features import MODALITIES, Modality
 from survfuse.features_harmonise import HarmoniseConfig
 from survfuse.fusion.params import STRATEGY_OPTIONS, check_params
@@ -124,6 +125,17 @@ class EncoderChoice(_Strict):
     @classmethod
     def _lab(cls, v: str | None) -> str | None:
         return _label(v, "encoder label")
+
+    @model_validator(mode="after")
+    def _hu_calibration(self) -> EncoderChoice:
+        # a CT encoder's `params.preprocessing.hu_calibration` (none | landmarks) is checked when
+        # the config is read, not after the cohort is prepared
+        prep = self.params.get("preprocessing")
+        if isinstance(prep, dict) and "hu_calibration" in prep:
+            look_up_option(
+                str(prep["hu_calibration"]), HU_CALIBRATIONS, kind="preprocessing.hu_calibration"
+            )
+        return self
 
     @property
     def key(self) -> str:
