@@ -1,70 +1,74 @@
-"""Experiment: CT intensity calibration by an HU landmark before encoding.
+"""How well does the lung-peak HU landmark recover each simulated site's scanner offset?
 
-Copies a simulated folder (`survfuse simulate` layout) with every CT shifted so that its lung
-parenchyma peak sits at -850 HU: the mode of the in-body voxels in [-1000, -600) HU (4 HU bins,
-Gaussian-smoothed with sd 3 bins) is the landmark, and the in-body voxels move by
--850 - mode. It uses each volume alone (no site label, no outcome), so it is not transductive.
-Then run `benchmarks/external_sites.py --out OUT` on the copy (same folder name under
-OUT/data/) to compare with the uncalibrated run.
+The calibration itself is a preprocessing option of the CT pipeline
+(`CTPreprocessing.hu_calibration: landmarks`, `survfuse.data.hu_calibration`; compare studies with
+`benchmarks/external_sites.py --hu-calibration none,landmarks`). This script reads every CT of
+simulated folders (`survfuse simulate` layout) as stored, estimates the landmark shift
+(`lung_peak_landmark`, each volume alone) and prints per folder and site: the simulator's true
+HU offset (dataset.json), the mean, sd and mean absolute error of the estimated shift, and how many
+volumes fell back (no trustworthy landmark: calibrated by 0).
 
-    .venv/bin/python benchmarks/hu_landmarks.py SIM_FOLDER OUT/data/NAME
-
-Prints the mean and sd of the applied shift per site (the simulator's true offsets are in
-SIM_FOLDER/dataset.json).
+    .venv/bin/python benchmarks/hu_landmarks.py SIM_FOLDER [SIM_FOLDER ...]
 """
 
 from __future__ import annotations
 
-import shutil
+import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import polars as pl
 
-LUNG_HU = -850.0
-BINS = np.arange(-1000.0, -599.0, 4.0)
-KERNEL = np.exp(-0.5 * (np.arange(-6, 7) / 3.0) ** 2)
+from survfuse.data.hu_calibration import lung_peak_landmark
+from survfuse.data.imaging import CTPreprocessing, read_ct_hu
 
 
-def lung_offset(volume: np.ndarray) -> float:
-    """Mode of in-body voxels in [-1000, -600) HU minus -850 (the shift to remove)."""
-    vals = volume[(volume > -1000) & (volume < -600)]
-    hist, edges = np.histogram(vals, bins=BINS)
-    smooth = np.convolve(hist, KERNEL / KERNEL.sum(), mode="same")
-    centres = (edges[:-1] + edges[1:]) / 2
-    return float(centres[int(np.argmax(smooth))] - LUNG_HU)
+def site_shifts(folder: Path) -> pl.DataFrame:
+    """One row per CT of `folder`: site, true offset, estimated shift (null = fallback)."""
+    floor = CTPreprocessing().floor_hu
+    sites = json.loads((folder / "dataset.json").read_text())["sites"]
+    index = pl.read_parquet(folder / "ct_index.parquet").join(
+        pl.read_parquet(folder / "cohort.parquet").select("subject_id", "site").unique(),
+        on="subject_id",
+    )
+    rows = []
+    for rel, site in index.select("path", "site").iter_rows():
+        path = Path(rel) if Path(rel).is_absolute() else folder / rel
+        arr, _, _ = read_ct_hu(path)
+        mark = lung_peak_landmark(arr, floor)
+        rows.append(
+            {
+                "site": site,
+                "true_offset": float(sites[site]["scanner"]["hu_offset"]),
+                "shift": mark.shift,
+            }
+        )
+    return pl.DataFrame(
+        rows, schema={"site": pl.String, "true_offset": pl.Float64, "shift": pl.Float64}
+    )
 
 
 def main() -> None:
-    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("cohort.parquet", "oracle.parquet", "dataset.json", "ct_index.parquet"):
-        shutil.copy(src / name, dst / name)
-    if not (dst / "meds").exists():
-        shutil.copytree(src / "meds", dst / "meds")
-    index = pl.read_parquet(src / "ct_index.parquet")
-    shifts = []
-    for rel in index["path"].to_list():
-        img = nib.load(src / rel)
-        vol = np.asarray(img.dataobj).astype(np.float32)
-        body = vol > -1000  # the simulator exports outside-body voxels as -1024
-        off = lung_offset(vol)
-        vol[body] -= off
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        out = np.rint(np.clip(vol, -1024, 3071)).astype(np.int16)
-        nib.save(nib.Nifti1Image(out, img.affine), dst / rel)
-        shifts.append(off)
-    sites = pl.read_parquet(src / "cohort.parquet").select("subject_id", "site")
-    table = pl.DataFrame({"subject_id": index["subject_id"], "shift": shifts}).join(
-        sites, on="subject_id"
-    )
-    print(
-        table.group_by("site")
-        .agg(pl.col("shift").mean().alias("mean"), pl.col("shift").std().alias("sd"))
-        .sort("site")
-    )
+    for folder in (Path(a) for a in sys.argv[1:]):
+        t = site_shifts(folder)
+        err = (pl.col("shift") - pl.col("true_offset")).abs()
+        table = (
+            t.group_by("site")
+            .agg(
+                pl.len().alias("volumes"),
+                pl.col("true_offset").first(),
+                pl.col("shift").mean().alias("mean_shift"),
+                pl.col("shift").std().alias("sd_shift"),
+                err.mean().alias("mean_abs_error"),
+                pl.col("shift").is_null().sum().alias("fallbacks"),
+            )
+            .sort("site")
+        )
+        print(folder.name)
+        with pl.Config(float_precision=1, tbl_hide_dataframe_shape=True):
+            print(table)
+        print(f"  landmark estimates: {np.isfinite(t['shift'].drop_nulls().to_numpy()).all()}")
 
 
 if __name__ == "__main__":
