@@ -155,6 +155,11 @@ def test_config_checks_the_option_and_it_changes_the_fingerprint(sim_small: Path
     assert cal.preprocessing().hu_calibration == "landmarks"
     assert plain.preprocessing().hu_calibration == "none"
     assert cal.fingerprint() != plain.fingerprint()
+    # the default is left out of dumps (configs and store keys written before the option are
+    # unchanged); a dump round-trips
+    assert "hu_calibration" not in CTPreprocessing().model_dump()
+    for prep in (CTPreprocessing(), CALIBRATED):
+        assert CTPreprocessing(**prep.model_dump(mode="json")) == prep
 
 
 def test_outcome_permutation_leaves_calibrated_features_identical(

@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from survfuse.data.dicom import DicomSeriesError, read_dicom_series
 from survfuse.data.hu_calibration import HU_CALIBRATIONS, apply_shift, calibration_shift
@@ -125,6 +133,15 @@ class CTPreprocessing(BaseModel):
     @classmethod
     def _calibration(cls, v: str) -> str:
         return look_up_option(v, HU_CALIBRATIONS, kind="hu_calibration")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the default "none" is left out of dumps, so that encoder configs and feature-store
+        # fingerprints written before the option existed stay the same
+        out: dict[str, Any] = handler(self)
+        if out.get("hu_calibration") == "none":
+            del out["hu_calibration"]
+        return out
 
     @field_validator("interpolation")
     @classmethod
