@@ -158,7 +158,10 @@ def test_kill_9_mid_way_then_resume(tmp_path: Path) -> None:
     enc = ToyEncoder()
     out = store.encode(enc, df, None, fit_cohort=df[:8], chunk_size=4, progress=False)
     assert store.last_run is not None
-    assert (store.last_run.cached_chunks, enc.calls) == (2, 4)
+    # killed at the start of the 3rd encode call: the 1st call's rows were written (a call
+    # waits for the one before it), the 2nd's write may have been cut off in the background
+    assert store.last_run.cached_chunks in (1, 2)
+    assert enc.calls == 6 - store.last_run.cached_chunks
     assert store.last_run.fitted == "cached"  # the fit survived the kill too
     ref = FeatureStore(tmp_path / "ref").encode(
         ToyEncoder(), df, None, fit_cohort=df[:8], chunk_size=4, progress=False

@@ -147,13 +147,22 @@ def test_ray_data_ct_features_equal_local_store(runs: dict) -> None:
     assert np.array_equal(fa.subject_id, fb.subject_id)
     assert np.array_equal(fa.pooled, fb.pooled) and np.array_equal(fa.present, fb.present)
     assert fa.meta["fingerprint"] == fb.meta["fingerprint"]
-    # Same store layout: the chunk folders (named by their keys) and their files are identical.
+    # Same chunks (named by their keys) with identical contents; a local run writes them as
+    # references into segments (store format 2), a Ray actor as features folders (format 1).
+    from survfuse.encoders.store_segments import load_chunk
+
     store_a, store_b = local.run_dir / "features" / "store", remote.run_dir / "features" / "store"
-    chunks_a = sorted(p.relative_to(store_a) for p in store_a.glob("ct_radiomics-*/chunks/*/*"))
-    chunks_b = sorted(p.relative_to(store_b) for p in store_b.glob("ct_radiomics-*/chunks/*/*"))
+    chunks_a = sorted(
+        p.parent.relative_to(store_a) / p.stem for p in store_a.glob("ct_radiomics-*/chunks/*.json")
+    )
+    chunks_b = sorted(p.relative_to(store_b) for p in store_b.glob("ct_radiomics-*/chunks/*"))
     assert chunks_a and chunks_a == chunks_b
     for rel in chunks_a:
-        assert (store_a / rel).read_bytes() == (store_b / rel).read_bytes(), rel
+        ca, cb = load_chunk(store_a / rel), load_chunk(store_b / rel)
+        assert ca.meta == cb.meta, rel
+        for name in ("subject_id", "prediction_time", "pooled", "present", "tokens", "mask"):
+            a, b = getattr(ca, name), getattr(cb, name)
+            assert (a is None and b is None) or np.array_equal(a, b), (rel, name)
     # A later local run on the Ray-written store finds everything cached.
     cohort = pl.read_parquet(remote.run_dir / "data" / "cohort.parquet")
     keys = cohort.select("subject_id", "prediction_time")

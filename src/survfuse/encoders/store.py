@@ -4,7 +4,10 @@ Layout under `root`::
 
     fitted/<encoder>-<fitkey>/                 fitted encoder state (fit on the fit cohort)
     <encoder>-<fp>/fingerprint.json            what the fingerprint `fp` was made of
-    <encoder>-<fp>/chunks/<chunkkey>/          one saved ModalityFeatures per chunk
+    <encoder>-<fp>/store_format.json           the folder's store format (2; see below)
+    <encoder>-<fp>/segments/<id>/              encoder output, written once (store_segments)
+    <encoder>-<fp>/chunks/<chunkkey>/          one chunk: ref.json, rows of a segment (format 2),
+                                               or a saved ModalityFeatures (format 1, Ray)
     <encoder>-<fp>/results/<cohortkey>/        assembled features in one cohort's row order
                                                (+ manifest.parquet: why rows are not present)
 
@@ -13,6 +16,11 @@ files (path, size, mtime). Chunks hold the cohort's unique keys sorted by (subje
 prediction_time), so the same predictions in another order reuse the chunks. A chunk is written
 to a temp folder and renamed into place, so a crash (even `kill -9`) leaves only whole chunks;
 a rerun skips them and encodes the rest.
+
+Each encode call's output is written once, appended to a segment (`store_segments`); a chunk
+is a reference to its rows there. When one run encoded the whole cohort in cohort order, the
+result's files are hard links to the segment's (no second copy); otherwise (cached chunks
+reused in another order, a resumed run) the chunk rows are copied into the result.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, replace
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -33,6 +42,18 @@ from numpy.typing import NDArray
 
 import survfuse
 from survfuse.encoders.base import Encoder, cohort_keys, hash_files, hash_keys, hash_parts
+from survfuse.encoders.store_segments import (
+    ChunkRef,
+    SegmentWriter,
+    check_store_format,
+    chunk_done,
+    copy_rows,
+    is_range,
+    link_result,
+    read_ref,
+    segment_rows,
+    write_chunk_ref,
+)
 from survfuse.features import ModalityFeatures
 from survfuse.progress import progress_bar
 
@@ -157,33 +178,26 @@ def _chunk_groups(
     return groups
 
 
-def _chunk_part(feats: ModalityFeatures, a: int, b: int, offset: int) -> ModalityFeatures:
-    """Return rows [a, b) of a multi-chunk encode (rows start at `offset`), as if encoded alone.
+def _chunk_ref(
+    feats: ModalityFeatures, a: int, b: int, offset: int, alone: bool, at: tuple[str, int]
+) -> ChunkRef:
+    """Return the reference of rows [a, b) of an encode call (rows start at `offset`).
 
-    token_codes are cut to the chunk's widest token, the manifest to the chunk's subjects.
-    Arrays are views of `feats` (row slices of C-contiguous arrays are saved without a copy).
+    As if the chunk was encoded alone: unless it is the call's only chunk (`alone`), its
+    token_codes are cut to its widest token and the manifest to its subjects. `at`: (segment,
+    row of the call's first row there).
     """
     lo, hi = a - offset, b - offset
-    names = ("subject_id", "prediction_time", "pooled", "present", "tokens", "mask", "token_codes")
-    views = {k: getattr(feats, k)[lo:hi] for k in names if getattr(feats, k) is not None}
-    part = replace(feats, meta=dict(feats.meta), **views)
-    if part.token_codes is not None and part.token_codes.shape[2] > 1:
-        width = max(int((part.token_codes >= 0).sum(axis=2).max(initial=0)), 1)
-        part.token_codes = np.ascontiguousarray(part.token_codes[:, :, :width])
-    if part.meta.get("manifest"):
-        sids = set(part.subject_id.tolist())
-        part.meta["manifest"] = [m for m in part.meta["manifest"] if m.get("subject_id") in sids]
-    return part
-
-
-def _is_range(a: NDArray[np.int64], start: int) -> bool:
-    """Whether `a` is start, start + 1, ..., start + len(a) - 1."""
-    return (
-        a.size > 0
-        and int(a[0]) == start
-        and int(a[-1]) == start + a.size - 1
-        and (a.size < 2 or bool(np.all(np.diff(a) == 1)))
-    )
+    meta = dict(feats.meta)
+    codes = feats.token_codes
+    width = 0 if codes is None else int(codes.shape[2])
+    if not alone and codes is not None and width > 1:
+        width = max(int((codes[lo:hi] >= 0).sum(axis=2).max(initial=0)), 1)
+    if not alone and meta.get("manifest"):
+        sids = set(feats.subject_id[lo:hi].tolist())
+        meta["manifest"] = [m for m in meta["manifest"] if m.get("subject_id") in sids]
+    segment, start = at
+    return ChunkRef(segment, start + lo, start + hi, width, meta)
 
 
 class FeatureStore:
@@ -198,6 +212,7 @@ class FeatureStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.last_run: StoreRun | None = None
+        self._refs: dict[Path, ChunkRef] = {}  # chunk refs written by this store object
 
     # ------------------------------------------------------------------ fitting
     def _fit(
@@ -261,9 +276,11 @@ class FeatureStore:
         enc_dir = self.root / f"{encoder.name}-{fp[:16]}"
         chunk_root = enc_dir / "chunks"
         chunk_root.mkdir(parents=True, exist_ok=True)
+        check_store_format(enc_dir)
         self._write_fingerprint(enc_dir, encoder, fp, inputs)
         self._remove_stale(chunk_root)
 
+        self._refs = {}
         sid, pt = cohort_keys(cohort)
         pt_i = pt.astype(np.int64)
         group = _source_groups(source, sid)
@@ -278,7 +295,7 @@ class FeatureStore:
             self.last_run = StoreRun(fp, enc_dir, len(chunks), 0, len(chunks), True, fitted)
             return ModalityFeatures.load(result_dir, mmap=True)
 
-        todo = [i for i, d in enumerate(chunk_dirs) if not (d / "meta.json").exists()]
+        todo = [i for i, d in enumerate(chunk_dirs) if not chunk_done(d)]
         if todo:
             job = ChunkJob(encoder, cohort, source, first, chunks, chunk_dirs, todo, progress)
             job = replace(job, source_group=tuple(int(group[first[a]]) for a, _ in chunks))
@@ -326,16 +343,29 @@ class FeatureStore:
             batch_rows = int(getattr(encoder, "store_batch_rows", 0))
             source_group = list(job.source_group) or [0] * len(chunks)
 
-            for group in _chunk_groups(job.todo, chunks, batch_rows, source_group):
-                a, b = chunks[group[0]][0], chunks[group[-1]][1]
-                rows = cohort[first[a:b].tolist()]
-                feats = encoder.encode(rows, job.source)
-                self._check_chunk(feats, rows, encoder.name)
-                for i in group:
-                    part = feats if len(group) == 1 else _chunk_part(feats, *chunks[i], a)
-                    part.meta.setdefault("encoder", encoder.name)
-                    part.save(job.chunk_dirs[i])
-                    bar.advance(task, chunks[i][1] - chunks[i][0])
+            writer = SegmentWriter(job.chunk_dirs[0].parent.parent / "segments", job.n_rows)
+            try:
+                for group in _chunk_groups(job.todo, chunks, batch_rows, source_group):
+                    a, b = chunks[group[0]][0], chunks[group[-1]][1]
+                    rows = cohort[first[a:b].tolist()]
+                    feats = encoder.encode(rows, job.source)
+                    self._check_chunk(feats, rows, encoder.name)
+                    feats.meta.setdefault("encoder", encoder.name)
+                    # the output's only write; each chunk is trusted once its rows are written
+                    writer.append(feats, partial(self._save_refs, feats, group, job, a))
+                    bar.advance(task, b - a)
+            except BaseException:
+                writer.close(check=False)
+                raise
+            writer.close()
+
+    def _save_refs(
+        self, feats: ModalityFeatures, group: list[int], job: ChunkJob, a: int, seg: str, at: int
+    ) -> None:
+        for i in group:
+            ref = _chunk_ref(feats, *job.chunks[i], a, len(group) == 1, (seg, at))
+            write_chunk_ref(job.chunk_dirs[i], ref)
+            self._refs[job.chunk_dirs[i]] = ref
 
     @staticmethod
     def _check_chunk(feats: ModalityFeatures, rows: pl.DataFrame, name: str) -> None:
@@ -350,8 +380,32 @@ class FeatureStore:
                 f"{int(feats.subject_id[i])}, expected {int(sid[i])}"
             )
 
-    @staticmethod
+    def _linkable(
+        self, chunk_dirs: list[Path], inverse: NDArray[np.int64], n: int
+    ) -> tuple[Path, list[ChunkRef]] | None:
+        """Return the segment that is the result, with the chunk refs, or None (copy the rows).
+
+        A segment is the result when the chunks are consecutive rows of one segment that holds exactly the
+        cohort's rows, in cohort order, with each chunk as wide as the segment's token_codes.
+        """
+        if not is_range(inverse, 0):
+            return None
+        refs = [self._refs.get(d) or read_ref(d) for d in chunk_dirs]
+        if not refs or any(r is None for r in refs):
+            return None
+        whole = [r for r in refs if r is not None]
+        seg = chunk_dirs[0].parent.parent / "segments" / whole[0].segment
+        if any(r.segment != whole[0].segment for r in whole) or whole[0].start != 0:
+            return None
+        if any(x.stop != y.start for x, y in pairwise(whole)) or whole[-1].stop != n:
+            return None
+        rows, width = segment_rows(seg)
+        if rows != n or (width and max(r.codes_width for r in whole) != width):
+            return None
+        return seg, whole
+
     def _assemble(
+        self,
         result_dir: Path,
         chunk_dirs: list[Path],
         chunks: list[tuple[int, int]],
@@ -361,62 +415,22 @@ class FeatureStore:
         fp: str,
         name: str,
     ) -> None:
-        """Scatter chunk rows into memory-mapped arrays in cohort order, then rename into place."""
-        n = len(sid)
-        parts = [ModalityFeatures.load(d, mmap=True) for d in chunk_dirs]
-        if not parts:
+        """Link (or copy) chunk rows into arrays in cohort order, then rename into place."""
+        if not chunk_dirs:
             raise ValueError(f"{name}: the cohort is empty; nothing to encode")
-        head = parts[0]
-        t_max = max(p.num_tokens for p in parts)
-        k_max = max((p.token_codes.shape[2] for p in parts if p.token_codes is not None), default=0)
         result_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = result_dir.parent / f".{result_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            shapes: dict[str, tuple[tuple[int, ...], Any, Any]] = {
-                "subject_id": ((n,), np.int64, 0),
-                "prediction_time": ((n,), np.int64, 0),
-                "pooled": ((n, head.pooled_dim), np.float32, 0),
-                "present": ((n,), np.bool_, False),
-            }
-            if head.mask is not None:
-                shapes["mask"] = ((n, t_max), np.bool_, False)
-            if head.tokens is not None:
-                shapes["tokens"] = ((n, t_max, head.token_dim), np.float32, 0)
-            if head.token_codes is not None:
-                shapes["token_codes"] = ((n, t_max, k_max), np.int32, -1)
-            out = {}
-            for key, (shape, dtype, fill) in shapes.items():
-                arr = np.lib.format.open_memmap(tmp / f"{key}.npy", "w+", dtype, shape)
-                if fill:  # a new file reads as zeros: filling it with 0 would write it twice
-                    arr[...] = fill
-                out[key] = arr
-            out["subject_id"][:] = sid
-            out["prediction_time"][:] = pt.astype(np.int64)
-            order = np.argsort(inverse, kind="stable")
-            starts = np.searchsorted(inverse[order], [a for a, _ in chunks] + [chunks[-1][1]])
+            linkable = self._linkable(chunk_dirs, inverse, len(sid))
+            if linkable is not None and link_result(linkable[0], tmp):
+                metas = [r.meta for r in linkable[1]]
+            else:
+                metas = copy_rows(tmp, chunk_dirs, chunks, inverse, sid, pt)
             manifest: list[dict[str, Any]] = []
-            for c, part in enumerate(parts):
-                a = chunks[c][0]
-                rows: Any = order[starts[c] : starts[c + 1]]
-                src: Any = inverse[rows] - a
-                if _is_range(rows, int(rows[0]) if rows.size else 0) and _is_range(src, 0):
-                    # cohort rows in chunk order (the usual case): plain slices, no gathers
-                    rows, src = slice(int(rows[0]), int(rows[-1]) + 1), slice(None)
-                out["pooled"][rows] = part.pooled[src]
-                out["present"][rows] = part.present[src]
-                t = part.num_tokens
-                if part.mask is not None:
-                    out["mask"][rows, :t] = part.mask[src]
-                if part.tokens is not None:
-                    out["tokens"][rows, :t] = part.tokens[src]
-                if part.token_codes is not None:
-                    k = part.token_codes.shape[2]
-                    out["token_codes"][rows, :t, :k] = part.token_codes[src]
-                manifest.extend(part.meta.get("manifest", []))
-            # no msync (memmap.flush): like the chunks' np.save, the data is in the page cache,
-            # which survives a killed process; the rename below is what makes the result whole
-            meta = {k: v for k, v in head.meta.items() if k != "manifest"}
+            for m in metas:
+                manifest.extend(m.get("manifest", []))
+            meta = {k: v for k, v in metas[0].items() if k != "manifest"}
             meta.update(fingerprint=fp, encoder=name, manifest=manifest)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
             if manifest:  # why rows are not present (e.g. the CT data layer's load failures)
@@ -426,7 +440,6 @@ class FeatureStore:
                         pl.col("prediction_time").cast(pl.Utf8).str.to_datetime(time_unit="us")
                     )
                 man.write_parquet(tmp / "manifest.parquet")
-            del out
             try:
                 os.replace(tmp, result_dir)
             except OSError:  # a concurrent run assembled the same result first

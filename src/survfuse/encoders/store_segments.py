@@ -1,0 +1,371 @@
+"""The `FeatureStore`'s on-disk format 2: encoder output written once, in segments.
+
+Format 1 saved every chunk as its own `ModalityFeatures` folder (one `.npy` per array) and then
+copied the chunks' rows into the assembled result: the output was written twice. Format 2
+writes each `encode` call's output once, appended to the `.npy` files of a *segment*::
+
+    <encoder>-<fp>/store_format.json           {"store_format": 2}
+    <encoder>-<fp>/segments/<id>/<array>.npy   rows of one or more encode calls, in chunk order
+    <encoder>-<fp>/chunks/<chunkkey>.json      a chunk: rows [start, stop) of segment <id>
+
+A segment's `.npy` header is written first with the rows the run is about to encode; a run that
+ends early (a crash, or a call whose token shape differs and opens a new segment) leaves the
+file shorter than its header says, so segments are read by memory-mapping rows [start, stop)
+at the header's offset, never with `np.load`. A chunk is trusted only once its `<chunkkey>.json`
+exists, and that is written (to a temp file renamed into place) after its rows are in the
+segment, so a crash leaves only whole chunks. The rows are written by a background thread while
+the encoder computes the next call's (at most one call's output waits to be written). When a run's segment holds the whole cohort in
+cohort order, the assembled result's `.npy` files are hard links to the segment's: the result
+is then the bytes written once, and `ModalityFeatures.load` reads it as any saved features.
+
+Format 1 folders (chunks as `ModalityFeatures` folders, as `RayFeatureStore` still writes them)
+are read as they are; a folder of a newer format than this code knows is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from numpy.typing import NDArray
+
+from survfuse.features import ModalityFeatures
+
+__all__ = [
+    "STORE_FORMAT",
+    "ChunkRef",
+    "SegmentWriter",
+    "check_store_format",
+    "chunk_done",
+    "copy_rows",
+    "is_range",
+    "link_result",
+    "load_chunk",
+    "read_ref",
+    "segment_rows",
+    "write_chunk_ref",
+]
+
+#: Version of the store's folder layout (1: no `store_format.json`, every chunk a folder of
+#: `.npy` files; 2: segments, chunks as references into them).
+STORE_FORMAT = 2
+_FORMAT_FILE = "store_format.json"
+_ARRAYS = ("subject_id", "prediction_time", "pooled", "present", "tokens", "mask", "token_codes")
+
+
+def check_store_format(enc_dir: Path) -> None:
+    """Refuse an encoder folder written by a newer store format; mark an unmarked one.
+
+    Folders without `store_format.json` are format 1 (or new): format 2 reads their chunks
+    and results unchanged.
+    """
+    f = enc_dir / _FORMAT_FILE
+    if f.exists():
+        found = int(json.loads(f.read_text()).get("store_format", 1))
+        if found > STORE_FORMAT:
+            raise ValueError(
+                f"feature store folder {enc_dir} has store format {found}; this survfuse reads "
+                f"formats 1 to {STORE_FORMAT}. Re-encode into a new store folder (or delete "
+                "this one), or use the survfuse version that wrote it."
+            )
+        return
+    tmp = enc_dir / f".{_FORMAT_FILE}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({"store_format": STORE_FORMAT}))
+    os.replace(tmp, f)
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """(shape in the header, dtype, byte offset of the data) of a `.npy` file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if fortran:
+            raise ValueError(f"{path}: Fortran-ordered segment arrays are not written by survfuse")
+        return shape, dtype, f.tell()
+
+
+def _rows(path: Path, start: int, stop: int) -> NDArray[Any]:
+    """Rows [start, stop) of a segment's `.npy` file, memory-mapped read-only."""
+    shape, dtype, offset = _header(path)
+    row = int(dtype.itemsize * np.prod(shape[1:], dtype=np.int64))
+    need = offset + stop * row
+    if os.path.getsize(path) < need:
+        raise ValueError(f"{path}: segment shorter than its chunk reference (rows to {stop})")
+    return np.memmap(
+        path, dtype, "r", offset=offset + start * row, shape=(stop - start, *shape[1:])
+    )
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """A format-2 chunk: rows [start, stop) of segment `segment`, as saved in its `.json`."""
+
+    segment: str
+    start: int
+    stop: int
+    codes_width: int  # K of this chunk's token_codes (cut to its widest token); 0 without codes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _ref_file(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.json")
+
+
+def chunk_done(folder: Path) -> bool:
+    """Whether chunk `folder` is whole (format 1: `folder/meta.json`; 2: `folder.json`)."""
+    return _ref_file(folder).exists() or (folder / "meta.json").exists()
+
+
+def read_ref(folder: Path) -> ChunkRef | None:
+    """Return the chunk reference of `folder`, or None for a format-1 chunk (features folder)."""
+    f = _ref_file(folder)
+    if not f.exists():
+        return None
+    d = json.loads(f.read_text())
+    if int(d.get("store_format", 0)) > STORE_FORMAT:
+        raise ValueError(
+            f"chunk {folder} has store format {d['store_format']}; this survfuse reads formats "
+            f"1 to {STORE_FORMAT}: re-encode into a new store folder"
+        )
+    return ChunkRef(d["segment"], int(d["start"]), int(d["stop"]), int(d["codes_width"]), d["meta"])
+
+
+def write_chunk_ref(folder: Path, ref: ChunkRef) -> None:
+    """Save a chunk reference atomically (only after its rows are in the segment)."""
+    body = {
+        "store_format": STORE_FORMAT,
+        "segment": ref.segment,
+        "start": ref.start,
+        "stop": ref.stop,
+        "codes_width": ref.codes_width,
+        "meta": ref.meta,
+    }
+    f = _ref_file(folder)
+    tmp = f.with_name(f".{f.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str))
+    os.replace(tmp, f)
+
+
+def load_chunk(folder: Path) -> ModalityFeatures:
+    """Load a chunk of either format, memory-mapped (a format-2 chunk: its segment rows)."""
+    ref = read_ref(folder)
+    if ref is None:
+        return ModalityFeatures.load(folder, mmap=True)
+    seg = folder.parent.parent / "segments" / ref.segment
+    arrays: dict[str, Any] = {}
+    for name in _ARRAYS:
+        f = seg / f"{name}.npy"
+        arrays[name] = _rows(f, ref.start, ref.stop) if f.exists() else None
+    arrays["prediction_time"] = np.asarray(arrays["prediction_time"]).view("datetime64[us]")
+    if arrays["token_codes"] is not None and ref.codes_width < arrays["token_codes"].shape[2]:
+        arrays["token_codes"] = arrays["token_codes"][:, :, : ref.codes_width]
+    return ModalityFeatures(meta=dict(ref.meta), **arrays)
+
+
+def _write_all(fh: BinaryIO, a: NDArray[Any]) -> None:
+    """Write a C-contiguous array's bytes (one `write` per call; the GIL is released)."""
+    view = np.ascontiguousarray(a).data.cast("B")
+    done = 0
+    while done < len(view):
+        done += fh.write(view[done:]) or 0
+
+
+class _Segment:
+    """One segment being written: open `.npy` files whose headers say `capacity` rows."""
+
+    def __init__(self, root: Path, capacity: int, arrays: dict[str, NDArray[Any]]) -> None:
+        self.id = uuid.uuid4().hex[:16]
+        self.folder = root / self.id
+        self.folder.mkdir(parents=True)
+        self.capacity, self.rows = capacity, 0
+        self.layout = {k: (a.dtype.str, a.shape[1:]) for k, a in arrays.items()}
+        self.files: dict[str, BinaryIO] = {}
+        for name, a in arrays.items():
+            fh: BinaryIO = open(self.folder / f"{name}.npy", "wb", buffering=0)
+            header = {
+                "descr": np.lib.format.dtype_to_descr(a.dtype),
+                "fortran_order": False,
+                "shape": (capacity, *a.shape[1:]),
+            }
+            np.lib.format.write_array_header_1_0(fh, header)
+            self.files[name] = fh
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        self.files = {}
+
+
+def _arrays(feats: ModalityFeatures) -> dict[str, NDArray[Any]]:
+    out: dict[str, NDArray[Any]] = {}
+    for name in _ARRAYS:
+        a = getattr(feats, name)
+        if a is None:
+            continue
+        if name == "prediction_time":
+            a = np.ascontiguousarray(a.astype("datetime64[us]", copy=False)).view(np.int64)
+        out[name] = a
+    return out
+
+
+class SegmentWriter:
+    """Append encode calls' outputs to segments of `root` (`segments/` of an encoder folder).
+
+    `total_rows`: rows the run will append in all (the first segment's header says so). A call
+    whose arrays have another trailing shape (e.g. another token count) opens a new segment.
+    Writes run on one background thread, at most one call behind the caller.
+    """
+
+    def __init__(self, root: Path, total_rows: int) -> None:
+        self.root, self.remaining = root, int(total_rows)
+        self.current: _Segment | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="survfuse-store")
+        self._pending: Future[None] | None = None
+
+    def append(self, feats: ModalityFeatures, then: Callable[[str, int], None]) -> None:
+        """Write `feats`' rows once, then call `then(segment id, first row there)`.
+
+        Returns once the previous call's rows are written (raising what that write raised);
+        this call's are written in the background.
+        """
+        self._drain()
+        arrays, n = _arrays(feats), len(feats)
+        layout = {k: (a.dtype.str, a.shape[1:]) for k, a in arrays.items()}
+        seg = self.current
+        if seg is None or seg.layout != layout or seg.rows + n > seg.capacity:
+            self._close_segment()
+            seg = self.current = _Segment(self.root, max(self.remaining, n), arrays)
+        start = seg.rows
+        seg.rows += n
+        self.remaining -= n
+        self._pending = self._pool.submit(self._write, seg, arrays, start, then)
+
+    @staticmethod
+    def _write(
+        seg: _Segment, arrays: dict[str, NDArray[Any]], start: int, then: Callable[[str, int], None]
+    ) -> None:
+        for name, a in arrays.items():
+            _write_all(seg.files[name], a)
+        then(seg.id, start)
+
+    def _drain(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _close_segment(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+    def close(self, *, check: bool = True) -> None:
+        """Wait for the last write (raise its error when `check`) and close the files."""
+        try:
+            if check:
+                self._drain()
+            elif self._pending is not None:
+                self._pending.exception()  # wait; the caller is raising its own error
+        finally:
+            self._pool.shutdown(wait=True)
+            self._close_segment()
+
+
+def link_result(segment: Path, tmp: Path) -> bool:
+    """Hard-link a whole segment's `.npy` files into the result folder `tmp`.
+
+    False (and nothing linked) where the file system has no hard links: the caller copies.
+    """
+    try:
+        for f in segment.glob("*.npy"):
+            os.link(f, tmp / f.name)
+    except OSError:
+        for f in tmp.glob("*.npy"):
+            f.unlink()
+        return False
+    return True
+
+
+def segment_rows(segment: Path) -> tuple[int, int]:
+    """(rows its header announces, K of its token_codes or 0) of a segment folder."""
+    rows = _header(segment / "subject_id.npy")[0][0]
+    codes = segment / "token_codes.npy"
+    return int(rows), int(_header(codes)[0][2]) if codes.exists() else 0
+
+
+def is_range(a: NDArray[np.int64], start: int) -> bool:
+    """Whether `a` is start, start + 1, ..., start + len(a) - 1."""
+    return (
+        a.size > 0
+        and int(a[0]) == start
+        and int(a[-1]) == start + a.size - 1
+        and (a.size < 2 or bool(np.all(np.diff(a) == 1)))
+    )
+
+
+def copy_rows(
+    tmp: Path,
+    chunk_dirs: list[Path],
+    chunks: list[tuple[int, int]],
+    inverse: NDArray[np.int64],
+    sid: NDArray[np.int64],
+    pt: NDArray[np.datetime64],
+) -> list[dict[str, Any]]:
+    """Scatter the chunks' rows into memory-mapped arrays of `tmp`; return the chunks' meta."""
+    n = len(sid)
+    parts = [load_chunk(d) for d in chunk_dirs]
+    head = parts[0]
+    t_max = max(p.num_tokens for p in parts)
+    k_max = max((p.token_codes.shape[2] for p in parts if p.token_codes is not None), default=0)
+    shapes: dict[str, tuple[tuple[int, ...], Any, Any]] = {
+        "subject_id": ((n,), np.int64, 0),
+        "prediction_time": ((n,), np.int64, 0),
+        "pooled": ((n, head.pooled_dim), np.float32, 0),
+        "present": ((n,), np.bool_, False),
+    }
+    if head.mask is not None:
+        shapes["mask"] = ((n, t_max), np.bool_, False)
+    if head.tokens is not None:
+        shapes["tokens"] = ((n, t_max, head.token_dim), np.float32, 0)
+    if head.token_codes is not None:
+        shapes["token_codes"] = ((n, t_max, k_max), np.int32, -1)
+    out = {}
+    for key, (shape, dtype, fill) in shapes.items():
+        arr = np.lib.format.open_memmap(tmp / f"{key}.npy", "w+", dtype, shape)
+        if fill:  # a new file reads as zeros: filling it with 0 would write it twice
+            arr[...] = fill
+        out[key] = arr
+    out["subject_id"][:] = sid
+    out["prediction_time"][:] = pt.astype(np.int64)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[order], [a for a, _ in chunks] + [chunks[-1][1]])
+    for c, part in enumerate(parts):
+        a = chunks[c][0]
+        rows: Any = order[starts[c] : starts[c + 1]]
+        src: Any = inverse[rows] - a
+        if is_range(rows, int(rows[0]) if rows.size else 0) and is_range(src, 0):
+            # cohort rows in chunk order (the usual case): plain slices, no gathers
+            rows, src = slice(int(rows[0]), int(rows[-1]) + 1), slice(None)
+        out["pooled"][rows] = part.pooled[src]
+        out["present"][rows] = part.present[src]
+        t = part.num_tokens
+        if part.mask is not None:
+            out["mask"][rows, :t] = part.mask[src]
+        if part.tokens is not None:
+            out["tokens"][rows, :t] = part.tokens[src]
+        if part.token_codes is not None:
+            k = part.token_codes.shape[2]
+            out["token_codes"][rows, :t, :k] = part.token_codes[src]
+    # no msync (memmap.flush): like the chunks' np.save, the data is in the page cache,
+    # which survives a killed process; the store's rename is what makes the result whole
+    del out
+    return [p.meta for p in parts]
