@@ -296,10 +296,20 @@ def link_result(segment: Path, tmp: Path) -> bool:
 
 
 def segment_rows(segment: Path) -> tuple[int, int]:
-    """(rows its header announces, K of its token_codes or 0) of a segment folder."""
-    rows = _header(segment / "subject_id.npy")[0][0]
-    codes = segment / "token_codes.npy"
-    return int(rows), int(_header(codes)[0][2]) if codes.exists() else 0
+    """(rows its header announces, K of its token_codes or 0) of a segment folder.
+
+    Rows are -1 when a file is shorter than its header says (a run that ended early).
+    """
+    rows, width = -1, 0
+    for f in sorted(segment.glob("*.npy")):
+        shape, dtype, offset = _header(f)
+        size = offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if os.path.getsize(f) != size or (rows >= 0 and shape[0] != rows):
+            return -1, 0
+        rows = int(shape[0])
+        if f.name == "token_codes.npy":
+            width = int(shape[2])
+    return rows, width
 
 
 def is_range(a: NDArray[np.int64], start: int) -> bool:
