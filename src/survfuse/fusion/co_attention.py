@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from survfuse.features import MODALITIES
 from survfuse.fusion.base import AttentionStrategy, FusionOutput
 from survfuse.fusion.batch import Batch, ModalitySpec
+from survfuse.fusion.buckets import fuse_in_buckets
 from survfuse.fusion.layers import (
     MLP,
     AttentionBlock,
@@ -90,6 +91,13 @@ class CoAttention(AttentionStrategy):
         return params
 
     def fuse(self, batch: Batch) -> FusionOutput:
+        # rows of similar token length together, without their padding (`fusion.buckets`);
+        # recorded attention weights keep the batch's full token axis
+        if self.record_attention:
+            return self._fuse(batch)
+        return fuse_in_buckets(self._fuse, batch)
+
+    def _fuse(self, batch: Batch) -> FusionOutput:
         g, gm = self.embed[self.guide](batch[self.guide])
         o, om = self.embed[self.other](batch[self.other])
         guided, coattn = self.coattn(g, o, om, need_weights=self.record_attention)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from survfuse.features import MODALITIES
 from survfuse.fusion.base import AttentionStrategy, FusionOutput
 from survfuse.fusion.batch import Batch, ModalitySpec
+from survfuse.fusion.buckets import fuse_in_buckets
 from survfuse.fusion.layers import MLP, AttentionBlock, masked_mean
 from survfuse.registry import FUSIONS, look_up_option
 
@@ -71,6 +72,13 @@ class CrossAttention(AttentionStrategy):
         return {m: list(self.embed[m].parameters()) for m in MODALITIES}
 
     def fuse(self, batch: Batch) -> FusionOutput:
+        # rows of similar token length together, without their padding (`fusion.buckets`);
+        # recorded attention weights keep the batch's full token axis
+        if self.record_attention:
+            return self._fuse(batch)
+        return fuse_in_buckets(self._fuse, batch)
+
+    def _fuse(self, batch: Batch) -> FusionOutput:
         tokens: dict[str, tuple[Tensor, Tensor]] = {m: self.embed[m](batch[m]) for m in MODALITIES}
         pooled: list[Tensor] = []
         extras: dict[str, Tensor] = {}
