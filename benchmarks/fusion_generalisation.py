@@ -164,6 +164,8 @@ def main() -> None:
             cfg = with_offset(cfg, args.offset)
             started = time.perf_counter()
             res = run_experiment(cfg, args.out / "runs" / name, progress=False)
+            for failed in res.failed:  # a failed cell is missing from the table: say so
+                print(f"{name}: cell {failed.cell_id} FAILED: {failed.error}", flush=True)
             rd = RunDir(res.run_dir)
             metrics = pl.read_parquet(rd.metrics).filter(pl.col("metric") == "harrell_c")
             setting = {"imbalance": w, "interaction": inter, "site_shift": shift}

@@ -183,6 +183,11 @@ class FusionStrategy(nn.Module, abc.ABC):
         """Whether `finish_training` must run (on the validation split) after training."""
         return False
 
+    @property
+    def uses_validation_after_training(self) -> bool:
+        """Whether `finish_training` runs when a validation split exists (it may be optional)."""
+        return self.needs_validation_after_training
+
     def finish_training(self, batch: Batch, time: Tensor, event: Tensor) -> None:
         """Fit post-training parts on the validation `batch` (no-op by default)."""
 

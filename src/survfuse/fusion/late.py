@@ -25,7 +25,12 @@ class Late(FusionStrategy):
     flag, so with one modality absent the fused output *equals* the present branch's output
     (a Cox risk is a log-hazard, so this is a weighted average of log-risks).
     Loss = head loss of the fused output + `aux_weight` * mean_m (head_m loss on the rows with
-    modality m present), so every branch stays a standalone risk model.
+    modality m present), so every branch stays a standalone risk model. After training the
+    weights are refitted on the validation split, where there is one, with the branches frozen
+    (`fit_weights`):
+    trained jointly, a branch that overfits the training risk sets (a weak, high-dimensional
+    EHR) earns a weight its held-out performance does not justify, and the average then dilutes
+    a strong branch (fusion_generalisation at imbalance 1: PE C 0.671 against CT-only 0.756).
 
     `combine="stacking"` (INSPECT): branches train as above; afterwards `fit_stacking` fits, on
     the validation split, out = b + sum_m p_m beta_m (out_m - mu_m) by minimising the head's
@@ -146,10 +151,45 @@ class Late(FusionStrategy):
     def needs_validation_after_training(self) -> bool:
         return bool(self.combine == "stacking")
 
+    @property
+    def uses_validation_after_training(self) -> bool:
+        return True  # the weights are refitted when there is a validation split
+
     def finish_training(self, batch: Batch, time: Tensor, event: Tensor) -> None:
-        """Stacking: fit the combination of branch risks on the validation split."""
+        """Fit the combination of branch risks (weights or stacking) on the validation split."""
         if self.combine == "stacking":
             self.fit_stacking(batch, time, event)
+        else:
+            self.fit_weights(batch, time, event)
+
+    @torch.enable_grad()
+    def fit_weights(self, batch: Batch, time: Tensor, event: Tensor) -> None:
+        """Refit the non-negative weights on (validation) data with the branches frozen.
+
+        Minimises the head loss of out = sum_m p_m w_m out_m / sum_m p_m w_m over the logits
+        a_m (w_m = softplus(a_m)), from the trained values (L-BFGS). Only the weights' ratios
+        matter where every modality is present, so this is M - 1 degrees of freedom.
+        """
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            outs, present, _ = self.branch_outputs(self.normalise(batch))
+        logits = self.weight_logits.detach().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([logits], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            w = F.softplus(logits)[:, None] * present
+            out = (w[..., None] * outs).sum(0) / w.sum(0).clamp_min(1e-12)[:, None]
+            loss = self.head.loss(out, time, event)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        if bool(torch.isfinite(logits).all()):
+            with torch.no_grad():
+                self.weight_logits.copy_(logits.detach())
+        self.train(was_training)
 
     @torch.enable_grad()
     def fit_stacking(self, batch: Batch, time: Tensor, event: Tensor) -> None:

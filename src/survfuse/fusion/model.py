@@ -327,7 +327,9 @@ class FusionSurvivalModel(FusionModelParams):
             if isinstance(cb, BranchStopping):
                 self.branch_summary_ = cb.stopper.summary()
         module.eval()
-        if module.needs_validation_after_training:
+        if module.needs_validation_after_training or (
+            val is not None and module.uses_validation_after_training
+        ):
             if val is None:
                 raise ValueError(
                     f"strategy {self.strategy!r} with {self.strategy_params} fits a part "
