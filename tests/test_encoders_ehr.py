@@ -309,9 +309,10 @@ def test_shapes_order_and_duplicates(
     assert f.token_codes.shape == (cohort.height, 4, 3) and f.tokens.shape == (cohort.height, 4, 8)
     assert f.vocab_size == 101 and f.token_codes.max() < 101 and f.token_codes.min() == -1
     assert ((f.token_codes >= 0).any(-1) == f.mask).all()
-    # code frequencies, then age_years (its values: test_onehot_age_matches_the_raw_birth_events)
-    assert f.pooled.shape[1] == 102 and f.meta["pooled_columns"][-1] == "age_years"
-    np.testing.assert_allclose(f.pooled[:, :-1].sum(1)[f.present], 1.0, rtol=1e-5)
+    # code frequencies, the latest values of the 32 most-measured numeric codes
+    # (tests/test_encoders_ehr_numeric.py), then age_years (test_onehot_age_matches_the_raw_birth_events)
+    assert f.pooled.shape[1] == 101 + 32 + 1 and f.meta["pooled_columns"][-1] == "age_years"
+    np.testing.assert_allclose(f.pooled[:, :101].sum(1)[f.present], 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="position"):
         build_encoder("ehr_clmbr", position="rotery")
 
@@ -452,7 +453,8 @@ def test_onehot_compiled_equals_reference(
     u, cnt = np.unique(ev.key * enc.vocab.size + ev_ids, return_counts=True)
     total = np.bincount(ev.key, minlength=index.n_keys)
     pooled[u // enc.vocab.size, u % enc.vocab.size] = cnt / total[u // enc.vocab.size]
-    np.testing.assert_array_equal(f.pooled[:, :-1], pooled)  # the last column: age_years
+    # then the numeric_last columns and age_years
+    np.testing.assert_array_equal(f.pooled[:, : enc.vocab.size], pooled)
 
 
 def _reference_window_counts(

@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 from survfuse.encoders.base import register_encoder
 from survfuse.encoders.ehr_common import EHREncoder, add_age, cohort_features
 from survfuse.encoders.ehr_count_kernels import gather_rows, scatter_pooled, window_rows
+from survfuse.encoders.ehr_numeric import NumericStats
 from survfuse.encoders.ehr_vocab import (
     CodeVocab,
     EventBatch,
@@ -139,26 +140,9 @@ class EHRCountsEncoder(EHREncoder):
         events = self._in_lookback(read)
         del read
         vocab = fit_vocab(events, max_codes=cfg["max_codes"], min_subjects=cfg["min_subjects"])
-        idx = vocab.code_index(events.code)
-        in_vocab = (idx >= 0) & (vocab.lut[np.maximum(idx, 0), 0] > 0)
-        fin = in_vocab & np.isfinite(events.value)
-        stats = (
-            pl.DataFrame({"c": idx[fin], "v": events.value[fin]})
-            .group_by("c")
-            .agg(
-                pl.len().alias("n"),
-                pl.col("v").mean().alias("mean"),
-                pl.col("v").std(ddof=0).alias("sd"),
-            )
-            .sort(["n", "c"], descending=[True, False])
-            .head(cfg["max_numeric"])
-            .sort("c")
-        )
+        stats = NumericStats.fit(events, vocab, cfg["max_numeric"])
         self.vocab = vocab
-        self.numeric_codes = stats["c"].to_numpy().astype(np.int64)
-        self.numeric_mean = stats["mean"].to_numpy().astype(np.float64)
-        sd = stats["sd"].fill_null(0.0).to_numpy().astype(np.float64)
-        self.numeric_sd = np.where(sd > 0, sd, 1.0)
+        self.numeric_codes, self.numeric_mean, self.numeric_sd = stats.codes, stats.mean, stats.sd
         age = age[age > 0]
         sd_age = float(age.std()) if age.size > 1 else 1.0
         self.age_stats = np.array([float(age.mean()) if age.size else 0.0, sd_age or 1.0])

@@ -34,13 +34,16 @@ import polars as pl
 from numpy.typing import NDArray
 
 from survfuse.encoders.base import register_encoder
-from survfuse.encoders.ehr_common import EHREncoder, add_age, cohort_features, fit_cohort_vocab
+from survfuse.encoders.ehr_common import EHREncoder, add_age, cohort_features
+from survfuse.encoders.ehr_numeric import NumericStats
 from survfuse.encoders.ehr_vocab import (
     CodeVocab,
     KeyIndex,
+    fit_vocab,
     iter_event_batches,
     key_runs,
     output_array,
+    windowed_events,
 )
 from survfuse.features import ModalityFeatures
 
@@ -309,7 +312,8 @@ class EHROneHotEncoder(EHREncoder):
     `min_values` (values needed to bin a code, 20), `min_subjects` (1), `lookback_days`
     (None = all history), `max_tokens` (64), `max_codes_per_token` (64), `batch_size` (keys per
     windowed batch, 4096), `birth_code` (the code whose event gives the `age_years` column,
-    "MEDS_BIRTH"; None: no age column).
+    "MEDS_BIRTH"; None: no age column), `numeric_last` (pooled gains the z-scored latest value
+    of this many most-measured numeric codes, `survfuse.encoders.ehr_numeric`; 0: none).
     """
 
     def __init__(
@@ -324,9 +328,12 @@ class EHROneHotEncoder(EHREncoder):
         max_codes_per_token: int = 64,
         batch_size: int = 4096,
         birth_code: str | None = "MEDS_BIRTH",
+        numeric_last: int = 32,
     ) -> None:
         if max_tokens < 1 or max_codes_per_token < 1:
             raise ValueError("max_tokens and max_codes_per_token must be >= 1")
+        if numeric_last < 0:
+            raise ValueError(f"numeric_last must be >= 0, got {numeric_last}")
         super().__init__(
             max_codes=max_codes,
             n_bins=n_bins,
@@ -337,28 +344,37 @@ class EHROneHotEncoder(EHREncoder):
             max_codes_per_token=max_codes_per_token,
             batch_size=batch_size,
             birth_code=birth_code,
+            numeric_last=numeric_last,
         )
         self.vocab: CodeVocab | None = None
+        self.numeric = NumericStats.empty()
 
     def state(self) -> dict[str, NDArray[Any]]:
-        return {} if self.vocab is None else self.vocab.state()
+        if self.vocab is None:
+            return {}
+        return {**self.vocab.state(), **self.numeric.state()}
 
     def set_state(self, state: Mapping[str, NDArray[Any]]) -> None:
         self.vocab = CodeVocab.from_state(state)
+        self.numeric = NumericStats.from_state(state)
 
     def fit(self, cohort: pl.DataFrame, source: Any) -> EHROneHotEncoder:
-        """Fit the vocabulary and quantile bins on the training rows `cohort`."""
+        """Fit the vocabulary, quantile bins and numeric-code statistics on the training rows."""
         cfg = self._config
-        self.vocab = fit_cohort_vocab(
-            cohort,
+        events = windowed_events(
             source,
+            KeyIndex.from_cohort(cohort),
             lookback_days=cfg["lookback_days"],
             batch_size=cfg["batch_size"],
+        )
+        self.vocab = fit_vocab(
+            events,
             max_codes=cfg["max_codes"],
             n_bins=cfg["n_bins"],
             min_values=cfg["min_values"],
             min_subjects=cfg["min_subjects"],
         )
+        self.numeric = NumericStats.fit(events, self.vocab, cfg["numeric_last"])
         self.fitted = True
         return self
 
@@ -371,8 +387,10 @@ class EHROneHotEncoder(EHREncoder):
         # pooled is written by the planning pass; tokens are planned batch by batch and
         # scattered once, with K = the most ids any token has (<= max_codes_per_token)
         birth = cfg["birth_code"]
-        pooled = output_array((n, v + (birth is not None)), np.float32)
-        counts = pooled[:, :v] if birth is not None else pooled
+        n_last = len(self.numeric.codes)
+        pooled = output_array((n, v + n_last + (birth is not None)), np.float32)
+        counts = pooled[:, :v]
+        last = self.numeric.last_values(self.vocab, n)
         present = np.zeros(n, bool)
         plan = _TokenPlan()
         # the birth event lies decades back: with a look-back window, age needs its own read
@@ -383,6 +401,7 @@ class EHROneHotEncoder(EHREncoder):
         ):
             if age_here:
                 add_age(age, batch, birth)
+            last.add(batch)
             ids = self.vocab.transform(batch.code, batch.value)
             seen = plan.add(
                 batch.key,
@@ -400,7 +419,9 @@ class EHROneHotEncoder(EHREncoder):
                     source, index, lookback_days=None, batch_size=cfg["batch_size"]
                 ):
                     add_age(age, batch, birth)
-            pooled[:, v] = age.astype(np.float32)
+            pooled[:, v + n_last] = age.astype(np.float32)
+        if n_last:
+            pooled[:, v : v + n_last] = last.result()
         codes = output_array((n, t, max(plan.width, 1)), np.int32, -1)
         feats = output_array((n, t, TIME_DIM), np.float32)
         mask = output_array((n, t), bool)
@@ -417,7 +438,11 @@ class EHROneHotEncoder(EHREncoder):
                 "encoder": self.name,
                 "vocab_size": v,
                 "vocab": self.vocab.tokens.tolist(),
-                "pooled_columns": [*self.vocab.tokens.tolist(), *(["age_years"] if birth else [])],
+                "pooled_columns": [
+                    *self.vocab.tokens.tolist(),
+                    *self.numeric.names(self.vocab),
+                    *(["age_years"] if birth else []),
+                ],
                 "time_features": ["log1p_days"]
                 + [f"{f}_{p:g}d" for p in _PERIODS for f in ("sin", "cos")]
                 + ["static"],
