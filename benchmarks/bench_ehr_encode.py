@@ -11,6 +11,11 @@ pretraining tokens/s and encode events/s.
 
     .venv/bin/python benchmarks/bench_ehr_encode.py                 # 100k subjects, ~10M events
     .venv/bin/python benchmarks/bench_ehr_encode.py --subjects 20000 # quicker
+    .venv/bin/python benchmarks/bench_ehr_encode.py --tasks ehr_counts,ehr_counts:store \
+        --repeats 3                                   # the FeatureStore overhead alone
+
+The load average is printed before every run (`uptime`). Each encoder run also hashes its output
+(sha256 of every array, after the clock stops): the FeatureStore's must equal the direct encode's.
 
 `--sim N` instead compares CLMBR with ehr_counts on the simulator (n = N subjects): validation
 perplexity vs the unigram baseline, and the internal-test C-index of a penalised Cox model
@@ -20,9 +25,12 @@ perplexity vs the unigram baseline, and the internal-test C-index of a penalised
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing as mp
 import os
+import queue
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +103,31 @@ def make_meds(root: Path, n_subjects: int, events_per_subject: int, seed: int = 
 
 
 # ---------------------------------------------------------------------- one measured run
+def _digest(f: Any) -> str:
+    """sha256 of every array of a ModalityFeatures (name, dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    for name in ("subject_id", "prediction_time", "pooled", "present", "tokens", "mask"):
+        a = getattr(f, name)
+        if a is None:
+            continue
+        a = np.ascontiguousarray(a)
+        if a.dtype.kind == "M":  # datetime64: no buffer protocol
+            a = a.view(np.int64)
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    if f.token_codes is not None:
+        h.update(np.ascontiguousarray(f.token_codes).tobytes())
+    return h.hexdigest()
+
+
+def uptime() -> str:
+    """`uptime`'s line (the load average of this shared machine)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
+
+
 def _configs() -> dict[str, dict[str, Any]]:
     return {
         "ehr_counts": dict(max_codes=512, max_numeric=64),
@@ -154,10 +187,12 @@ def _run(task: str, root: str, n_fit: int, n_encode: int, cores: int, q: Any) ->
 
             with tempfile.TemporaryDirectory(prefix="bench_ehr_store_") as d:
                 f = FeatureStore(d).encode(enc, rows, src, progress=False)
-                n_rows = len(f)
-            out["wall_s"] = time.perf_counter() - t0
-            out["cpu_s"] = time.process_time() - c0
-            out["rows"] = n_rows
+                # the clock stops before the temporary store is deleted
+                out["wall_s"] = time.perf_counter() - t0
+                out["cpu_s"] = time.process_time() - c0
+                out["rows"] = len(f)
+                out["sha256"] = _digest(f)
+                del f
             out["events"] = sum(fr.height for fr in src.iter_windowed(rows, batch_size=4096))
             out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             q.put(out)
@@ -166,6 +201,7 @@ def _run(task: str, root: str, n_fit: int, n_encode: int, cores: int, q: Any) ->
         out["wall_s"] = time.perf_counter() - t0
         out["cpu_s"] = time.process_time() - c0
         out["rows"] = len(f)
+        out["sha256"] = _digest(f)
         out["events"] = sum(fr.height for fr in src.iter_windowed(rows, batch_size=4096))
     out.setdefault("wall_s", time.perf_counter() - t0)
     out.setdefault("cpu_s", time.process_time() - c0)
@@ -179,35 +215,53 @@ def measure(task: str, root: Path, n_fit: int, n_encode: int, cores: int) -> dic
     os.environ["POLARS_MAX_THREADS"] = str(cores)
     p = ctx.Process(target=_run, args=(task, str(root), n_fit, n_encode, cores, q))
     p.start()
-    res: dict[str, Any] = q.get()
+    while True:  # a child that died (an exception) puts nothing: do not wait forever
+        try:
+            res: dict[str, Any] = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"{task}: the measuring process died ({p.exitcode})") from None
     p.join()
     return res
 
 
 def bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ehr_") as tmp:
-        root = Path(tmp)
+        root = Path(args.meds or tmp)
         t0 = time.perf_counter()
-        n_events = make_meds(root, args.subjects, args.events_per_subject)
+        if args.meds and (root / "cohort.parquet").exists():  # written by an earlier run
+            n_events = sum(
+                pl.scan_parquet(f).select(pl.len()).collect().item()
+                for f in sorted((root / "data").glob("*.parquet"))
+            )
+            what = f"read from {root}"
+        else:
+            n_events = make_meds(root, args.subjects, args.events_per_subject)
+            what = f"{time.perf_counter() - t0:.1f} s to write"
         print(
             f"synthetic MEDS: {args.subjects:,} subjects, {n_events:,} events "
-            f"({time.perf_counter() - t0:.1f} s to write); {args.cores} cores; the machine is "
-            "shared, so timings are noisy"
+            f"({what}); {args.cores} cores; the machine is shared, so timings are noisy"
         )
         print("wall events/s is what a user sees; events per CPU-second is the less load-sensitive")
         rows = []
-        tasks = ("windowed", "polars", "pandas", "ehr_counts", "ehr_onehot", "ehr_counts:store")
-        for task in tasks:
-            rows.append(measure(task, root, args.fit_subjects, args.subjects, args.cores))
-            print(rows[-1], flush=True)
-        clmbr = measure("ehr_clmbr", root, args.clmbr_subjects, args.clmbr_subjects, args.cores)
-        print(clmbr, flush=True)
-        ref = rows[0]["wall_s"]
+        tasks = args.tasks.split(",")
+        for rep in range(args.repeats):
+            for task in tasks:
+                load = uptime()
+                res = measure(task, root, args.fit_subjects, args.subjects, args.cores)
+                rows.append({**res, "repeat": rep, "uptime": load})
+                print(load, "|", {k: v for k, v in res.items() if k != "sha256"}, flush=True)
+        clmbr = None
+        if args.clmbr_subjects:
+            clmbr = measure("ehr_clmbr", root, args.clmbr_subjects, args.clmbr_subjects, args.cores)
+            print(clmbr, flush=True)
+        ref = next((r["wall_s"] for r in rows if r["task"] == "windowed"), float("nan"))
         print(
             f"\n{'run':<26}{'events':>12}{'wall s':>9}{'events/s':>13}{'x windowed':>11}"
             f"{'CPU s':>8}{'ev/CPU-s':>12}{'peak RSS MB':>13}{'fit s':>8}"
         )
-        for r in [*rows, clmbr]:
+        for r in rows + ([clmbr] if clmbr else []):
             eps = r["events"] / r["wall_s"]
             name = r["task"] if r["task"].startswith("ehr") else f"peer: {r['task']}"
             name = name.replace(":store", " (FeatureStore)")
@@ -219,17 +273,25 @@ def bench(args: argparse.Namespace) -> None:
                 f"{r['peak_rss_mb']:>13.0f}"
                 f"{r.get('fit_s', float('nan')):>8.1f}"
             )
-        by_task = {r["task"]: r for r in rows}
-        direct, store = by_task["ehr_counts"], by_task["ehr_counts:store"]
-        print(
-            f"\nFeatureStore / direct ehr_counts events per wall second: "
-            f"{direct['wall_s'] / store['wall_s']:.2f} (target >= 0.90); per CPU second: "
-            f"{direct['cpu_s'] / store['cpu_s']:.2f}"
-        )
-        print(
-            f"\nCLMBR pretraining: {clmbr['tokens_per_s']:,.0f} tokens/s (d_model 64, 2 layers, "
-            f"max_len 256, {args.cores} cores)"
-        )
+        for rep in range(args.repeats):
+            by_task = {r["task"]: r for r in rows if r["repeat"] == rep}
+            if "ehr_counts" not in by_task or "ehr_counts:store" not in by_task:
+                continue
+            direct, store = by_task["ehr_counts"], by_task["ehr_counts:store"]
+            same = "byte-identical" if direct["sha256"] == store["sha256"] else "DIFFERENT"
+            print(
+                f"\nrepeat {rep}: FeatureStore / direct ehr_counts events per wall second: "
+                f"{direct['wall_s'] / store['wall_s']:.2f} (target >= 0.90); per CPU second: "
+                f"{direct['cpu_s'] / store['cpu_s']:.2f}; features {same} "
+                f"(sha256 {store['sha256'][:16]}); {store['uptime']}"
+            )
+            if direct["sha256"] != store["sha256"]:
+                raise SystemExit("the FeatureStore's features differ from the direct encode's")
+        if clmbr:
+            print(
+                f"\nCLMBR pretraining: {clmbr['tokens_per_s']:,.0f} tokens/s (d_model 64, "
+                f"2 layers, max_len 256, {args.cores} cores)"
+            )
 
 
 # ---------------------------------------------------------------------- simulator comparison
@@ -308,8 +370,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--subjects", type=int, default=100_000)
     ap.add_argument("--events-per-subject", type=int, default=100)
     ap.add_argument("--fit-subjects", type=int, default=10_000)
-    ap.add_argument("--clmbr-subjects", type=int, default=2_000)
+    ap.add_argument("--clmbr-subjects", type=int, default=2_000, help="0: no CLMBR run")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument(
+        "--tasks",
+        default="windowed,polars,pandas,ehr_counts,ehr_onehot,ehr_counts:store",
+        help="runs, in order (ehr_counts:store = through a FeatureStore)",
+    )
+    ap.add_argument(
+        "--meds", default="", help="MEDS folder to reuse (written there when it has no cohort)"
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of --tasks (interleaved)")
     ap.add_argument("--sim", type=int, default=0, help="simulator comparison with n subjects")
     ap.add_argument("--epochs", type=int, default=8, help="CLMBR epochs for --sim")
     args = ap.parse_args(argv)

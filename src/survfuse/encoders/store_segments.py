@@ -8,15 +8,16 @@ writes each `encode` call's output once, appended to the `.npy` files of a *segm
     <encoder>-<fp>/segments/<id>/<array>.npy   rows of one or more encode calls, in chunk order
     <encoder>-<fp>/chunks/<chunkkey>.json      a chunk: rows [start, stop) of segment <id>
 
-A segment's `.npy` header is written first with the rows the run is about to encode; a run that
-ends early (a crash, or a call whose token shape differs and opens a new segment) leaves the
-file shorter than its header says, so segments are read by memory-mapping rows [start, stop)
-at the header's offset, never with `np.load`. A chunk is trusted only once its `<chunkkey>.json`
-exists, and that is written (to a temp file renamed into place) after its rows are in the
-segment, so a crash leaves only whole chunks. The rows are written by a background thread while
-the encoder computes the next call's (at most one call's output waits to be written). When a run's segment holds the whole cohort in
-cohort order, the assembled result's `.npy` files are hard links to the segment's: the result
-is then the bytes written once, and `ModalityFeatures.load` reads it as any saved features.
+A segment's `.npy` files are created at the size of the rows the run is about to encode and
+memory-mapped; a run that ends early (a crash, or a call whose token shape differs and opens a
+new segment) leaves rows that were never written, so nothing reads a segment but through chunk
+references: a chunk is trusted only once its `<chunkkey>.json` exists, and that is written (to a
+temp file renamed into place) after its rows are in the segment, so a crash leaves only whole
+chunks. The rows are copied by a background thread while the encoder computes the next call's
+(at most one call's output waits to be written). When the chunks of one run cover a whole
+segment, all of the cohort in cohort order, the assembled result's `.npy` files are hard links
+to the segment's: the result is the bytes written once, and `ModalityFeatures.load` reads it as
+any saved features.
 
 Format 1 folders (chunks as `ModalityFeatures` folders, as `RayFeatureStore` still writes them)
 are read as they are; a folder of a newer format than this code knows is refused.
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -172,16 +173,13 @@ def load_chunk(folder: Path) -> ModalityFeatures:
     return ModalityFeatures(meta=dict(ref.meta), **arrays)
 
 
-def _write_all(fh: BinaryIO, a: NDArray[Any]) -> None:
-    """Write a C-contiguous array's bytes (one `write` per call; the GIL is released)."""
-    view = np.ascontiguousarray(a).data.cast("B")
-    done = 0
-    while done < len(view):
-        done += fh.write(view[done:]) or 0
-
-
 class _Segment:
-    """One segment being written: open `.npy` files whose headers say `capacity` rows."""
+    """One segment being written: `.npy` files of `capacity` rows, memory-mapped for writing.
+
+    Why memory maps and not `write()`: on this shared VM, copying a call's output into fresh
+    mapped page-cache pages took a steady ~0.25 CPU s per 770 MB, one large `write()` of the
+    same bytes 0.2 to 2.4 CPU s (docs/benchmarks.md, issue 25 session 6).
+    """
 
     def __init__(self, root: Path, capacity: int, arrays: dict[str, NDArray[Any]]) -> None:
         self.id = uuid.uuid4().hex[:16]
@@ -189,21 +187,32 @@ class _Segment:
         self.folder.mkdir(parents=True)
         self.capacity, self.rows = capacity, 0
         self.layout = {k: (a.dtype.str, a.shape[1:]) for k, a in arrays.items()}
-        self.files: dict[str, BinaryIO] = {}
+        self.maps: dict[str, NDArray[Any]] = {}
         for name, a in arrays.items():
-            fh: BinaryIO = open(self.folder / f"{name}.npy", "wb", buffering=0)
-            header = {
-                "descr": np.lib.format.dtype_to_descr(a.dtype),
-                "fortran_order": False,
-                "shape": (capacity, *a.shape[1:]),
-            }
-            np.lib.format.write_array_header_1_0(fh, header)
-            self.files[name] = fh
+            shape = (capacity, *a.shape[1:])
+            path = self.folder / f"{name}.npy"
+            with open(path, "wb") as fh:
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(a.dtype),
+                    "fortran_order": False,
+                    "shape": shape,
+                }
+                np.lib.format.write_array_header_1_0(fh, header)
+                offset = fh.tell()
+                fh.truncate(offset + a.dtype.itemsize * int(np.prod(shape, dtype=np.int64)))
+            if capacity and a.size:
+                self.maps[name] = np.memmap(path, a.dtype, "r+", offset=offset, shape=shape)
+
+    def write(self, arrays: dict[str, NDArray[Any]], start: int) -> None:
+        """Copy `arrays` into rows [start, start + len) (numpy releases the GIL to copy)."""
+        for name, a in arrays.items():
+            if name in self.maps:
+                self.maps[name][start : start + a.shape[0]] = a
 
     def close(self) -> None:
-        for fh in self.files.values():
-            fh.close()
-        self.files = {}
+        # no msync: as for np.save, the pages are in the page cache, which a killed process
+        # leaves behind; a chunk is trusted from its reference, written after its rows
+        self.maps = {}
 
 
 def _arrays(feats: ModalityFeatures) -> dict[str, NDArray[Any]]:
@@ -254,8 +263,7 @@ class SegmentWriter:
     def _write(
         seg: _Segment, arrays: dict[str, NDArray[Any]], start: int, then: Callable[[str, int], None]
     ) -> None:
-        for name, a in arrays.items():
-            _write_all(seg.files[name], a)
+        seg.write(arrays, start)
         then(seg.id, start)
 
     def _drain(self) -> None:
@@ -298,7 +306,7 @@ def link_result(segment: Path, tmp: Path) -> bool:
 def segment_rows(segment: Path) -> tuple[int, int]:
     """(rows its header announces, K of its token_codes or 0) of a segment folder.
 
-    Rows are -1 when a file is shorter than its header says (a run that ended early).
+    Rows are -1 when a file is not the size its header says (e.g. cut short).
     """
     rows, width = -1, 0
     for f in sorted(segment.glob("*.npy")):
