@@ -52,7 +52,7 @@ from survfuse.encoders.store_segments import (
     link_result,
     read_ref,
     segment_rows,
-    write_chunk_ref,
+    write_chunk_refs,
 )
 from survfuse.features import ModalityFeatures
 from survfuse.progress import progress_bar
@@ -362,10 +362,9 @@ class FeatureStore:
     def _save_refs(
         self, feats: ModalityFeatures, group: list[int], job: ChunkJob, a: int, seg: str, at: int
     ) -> None:
-        for i in group:
-            ref = _chunk_ref(feats, *job.chunks[i], a, len(group) == 1, (seg, at))
-            write_chunk_ref(job.chunk_dirs[i], ref)
-            self._refs[job.chunk_dirs[i]] = ref
+        refs = [_chunk_ref(feats, *job.chunks[i], a, len(group) == 1, (seg, at)) for i in group]
+        write_chunk_refs([job.chunk_dirs[i] for i in group], refs)
+        self._refs.update(zip([job.chunk_dirs[i] for i in group], refs, strict=True))
 
     @staticmethod
     def _check_chunk(feats: ModalityFeatures, rows: pl.DataFrame, name: str) -> None:

@@ -6,6 +6,7 @@ writes each `encode` call's output once, appended to the `.npy` files of a *segm
 
     <encoder>-<fp>/store_format.json           {"store_format": 2}
     <encoder>-<fp>/segments/<id>/<array>.npy   rows of one or more encode calls, in chunk order
+    <encoder>-<fp>/segments/<id>/meta-<r>.json the meta of the call whose rows start at row r
     <encoder>-<fp>/chunks/<chunkkey>.json      a chunk: rows [start, stop) of segment <id>
 
 A segment's `.npy` files are created at the size of the rows the run is about to encode and
@@ -25,6 +26,7 @@ are read as they are; a folder of a newer format than this code knows is refused
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
@@ -51,7 +53,7 @@ __all__ = [
     "load_chunk",
     "read_ref",
     "segment_rows",
-    "write_chunk_ref",
+    "write_chunk_refs",
 ]
 
 #: Version of the store's folder layout (1: no `store_format.json`, every chunk a folder of
@@ -138,23 +140,48 @@ def read_ref(folder: Path) -> ChunkRef | None:
             f"chunk {folder} has store format {d['store_format']}; this survfuse reads formats "
             f"1 to {STORE_FORMAT}: re-encode into a new store folder"
         )
-    return ChunkRef(d["segment"], int(d["start"]), int(d["stop"]), int(d["codes_width"]), d["meta"])
+    if "meta_file" in d:  # the call's meta, saved once beside its rows
+        meta = dict(
+            _call_meta(str(folder.parent.parent / "segments" / d["segment"] / d["meta_file"]))
+        )
+        if d["manifest"] is not None:
+            meta["manifest"] = d["manifest"]
+    else:
+        meta = d["meta"]
+    return ChunkRef(d["segment"], int(d["start"]), int(d["stop"]), int(d["codes_width"]), meta)
 
 
-def write_chunk_ref(folder: Path, ref: ChunkRef) -> None:
-    """Save a chunk reference atomically (only after its rows are in the segment)."""
-    body = {
-        "store_format": STORE_FORMAT,
-        "segment": ref.segment,
-        "start": ref.start,
-        "stop": ref.stop,
-        "codes_width": ref.codes_width,
-        "meta": ref.meta,
-    }
-    f = _ref_file(folder)
-    tmp = f.with_name(f".{f.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str))
-    os.replace(tmp, f)
+@functools.lru_cache(maxsize=16)
+def _call_meta(path: str) -> dict[str, Any]:
+    # Why cached: the chunks of one call share it (written once, never rewritten)
+    out: dict[str, Any] = json.loads(Path(path).read_text())
+    return out
+
+
+def write_chunk_refs(chunk_dirs: list[Path], refs: list[ChunkRef]) -> None:
+    """Save the references of one encode call's chunks (only after their rows are written).
+
+    The call's meta (without the per-chunk manifest) is saved once, in its segment, as
+    `meta-<first row>.json`; each reference is written atomically (a temp file renamed).
+    """
+    seg = chunk_dirs[0].parent.parent / "segments" / refs[0].segment
+    name = f"meta-{refs[0].start}.json"
+    shared = {k: v for k, v in refs[0].meta.items() if k != "manifest"}
+    (seg / name).write_text(json.dumps(shared, sort_keys=True, separators=(",", ":"), default=str))
+    for folder, ref in zip(chunk_dirs, refs, strict=True):
+        body = {
+            "store_format": STORE_FORMAT,
+            "segment": ref.segment,
+            "start": ref.start,
+            "stop": ref.stop,
+            "codes_width": ref.codes_width,
+            "meta_file": name,
+            "manifest": ref.meta.get("manifest"),
+        }
+        f = _ref_file(folder)
+        tmp = f.with_name(f".{f.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str))
+        os.replace(tmp, f)
 
 
 def load_chunk(folder: Path) -> ModalityFeatures:
