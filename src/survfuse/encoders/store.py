@@ -353,6 +353,7 @@ class FeatureStore:
                     feats.meta.setdefault("encoder", encoder.name)
                     # the output's only write; each chunk is trusted once its rows are written
                     writer.append(feats, partial(self._save_refs, feats, group, job, a))
+                    del feats, rows  # the writer holds the output until it is written
                     bar.advance(task, b - a)
             except BaseException:
                 writer.close(check=False)

@@ -201,11 +201,12 @@ def load_chunk(folder: Path) -> ModalityFeatures:
 
 
 class _Segment:
-    """One segment being written: `.npy` files of `capacity` rows, memory-mapped for writing.
+    """One segment being written: `.npy` files of `capacity` rows, written with `pwrite`.
 
-    Why memory maps and not `write()`: on this shared VM, copying a call's output into fresh
-    mapped page-cache pages took a steady ~0.25 CPU s per 770 MB, one large `write()` of the
-    same bytes 0.2 to 2.4 CPU s (docs/benchmarks.md, issue 25 session 6).
+    The files are allocated at full size first (`posix_fallocate`, where the file system has
+    it). Why: on this shared VM, 770 MB written that way took a steady 0.18-0.19 CPU s, by
+    plain `write()` 0.27-0.31 s and through a memory map 0.24-2.0 s (docs/benchmarks.md,
+    issue 25 session 6).
     """
 
     def __init__(self, root: Path, capacity: int, arrays: dict[str, NDArray[Any]]) -> None:
@@ -214,11 +215,12 @@ class _Segment:
         self.folder.mkdir(parents=True)
         self.capacity, self.rows = capacity, 0
         self.layout = {k: (a.dtype.str, a.shape[1:]) for k, a in arrays.items()}
-        self.maps: dict[str, NDArray[Any]] = {}
+        self.fds: dict[str, tuple[int, int, int]] = {}  # name -> (fd, data offset, row bytes)
         for name, a in arrays.items():
             shape = (capacity, *a.shape[1:])
-            path = self.folder / f"{name}.npy"
-            with open(path, "wb") as fh:
+            row = a.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            fd = os.open(self.folder / f"{name}.npy", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            with os.fdopen(os.dup(fd), "wb") as fh:
                 header = {
                     "descr": np.lib.format.dtype_to_descr(a.dtype),
                     "fortran_order": False,
@@ -226,20 +228,29 @@ class _Segment:
                 }
                 np.lib.format.write_array_header_1_0(fh, header)
                 offset = fh.tell()
-                fh.truncate(offset + a.dtype.itemsize * int(np.prod(shape, dtype=np.int64)))
-            if capacity and a.size:
-                self.maps[name] = np.memmap(path, a.dtype, "r+", offset=offset, shape=shape)
+            size = offset + row * capacity
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:  # not supported here: the file grows as it is written
+                pass
+            os.ftruncate(fd, size)
+            self.fds[name] = (fd, offset, row)
 
     def write(self, arrays: dict[str, NDArray[Any]], start: int) -> None:
-        """Copy `arrays` into rows [start, start + len) (numpy releases the GIL to copy)."""
+        """Write `arrays` as rows [start, start + len) (`pwrite` releases the GIL)."""
         for name, a in arrays.items():
-            if name in self.maps:
-                self.maps[name][start : start + a.shape[0]] = a
+            fd, offset, row = self.fds[name]
+            view = np.ascontiguousarray(a).data.cast("B")
+            pos, done = offset + start * row, 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], pos + done)
 
     def close(self) -> None:
-        # no msync: as for np.save, the pages are in the page cache, which a killed process
+        # no fsync: as for np.save, the pages are in the page cache, which a killed process
         # leaves behind; a chunk is trusted from its reference, written after its rows
-        self.maps = {}
+        for fd, _, _ in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
 def _arrays(feats: ModalityFeatures) -> dict[str, NDArray[Any]]:
