@@ -139,3 +139,49 @@ def test_a_chunk_whose_rows_were_never_written_is_an_error_not_zeros(
         FeatureStore(tmp_path).encode(
             FixedT(), df, None, fit_cohort=df, chunk_size=4, progress=False
         )
+
+
+class Lending(FixedT):
+    """The toy with its pooled output allocated by `ehr_vocab.output_array` (as the EHR encoders)."""
+
+    copy_out = False
+
+    def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
+        from survfuse.encoders.ehr_vocab import output_array
+
+        f = super().encode(cohort, source)
+        out = output_array(f.pooled.shape, np.float32)
+        out[:] = f.pooled
+        f.pooled = np.array(out) if self.copy_out else out
+        return f
+
+
+@pytest.mark.parametrize("copy_out", [False, True])
+def test_pooled_output_is_written_where_it_is_stored(
+    tmp_path: Path, copy_out: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from survfuse.encoders import store_segments
+
+    written: list[str] = []
+    write = store_segments._Segment.write
+
+    def spy(self: Any, arrays: dict[str, Any], start: int) -> None:
+        written.extend(arrays)
+        write(self, arrays, start)
+
+    monkeypatch.setattr(store_segments._Segment, "write", spy)
+    df = cohort(n=23, seed=8).sort("subject_id")
+    enc = Lending().fit(df[:8], None)
+    enc.copy_out = copy_out
+    direct = FixedT().fit(df[:8], None).encode(df, None)
+    store = FeatureStore(tmp_path)
+    for order in (df, df.reverse()):  # linked result, then rows copied from the chunks
+        out = store.encode(enc, order, None, chunk_size=5, progress=False)
+        rows = np.searchsorted(direct.subject_id, order["subject_id"].to_numpy())
+        same(out, direct.select(rows))
+    # 5 calls: pooled written by the store only when the encoder returned another array
+    assert written.count("present") == 5 and written.count("pooled") == (5 if copy_out else 0)
+    assert (
+        store.last_run is not None
+        and len(list((store.last_run.directory / "segments").iterdir())) == 1
+    )

@@ -42,13 +42,13 @@ from numpy.typing import NDArray
 
 import survfuse
 from survfuse.encoders.base import Encoder, cohort_keys, hash_files, hash_keys, hash_parts
+from survfuse.encoders.ehr_vocab import OUTPUT_LENDER
+from survfuse.encoders.store_copy import copy_rows, is_range
 from survfuse.encoders.store_segments import (
     ChunkRef,
     SegmentWriter,
     check_store_format,
     chunk_done,
-    copy_rows,
-    is_range,
     link_result,
     read_ref,
     segment_rows,
@@ -348,7 +348,12 @@ class FeatureStore:
                 for group in _chunk_groups(job.todo, chunks, batch_rows, source_group):
                     a, b = chunks[group[0]][0], chunks[group[-1]][1]
                     rows = cohort[first[a:b].tolist()]
-                    feats = encoder.encode(rows, job.source)
+                    # an EHR encoder's pooled output is allocated in the segment's file
+                    lending = OUTPUT_LENDER.set(writer.lender(b - a))
+                    try:
+                        feats = encoder.encode(rows, job.source)
+                    finally:
+                        OUTPUT_LENDER.reset(lending)
                     self._check_chunk(feats, rows, encoder.name)
                     feats.meta.setdefault("encoder", encoder.name)
                     # the output's only write; each chunk is trusted once its rows are written

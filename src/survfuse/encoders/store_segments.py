@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,8 +48,6 @@ __all__ = [
     "SegmentWriter",
     "check_store_format",
     "chunk_done",
-    "copy_rows",
-    "is_range",
     "link_result",
     "load_chunk",
     "read_ref",
@@ -203,38 +202,52 @@ def load_chunk(folder: Path) -> ModalityFeatures:
 class _Segment:
     """One segment being written: `.npy` files of `capacity` rows, written with `pwrite`.
 
-    The files are allocated at full size first (`posix_fallocate`, where the file system has
-    it). Why: on this shared VM, 770 MB written that way took a steady 0.18-0.19 CPU s, by
-    plain `write()` 0.27-0.31 s and through a memory map 0.24-2.0 s (docs/benchmarks.md,
+    Files are added per array (`add`), allocated at full size (`posix_fallocate`, where the file
+    system has it). Why: on this shared VM, 770 MB written that way took a steady 0.18-0.19
+    CPU s, by plain `write()` 0.27-0.31 s and through a memory map 0.24-2.0 s (docs/benchmarks.md,
     issue 25 session 6).
     """
 
-    def __init__(self, root: Path, capacity: int, arrays: dict[str, NDArray[Any]]) -> None:
+    def __init__(self, root: Path, capacity: int) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.folder = root / self.id
         self.folder.mkdir(parents=True)
         self.capacity, self.rows = capacity, 0
-        self.layout = {k: (a.dtype.str, a.shape[1:]) for k, a in arrays.items()}
+        self.layout: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, trailing)
         self.fds: dict[str, tuple[int, int, int]] = {}  # name -> (fd, data offset, row bytes)
-        for name, a in arrays.items():
-            shape = (capacity, *a.shape[1:])
-            row = a.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
-            fd = os.open(self.folder / f"{name}.npy", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            with os.fdopen(os.dup(fd), "wb") as fh:
-                header = {
-                    "descr": np.lib.format.dtype_to_descr(a.dtype),
-                    "fortran_order": False,
-                    "shape": shape,
-                }
-                np.lib.format.write_array_header_1_0(fh, header)
-                offset = fh.tell()
-            size = offset + row * capacity
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError:  # not supported here: the file grows as it is written
-                pass
-            os.ftruncate(fd, size)
-            self.fds[name] = (fd, offset, row)
+
+    def add(self, name: str, dtype: np.dtype[Any], trailing: tuple[int, ...]) -> None:
+        """Create the file of array `name`."""
+        shape = (self.capacity, *trailing)
+        row = dtype.itemsize * int(np.prod(trailing, dtype=np.int64))
+        fd = os.open(self.folder / f"{name}.npy", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(os.dup(fd), "wb") as fh:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(fh, {**header, "shape": shape})
+            offset = fh.tell()
+        size = offset + row * self.capacity
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:  # not supported here: the file grows as it is written
+            pass
+        os.ftruncate(fd, size)
+        self.fds[name] = (fd, offset, row)
+        self.layout[name] = (dtype.str, trailing)
+
+    def fits(self, layout: dict[str, tuple[str, tuple[int, ...]]], n: int) -> bool:
+        """Whether a call with these arrays (name -> (dtype, trailing shape)) can follow."""
+        if self.rows + n > self.capacity:
+            return False
+        if self.rows == 0:  # only lent files so far
+            return all(layout.get(k) == v for k, v in self.layout.items())
+        return self.layout == layout
+
+    def lend(self, name: str, n: int) -> NDArray[Any]:
+        """Return rows [rows, rows + n) of array `name`'s file, memory-mapped for writing."""
+        _, offset, row = self.fds[name]
+        dtype, trailing = self.layout[name]
+        path = self.folder / f"{name}.npy"
+        return np.memmap(path, dtype, "r+", offset=offset + self.rows * row, shape=(n, *trailing))
 
     def write(self, arrays: dict[str, NDArray[Any]], start: int) -> None:
         """Write `arrays` as rows [start, start + len) (`pwrite` releases the GIL)."""
@@ -251,6 +264,8 @@ class _Segment:
         for fd, _, _ in self.fds.values():
             os.close(fd)
         self.fds = {}
+        if self.rows == 0:  # nothing but a lent region nobody kept: no chunk refers to it
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _arrays(feats: ModalityFeatures) -> dict[str, NDArray[Any]]:
@@ -265,12 +280,24 @@ def _arrays(feats: ModalityFeatures) -> dict[str, NDArray[Any]]:
     return out
 
 
+def _same(a: NDArray[Any] | None, b: NDArray[Any]) -> bool:
+    """Whether `a` is exactly the memory of `b` (same start, shape and strides)."""
+    return (
+        a is not None
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape
+        and a.strides == b.strides
+    )
+
+
 class SegmentWriter:
     """Append encode calls' outputs to segments of `root` (`segments/` of an encoder folder).
 
-    `total_rows`: rows the run will append in all (the first segment's header says so). A call
-    whose arrays have another trailing shape (e.g. another token count) opens a new segment.
-    Writes run on one background thread, at most one call behind the caller.
+    `total_rows`: rows the run will append in all (the first segment's files are that long). A
+    call whose arrays have another trailing shape (e.g. another token count) opens a new
+    segment. Writes run on one background thread, at most one call behind the caller.
+    `lender(n)` lends the next call's pooled output its rows of the segment's file: an encoder
+    that allocates it with `ehr_vocab.output_array` then writes it where it is stored.
     """
 
     def __init__(self, root: Path, total_rows: int) -> None:
@@ -278,20 +305,62 @@ class SegmentWriter:
         self.current: _Segment | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="survfuse-store")
         self._pending: Future[None] | None = None
+        self._lent: tuple[_Segment, int, NDArray[Any]] | None = None
+
+    def lender(self, n: int) -> Callable[[tuple[int, ...], Any, Any], NDArray[Any] | None]:
+        """Return an `ehr_vocab.OUTPUT_LENDER` for a call of `n` rows.
+
+        It lends once: the first zero-filled 2-d float32 array of `n` rows (the pooled output).
+        """
+        self._lent = None
+
+        def lend(shape: tuple[int, ...], dtype: Any, fill: Any) -> NDArray[Any] | None:
+            dt = np.dtype(dtype)
+            if self._lent is not None or fill != 0 or dt != np.float32 or len(shape) != 2:
+                return None
+            if shape[0] != n or n == 0 or shape[1] == 0:
+                return None
+            want = (dt.str, tuple(shape[1:]))
+            seg = self.current
+            if seg is None or not seg.fits({**seg.layout, "pooled": want}, n):
+                self._drain()  # the last call's rows go to the files about to be closed
+                self._close_segment()
+                seg = self.current = _Segment(self.root, max(self.remaining, n))
+            if "pooled" not in seg.layout:
+                seg.add("pooled", dt, tuple(shape[1:]))
+            view = seg.lend("pooled", n)
+            self._lent = (seg, seg.rows, view)
+            return view
+
+        return lend
 
     def append(self, feats: ModalityFeatures, then: Callable[[str, int], None]) -> None:
         """Write `feats`' rows once, then call `then(segment id, first row there)`.
 
         Returns once the previous call's rows are written (raising what that write raised);
-        this call's are written in the background.
+        this call's are written in the background. A pooled output that is the lent region is
+        not written again.
         """
         self._drain()
+        lent, self._lent = self._lent, None
         arrays, n = _arrays(feats), len(feats)
         layout = {k: (a.dtype.str, a.shape[1:]) for k, a in arrays.items()}
         seg = self.current
-        if seg is None or seg.layout != layout or seg.rows + n > seg.capacity:
+        fits = seg is not None and seg.fits(layout, n)
+        in_place = fits and lent is not None and lent[0] is seg and lent[1] == lent[0].rows
+        in_place = in_place and lent is not None and _same(arrays.get("pooled"), lent[2])
+        if lent is not None:
+            for k, a in arrays.items():  # outputs in the lent region, but not in place
+                if not (in_place and k == "pooled") and np.may_share_memory(a, lent[2]):
+                    arrays[k] = np.array(a)
+        if seg is None or not fits:
             self._close_segment()
-            seg = self.current = _Segment(self.root, max(self.remaining, n), arrays)
+            seg = self.current = _Segment(self.root, max(self.remaining, n))
+        for k, a in arrays.items():
+            if k not in seg.layout:
+                seg.add(k, a.dtype, a.shape[1:])
+        if in_place:
+            del arrays["pooled"]  # the encoder wrote it there
         start = seg.rows
         seg.rows += n
         self.remaining -= n
@@ -356,72 +425,3 @@ def segment_rows(segment: Path) -> tuple[int, int]:
         if f.name == "token_codes.npy":
             width = int(shape[2])
     return rows, width
-
-
-def is_range(a: NDArray[np.int64], start: int) -> bool:
-    """Whether `a` is start, start + 1, ..., start + len(a) - 1."""
-    return (
-        a.size > 0
-        and int(a[0]) == start
-        and int(a[-1]) == start + a.size - 1
-        and (a.size < 2 or bool(np.all(np.diff(a) == 1)))
-    )
-
-
-def copy_rows(
-    tmp: Path,
-    chunk_dirs: list[Path],
-    chunks: list[tuple[int, int]],
-    inverse: NDArray[np.int64],
-    sid: NDArray[np.int64],
-    pt: NDArray[np.datetime64],
-) -> list[dict[str, Any]]:
-    """Scatter the chunks' rows into memory-mapped arrays of `tmp`; return the chunks' meta."""
-    n = len(sid)
-    parts = [load_chunk(d) for d in chunk_dirs]
-    head = parts[0]
-    t_max = max(p.num_tokens for p in parts)
-    k_max = max((p.token_codes.shape[2] for p in parts if p.token_codes is not None), default=0)
-    shapes: dict[str, tuple[tuple[int, ...], Any, Any]] = {
-        "subject_id": ((n,), np.int64, 0),
-        "prediction_time": ((n,), np.int64, 0),
-        "pooled": ((n, head.pooled_dim), np.float32, 0),
-        "present": ((n,), np.bool_, False),
-    }
-    if head.mask is not None:
-        shapes["mask"] = ((n, t_max), np.bool_, False)
-    if head.tokens is not None:
-        shapes["tokens"] = ((n, t_max, head.token_dim), np.float32, 0)
-    if head.token_codes is not None:
-        shapes["token_codes"] = ((n, t_max, k_max), np.int32, -1)
-    out = {}
-    for key, (shape, dtype, fill) in shapes.items():
-        arr = np.lib.format.open_memmap(tmp / f"{key}.npy", "w+", dtype, shape)
-        if fill:  # a new file reads as zeros: filling it with 0 would write it twice
-            arr[...] = fill
-        out[key] = arr
-    out["subject_id"][:] = sid
-    out["prediction_time"][:] = pt.astype(np.int64)
-    order = np.argsort(inverse, kind="stable")
-    starts = np.searchsorted(inverse[order], [a for a, _ in chunks] + [chunks[-1][1]])
-    for c, part in enumerate(parts):
-        a = chunks[c][0]
-        rows: Any = order[starts[c] : starts[c + 1]]
-        src: Any = inverse[rows] - a
-        if is_range(rows, int(rows[0]) if rows.size else 0) and is_range(src, 0):
-            # cohort rows in chunk order (the usual case): plain slices, no gathers
-            rows, src = slice(int(rows[0]), int(rows[-1]) + 1), slice(None)
-        out["pooled"][rows] = part.pooled[src]
-        out["present"][rows] = part.present[src]
-        t = part.num_tokens
-        if part.mask is not None:
-            out["mask"][rows, :t] = part.mask[src]
-        if part.tokens is not None:
-            out["tokens"][rows, :t] = part.tokens[src]
-        if part.token_codes is not None:
-            k = part.token_codes.shape[2]
-            out["token_codes"][rows, :t, :k] = part.token_codes[src]
-    # no msync (memmap.flush): like the chunks' np.save, the data is in the page cache,
-    # which survives a killed process; the store's rename is what makes the result whole
-    del out
-    return [p.meta for p in parts]
