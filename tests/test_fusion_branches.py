@@ -166,7 +166,23 @@ def _fit(
     return c, model
 
 
-@pytest.mark.parametrize("strategy", ["concat", "late", "contrastive"])
+LATE_MARGIN = (
+    "since the fused model's early stopping alone ends training (issue 25), late fusion (with its "
+    "validation-refitted weights) stops at epoch 37, 10 after its best, while the CT branch is "
+    "still improving (its best epoch: 37): test C 0.666 against 0.661 jointly trained, a margin "
+    "of 0.005 < 0.01; waiting for every branch to freeze trained on to epoch 60 (best 39, 0.671). "
+    "The EHR is still dropped at epoch 10 either way; every other assertion holds"
+)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "concat",
+        pytest.param("late", marks=pytest.mark.xfail(strict=True, reason=LATE_MARGIN)),
+        "contrastive",
+    ],
+)
 def test_branch_stopping_lets_fusion_match_ct_only_when_ehr_is_noise(
     noise_ehr: tuple, strategy: str
 ) -> None:
@@ -174,13 +190,13 @@ def test_branch_stopping_lets_fusion_match_ct_only_when_ehr_is_noise(
     # stopping on the fused C-index stops while the CT branch is half-trained (measured: test C
     # 0.643 concat, 0.650 late, 0.648 contrastive vs 0.670 CT-only). With branch stopping the
     # EHR branch is frozen near its initialisation within ~16 epochs and the CT branch trains
-    # on (0.662, 0.670, 0.666).
+    # on (0.662, 0.670, 0.666). Measured again once the fused model's early stopping alone ended
+    # training (issue 25; concat and contrastive pass, late: `LATE_MARGIN`).
     ct_only, _ = _fit(noise_ehr, "unimodal", {"modality": "ct"})
     assert ct_only > 0.64
     joint, _ = _fit(noise_ehr, strategy, {}, branch_stopping=False)
     fused, model = _fit(noise_ehr, strategy, {})
     assert fused > ct_only - 0.01
-    assert fused > joint + 0.01
     s = model.branch_summary_
     assert s["ehr"]["frozen_at"] is not None and s["ehr"]["best_val_c"] < 0.56  # type: ignore[operator]
     assert s["ct"]["best_epoch"] > s["ehr"]["best_epoch"]  # type: ignore[operator]
@@ -200,6 +216,8 @@ def test_branch_stopping_lets_fusion_match_ct_only_when_ehr_is_noise(
     # after fit every branch is trainable again (a fitted model is a plain module)
     branches = model.module_.modality_parameters().values()  # type: ignore[union-attr]
     assert all(p.requires_grad for ps in branches for p in ps)
+    # last, so that the xfail of `late` still checks everything above
+    assert fused > joint + 0.01
 
 
 def test_branch_stopping_is_deterministic_and_saved_in_the_config(
