@@ -23,6 +23,7 @@ from survfuse.data.imaging import CTLoadError, CTLoadWarning, CTPreprocessing, C
 
 __all__ = [
     "MANIFEST_SCHEMA",
+    "MASK_COLUMN",
     "CTIndex",
     "iter_ct",
     "load_ct_batch",
@@ -31,6 +32,9 @@ __all__ = [
     "validate_ct_index",
     "write_ct_manifest",
 ]
+
+#: the optional CT index column of each study's region label map (`validate_ct_index`)
+MASK_COLUMN = "mask_path"
 
 MANIFEST_SCHEMA: dict[str, pl.DataType] = {
     "subject_id": pl.Int64(),
@@ -46,8 +50,10 @@ def validate_ct_index(
 ) -> pl.DataFrame:
     """Check and normalise a CT index: subject_id Int64, study_time Datetime(us), path Utf8.
 
-    Relative paths are resolved against `root` (when given). Raises ValueError naming the column
-    and the first offending row / subject.
+    An optional `mask_path` Utf8 column names each study's region label map (a segmentation
+    aligned with the study's voxels, e.g. TotalSegmentator's; null = none), read by
+    `ct_radiomics(regions=...)`. Relative paths (and mask paths) are resolved against `root`
+    (when given). Raises ValueError naming the column and the first offending row / subject.
     """
     for col in ("subject_id", "study_time", "path"):
         if col not in df.columns:
@@ -73,12 +79,21 @@ def validate_ct_index(
                 f"{source}: column {col!r} is null or unparsable in row {i} "
                 f"(subject {df['subject_id'][i]!r}, value {df[col][i]!r})"
             )
+    if MASK_COLUMN in out.columns:
+        if out.schema[MASK_COLUMN] not in (pl.String, pl.Null):
+            raise ValueError(
+                f"{source}: column {MASK_COLUMN!r} must hold paths (text), "
+                f"got {out.schema[MASK_COLUMN]}"
+            )
+        out = out.with_columns(pl.col(MASK_COLUMN).cast(pl.String))
     if root is not None:
         base = Path(root)
         out = out.with_columns(
-            pl.col("path").map_elements(
+            pl.col(c).map_elements(
                 lambda p: p if Path(p).is_absolute() else str(base / p), return_dtype=pl.String
             )
+            for c in ("path", MASK_COLUMN)
+            if c in out.columns
         )
     return out.select(
         "subject_id",
@@ -122,16 +137,19 @@ def select_studies(
 ) -> pl.DataFrame:
     """For each cohort row, the latest study with `study_time <= prediction_time`.
 
-    Returns `[subject_id, prediction_time, study_time, path]` in cohort row order; study_time and
-    path are null when the subject has no study at or before prediction_time (or none within
-    `lookback_days` before it). Ties at the same study_time pick the lexicographically last path.
+    Returns `[subject_id, prediction_time, study_time, path]` (and `mask_path` when the index has
+    it) in cohort row order; study_time and path are null when the subject has no study at or
+    before prediction_time (or none within `lookback_days` before it). Ties at the same
+    study_time pick the lexicographically last path.
     """
     if lookback_days is not None and not lookback_days >= 0:
         raise ValueError(f"lookback_days must be >= 0 or None, got {lookback_days}")
     for col in ("subject_id", "prediction_time"):
         if col not in cohort_df.columns:
             raise ValueError(f"cohort: missing column {col!r} (columns: {cohort_df.columns})")
-    index = validate_ct_index(ct_index_df).select("subject_id", "study_time", "path")
+    index = validate_ct_index(ct_index_df)
+    carried = ["path", *([MASK_COLUMN] if MASK_COLUMN in index.columns else [])]
+    index = index.select("subject_id", "study_time", *carried)
     left = cohort_df.select(
         pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us"))
     ).with_row_index("_row")
@@ -152,9 +170,9 @@ def select_studies(
         )
         out = out.with_columns(
             pl.when(too_old).then(None).otherwise(pl.col(c)).alias(c)
-            for c in ("study_time", "path")
+            for c in ("study_time", *carried)
         )
-    return out.sort("_row").select("subject_id", "prediction_time", "study_time", "path")
+    return out.sort("_row").select("subject_id", "prediction_time", "study_time", *carried)
 
 
 # ----------------------------------------------------------------------------- batches & manifest

@@ -22,6 +22,7 @@ cells, so the volume and all cells cost one pass.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -30,8 +31,10 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
+from survfuse.data.ct_labels import check_label_preprocessing
 from survfuse.data.imaging import CTPreprocessing
 from survfuse.encoders.base import CTSource, Encoder, cohort_keys, iter_ct_volumes, register_encoder
+from survfuse.encoders.ct_regions import RegionFeatures, check_regions, region_stats
 from survfuse.features import ModalityFeatures
 from survfuse.registry import look_up_option
 
@@ -322,7 +325,13 @@ class CTRadiomicsEncoder(Encoder):
     tokens [N, prod(grid), F + 3] (features standardised, then the cell centre position),
     mask [N, prod(grid)], pooled [N, F] (standardised whole-volume features) or, with
     `pooled="volume+cells"`, [N, F * (1 + prod(grid))] (volume then each cell, zeros for cells
-    outside the volume).
+    outside the volume). With `regions` ({name: label value}, e.g. `{heart: 1, lungs: 2}`), pooled
+    ends with F standardised features per region, computed over the voxels of that label in the
+    study's label map (the CT index's `mask_path`; `survfuse.data.ct_labels`); a region absent
+    from a study's map, or a study without a map, gets zeros (the training mean).
+    Why: whole-volume and coarse-cell statistics mix a small organ with everything around it
+    (coronary calcium at 1,200 HU with ribs and spine at 450-650 HU), while radiomics as practised
+    is computed per segmented organ (benchmarks/ct_signal_probe.py).
     """
 
     modality = "ct"
@@ -335,6 +344,7 @@ class CTRadiomicsEncoder(Encoder):
         grid: tuple[int, int, int] | list[int] = (4, 4, 4),
         n_bins: int = 16,
         pooled: str = "volume",
+        regions: Mapping[str, int] | None = None,
     ) -> None:
 
         pooled = look_up_option(pooled, POOLED_MODES, kind="ct_radiomics pooled mode")
@@ -350,7 +360,14 @@ class CTRadiomicsEncoder(Encoder):
             raise ValueError(f"grid must be three positive ints, got {grid}")
         if n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-        super().__init__(preprocessing=prep, grid=list(grid), n_bins=int(n_bins), pooled=pooled)
+        region_map = check_regions(regions)
+        if region_map:
+            check_label_preprocessing(CTPreprocessing(**prep))
+        extra = {"regions": region_map} if region_map else {}  # fingerprints stay without
+        super().__init__(
+            preprocessing=prep, grid=list(grid), n_bins=int(n_bins), pooled=pooled, **extra
+        )
+        self.regions = region_map
         self.grid: tuple[int, int, int] = grid  # type: ignore[assignment]
         self.n_bins = int(n_bins)
         self.pooled_mode = pooled
@@ -374,6 +391,7 @@ class CTRadiomicsEncoder(Encoder):
         volume = np.zeros((n, f), np.float32)
         present = np.zeros(n, bool)
         manifest: list[dict[str, Any]] = []
+        reg = RegionFeatures(self.regions, cohort, source, self.preprocessing(), f)
         for i, vol, entry in iter_ct_volumes(cohort, source, self.preprocessing()):
             if vol is None:
                 manifest.append(entry or {})
@@ -387,12 +405,22 @@ class CTRadiomicsEncoder(Encoder):
                 spacing=spacing,  # type: ignore[arg-type]
             )
             present[i] = True
+            reg.add(
+                i,
+                vol,
+                lambda arr, roi, sp=spacing: radiomics_features(  # type: ignore[misc]
+                    arr, grid=(1, 1, 1), hu_window=self.hu_window, n_bins=self.n_bins,
+                    spacing=sp, roi=roi,
+                )[2],
+            )  # fmt: skip
         return {
             "cells": cells,
             "valid": valid,
             "volume": volume,
             "present": present,
             "manifest": manifest,
+            "regions": reg.values,
+            "region_valid": reg.valid,
         }
 
     # ------------------------------------------------------------------ fit / encode
@@ -414,6 +442,7 @@ class CTRadiomicsEncoder(Encoder):
             "token_std": sd(cells),
             "pooled_mean": vols.mean(axis=0),
             "pooled_std": sd(vols),
+            **region_stats(r["regions"], r["region_valid"]),
         }
         self.fitted = True
         return self
@@ -423,6 +452,8 @@ class CTRadiomicsEncoder(Encoder):
 
     def set_state(self, state: Any) -> None:
         need = {"token_mean", "token_std", "pooled_mean", "pooled_std"}
+        if self.regions:
+            need |= {"region_mean", "region_std"}
         if set(state) != need:
             raise ValueError(f"ct_radiomics state needs {sorted(need)}, got {sorted(state)}")
         self._stats = {k: np.asarray(state[k], np.float64) for k in need}
@@ -443,6 +474,10 @@ class CTRadiomicsEncoder(Encoder):
         if self.pooled_mode == "volume+cells":
             flat = feats.reshape(feats.shape[0], -1).astype(np.float32)
             pooled = np.concatenate([pooled, flat], axis=1)
+        if self.regions:
+            z = (r["regions"] - st["region_mean"]) / st["region_std"]
+            z[~r["region_valid"]] = 0
+            pooled = np.concatenate([pooled, z.reshape(z.shape[0], -1).astype(np.float32)], 1)
         return ModalityFeatures(
             subject_id=sid,
             prediction_time=pt,
@@ -455,6 +490,7 @@ class CTRadiomicsEncoder(Encoder):
                 "modality": "ct",
                 "grid": list(self.grid),
                 "feature_names": feature_names(self.n_bins),
+                "regions": list(self.regions),
                 "manifest": r["manifest"],
             },
         )

@@ -19,6 +19,11 @@ that region statistics are proportional to the simulated quantity:
 Scanner effects per site: voxel spacing (field of view), a blur (resolution), additive noise and a
 HU offset. Voxels outside the body are exported as -1024 (background masked, as after table
 removal), which keeps the gzip files small.
+
+`render_ct(..., labels=...)` also paints a region label map (`REGION_LABELS`: heart with its
+chambers and coronary calcium, lungs, pulmonary arteries, aorta; a voxel gets a region's label
+when the region covers more than half of it), the masks a segmentation model (TotalSegmentator)
+gives a real CT, without touching the random stream: the HU volume is the same with or without.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ AIR_HU = -1024.0
 #: zlib level: noisy int16 voxels compress almost as well at 1 as at 9, and 5x faster
 GZIP_LEVEL = 1
 EMPHYSEMA_CLUSTER_MM = 12.0
+HEART, LUNGS, PULMONARY_ARTERIES, AORTA = 1, 2, 3, 4
+#: region name -> label value of the simulator's segmentation masks (0 = none of them)
+REGION_LABELS = {
+    "heart": HEART,
+    "lungs": LUNGS,
+    "pulmonary_arteries": PULMONARY_ARTERIES,
+    "aorta": AORTA,
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,7 @@ class _Canvas:
         self.x, self.y, self.z = _grid(shape, spacing)
         self.axes1d = (self.x.ravel(), self.y.ravel(), self.z.ravel())
         self.vol = np.full(shape, AIR_HU, dtype=np.float32)
+        self.labels: np.ndarray | None = None  # uint8 region labels, painted when set
 
     def box(
         self, lo: tuple[float, float, float], hi: tuple[float, float, float]
@@ -109,16 +123,25 @@ class _Canvas:
     def coords(self, sl: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.x[sl[0]], self.y[:, sl[1]], self.z[:, :, sl[2]]
 
-    def paint(self, sl: tuple[slice, slice, slice], weight: np.ndarray, hu: object) -> None:
-        """Composite `hu` with partial-volume `weight` over the box `sl` (in place)."""
+    def paint(
+        self, sl: tuple[slice, slice, slice], weight: np.ndarray, hu: object, label: int = 0
+    ) -> None:
+        """Composite `hu` with partial-volume `weight` over the box `sl` (in place).
+
+        With `labels` set and `label` > 0, voxels more than half covered get that region label.
+        """
         view = self.vol[sl]
         view += np.broadcast_to(weight, view.shape) * (hu - view)  # type: ignore[operator]
+        if self.labels is not None and label:
+            lab = self.labels[sl]
+            lab[np.broadcast_to(weight, lab.shape) > 0.5] = label
 
     def ellipsoid(
         self,
         centre: tuple[float, float, float],
         axes: tuple[float, float, float],
         hu: float,
+        label: int = 0,
     ) -> None:
         sl = self.box(
             tuple(c - a for c, a in zip(centre, axes, strict=True)),  # type: ignore[arg-type]
@@ -132,7 +155,7 @@ class _Canvas:
             + ((y - centre[1]) / axes[1]) ** 2
             + ((z - centre[2]) / axes[2]) ** 2
         )
-        self.paint(sl, _soft((rho - 1.0) * min(axes), self.vox), hu)
+        self.paint(sl, _soft((rho - 1.0) * min(axes), self.vox), hu, label)
 
 
 def render_ct(
@@ -140,15 +163,23 @@ def render_ct(
     shape: tuple[int, int, int],
     scanner: Scanner,
     rng: np.random.Generator,
+    labels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Render one CT angiogram.
 
     anatomy keys: body_scale, age, emphysema (fraction of lung), rv_lv (RV/LV size ratio),
     clot (fraction of pulmonary-artery lumen occluded), calcium_mm3 (total coronary calcium
     volume), heart_dx/heart_dy (mm jitter). Returns (int16 HU array [X, Y, Z], spacing mm).
+    `labels`: a zeroed uint8 array of `shape`, filled in place with `REGION_LABELS`.
     """
     spacing = spacing_for(shape, scanner)
     cv = _Canvas(shape, spacing)
+    if labels is not None:
+        if labels.shape != tuple(shape) or labels.dtype != np.uint8:
+            raise ValueError(
+                f"labels must be uint8 {tuple(shape)}, got {labels.dtype} {labels.shape}"
+            )
+        cv.labels = labels
     vox = cv.vox
     x, y, z = cv.x, cv.y, cv.z
     s = float(anatomy["body_scale"])
@@ -194,26 +225,27 @@ def render_ct(
             .repeat(k, 2)[: lung_w.shape[0], : lung_w.shape[1], : lung_w.shape[2]]
         )
         emph = u < p_emph
-        cv.paint(sl, lung_w, np.where(emph, np.float32(-975.0), np.float32(-850.0)))
+        cv.paint(sl, lung_w, np.where(emph, np.float32(-975.0), np.float32(-850.0)), LUNGS)
 
     # descending aorta, posterior-left in the mediastinum (a column through every slice)
     ao_c, ao_r = (-20.0 * s, -60.0 * s), 11.0 * s
     sl = cv.box((ao_c[0] - ao_r, ao_c[1] - ao_r, -1e4), (ao_c[0] + ao_r, ao_c[1] + ao_r, 1e4))
     if sl is not None:
         ax_, ay_, _ = cv.coords(sl)
-        cv.paint(sl, _soft(np.sqrt((ax_ - ao_c[0]) ** 2 + (ay_ - ao_c[1]) ** 2) - ao_r, vox), 210.0)
+        ao_d = np.sqrt((ax_ - ao_c[0]) ** 2 + (ay_ - ao_c[1]) ** 2)
+        cv.paint(sl, _soft(ao_d - ao_r, vox), 210.0, AORTA)
 
     # heart (myocardium), then its contrast-filled chambers
     hc = (-22.0 * s + anatomy.get("heart_dx", 0.0), 30.0 * s + anatomy.get("heart_dy", 0.0), -45.0)
     heart_axes = (62.0 * s, 52.0 * s, 50.0)
-    cv.ellipsoid(hc, heart_axes, 45.0)
+    cv.ellipsoid(hc, heart_axes, 45.0, HEART)
     lv_r = 22.0 * s
     ratio = float(anatomy["rv_lv"])
     lv_c = (hc[0] - 20.0 * s, hc[1] - 8.0 * s, hc[2] - 4.0)
     rv_c = (hc[0] + 22.0 * s, hc[1] + 14.0 * s, hc[2])
-    cv.ellipsoid(lv_c, (lv_r, lv_r * 0.9, lv_r * 1.1), 240.0)
+    cv.ellipsoid(lv_c, (lv_r, lv_r * 0.9, lv_r * 1.1), 240.0, HEART)
     rv_r = lv_r * ratio
-    cv.ellipsoid(rv_c, (rv_r, rv_r * 0.8, rv_r * 1.1), 330.0)
+    cv.ellipsoid(rv_c, (rv_r, rv_r * 0.8, rv_r * 1.1), 330.0, HEART)
 
     # pulmonary arteries: trunk, left/right main, lower lobar branches; central filling defects
     clot = float(anatomy["clot"])
@@ -242,7 +274,7 @@ def render_ct(
         sa = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / ab2, 0.0, 1.0)
         dist = np.sqrt((px - sa * ab[0]) ** 2 + (py - sa * ab[1]) ** 2 + (pz - sa * ab[2]) ** 2)
         lumen = _soft(dist - r, vox)
-        cv.paint(sl, lumen, 320.0)
+        cv.paint(sl, lumen, 320.0, PULMONARY_ARTERIES)
         if clot > 0:
             # a central core occupying `clot` of the lumen cross-section on average, irregular
             # along the axis but never wider than the lumen
@@ -284,7 +316,7 @@ def render_ct(
                 continue
             cx, cy, cz = cv.coords(sl)
             d = np.sqrt((cx - c[0]) ** 2 + (cy - c[1]) ** 2 + (cz - c[2]) ** 2)
-            cv.paint(sl, _soft(d - r_spot, vox), 1200.0)
+            cv.paint(sl, _soft(d - r_spot, vox), 1200.0, HEART)
 
     # scanner: PSF blur, noise, calibration offset; background stays masked at -1024
     vol = gaussian_filter(
@@ -311,6 +343,18 @@ def _nifti_header(shape: tuple[int, int, int], spacing: tuple[float, float, floa
     img.header["descrip"] = b"survfuse simulated CTPA"
     raw = img.to_bytes()
     return raw[: raw.__len__() - int(np.prod(shape)) * 2]
+
+
+def label_nifti_gz_bytes(labels: np.ndarray, spacing: tuple[float, float, float]) -> bytes:
+    """Deterministic .nii.gz bytes of a uint8 label map (same geometry as `nifti_gz_bytes`)."""
+    if labels.dtype != np.uint8 or labels.ndim != 3:
+        raise ValueError(f"expected a 3-D uint8 array, got {labels.dtype} {labels.shape}")
+    img = nib.Nifti1Image(labels, affine_for(labels.shape, spacing))  # type: ignore[arg-type]
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(img.affine, code=1)
+    img.header.set_sform(img.affine, code=1)
+    img.header["descrip"] = b"survfuse simulated regions"
+    return gzip.compress(img.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
 def nifti_bytes(array: np.ndarray, spacing: tuple[float, float, float]) -> bytes:

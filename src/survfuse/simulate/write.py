@@ -3,8 +3,10 @@
 `simulate(out_dir, ...)` writes a cohort in the formats a real user has:
 
 - `ct/*.nii.gz` (int16 HU, RAS+) and `ct_index.parquet` (subject_id, study_time, path relative to
-  the dataset folder): the index CT angiogram of every subject, plus for a few subjects an older
-  study and a follow-up study *after* the index (which a correct pipeline never uses);
+  the dataset folder, mask_path): the index CT angiogram of every subject, plus for a few subjects
+  an older study and a follow-up study *after* the index (which a correct pipeline never uses);
+  each with its region label map `ct/*_seg.nii.gz` (uint8, `survfuse.simulate.ct.REGION_LABELS`:
+  what a segmentation model would give);
 - `meds/data/*.parquet` (MEDS: subject_id, time, code, numeric_value) and `meds/metadata/`
   (`codes.parquet`, `dataset.json`): events before the index and after it (follow-up, outcomes,
   death: never usable as features);
@@ -74,7 +76,7 @@ from survfuse.simulate.cohort import (
     plan_cohort,
     simulate_tables,
 )
-from survfuse.simulate.ct import Scanner, nifti_gz_bytes, render_ct
+from survfuse.simulate.ct import Scanner, label_nifti_gz_bytes, nifti_gz_bytes, render_ct
 
 # simulate_tables lives with the generative model and is re-exported here
 __all__ = ["simulate", "simulate_tables"]
@@ -99,6 +101,11 @@ MEDS_SCHEMA = pa.schema(
 # rendering (runs in worker processes)
 
 
+def mask_path(path: str) -> str:
+    """Return the region label map's path of the study at `path` (`x.nii.gz` -> `x_seg.nii.gz`)."""
+    return path.removesuffix(".nii.gz") + "_seg.nii.gz"
+
+
 def _render_chunk(spec: dict[str, Any]) -> int:
     """Render the CT studies and the MEDS shard of one chunk of subjects; returns #subjects."""
     out = Path(spec["out_dir"])
@@ -106,8 +113,10 @@ def _render_chunk(spec: dict[str, Any]) -> int:
     seed = spec["seed"]
     for st in spec["studies"]:
         rng = np.random.default_rng([seed, 3, st["subject_index"], st["study_no"]])
-        arr, spacing = render_ct(st["anatomy"], shape, Scanner(**st["scanner"]), rng)  # type: ignore[arg-type]
+        labels = np.zeros(shape, np.uint8)
+        arr, spacing = render_ct(st["anatomy"], shape, Scanner(**st["scanner"]), rng, labels)  # type: ignore[arg-type]
         (out / st["path"]).write_bytes(nifti_gz_bytes(arr, spacing))
+        (out / mask_path(st["path"])).write_bytes(label_nifti_gz_bytes(labels, spacing))
     t_all, c_all, v_all, s_all = [], [], [], []
     for subj in spec["subjects"]:
         rng = np.random.default_rng([seed, 4, subj["subject_index"]])
@@ -279,8 +288,14 @@ def simulate(
             "subject_id": [r[0] for r in ct_rows],
             "study_time": pl.Series([r[1] for r in ct_rows]).cast(pl.Datetime("us")),
             "path": [r[2] for r in ct_rows],
+            "mask_path": [mask_path(r[2]) for r in ct_rows],
         },
-        schema={"subject_id": pl.Int64, "study_time": pl.Datetime("us"), "path": pl.Utf8},
+        schema={
+            "subject_id": pl.Int64,
+            "study_time": pl.Datetime("us"),
+            "path": pl.Utf8,
+            "mask_path": pl.Utf8,
+        },
     )
     _write_parquet(ct_index.to_arrow(), out / "ct_index.parquet")
     _write_meds_metadata(out / "meds" / "metadata")

@@ -1,0 +1,97 @@
+"""Per-region radiomics of `ct_radiomics(regions=...)`: features over each labelled organ.
+
+`RegionFeatures` reads, for every cohort row with a CT, the study's label map (the CT index's
+`mask_path`, `survfuse.data.ct_labels.load_region_labels`) and computes the radiomic feature
+vector [F] over the voxels of each configured label; `region_stats` gives the training mean / sd
+that standardise them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import polars as pl
+from numpy.typing import NDArray
+
+from survfuse.data.ct_index import MASK_COLUMN
+from survfuse.data.ct_labels import load_region_labels
+from survfuse.data.imaging import CTPreprocessing, CTVolume
+
+__all__ = ["RegionFeatures", "check_regions", "region_stats"]
+
+#: features of the voxels `roi` [X, Y, Z] bool of a volume array -> [F] float32
+RoiFeatures = Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.float32]]
+
+
+def check_regions(regions: Mapping[str, int] | None) -> dict[str, int]:
+    """Return `regions` as {name: label} in label order, labels checked (distinct, >= 1)."""
+    if not regions:
+        return {}
+    out: dict[str, int] = {}
+    for name, label in regions.items():
+        if isinstance(label, bool) or not isinstance(label, int | np.integer) or label < 1:
+            raise ValueError(f"regions: label of {name!r} must be an integer >= 1, got {label!r}")
+        out[str(name)] = int(label)
+    if len(set(out.values())) != len(out):
+        raise ValueError(f"regions: each region needs its own label, got {out}")
+    # in label order: a config dumped to JSON (keys sorted by name) rebuilds the same columns
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+class RegionFeatures:
+    """Accumulates region features [N, R, F] and their validity [N, R] over a cohort's rows."""
+
+    def __init__(
+        self,
+        regions: Mapping[str, int],
+        cohort: pl.DataFrame,
+        source: Any,
+        preprocessing: CTPreprocessing,
+        n_features: int,
+    ) -> None:
+        n, r = cohort.height, len(regions)
+        self.labels = list(regions.values())
+        self.preprocessing = preprocessing
+        self.values = np.zeros((n, r, n_features), np.float32)
+        self.valid = np.zeros((n, r), bool)
+        self.mask_paths: list[str | None] = [None] * n
+        if r:
+            studies = source.studies(cohort)
+            if MASK_COLUMN not in studies.columns:
+                raise ValueError(
+                    f"ct_radiomics regions {list(regions)} need a {MASK_COLUMN!r} column in the "
+                    "CT index (each study's label map, e.g. a TotalSegmentator segmentation)"
+                )
+            self.mask_paths = studies[MASK_COLUMN].to_list()
+
+    def add(self, row: int, volume: CTVolume, features: RoiFeatures) -> None:
+        """Compute row `row`'s region features from `volume` and its label map (if it has one)."""
+        path = self.mask_paths[row] if self.labels else None
+        if path is None:
+            return
+        labels = load_region_labels(path, volume, self.preprocessing)
+        for k, label in enumerate(self.labels):
+            roi = labels == label
+            if roi.any():
+                self.values[row, k] = features(volume.array, roi)
+                self.valid[row, k] = True
+
+
+def region_stats(values: NDArray[np.float32], valid: NDArray[np.bool_]) -> dict[str, Any]:
+    """Training mean / sd [R, F] of each region's features over the rows where it is valid.
+
+    Empty dict without regions; a region never seen in training gets mean 0, sd 1.
+    """
+    if values.shape[1] == 0:
+        return {}
+    r, f = values.shape[1], values.shape[2]
+    mean, sd = np.zeros((r, f)), np.ones((r, f))
+    for k in range(r):
+        x = values[valid[:, k], k].astype(np.float64)
+        if len(x):
+            mean[k] = x.mean(axis=0)
+            s = x.std(axis=0)
+            sd[k] = np.where(s > 1e-8, s, 1.0)
+    return {"region_mean": mean, "region_std": sd}
