@@ -36,6 +36,8 @@ from pydantic import (
 
 from survfuse.data.dicom import DicomSeriesError, read_dicom_series
 from survfuse.data.hu_calibration import HU_CALIBRATIONS, apply_shift, calibration_shift
+from survfuse.data.nifti_stored import read_stored
+from survfuse.data.voxel_copy import bounded_copy
 from survfuse.registry import look_up_option
 
 __all__ = [
@@ -197,9 +199,13 @@ class CTVolume:
 
 
 # ----------------------------------------------------------------------------- reading
-def _read_nifti(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64], dict[str, Any]]:
+def _read_nifti(
+    path: Path, stored: bool
+) -> tuple[NDArray[Any], NDArray[np.float64], dict[str, Any]]:
     import nibabel as nib
 
+    if stored and (found := read_stored(path)) is not None:
+        return found[0], found[1], {"format": "nifti"}
     img: Any = nib.load(str(path))
     if len(img.shape) == 4 and img.shape[3] == 1:
         img = img.slicer[..., 0]
@@ -237,8 +243,15 @@ def _read_dicom(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64], d
     return series.hu, series.affine, series.meta
 
 
-def read_ct_hu(path: str | Path) -> tuple[NDArray[np.float32], NDArray[np.float64], dict[str, Any]]:
-    """Read a CT in HU without preprocessing: (array [X, Y, Z] float32, RAS+ affine, meta)."""
+def read_ct_hu(
+    path: str | Path, *, stored: bool = False
+) -> tuple[NDArray[Any], NDArray[np.float64], dict[str, Any]]:
+    """Read a CT in HU without preprocessing: (array [X, Y, Z] float32, RAS+ affine, meta).
+
+    `stored=True`: a NIfTI-1 file whose stored integers are the HU (no scaling, a type exact in
+    float32) comes back as those integers, a read-only view (`survfuse.data.nifti_stored`);
+    `load_ct` converts them once, in its first value change. Same values either way.
+    """
     path = Path(path)
     if not path.exists():
         raise CTLoadError(path, "file not found")
@@ -246,7 +259,7 @@ def read_ct_hu(path: str | Path) -> tuple[NDArray[np.float32], NDArray[np.float6
         if path.is_dir():
             return _read_dicom(path)
         if path.name.endswith((".nii", ".nii.gz")):
-            return _read_nifti(path)
+            return _read_nifti(path, stored)
         return _read_sitk(path)
     except CTLoadError:
         raise
@@ -260,6 +273,7 @@ def _check_hu(path: Path, arr: NDArray[np.float32], prep: CTPreprocessing) -> di
     # every step-th voxel in C order, gathered without reshaping (a NIfTI array is in Fortran
     # order, and reshape(-1) would copy the whole volume to sample 1 voxel in `step`)
     sample = arr[np.unravel_index(np.arange(0, arr.size, step), arr.shape)]
+    sample = sample.astype(np.float32, copy=False)  # stored integers: the float32 HU values
     # min and max are NaN or infinite exactly when some voxel is: two reads, no [X, Y, Z] mask
     if not (np.isfinite(sample).all() and np.isfinite(arr.min()) and np.isfinite(arr.max())):
         raise CTLoadError(path, "volume contains NaN or infinite values")
@@ -309,17 +323,14 @@ def _reorient(
     return out, new_affine
 
 
-def _bounded(arr: NDArray[np.float32], lo: float, hi: float | None) -> NDArray[np.float32]:
+def _bounded(arr: NDArray[Any], lo: float, hi: float | None) -> NDArray[np.float32]:
     """Return a new C-contiguous float32 copy of `arr` raised to `lo` and clipped to `hi`.
 
-    `arr` may have any strides; `hi` None means no upper clip; done in one pass. Why: a flipped or
-    transposed view is copied once, by this pass, not first by a reorientation and again by each
-    value change.
+    `arr` may have any strides; `hi` None means no upper clip; done in one pass, blocked when it
+    transposes (`survfuse.data.voxel_copy`). Why: a flipped or transposed view is copied once, by
+    this pass, not first by a reorientation and again by each value change.
     """
-    out = np.empty(arr.shape, np.float32)
-    if hi is None:
-        return np.maximum(arr, np.float32(lo), out=out)
-    return np.clip(arr, np.float32(lo), np.float32(hi), out=out)
+    return bounded_copy(arr, lo, hi)
 
 
 def _spacing(affine: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -476,5 +487,5 @@ def load_ct(path: str | Path, preprocessing: CTPreprocessing | None = None) -> C
     slice positions) and implausible HU ranges.
     """
     prep = preprocessing or CTPreprocessing()
-    arr, affine, meta = read_ct_hu(path)
+    arr, affine, meta = read_ct_hu(path, stored=True)
     return preprocess_ct(arr, affine, prep, path=path, meta=meta)
