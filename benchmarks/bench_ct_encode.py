@@ -13,7 +13,9 @@ Sizes: 64x64x40 and 160x160x96. Usage: `python benchmarks/bench_ct_encode.py [--
 (stored LPS at 0.7 x 0.7 x 1.25 mm); per-volume time (median over `--volumes`, after a warm-up
 volume) and peak RSS, each path in its own process: nibabel load alone (the I/O floor),
 survfuse's load -> preprocess -> `ct_radiomics` features, and MONAI's LoadImage -> Orientation
--> Spacing -> ScaleIntensityRange; prints the ratios to the floor and to MONAI.
+-> Spacing -> ScaleIntensityRange; prints the ratios to the floor and to MONAI. `--ref-src DIR`
+adds survfuse's path imported from DIR (e.g. `DIR/src` of another commit's worktree) in the same
+run, after the others, so a change is timed against its parent under the same load.
 
 `--fm`: the foundation-model presets end to end (`ct_monai` presets `merlin`, `ct-fm`,
 `ct-fm-patches`, published pipelines, random weights in the published layout) on one synthetic
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -381,20 +384,31 @@ def _hwm_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def main_clinical(shape: tuple[int, int, int], n: int, threads: int) -> None:
+def main_clinical(
+    shape: tuple[int, int, int], n: int, threads: int, ref_src: str | None = None
+) -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench_ct_clinical_"))
     try:
         paths = _write_clinical(folder, shape, n + 1)
         mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
         print(f"{n} + 1 volumes of {shape} int16 gzip NIfTI ({mb:.0f} MB each on disk)")
         res = {}
-        for name in CLINICAL_CASES:
-            cmd = [sys.executable, __file__, "--threads", str(threads), "--clinical-case", name]
+        cases = [*CLINICAL_CASES, *(["radiomics@ref"] if ref_src else [])]
+        for name in cases:
+            case_name, _, ref = name.partition("@")
+            env = dict(os.environ)
+            if ref:
+                env["PYTHONPATH"] = str(ref_src)
+            cmd = [sys.executable, __file__, "--threads", str(threads), "--clinical-case"]
             out = subprocess.run(
-                [*cmd, *map(str, paths)], capture_output=True, text=True, check=True
+                [*cmd, case_name, *map(str, paths)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
             )
             res[name] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(name, res[name], flush=True)
+            print(name, res[name], os.getloadavg(), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     floor, monai = res["nibabel_load"]["s_per_volume"], res["monai_chain"]["s_per_volume"]
@@ -403,8 +417,9 @@ def main_clinical(shape: tuple[int, int, int], n: int, threads: int) -> None:
         "nibabel_load": "nibabel load (I/O floor)",
         "radiomics": "survfuse load -> preprocess -> ct_radiomics",
         "monai_chain": "MONAI Load -> Orientation -> Spacing -> Scale",
+        "radiomics@ref": "the same survfuse path, --ref-src",
     }
-    for name in CLINICAL_CASES:
+    for name in res:
         r = res[name]
         print(
             f"{labels[name]:<44}{r['s_per_volume']:>11.2f}{r['s_per_volume'] / floor:>8.2f}"
@@ -424,6 +439,7 @@ def main() -> None:
     ap.add_argument("--fm-case")
     ap.add_argument("--volumes", type=int, default=3, help="clinical --shape: volumes timed")
     ap.add_argument("--clinical-case")
+    ap.add_argument("--ref-src", help="clinical --shape: also time survfuse imported from here")
     ap.add_argument("paths", nargs="*")
     args = ap.parse_args()
     torch_threads(args.threads)
@@ -432,7 +448,7 @@ def main() -> None:
         return
     if args.shape and "," in args.shape:
         dims = tuple(int(s) for s in args.shape.split(","))
-        main_clinical(dims, args.volumes, args.threads)  # type: ignore[arg-type]
+        main_clinical(dims, args.volumes, args.threads, args.ref_src)  # type: ignore[arg-type]
         return
     if args.fm_write:
         _write_fm_inputs(Path(args.fm_dir))
