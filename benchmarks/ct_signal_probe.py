@@ -13,7 +13,9 @@ development sites of a simulated folder this prints, on one held-out half (Harre
 - `whole_volume`: the same excess summed over the whole volume (what a measurement without
   anatomy sees: ribs, sternum and spine reach 450-650 HU);
 - `ct_radiomics`: an elastic-net Cox (scikit-survival coxnet, penalty chosen on a validation
-  third of the training half) on the demo's `ct_radiomics` features.
+  third of the training half) on the demo's `ct_radiomics` features;
+- `ct_radiomics+regions`: the same with per-organ features over the simulator's label maps
+  (`ct_radiomics(regions=...)`; folders that have them).
 
     .venv/bin/python benchmarks/ct_signal_probe.py --data FOLDER [--max-rows 1600]
     .venv/bin/python benchmarks/ct_signal_probe.py --simulate OUT --seed 5 --imbalance 1
@@ -30,11 +32,12 @@ import nibabel as nib
 import numpy as np
 import polars as pl
 
+from survfuse.data.ct_index import MASK_COLUMN
 from survfuse.encoders.base import CTSource
 from survfuse.encoders.ct_radiomics import CTRadiomicsEncoder
 from survfuse.metrics import concordance_index
 from survfuse.simulate import simulate
-from survfuse.simulate.ct import _grid
+from survfuse.simulate.ct import REGION_LABELS, _grid
 
 THRESHOLD_HU = 400.0  # above the sternum (450 HU after blur rarely) and trabecular bone
 
@@ -127,6 +130,14 @@ def main() -> None:
     enc = CTRadiomicsEncoder(grid=(2, 2, 2), n_bins=16, pooled="volume+cells")
     rows = df.select("subject_id", "prediction_time")
     feats = enc.fit(rows, src).encode(rows, src)
+    # the same with per-organ features from the simulator's label maps (folders written since
+    # the simulator writes them: the CT index's mask_path)
+    region_feats = None
+    if MASK_COLUMN in src.index.columns:
+        enc_r = CTRadiomicsEncoder(
+            grid=(2, 2, 2), n_bins=16, pooled="volume+cells", regions=REGION_LABELS
+        )
+        region_feats = enc_r.fit(rows, src).encode(rows, src)
     time = df["mace_time"].to_numpy().astype(np.float64)
     event = df["mace_event"].to_numpy().astype(bool)
     rng = np.random.default_rng(0)
@@ -137,20 +148,26 @@ def main() -> None:
         return float(concordance_index(time[test], event[test], risk[test]).estimate)
 
     lat = df["latent_calcium_mm3"].to_numpy()
+    measures = ["latent", "heart_roi", "whole_volume", "ct_radiomics"]
+    c_region = []
+    if region_feats is not None:
+        measures.append("ct_radiomics+regions")
+        c_region = [coxnet_c(np.asarray(region_feats.pooled, np.float64), time, event, train, test)]
     table = pl.DataFrame(
         {
-            "measure": ["latent", "heart_roi", "whole_volume", "ct_radiomics"],
+            "measure": measures,
             "mace_c_test": [
                 c(lat),
                 c(np.asarray(ring)),
                 c(np.asarray(whole)),
                 coxnet_c(np.asarray(feats.pooled, np.float64), time, event, train, test),
+                *c_region,
             ],
             "spearman_vs_latent": [
                 1.0,
                 _spearman(np.asarray(ring), lat),
                 _spearman(np.asarray(whole), lat),
-                float("nan"),
+                *[float("nan")] * (1 + len(c_region)),
             ],
         }
     )
