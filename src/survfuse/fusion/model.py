@@ -43,6 +43,7 @@ from survfuse.device import resolve_device
 from survfuse.features import ModalityFeatures
 from survfuse.fusion.base import ExactStrategy, FusionStrategy
 from survfuse.fusion.batch import (
+    Batch,
     ModalitySpec,
     check_modalities,
     drop_modalities,
@@ -273,9 +274,11 @@ class FusionSurvivalModel(FusionModelParams):
 
         validate = None
         if val is not None:
+            # converted once: to_batch of the same rows gives the same tensors every epoch
+            val_chunks = self._chunk_batches(vf)
 
             def validate() -> tuple[float, Any]:
-                vout, vreprs, vpresent = self._forward_all(vf)
+                vout, vreprs, vpresent = self._forward_all(vf, chunks=val_chunks)
                 c = harrell_c(vt, ve, module.output_head.risk(vout).cpu().numpy())
                 return c, (vreprs, vpresent)
 
@@ -364,31 +367,43 @@ class FusionSurvivalModel(FusionModelParams):
         out = self._forward_all(features, mask=mask)[0]
         return harrell_c(time, event, self._module.output_head.risk(out).cpu().numpy())
 
+    def _chunk_batches(self, features: Features) -> list[Batch]:
+        """Return every row of `features` as model batches of `PREDICT_CHUNK` rows (a list)."""
+        module = self._module
+        dev = next(module.parameters()).device
+        n = len(features[module.modalities[0]])
+        return [
+            to_batch(
+                features,
+                np.arange(start, min(n, start + PREDICT_CHUNK)),
+                modalities=module.modalities,
+                with_tokens=module.uses_tokens,
+                device=dev,
+            )
+            for start in range(0, n, PREDICT_CHUNK)
+        ]
+
     @torch.no_grad()
     def _forward_all(
-        self, features: Features, *, mask: Iterable[str] = ()
+        self,
+        features: Features,
+        *,
+        mask: Iterable[str] = (),
+        chunks: list[Batch] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Return head outputs [N, K], representations {m: [N, d_m]} and presence {m: [N]}.
 
-        Every row, in eval mode and in chunks; dropped modalities and `mask` are masked.
+        Every row, in eval mode and in chunks (`chunks`: `_chunk_batches(features)` made once);
+        dropped modalities and `mask` are masked.
         """
         module = self._module
         was_training = module.training
         module.eval()
         dev = next(module.parameters()).device
-        n = len(features[module.modalities[0]])
         outs: list[Tensor] = []
         reprs: dict[str, list[Tensor]] = {}
         present: dict[str, list[Tensor]] = {}
-        for start in range(0, n, PREDICT_CHUNK):
-            idx = np.arange(start, min(n, start + PREDICT_CHUNK))
-            batch = to_batch(
-                features,
-                idx,
-                modalities=module.modalities,
-                with_tokens=module.uses_tokens,
-                device=dev,
-            )
+        for batch in chunks if chunks is not None else self._chunk_batches(features):
             batch = mask_modalities(batch, [*self.dropped_modalities_, *mask])
             o = module(batch)
             outs.append(o.out)
