@@ -68,3 +68,14 @@ def sim_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return simulate(
         tmp_path_factory.mktemp("sim_small"), n=300, shape=(32, 32, 20), seed=0, progress=False
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """Run a module's torch code on one intra-op thread (`pytestmark = usefixtures(...)`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -44,13 +44,8 @@ DATA = synthetic_features(
 VAL = synthetic_features(32, seed=4, ct_tokens=4, ehr_tokens=6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Tiny models: one intra-op thread is faster and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one intra-op thread is faster and immune to a busy shared CPU
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small(strategy: str, params: dict[str, object], head: str, **kw: object) -> FusionSurvivalModel:

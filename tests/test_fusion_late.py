@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from survfuse.fusion import FusionSurvivalModel
 from survfuse.fusion.late import Late
 from survfuse.fusion.synthetic import synthetic_features
 from survfuse.metrics import concordance_index
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one intra-op thread is faster and immune to a busy shared CPU
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fit(monkeypatch: pytest.MonkeyPatch, refit: bool, **kw: object) -> tuple[float, list[float]]:

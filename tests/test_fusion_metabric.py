@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from survfuse.features import ModalityFeatures
 from survfuse.fusion import FusionSurvivalModel
@@ -34,13 +33,8 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Tiny models: one intra-op thread is faster and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one intra-op thread is faster and immune to a busy shared CPU
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def two_views(x: np.ndarray) -> dict[str, ModalityFeatures]:

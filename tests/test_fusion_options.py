@@ -21,13 +21,8 @@ from survfuse.metrics import concordance_index
 from survfuse.registry import UnknownNameError
 from survfuse.survival.losses import cox_partial_nll
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one intra-op thread is faster and immune to a busy shared CPU
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- 1. OGM-GE scoring
