@@ -27,8 +27,9 @@ from survfuse.fusion.multimodal import MultimodalFeatures
 from survfuse.interop import to_sksurv
 from survfuse.survival import CoxPH
 from survfuse.training import TrainingOptions
-from test_fusion_metabric import _one_torch_thread, load, two_views  # noqa: F401 (autouse)
+from test_fusion_metabric import load, two_views
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CV = KFold(n_splits=3, shuffle=True, random_state=0)
 
 
