@@ -166,16 +166,21 @@ class CTSource:
 
 
 def iter_ct_volumes(
-    cohort: pl.DataFrame, source: CTSource, preprocessing: Any
+    cohort: pl.DataFrame,
+    source: CTSource,
+    preprocessing: Any,
+    studies: pl.DataFrame | None = None,
 ) -> Iterator[tuple[int, Any, dict[str, Any] | None]]:
     """For each cohort row: (row, CTVolume or None, manifest entry or None).
 
     Volumes come from `survfuse.data.ct_index.iter_ct` (`load_ct(path, preprocessing)`). A row with
     no study (status "no_study") or whose study failed to load (status "failed", the data layer's
     `CTLoadError` reason) yields None and its manifest entry (JSON-able: prediction_time as ISO
-    text), so the store can report why `present` is False.
+    text), so the store can report why `present` is False. `studies`: `source.studies(cohort)`
+    when the caller already has it.
     """
-    for i, (row, vol) in enumerate(iter_ct(source.studies(cohort), preprocessing)):
+    studies = source.studies(cohort) if studies is None else studies
+    for i, (row, vol) in enumerate(iter_ct(studies, preprocessing)):
         if vol is None:
             entry = dict(row)
             entry["prediction_time"] = str(entry["prediction_time"])

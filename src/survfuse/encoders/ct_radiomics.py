@@ -391,8 +391,9 @@ class CTRadiomicsEncoder(Encoder):
         volume = np.zeros((n, f), np.float32)
         present = np.zeros(n, bool)
         manifest: list[dict[str, Any]] = []
-        reg = RegionFeatures(self.regions, cohort, source, self.preprocessing(), f)
-        for i, vol, entry in iter_ct_volumes(cohort, source, self.preprocessing()):
+        studies = source.studies(cohort)  # one selection for the volumes and their label maps
+        reg = RegionFeatures(self.regions, studies, self.preprocessing(), f)
+        for i, vol, entry in iter_ct_volumes(cohort, source, self.preprocessing(), studies):
             if vol is None:
                 manifest.append(entry or {})
                 continue

@@ -46,19 +46,18 @@ class RegionFeatures:
     def __init__(
         self,
         regions: Mapping[str, int],
-        cohort: pl.DataFrame,
-        source: Any,
+        studies: pl.DataFrame,
         preprocessing: CTPreprocessing,
         n_features: int,
     ) -> None:
-        n, r = cohort.height, len(regions)
+        """`studies`: the cohort's selected studies (`CTSource.studies`), one row per cohort row."""
+        n, r = studies.height, len(regions)
         self.labels = list(regions.values())
         self.preprocessing = preprocessing
         self.values = np.zeros((n, r, n_features), np.float32)
         self.valid = np.zeros((n, r), bool)
         self.mask_paths: list[str | None] = [None] * n
         if r:
-            studies = source.studies(cohort)
             if MASK_COLUMN not in studies.columns:
                 raise ValueError(
                     f"ct_radiomics regions {list(regions)} need a {MASK_COLUMN!r} column in the "
