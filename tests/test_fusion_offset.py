@@ -89,7 +89,10 @@ def test_late_fusion_branches_start_at_the_unimodal_linear_models(combine) -> No
     with torch.no_grad():
         outs, _, _ = module.branch_outputs(module.normalise(batch))
     for i, m in enumerate(module.modalities):
-        lin = FusionSurvivalModel("linear", strategy_params={"modality": m}, device="cpu")
+        # the branch's own (unscaled) linear part: the reference without the validation slope
+        lin = FusionSurvivalModel(
+            "linear", strategy_params={"modality": m}, device="cpu", validation_slope=False
+        )
         lin.fit(f, t, e, validation=(vf, vt, ve))
         # same model: the input balance scales x_m by a constant, which the elastic net's
         # standardised path nearly absorbs (measured: max |difference| 0.005, C identical)

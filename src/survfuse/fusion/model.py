@@ -60,6 +60,7 @@ from survfuse.fusion.rebalance import OGMGE
 from survfuse.fusion.signal import signal_check
 from survfuse.interop import check_survival, survival_from_y
 from survfuse.registry import FUSIONS
+from survfuse.survival.heads import CoxHead
 from survfuse.training import (
     Callback,
     EarlyStopping,
@@ -125,7 +126,8 @@ class FusionSurvivalModel(FusionModelParams):
     modality), `history_` (one record per epoch), `best_epoch_`, `branch_summary_`,
     `dropped_modalities_` (modalities masked as missing for every patient: chance-level
     branches, see branches.py), `offset_history_` (the linear offset's penalty path with
-    `strategy_params={"offset": "linear"}`, else empty).
+    `strategy_params={"offset": "linear"}`, else empty), `validation_slope_` (the Cox risk's
+    scale fitted on validation, `validation_slope`; None when not applied).
     """
 
     def _build(self, specs: Mapping[str, ModalitySpec]) -> FusionStrategy:
@@ -258,6 +260,7 @@ class FusionSurvivalModel(FusionModelParams):
             module.eval()
             self.history_ = module.fit_exact(train, t, e, exact_val)
             self.best_epoch_ = 0
+            self._fit_validation_slope(val)
             module.output_head.fit_baseline(self._outputs(features), t, e)
             return
 
@@ -345,8 +348,15 @@ class FusionSurvivalModel(FusionModelParams):
             module.finish_training(
                 vb, torch.as_tensor(vt, device=dev), torch.as_tensor(ve, device=dev)
             )
+        self._fit_validation_slope(val)
         out = self._outputs(features)
         module.output_head.fit_baseline(out, t, e)
+
+    def _fit_validation_slope(self, val: Any) -> None:
+        """Scale a Cox head's risk by its calibration slope on validation (`CoxHead.fit_scale`)."""
+        head, self.validation_slope_ = self._module.output_head, None
+        if val is not None and self.options.validation_slope and isinstance(head, CoxHead):
+            self.validation_slope_ = head.fit_scale(self._forward_all(val[0])[0], val[1], val[2])
 
     # ------------------------------------------------------------------ inference
     def _outputs(self, features: Features) -> Tensor:

@@ -51,6 +51,7 @@ class FusionModelParams(SurvivalEstimatorMixin, BaseEstimator):
         branch_loss: float = _DEFAULT.branch_loss,
         branch_patience: int | None = _DEFAULT.branch_patience,
         branch_drop_alpha: float | None = _DEFAULT.branch_drop_alpha,
+        validation_slope: bool = _DEFAULT.validation_slope,
         device: str = _DEFAULT.device,
         threads: int | None = _DEFAULT.threads,
     ) -> None:
@@ -74,6 +75,7 @@ class FusionModelParams(SurvivalEstimatorMixin, BaseEstimator):
         self.branch_loss = branch_loss
         self.branch_patience = branch_patience
         self.branch_drop_alpha = branch_drop_alpha
+        self.validation_slope = validation_slope
         self.device = device
         self.threads = threads
         self._check()  # a misspelt name fails here, not after encoding a cohort

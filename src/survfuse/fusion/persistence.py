@@ -33,6 +33,7 @@ def save_model(model: Any, directory: str | Path) -> Path:
         "history": model.history_,
         "best_epoch": model.best_epoch_,
         "dropped_modalities": model.dropped_modalities_,
+        "validation_slope": getattr(model, "validation_slope_", None),
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=float))
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -57,6 +58,7 @@ def load_model(cls: Any, directory: str | Path, *, device: str | None = None) ->
     model.history_ = cfg.get("history", [])
     model.best_epoch_ = cfg.get("best_epoch")
     model.dropped_modalities_ = list(cfg.get("dropped_modalities", []))
+    model.validation_slope_ = cfg.get("validation_slope")  # the scale itself is in the state
     model.branch_summary_, model.offset_history_ = {}, []
     module = model._build(model.specs_)
     weights = src / "model.safetensors"

@@ -15,7 +15,7 @@ known after fitting (the Cox baseline) are resized on load.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from survfuse.survival.losses import (
     discrete_time_nll,
     time_bin_cuts,
 )
+from survfuse.survival.recalibration import risk_scale
 
 __all__ = ["CoxHead", "DiscreteTimeHead", "SurvivalHead"]
 
@@ -47,6 +48,8 @@ class SurvivalHead(nn.Module, abc.ABC):
     """
 
     _resizable: tuple[str, ...] = ()
+    #: buffer -> value it takes when a saved state predates it
+    _defaults: ClassVar[dict[str, float]] = {}
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -84,6 +87,9 @@ class SurvivalHead(nn.Module, abc.ABC):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        for name, value in self._defaults.items():  # buffers added after a model was saved
+            cur = getattr(self, name)
+            state_dict.setdefault(prefix + name, torch.full_like(cur, value))
         for name in self._resizable:
             key = prefix + name
             if key in state_dict:
@@ -99,7 +105,10 @@ class CoxHead(SurvivalHead):
     """Linear layer -> log relative hazard [N, 1]; Cox partial likelihood; Breslow curves.
 
     Fitted buffers: `baseline_time` [M], `baseline_cumhaz` [M] (H0 at the centred risk) and
-    `risk_offset` (the mean training risk the baseline is centred on), `baseline_fitted`.
+    `risk_offset` (the mean training risk the baseline is centred on), `baseline_fitted`, and
+    `risk_scale` s: risk = s * linear(x), 1 while training; after training `FusionSurvivalModel`
+    may set it to the calibration slope on the validation split (`validation_slope`), which keeps
+    every ranking and rescales the spread of the predicted survival curves.
 
     Parameters
     ----------
@@ -112,10 +121,13 @@ class CoxHead(SurvivalHead):
     """
 
     _resizable = ("baseline_time", "baseline_cumhaz")
+    # models saved before the scale existed predict with scale 1
+    _defaults: ClassVar[dict[str, float]] = {"risk_scale": 1.0}
     baseline_time: Tensor
     baseline_cumhaz: Tensor
     risk_offset: Tensor
     baseline_fitted: Tensor
+    risk_scale: Tensor
 
     def __init__(self, in_features: int, *, ties: str = "efron", bias: bool = False) -> None:
         super().__init__()
@@ -127,6 +139,7 @@ class CoxHead(SurvivalHead):
         self.register_buffer("baseline_cumhaz", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("risk_offset", torch.zeros((), dtype=torch.float64))
         self.register_buffer("baseline_fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("risk_scale", torch.ones((), dtype=torch.float64))
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable kwargs that recreate this head (fitted state is in the state_dict)."""
@@ -143,7 +156,8 @@ class CoxHead(SurvivalHead):
         return out
 
     def risk(self, out: Tensor) -> Tensor:
-        return out[:, 0]
+        # x * 1.0 is exact: training (scale 1) is bit-identical to an unscaled head
+        return out[:, 0] * self.risk_scale.to(out.dtype)
 
     def loss(self, out: Tensor, time: Tensor, event: Tensor) -> Tensor:
         """Mean-over-events Cox NLL (`cox_partial_nll`); 0 on a batch without events."""
@@ -161,6 +175,20 @@ class CoxHead(SurvivalHead):
         self.baseline_cumhaz = torch.as_tensor(step.y, dtype=torch.float64, device=dev)
         self.risk_offset = torch.tensor(offset, dtype=torch.float64, device=dev)
         self.baseline_fitted = torch.tensor(True, device=dev)
+
+    def fit_scale(
+        self, out: Tensor, time: Tensor | ArrayLike, event: Tensor | ArrayLike
+    ) -> float | None:
+        """Set `risk_scale` to the calibration slope of outputs [N, 1]; return it (None: 1).
+
+        The outputs are of a labelled sample the model was not trained on (validation);
+        `survival.recalibration.risk_scale`. Call before `fit_baseline`, which then uses it.
+        """
+        self.risk_scale.fill_(1.0)
+        s = risk_scale(_np(time), _np(event), _np(self.risk(out)))
+        if s is not None:
+            self.risk_scale.fill_(s)
+        return s
 
     def cumulative_baseline_hazard(self, times: ArrayLike) -> Tensor:
         """H0(t) (for the centred risk) at `times` [T]."""

@@ -30,10 +30,39 @@ from survfuse.metrics.calibration import cox_fit
 from survfuse.registry import look_up_option
 from survfuse.survival.baseline import StepFunction, breslow_baseline
 
-__all__ = ["RECALIBRATION_METHODS", "Recalibration", "fit_recalibration", "log_cumhaz_at"]
+__all__ = [
+    "RECALIBRATION_METHODS",
+    "SLOPE_BOUNDS",
+    "Recalibration",
+    "fit_recalibration",
+    "log_cumhaz_at",
+    "risk_scale",
+]
 
 RECALIBRATION_METHODS = ("baseline", "baseline+slope")
 _EPS = 1e-10
+#: bounds of `risk_scale`: the floor keeps ranks when the sample shows no signal (s <= 0); the
+#: cap guards a fit that diverged (monotone likelihood on a small sample)
+SLOPE_BOUNDS = (0.05, 100.0)
+
+
+def risk_scale(time: ArrayLike, event: ArrayLike, risk: ArrayLike) -> float | None:
+    """Return the calibration slope s of a Cox model's risk [N] on a labelled sample, clipped.
+
+    s = the coefficient of a one-covariate Cox model of (time, event) on the risk (the
+    calibration slope's own estimator, `metrics.calibration.cox_fit`); s * risk then has slope 1
+    on the sample and the same ranks. None when the sample has no event, the risk is constant or
+    the fit is not finite; otherwise clipped to `SLOPE_BOUNDS`. What `FusionSurvivalModel`
+    (`validation_slope`) applies to its risk on the validation split after training.
+    """
+    t, e = check_survival(time, event)
+    r = np.asarray(risk, dtype=np.float64).reshape(-1)
+    if not e.any() or np.ptp(r) <= 0:
+        return None
+    s = float(cox_fit(t, e, r).coef[0])
+    if not np.isfinite(s):
+        return None
+    return min(max(s, SLOPE_BOUNDS[0]), SLOPE_BOUNDS[1])
 
 
 def log_cumhaz_at(surv_h: ArrayLike) -> NDArray[np.float64]:

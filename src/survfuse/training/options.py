@@ -28,7 +28,8 @@ class TrainingOptions(BaseModel):
     Branch stopping (`survfuse.fusion.branches`) adds a linear Cox probe per modality
     (`branch_loss` weight), freezes each modality's encoder side at its best epoch after
     `branch_patience` epochs without gain (default `patience`), and drops a chance-level one
-    at one-sided level `branch_drop_alpha` (None: never drop).
+    at one-sided level `branch_drop_alpha` (None: never drop). `validation_slope` rescales a Cox
+    model's risk by its calibration slope on the validation split after training.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +49,11 @@ class TrainingOptions(BaseModel):
     branch_loss: float = Field(default=1.0, ge=0.0)
     branch_patience: int | None = Field(default=None, ge=1)
     branch_drop_alpha: float | None = Field(default=0.05, gt=0.0, lt=1.0)
+    # after training, scale a Cox model's risk by its calibration slope on the validation split
+    # (one-parameter Cox fit of the outcome on the risk): ranks and C unchanged, predicted
+    # spread calibrated (a penalty or an epoch chosen by validation C leaves it too narrow or
+    # too wide: docs/benchmarks.md, issue 18)
+    validation_slope: bool = True
     device: str = "auto"  # "auto": CUDA when available, else CPU (the reference)
     # torch intra-op threads while training and predicting: fixed, so results do not depend on
     # the machine's core count or on how many models train side by side
