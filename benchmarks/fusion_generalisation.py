@@ -19,7 +19,9 @@ report per task x split:
         [--strategies ...] [--ehr-encoders ehr_onehot] [--max-epochs 100]
 
 Writes `OUT/generalisation.csv` (one row per setting x seed x task x split x model) and
-`OUT/drops.csv`, and prints the summary (mean over seeds per setting, task and split).
+`OUT/drops.csv`, and prints the summary (mean over seeds per setting, task and split) and the
+issue's done-when checks. `--summarise OUT1,OUT2` prints them for runs already made (e.g. two
+halves of the grid), without simulating or training.
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=None)
     ap.add_argument("--shape", default="64,64,40")
     ap.add_argument(
+        "--summarise",
+        default=None,
+        help="comma list of earlier OUT folders: print their combined summary and exit",
+    )
+    ap.add_argument(
         "--offset",
         choices=("none", "linear", "both"),
         default="none",
@@ -122,6 +129,14 @@ def main() -> None:
         "(label suffix _lin)",
     )
     args = ap.parse_args()
+    if args.summarise:
+        folders = [Path(f) for f in args.summarise.split(",")]
+        report(
+            pl.concat([pl.read_csv(f / "generalisation.csv") for f in folders]),
+            [d for f in folders for d in _read_drops(f / "drops.csv")],
+            offset_both=False,
+        )
+        return
 
     sim_seeds = (
         [int(s) for s in args.sim_seeds.split(",")]
@@ -198,17 +213,43 @@ def main() -> None:
     table = pl.DataFrame(rows)
     table.write_csv(args.out / "generalisation.csv")
     pl.DataFrame(drops or None).write_csv(args.out / "drops.csv")
+    report(table, drops, offset_both=args.offset == "both")
+
+
+def _read_drops(path: Path) -> list[dict[str, object]]:
+    try:
+        return pl.read_csv(path).to_dicts()
+    except (FileNotFoundError, pl.exceptions.NoDataError):  # a run without drops
+        return []
+
+
+def report(table: pl.DataFrame, drops: list[dict[str, object]], *, offset_both: bool) -> None:
+    """Print the summary tables and the done-when checks of issue 17."""
+    summary = summarise(table)
+    deep = deep_vs_linear(table)
     with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200, fmt_str_lengths=60):
-        print(summarise(table))
+        print(summary)
         print("where the signal is lost: each modality's oracle C against its best model:")
         print(signal_loss(table))
-        print("deep fusion (best on validation) against the linear concatenation, per split:")
-        print(deep_vs_linear(table))
-        if args.offset == "both":
+        print("deep fusion (chosen on validation; best on test) against the linear concatenation:")
+        print(deep)
+        if offset_both:
             print("offset linear: C with it minus C without, per strategy (mean over settings):")
             print(offset_effect(table))
-    print(f"drops of a modality with oracle C >= 0.60: "
-          f"{sum(1 for d in drops if (d['modality_oracle_c'] or 0) >= 0.60)} of {len(drops)}")  # fmt: skip
+    strong = sum(1 for d in drops if float(d["modality_oracle_c"] or 0) >= 0.60)  # type: ignore[arg-type]
+    print(f"drops of a modality with oracle C >= 0.60: {strong} of {len(drops)}")
+    print("done-when checks (means over seeds, then over settings):")
+    internal = summary.filter(pl.col("split") == "internal_test")
+    for task, part in internal.group_by("task", maintain_order=True):
+        print(f"  {task[0]}: mean gap of the validation-chosen model to the oracle, internal "
+              f"test {part['gap'].mean():.3f} over {part.height} settings (target <= 0.04)")  # fmt: skip
+    both = internal.filter(pl.col("imbalance").is_between(0.25, 0.75))
+    print(f"  fusions > 0.01 below the best unimodal at 0.25 <= w <= 0.75 (internal test): "
+          f"{both['fusions_below_unimodal'].sum():g} (target 0)")  # fmt: skip
+    for col, what in (("delta", "chosen on validation"), ("delta_best", "best on test")):
+        below = deep.filter(pl.col(col) < 0)
+        print(f"  deep fusion {what} below the linear concatenation: {below.height} of "
+              f"{deep.height} setting x task x split rows (worst {deep[col].min():+.3f})")  # fmt: skip
 
 
 #: strategies that take the `offset` parameter (trained end to end with a Cox head)
@@ -296,7 +337,8 @@ def signal_loss(table: pl.DataFrame) -> pl.DataFrame:
 
 def deep_vs_linear(table: pl.DataFrame) -> pl.DataFrame:
     """Per setting x task x test split (mean over seeds): the deep fusion chosen on validation
-    (every fused model but `linear` and late) against the `linear` concatenation."""
+    (every fused model but `linear`), and the best deep fusion on that test split, against the
+    `linear` concatenation."""
     t = _with_strategy(table)
     deep = t.filter(~pl.col("unimodal") & (pl.col("strategy") != "linear"))
     keys = ["imbalance", "interaction", "site_shift", "sim_seed", "task"]
@@ -311,16 +353,22 @@ def deep_vs_linear(table: pl.DataFrame) -> pl.DataFrame:
             & pl.all_horizontal([pl.col(k) == v for k, v in zip(keys, key, strict=True)])
         )
         for split in TEST_SPLITS:
-            c_deep = part.filter((pl.col("split") == split) & (pl.col("model") == best))["c"]
+            on_split = part.filter(pl.col("split") == split)
+            c_deep = on_split.filter(pl.col("model") == best)["c"]
             c_lin = lin.filter(pl.col("split") == split)["c"]
             if c_deep.len() and c_lin.len():
                 out.append(
                     {**dict(zip(keys, key, strict=True)), "split": split,
-                     "best_deep": _strategy(best), "deep_c": c_deep[0], "linear_c": c_lin[0]}
+                     "best_deep": _strategy(best), "deep_c": c_deep[0],
+                     "best_on_test_c": on_split["c"].max(), "linear_c": c_lin[0]}
                 )  # fmt: skip
-    per = pl.DataFrame(out).with_columns((pl.col("deep_c") - pl.col("linear_c")).alias("delta"))
+    per = pl.DataFrame(out).with_columns(
+        (pl.col("deep_c") - pl.col("linear_c")).alias("delta"),
+        (pl.col("best_on_test_c") - pl.col("linear_c")).alias("delta_best"),
+    )
     by = ["task", "split", *SETTING]
-    return _mean_over_seeds(per, by, ["deep_c", "linear_c", "delta"], "best_deep", by)
+    means = ["deep_c", "best_on_test_c", "linear_c", "delta", "delta_best"]
+    return _mean_over_seeds(per, by, means, "best_deep", by)
 
 
 def offset_effect(table: pl.DataFrame) -> pl.DataFrame:
