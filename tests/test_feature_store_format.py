@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import polars as pl
 import pytest
 
 from survfuse.encoders.store import FeatureStore
-from survfuse.encoders.store_segments import STORE_FORMAT, load_chunk
+from survfuse.encoders.store_segments import STORE_FORMAT, _header, load_chunk
 from survfuse.features import ModalityFeatures
 from test_feature_store import ToyEncoder, cohort
 
@@ -142,7 +144,8 @@ def test_a_chunk_whose_rows_were_never_written_is_an_error_not_zeros(
 
 
 class Lending(FixedT):
-    """The toy with its pooled output allocated by `ehr_vocab.output_array` (as the EHR encoders)."""
+    """The toy with a wide pooled output allocated by `ehr_vocab.output_array` (as the EHR
+    encoders): 1,000 float32 per row (4,000 bytes: rows straddle the file's pages)."""
 
     copy_out = False
 
@@ -150,38 +153,108 @@ class Lending(FixedT):
         from survfuse.encoders.ehr_vocab import output_array
 
         f = super().encode(cohort, source)
-        out = output_array(f.pooled.shape, np.float32)
-        out[:] = f.pooled
+        out = output_array((len(f), 1000), np.float32)
+        out[:, :2] = f.pooled
+        out[:, 2:] = f.pooled[:, :1] * np.arange(2, 1000, dtype=np.float32)
         f.pooled = np.array(out) if self.copy_out else out
         return f
 
 
+def _reference(df: pl.DataFrame) -> ModalityFeatures:
+    """The Lending toy's output, computed directly (no store, no lender)."""
+    return Lending().fit(df[:8], None).encode(df, None)
+
+
+@pytest.fixture
+def direct_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """Direct writes from one page on; records each direct write (bytes, file offset, address)."""
+    from survfuse.encoders import store_segments
+
+    probe = store_segments._open_direct(Path(__file__))
+    if probe is None:
+        pytest.skip("no direct I/O on this platform")
+    os.close(probe)
+    monkeypatch.setattr(store_segments, "_DIRECT_MIN", store_segments._ALIGN)
+    write, take = store_segments._Segment._write_direct, store_segments._Buffers.take
+    seen: dict[str, Any] = {"writes": [], "fresh": 0, "unspied": write}
+
+    def spy_write(self: Any, name: str, dfd: int, view: memoryview, pos: int) -> None:
+        addr = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
+        seen["writes"].append((name, len(view), pos, addr))
+        write(self, name, dfd, view, pos)
+        assert self.direct_fds[name] is not None, "direct write refused (EINVAL)"
+
+    def spy_take(self: Any, nbytes: int) -> Any:
+        buf, fresh = take(self, nbytes)
+        seen["fresh"] += fresh
+        return buf, fresh
+
+    monkeypatch.setattr(store_segments._Segment, "_write_direct", spy_write)
+    monkeypatch.setattr(store_segments._Buffers, "take", spy_take)
+    return seen
+
+
 @pytest.mark.parametrize("copy_out", [False, True])
-def test_pooled_output_is_written_where_it_is_stored(
-    tmp_path: Path, copy_out: bool, monkeypatch: pytest.MonkeyPatch
+def test_pooled_output_is_written_with_direct_io_from_lent_memory(
+    tmp_path: Path, copy_out: bool, direct_io: dict[str, Any]
+) -> None:
+    df = cohort(n=700, seed=8).sort("subject_id")
+    enc = Lending().fit(df[:8], None)
+    enc.copy_out = copy_out
+    ref = _reference(df)
+    store = FeatureStore(tmp_path)
+    for order in (df, df.reverse()):  # linked result, then rows copied from the chunks
+        out = store.encode(enc, order, None, chunk_size=100, progress=False)
+        rows = np.searchsorted(ref.subject_id, order["subject_id"].to_numpy())
+        same(out, ref.select(rows))
+    assert store.last_run is not None
+    (seg,) = (store.last_run.directory / "segments").iterdir()
+    assert _header(seg / "pooled.npy")[2] == 4096  # the data starts page-aligned
+    writes = direct_io["writes"]
+    if copy_out:  # the encoder's own array: not lined up with the file, written buffered;
+        # the lent buffer it copied from is free again at once: one buffer for all calls
+        assert writes == [] and direct_io["fresh"] == 1
+        return
+    # 7 calls of 100 rows (400,000 bytes: calls start inside a page): every call's whole
+    # pages went direct, aligned in memory and file; the encoder's memory was two buffers
+    # taking turns
+    assert [w[0] for w in writes] == ["pooled"] * 7
+    assert all(pos % 4096 == 0 and addr % 4096 == 0 for _, _, pos, addr in writes)
+    whole = sum(n for _, n, _, _ in writes)
+    assert 700 * 4000 - 7 * 2 * 4096 <= whole <= 700 * 4000
+    assert direct_io["fresh"] == 2
+
+
+def test_without_direct_io_or_when_it_is_refused_the_bytes_are_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_io: dict[str, Any]
 ) -> None:
     from survfuse.encoders import store_segments
 
-    written: list[str] = []
-    write = store_segments._Segment.write
-
-    def spy(self: Any, arrays: dict[str, Any], start: int) -> None:
-        written.extend(arrays)
-        write(self, arrays, start)
-
-    monkeypatch.setattr(store_segments._Segment, "write", spy)
-    df = cohort(n=23, seed=8).sort("subject_id")
+    df = cohort(n=300, seed=9).sort("subject_id")
+    ref = _reference(df)
     enc = Lending().fit(df[:8], None)
-    enc.copy_out = copy_out
-    direct = FixedT().fit(df[:8], None).encode(df, None)
-    store = FeatureStore(tmp_path)
-    for order in (df, df.reverse()):  # linked result, then rows copied from the chunks
-        out = store.encode(enc, order, None, chunk_size=5, progress=False)
-        rows = np.searchsorted(direct.subject_id, order["subject_id"].to_numpy())
-        same(out, direct.select(rows))
-    # 5 calls: pooled written by the store only when the encoder returned another array
-    assert written.count("present") == 5 and written.count("pooled") == (5 if copy_out else 0)
-    assert (
-        store.last_run is not None
-        and len(list((store.last_run.directory / "segments").iterdir())) == 1
-    )
+    refused: set[int] = set()
+    open_direct, pwrite = store_segments._open_direct, os.pwrite
+
+    def flaky_open(path: Path) -> int | None:
+        fd = open_direct(path)
+        if fd is not None:
+            refused.add(fd)
+        return fd
+
+    def pwrite_refusing_direct(fd: int, data: Any, pos: int) -> int:
+        if fd in refused:  # as a device whose direct I/O needs a larger alignment
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, data, pos)
+
+    monkeypatch.setattr(store_segments, "_open_direct", flaky_open)
+    monkeypatch.setattr(store_segments.os, "pwrite", pwrite_refusing_direct)
+    # the fixture's spy asserts that no direct write is refused; here they are
+    monkeypatch.setattr(store_segments._Segment, "_write_direct", direct_io["unspied"])
+    out = FeatureStore(tmp_path / "refused").encode(enc, df, None, chunk_size=64, progress=False)
+    same(out, ref)
+    assert refused  # it was tried, refused, and the rows went through the page cache
+
+    monkeypatch.setattr(store_segments, "_open_direct", lambda path: None)
+    out = FeatureStore(tmp_path / "none").encode(enc, df, None, chunk_size=64, progress=False)
+    same(out, ref)

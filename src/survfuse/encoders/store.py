@@ -348,7 +348,8 @@ class FeatureStore:
                 for group in _chunk_groups(job.todo, chunks, batch_rows, source_group):
                     a, b = chunks[group[0]][0], chunks[group[-1]][1]
                     rows = cohort[first[a:b].tolist()]
-                    # an EHR encoder's pooled output is allocated in the segment's file
+                    # an EHR encoder's pooled output is computed in memory the writer lends,
+                    # lined up with the segment file's pages (written with direct I/O)
                     lending = OUTPUT_LENDER.set(writer.lender(b - a))
                     try:
                         feats = encoder.encode(rows, job.source)

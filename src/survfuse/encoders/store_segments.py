@@ -9,13 +9,16 @@ writes each `encode` call's output once, appended to the `.npy` files of a *segm
     <encoder>-<fp>/segments/<id>/meta-<r>.json the meta of the call whose rows start at row r
     <encoder>-<fp>/chunks/<chunkkey>.json      a chunk: rows [start, stop) of segment <id>
 
-A segment's `.npy` files are created at the size of the rows the run is about to encode and
-memory-mapped; a run that ends early (a crash, or a call whose token shape differs and opens a
+A segment's `.npy` files are created at the size of the rows the run is about to encode, with
+the header padded so that the data starts at byte 4096; a run that ends early (a crash, or a call whose token shape differs and opens a
 new segment) leaves rows that were never written, so nothing reads a segment but through chunk
 references: a chunk is trusted only once its `<chunkkey>.json` exists, and that is written (to a
 temp file renamed into place) after its rows are in the segment, so a crash leaves only whole
-chunks. The rows are copied by a background thread while the encoder computes the next call's
-(at most one call's output waits to be written). When the chunks of one run cover a whole
+chunks. The rows are written by a background thread while the encoder computes the next call's
+(at most one call's output waits to be written). The pooled output of an EHR encoder is computed
+in anonymous memory the store lends it (`SegmentWriter.lender`), laid out so that its whole pages
+line up with the file's pages; those are written with direct I/O (`O_DIRECT`: no page-cache
+copy), the partial pages at either end with plain `pwrite`. When the chunks of one run cover a whole
 segment, all of the cohort in cohort order, the assembled result's `.npy` files are hard links
 to the segment's: the result is the bytes written once, and `ModalityFeatures.load` reads it as
 any saved features.
@@ -26,10 +29,13 @@ are read as they are; a folder of a newer format than this code knows is refused
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import mmap
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +66,12 @@ __all__ = [
 STORE_FORMAT = 2
 _FORMAT_FILE = "store_format.json"
 _ARRAYS = ("subject_id", "prediction_time", "pooled", "present", "tokens", "mask", "token_codes")
+#: Data offset of every segment `.npy` file, and the unit of its direct (`O_DIRECT`) writes: a
+#: multiple of the logical block size of common disks (512 or 4096 bytes) and of the page size.
+_ALIGN = max(4096, mmap.PAGESIZE)
+#: Writes of fewer whole pages than this go through the page cache (a direct write waits for
+#: the disk; for small writes that wait costs more than the copy it saves).
+_DIRECT_MIN = 1 << 20
 
 
 def check_store_format(enc_dir: Path) -> None:
@@ -94,6 +106,41 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int]:
         if fortran:
             raise ValueError(f"{path}: Fortran-ordered segment arrays are not written by survfuse")
         return shape, dtype, f.tell()
+
+
+def _header_bytes(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    """Return a `.npy` 1.0 header of a C-ordered array, padded to `_ALIGN` bytes (numpy: 64).
+
+    Why: with the data page-aligned in the file, rows in page-aligned memory can be written
+    with direct I/O. `np.load` reads any padding (headers up to 10,000 bytes by default).
+    """
+    descr = np.lib.format.dtype_to_descr(dtype)
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
+    pad = _ALIGN - 8 - 2 - len(text) - 1  # magic + version, header length, text, newline
+    if pad < 0:
+        raise ValueError(f"segment header longer than {_ALIGN} bytes: {text}")
+    return (
+        np.lib.format.magic(1, 0)
+        + (_ALIGN - 10).to_bytes(2, "little")
+        + (text + " " * pad + "\n").encode("latin1")
+    )
+
+
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], pos + done)
+
+
+def _open_direct(path: Path) -> int | None:
+    """Open `path` write-only with `O_DIRECT`; None where there is no direct I/O."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:  # e.g. a file system without direct I/O
+        return None
 
 
 def _rows(path: Path, start: int, stop: int) -> NDArray[Any]:
@@ -203,9 +250,14 @@ class _Segment:
     """One segment being written: `.npy` files of `capacity` rows, written with `pwrite`.
 
     Files are added per array (`add`), allocated at full size (`posix_fallocate`, where the file
-    system has it). Why: on this shared VM, 770 MB written that way took a steady 0.18-0.19
-    CPU s, by plain `write()` 0.27-0.31 s and through a memory map 0.24-2.0 s (docs/benchmarks.md,
-    issue 25 session 6).
+    system has it), their data at byte `_ALIGN`. Rows whose memory lines up with the file's pages
+    (`SegmentWriter.lender` lends such memory) are written with direct I/O.
+
+    Why not a memory map of the file (format 2 as session 6 wrote it): on this VM, 770 MB
+    written through a file mapping cost 0.25-1.1 CPU s (the page cache's large folios come from
+    memory the balloon gave back to the host), by buffered `pwrite` 0.44-1.6 s, by direct I/O
+    from reused anonymous memory 0.28-0.31 s, filling included (docs/benchmarks.md, issue 25
+    session 7).
     """
 
     def __init__(self, root: Path, capacity: int) -> None:
@@ -215,57 +267,118 @@ class _Segment:
         self.capacity, self.rows = capacity, 0
         self.layout: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, trailing)
         self.fds: dict[str, tuple[int, int, int]] = {}  # name -> (fd, data offset, row bytes)
+        self.direct_fds: dict[str, int | None] = {}  # name -> O_DIRECT fd (None: none)
+        self.direct_bytes = 0  # bytes written with direct I/O (for tests and logs)
 
     def add(self, name: str, dtype: np.dtype[Any], trailing: tuple[int, ...]) -> None:
         """Create the file of array `name`."""
         shape = (self.capacity, *trailing)
         row = dtype.itemsize * int(np.prod(trailing, dtype=np.int64))
         fd = os.open(self.folder / f"{name}.npy", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(os.dup(fd), "wb") as fh:
-            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
-            np.lib.format.write_array_header_1_0(fh, {**header, "shape": shape})
-            offset = fh.tell()
-        size = offset + row * self.capacity
+        _pwrite_all(fd, memoryview(_header_bytes(dtype, shape)), 0)
+        size = _ALIGN + row * self.capacity
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError:  # not supported here: the file grows as it is written
             pass
         os.ftruncate(fd, size)
-        self.fds[name] = (fd, offset, row)
+        self.fds[name] = (fd, _ALIGN, row)
         self.layout[name] = (dtype.str, trailing)
 
     def fits(self, layout: dict[str, tuple[str, tuple[int, ...]]], n: int) -> bool:
         """Whether a call with these arrays (name -> (dtype, trailing shape)) can follow."""
         if self.rows + n > self.capacity:
             return False
-        if self.rows == 0:  # only lent files so far
+        if self.rows == 0:  # only the lent array's file so far
             return all(layout.get(k) == v for k, v in self.layout.items())
         return self.layout == layout
 
-    def lend(self, name: str, n: int) -> NDArray[Any]:
-        """Return rows [rows, rows + n) of array `name`'s file, memory-mapped for writing."""
-        _, offset, row = self.fds[name]
-        dtype, trailing = self.layout[name]
-        path = self.folder / f"{name}.npy"
-        return np.memmap(path, dtype, "r+", offset=offset + self.rows * row, shape=(n, *trailing))
+    def position(self, name: str, row: int) -> int:
+        """Byte offset of row `row` of array `name` in its file."""
+        _, offset, size = self.fds[name]
+        return offset + row * size
 
     def write(self, arrays: dict[str, NDArray[Any]], start: int) -> None:
-        """Write `arrays` as rows [start, start + len) (`pwrite` releases the GIL)."""
+        """Write `arrays` as rows [start, start + len) (`pwrite` releases the GIL).
+
+        The whole pages of an array whose memory is page-aligned where its file is go with
+        direct I/O, the rest through the page cache.
+        """
         for name, a in arrays.items():
-            fd, offset, row = self.fds[name]
-            view = np.ascontiguousarray(a).data.cast("B")
-            pos, done = offset + start * row, 0
+            fd = self.fds[name][0]
+            a = np.ascontiguousarray(a)
+            view = a.reshape(-1).view(np.uint8).data
+            pos = self.position(name, start)
+            head = -pos % _ALIGN
+            body = max(len(view) - head, 0) // _ALIGN * _ALIGN
+            addr = int(a.__array_interface__["data"][0])
+            dfd = None
+            if body >= _DIRECT_MIN and (addr + head) % _ALIGN == 0:
+                if name not in self.direct_fds:
+                    self.direct_fds[name] = _open_direct(self.folder / f"{name}.npy")
+                dfd = self.direct_fds[name]
+            if dfd is None:
+                _pwrite_all(fd, view, pos)
+                continue
+            _pwrite_all(fd, view[:head], pos)
+            self._write_direct(name, dfd, view[head : head + body], pos + head)
+            _pwrite_all(fd, view[head + body :], pos + head + body)
+
+    def _write_direct(self, name: str, dfd: int, view: memoryview, pos: int) -> None:
+        done = 0
+        try:
             while done < len(view):
-                done += os.pwrite(fd, view[done:], pos + done)
+                done += os.pwrite(dfd, view[done:], pos + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: alignment this device refuses
+                raise
+            os.close(dfd)
+            self.direct_fds[name] = None
+            _pwrite_all(self.fds[name][0], view[done:], pos + done)
+        self.direct_bytes += done
 
     def close(self) -> None:
-        # no fsync: as for np.save, the pages are in the page cache, which a killed process
-        # leaves behind; a chunk is trusted from its reference, written after its rows
+        # no fsync: as for np.save, buffered pages are in the page cache, which a killed process
+        # leaves behind (direct writes are on the disk); a chunk is trusted from its
+        # reference, written after its rows
         for fd, _, _ in self.fds.values():
             os.close(fd)
-        self.fds = {}
+        for dfd in self.direct_fds.values():
+            if dfd is not None:
+                os.close(dfd)
+        self.fds, self.direct_fds = {}, {}
         if self.rows == 0:  # nothing but a lent region nobody kept: no chunk refers to it
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Buffers:
+    """Page-aligned anonymous memory the writer lends an encoder's output (two buffers, reused).
+
+    Why reused: on this VM, first-touching memory costs more than re-zeroing memory already
+    touched; a run's calls take turns with two buffers (the encoder fills one while the writer
+    writes the other), where a direct encode touches all of its output once.
+    """
+
+    def __init__(self) -> None:
+        self.free: list[mmap.mmap] = []
+        self._lock = threading.Lock()  # given back by the writer thread
+
+    def take(self, nbytes: int) -> tuple[mmap.mmap, bool]:
+        """Return a buffer of at least `nbytes` and whether it is fresh (reads as zeros)."""
+        with self._lock:
+            for i, buf in enumerate(self.free):
+                if len(buf) >= nbytes:
+                    return self.free.pop(i), False
+            if len(self.free) >= 2:  # too small to be of use: let it go
+                self.free.pop(0)
+        size = -(-nbytes // _ALIGN) * _ALIGN
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        return (mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)), True
+
+    def give(self, buf: mmap.mmap) -> None:
+        """Return a buffer nothing reads or writes any more."""
+        with self._lock:
+            self.free.append(buf)
 
 
 def _arrays(feats: ModalityFeatures) -> dict[str, NDArray[Any]]:
@@ -280,24 +393,15 @@ def _arrays(feats: ModalityFeatures) -> dict[str, NDArray[Any]]:
     return out
 
 
-def _same(a: NDArray[Any] | None, b: NDArray[Any]) -> bool:
-    """Whether `a` is exactly the memory of `b` (same start, shape and strides)."""
-    return (
-        a is not None
-        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-        and a.shape == b.shape
-        and a.strides == b.strides
-    )
-
-
 class SegmentWriter:
     """Append encode calls' outputs to segments of `root` (`segments/` of an encoder folder).
 
     `total_rows`: rows the run will append in all (the first segment's files are that long). A
     call whose arrays have another trailing shape (e.g. another token count) opens a new
     segment. Writes run on one background thread, at most one call behind the caller.
-    `lender(n)` lends the next call's pooled output its rows of the segment's file: an encoder
-    that allocates it with `ehr_vocab.output_array` then writes it where it is stored.
+    `lender(n)` lends the next call's pooled output page-aligned memory that lines up with its
+    rows' place in the segment file: an encoder that allocates it with
+    `ehr_vocab.output_array` computes it there, and the store writes it with direct I/O.
     """
 
     def __init__(self, root: Path, total_rows: int) -> None:
@@ -305,14 +409,16 @@ class SegmentWriter:
         self.current: _Segment | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="survfuse-store")
         self._pending: Future[None] | None = None
-        self._lent: tuple[_Segment, int, NDArray[Any]] | None = None
+        self._buffers = _Buffers()
+        self._lent: tuple[_Segment, int, NDArray[Any], mmap.mmap] | None = None
+        self.direct_bytes = 0  # bytes written with direct I/O, closed segments (tests, logs)
 
     def lender(self, n: int) -> Callable[[tuple[int, ...], Any, Any], NDArray[Any] | None]:
         """Return an `ehr_vocab.OUTPUT_LENDER` for a call of `n` rows.
 
         It lends once: the first zero-filled 2-d float32 array of `n` rows (the pooled output).
         """
-        self._lent = None
+        self._release_lent()
 
         def lend(shape: tuple[int, ...], dtype: Any, fill: Any) -> NDArray[Any] | None:
             dt = np.dtype(dtype)
@@ -328,8 +434,14 @@ class SegmentWriter:
                 seg = self.current = _Segment(self.root, max(self.remaining, n))
             if "pooled" not in seg.layout:
                 seg.add("pooled", dt, tuple(shape[1:]))
-            view = seg.lend("pooled", n)
-            self._lent = (seg, seg.rows, view)
+            skew = seg.position("pooled", seg.rows) % _ALIGN
+            count = int(np.prod(shape, dtype=np.int64))
+            # room for any skew, so that calls of the same size can take turns with a buffer
+            buf, fresh = self._buffers.take(_ALIGN + count * dt.itemsize)
+            view = np.frombuffer(buf, dt, count, skew).reshape(shape)
+            if not fresh:
+                view[...] = 0  # memory already touched: cheaper to zero than new pages
+            self._lent = (seg, seg.rows, view, buf)
             return view
 
         return lend
@@ -338,40 +450,49 @@ class SegmentWriter:
         """Write `feats`' rows once, then call `then(segment id, first row there)`.
 
         Returns once the previous call's rows are written (raising what that write raised);
-        this call's are written in the background. A pooled output that is the lent region is
-        not written again.
+        this call's are written in the background. The lent buffer (if any of `feats` lies in
+        it) is lent again only after this write.
         """
         self._drain()
         lent, self._lent = self._lent, None
         arrays, n = _arrays(feats), len(feats)
         layout = {k: (a.dtype.str, a.shape[1:]) for k, a in arrays.items()}
         seg = self.current
-        fits = seg is not None and seg.fits(layout, n)
-        in_place = fits and lent is not None and lent[0] is seg and lent[1] == lent[0].rows
-        in_place = in_place and lent is not None and _same(arrays.get("pooled"), lent[2])
-        if lent is not None:
-            for k, a in arrays.items():  # outputs in the lent region, but not in place
-                if not (in_place and k == "pooled") and np.may_share_memory(a, lent[2]):
-                    arrays[k] = np.array(a)
-        if seg is None or not fits:
+        if seg is None or not seg.fits(layout, n):
             self._close_segment()
             seg = self.current = _Segment(self.root, max(self.remaining, n))
         for k, a in arrays.items():
             if k not in seg.layout:
                 seg.add(k, a.dtype, a.shape[1:])
-        if in_place:
-            del arrays["pooled"]  # the encoder wrote it there
         start = seg.rows
         seg.rows += n
         self.remaining -= n
-        self._pending = self._pool.submit(self._write, seg, arrays, start, then)
+        buf = None
+        if lent is not None:
+            if any(np.may_share_memory(a, lent[2]) for a in arrays.values()):
+                buf = lent[3]  # read by this write: lent again after it
+            else:
+                self._buffers.give(lent[3])
+        self._pending = self._pool.submit(self._write, seg, arrays, start, then, buf)
 
-    @staticmethod
     def _write(
-        seg: _Segment, arrays: dict[str, NDArray[Any]], start: int, then: Callable[[str, int], None]
+        self,
+        seg: _Segment,
+        arrays: dict[str, NDArray[Any]],
+        start: int,
+        then: Callable[[str, int], None],
+        buf: mmap.mmap | None,
     ) -> None:
         seg.write(arrays, start)
         then(seg.id, start)
+        if buf is not None:
+            self._buffers.give(buf)
+
+    def _release_lent(self) -> None:
+        """Take back a lent buffer whose call never reached `append` (e.g. it raised)."""
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            self._buffers.give(lent[3])
 
     def _drain(self) -> None:
         pending, self._pending = self._pending, None
@@ -380,6 +501,7 @@ class SegmentWriter:
 
     def _close_segment(self) -> None:
         if self.current is not None:
+            self.direct_bytes += self.current.direct_bytes
             self.current.close()
             self.current = None
 
@@ -393,6 +515,7 @@ class SegmentWriter:
         finally:
             self._pool.shutdown(wait=True)
             self._close_segment()
+            self._lent, self._buffers = None, _Buffers()
 
 
 def link_result(segment: Path, tmp: Path) -> bool:
