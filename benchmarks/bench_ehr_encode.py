@@ -17,7 +17,8 @@ pretraining tokens/s and encode events/s.
 The load average is printed before every run (`uptime`). Each encoder run also hashes its output
 (sha256 of every array, after the clock stops): the FeatureStore's must equal the direct encode's.
 That hash is the first full read of the result, timed apart ("read s"): the direct encode's is
-in memory, the store's result is memory-mapped and, written with direct I/O, read from the disk.
+in memory, the store's is memory-mapped from the page cache (a store that wrote around the page
+cache, e.g. with direct I/O, would have its readers pay for it here).
 
 `--sim N` instead compares CLMBR with ehr_counts on the simulator (n = N subjects): validation
 perplexity vs the unigram baseline, and the internal-test C-index of a penalised Cox model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import polars as pl
 import pytest
 
 from survfuse.encoders.store import FeatureStore
-from survfuse.encoders.store_segments import STORE_FORMAT, _header, load_chunk
+from survfuse.encoders.store_segments import STORE_FORMAT, load_chunk
 from survfuse.features import ModalityFeatures
 from test_feature_store import ToyEncoder, cohort
 
@@ -145,7 +144,7 @@ def test_a_chunk_whose_rows_were_never_written_is_an_error_not_zeros(
 
 class Lending(FixedT):
     """The toy with a wide pooled output allocated by `ehr_vocab.output_array` (as the EHR
-    encoders): 1,000 float32 per row (4,000 bytes: rows straddle the file's pages)."""
+    encoders): 1,000 float32 per row."""
 
     copy_out = False
 
@@ -166,37 +165,31 @@ def _reference(df: pl.DataFrame) -> ModalityFeatures:
 
 
 @pytest.fixture
-def direct_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
-    """Direct writes from one page on; records each direct write (bytes, file offset, address)."""
+def lent(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Records the writer's buffers (fresh ones) and the arrays each segment write gets."""
     from survfuse.encoders import store_segments
 
-    probe = store_segments._open_direct(Path(__file__))
-    if probe is None:
-        pytest.skip("no direct I/O on this platform")
-    os.close(probe)
-    monkeypatch.setattr(store_segments, "_DIRECT_MIN", store_segments._ALIGN)
-    write, take = store_segments._Segment._write_direct, store_segments._Buffers.take
-    seen: dict[str, Any] = {"writes": [], "fresh": 0, "unspied": write}
+    seen: dict[str, Any] = {"written": [], "fresh": 0}
+    write, take = store_segments._Segment.write, store_segments._Buffers.take
 
-    def spy_write(self: Any, name: str, dfd: int, view: memoryview, pos: int) -> None:
-        addr = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
-        seen["writes"].append((name, len(view), pos, addr))
-        write(self, name, dfd, view, pos)
-        assert self.direct_fds[name] is not None, "direct write refused (EINVAL)"
+    def spy_write(self: Any, arrays: dict[str, Any], start: int) -> None:
+        seen["written"].append({k: a.__array_interface__["data"][0] for k, a in arrays.items()})
+        write(self, arrays, start)
 
     def spy_take(self: Any, nbytes: int) -> Any:
         buf, fresh = take(self, nbytes)
         seen["fresh"] += fresh
+        seen.setdefault("buffers", set()).add(id(buf))
         return buf, fresh
 
-    monkeypatch.setattr(store_segments._Segment, "_write_direct", spy_write)
+    monkeypatch.setattr(store_segments._Segment, "write", spy_write)
     monkeypatch.setattr(store_segments._Buffers, "take", spy_take)
     return seen
 
 
 @pytest.mark.parametrize("copy_out", [False, True])
-def test_pooled_output_is_written_with_direct_io_from_lent_memory(
-    tmp_path: Path, copy_out: bool, direct_io: dict[str, Any]
+def test_pooled_output_is_computed_in_two_reused_buffers_and_written_once(
+    tmp_path: Path, copy_out: bool, lent: dict[str, Any]
 ) -> None:
     df = cohort(n=700, seed=8).sort("subject_id")
     enc = Lending().fit(df[:8], None)
@@ -208,53 +201,42 @@ def test_pooled_output_is_written_with_direct_io_from_lent_memory(
         rows = np.searchsorted(ref.subject_id, order["subject_id"].to_numpy())
         same(out, ref.select(rows))
     assert store.last_run is not None
-    (seg,) = (store.last_run.directory / "segments").iterdir()
-    assert _header(seg / "pooled.npy")[2] == 4096  # the data starts page-aligned
-    writes = direct_io["writes"]
-    if copy_out:  # the encoder's own array: not lined up with the file, written buffered;
-        # the lent buffer it copied from is free again at once: one buffer for all calls
-        assert writes == [] and direct_io["fresh"] == 1
-        return
-    # 7 calls of 100 rows (400,000 bytes: calls start inside a page): every call's whole
-    # pages went direct, aligned in memory and file; the encoder's memory was two buffers
-    # taking turns
-    assert [w[0] for w in writes] == ["pooled"] * 7
-    assert all(pos % 4096 == 0 and addr % 4096 == 0 for _, _, pos, addr in writes)
-    whole = sum(n for _, n, _, _ in writes)
-    assert 700 * 4000 - 7 * 2 * 4096 <= whole <= 700 * 4000
-    assert direct_io["fresh"] == 2
+    assert len(list((store.last_run.directory / "segments").iterdir())) == 1
+    # 7 calls, each call's arrays written once (the second encode reused the chunks)
+    assert len(lent["written"]) == 7 and all("pooled" in w for w in lent["written"])
+    if copy_out:  # the encoder copied out of the lent buffer: free again at once
+        assert lent["fresh"] == 1
+    else:  # the encoder filled one buffer while the writer wrote the other
+        assert lent["fresh"] == 2
+        assert len({w["pooled"] for w in lent["written"]}) == 2
 
 
-def test_without_direct_io_or_when_it_is_refused_the_bytes_are_the_same(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_io: dict[str, Any]
+def test_pwrite_pieces_end_on_piece_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from survfuse.encoders import store_segments
 
-    df = cohort(n=300, seed=9).sort("subject_id")
-    ref = _reference(df)
-    enc = Lending().fit(df[:8], None)
-    refused: set[int] = set()
-    open_direct, pwrite = store_segments._open_direct, os.pwrite
+    calls: list[tuple[int, int]] = []
+    pwrite = os.pwrite
 
-    def flaky_open(path: Path) -> int | None:
-        fd = open_direct(path)
-        if fd is not None:
-            refused.add(fd)
-        return fd
-
-    def pwrite_refusing_direct(fd: int, data: Any, pos: int) -> int:
-        if fd in refused:  # as a device whose direct I/O needs a larger alignment
-            raise OSError(errno.EINVAL, "Invalid argument")
+    def spy(fd: int, data: Any, pos: int) -> int:
+        calls.append((pos, len(data)))
         return pwrite(fd, data, pos)
 
-    monkeypatch.setattr(store_segments, "_open_direct", flaky_open)
-    monkeypatch.setattr(store_segments.os, "pwrite", pwrite_refusing_direct)
-    # the fixture's spy asserts that no direct write is refused; here they are
-    monkeypatch.setattr(store_segments._Segment, "_write_direct", direct_io["unspied"])
-    out = FeatureStore(tmp_path / "refused").encode(enc, df, None, chunk_size=64, progress=False)
-    same(out, ref)
-    assert refused  # it was tried, refused, and the rows went through the page cache
-
-    monkeypatch.setattr(store_segments, "_open_direct", lambda path: None)
-    out = FeatureStore(tmp_path / "none").encode(enc, df, None, chunk_size=64, progress=False)
-    same(out, ref)
+    monkeypatch.setattr(store_segments.os, "pwrite", spy)
+    rng = np.random.default_rng(0)
+    piece = store_segments._PIECE
+    data = rng.integers(0, 256, 3 * piece + 123, dtype=np.uint8)
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"\0" * (5 * piece))
+    fd = os.open(f, os.O_RDWR)
+    try:
+        store_segments._pwrite_all(fd, data.data, 1000)
+    finally:
+        os.close(fd)
+    raw = f.read_bytes()
+    assert raw[1000 : 1000 + data.size] == data.tobytes()
+    assert raw[:1000] == b"\0" * 1000 and set(raw[1000 + data.size :]) == {0}
+    assert calls[0] == (1000, piece - 1000)
+    assert all(pos % piece == 0 and n <= piece for pos, n in calls[1:])
+    assert sum(n for _, n in calls) == data.size

@@ -348,8 +348,7 @@ class FeatureStore:
                 for group in _chunk_groups(job.todo, chunks, batch_rows, source_group):
                     a, b = chunks[group[0]][0], chunks[group[-1]][1]
                     rows = cohort[first[a:b].tolist()]
-                    # an EHR encoder's pooled output is computed in memory the writer lends,
-                    # lined up with the segment file's pages (written with direct I/O)
+                    # an EHR encoder's pooled output is computed in memory the writer lends
                     lending = OUTPUT_LENDER.set(writer.lender(b - a))
                     try:
                         feats = encoder.encode(rows, job.source)

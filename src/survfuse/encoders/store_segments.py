@@ -9,16 +9,15 @@ writes each `encode` call's output once, appended to the `.npy` files of a *segm
     <encoder>-<fp>/segments/<id>/meta-<r>.json the meta of the call whose rows start at row r
     <encoder>-<fp>/chunks/<chunkkey>.json      a chunk: rows [start, stop) of segment <id>
 
-A segment's `.npy` files are created at the size of the rows the run is about to encode, with
-the header padded so that the data starts at byte 4096; a run that ends early (a crash, or a call whose token shape differs and opens a
+A segment's `.npy` files are created at the size of the rows the run is about to encode; a run
+that ends early (a crash, or a call whose token shape differs and opens a
 new segment) leaves rows that were never written, so nothing reads a segment but through chunk
 references: a chunk is trusted only once its `<chunkkey>.json` exists, and that is written (to a
 temp file renamed into place) after its rows are in the segment, so a crash leaves only whole
 chunks. The rows are written by a background thread while the encoder computes the next call's
 (at most one call's output waits to be written). The pooled output of an EHR encoder is computed
-in anonymous memory the store lends it (`SegmentWriter.lender`), laid out so that its whole pages
-line up with the file's pages; those are written with direct I/O (`O_DIRECT`: no page-cache
-copy), the partial pages at either end with plain `pwrite`. When the chunks of one run cover a whole
+in anonymous memory the store lends it (`SegmentWriter.lender`: two buffers that take turns), and
+written with `pwrite` in 64 kB pieces. When the chunks of one run cover a whole
 segment, all of the cohort in cohort order, the assembled result's `.npy` files are hard links
 to the segment's: the result is the bytes written once, and `ModalityFeatures.load` reads it as
 any saved features.
@@ -29,7 +28,6 @@ are read as they are; a folder of a newer format than this code knows is refused
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import mmap
@@ -66,12 +64,6 @@ __all__ = [
 STORE_FORMAT = 2
 _FORMAT_FILE = "store_format.json"
 _ARRAYS = ("subject_id", "prediction_time", "pooled", "present", "tokens", "mask", "token_codes")
-#: Data offset of every segment `.npy` file, and the unit of its direct (`O_DIRECT`) writes: a
-#: multiple of the logical block size of common disks (512 or 4096 bytes) and of the page size.
-_ALIGN = max(4096, mmap.PAGESIZE)
-#: Writes of fewer whole pages than this go through the page cache (a direct write waits for
-#: the disk; for small writes that wait costs more than the copy it saves).
-_DIRECT_MIN = 1 << 20
 
 
 def check_store_format(enc_dir: Path) -> None:
@@ -108,39 +100,19 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int]:
         return shape, dtype, f.tell()
 
 
-def _header_bytes(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
-    """Return a `.npy` 1.0 header of a C-ordered array, padded to `_ALIGN` bytes (numpy: 64).
-
-    Why: with the data page-aligned in the file, rows in page-aligned memory can be written
-    with direct I/O. `np.load` reads any padding (headers up to 10,000 bytes by default).
-    """
-    descr = np.lib.format.dtype_to_descr(dtype)
-    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
-    pad = _ALIGN - 8 - 2 - len(text) - 1  # magic + version, header length, text, newline
-    if pad < 0:
-        raise ValueError(f"segment header longer than {_ALIGN} bytes: {text}")
-    return (
-        np.lib.format.magic(1, 0)
-        + (_ALIGN - 10).to_bytes(2, "little")
-        + (text + " " * pad + "\n").encode("latin1")
-    )
+#: Bytes per `pwrite` (pieces end on multiples of it in the file). Why 64 kB: the page cache
+#: takes folios of about the size of a write; on this VM, 770 MB written in 64 kB pieces cost
+#: 0.47-0.55 CPU s with the filling of the buffer, in 16 kB pieces 0.74-1.47 s (more calls),
+#: in one piece per call 0.87-1.57 s (docs/benchmarks.md, issue 25 session 7).
+_PIECE = 1 << 16
 
 
 def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    """Write `view` at byte `pos` of `fd` in pieces that end on multiples of `_PIECE`."""
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:], pos + done)
-
-
-def _open_direct(path: Path) -> int | None:
-    """Open `path` write-only with `O_DIRECT`; None where there is no direct I/O."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError:  # e.g. a file system without direct I/O
-        return None
+        end = min(len(view), (pos + done) // _PIECE * _PIECE + _PIECE - pos)
+        done += os.pwrite(fd, view[done:end], pos + done)
 
 
 def _rows(path: Path, start: int, stop: int) -> NDArray[Any]:
@@ -250,13 +222,12 @@ class _Segment:
     """One segment being written: `.npy` files of `capacity` rows, written with `pwrite`.
 
     Files are added per array (`add`), allocated at full size (`posix_fallocate`, where the file
-    system has it), their data at byte `_ALIGN`. Rows whose memory lines up with the file's pages
-    (`SegmentWriter.lender` lends such memory) are written with direct I/O.
+    system has it).
 
-    Why not a memory map of the file (format 2 as session 6 wrote it): on this VM, 770 MB
-    written through a file mapping cost 0.25-1.1 CPU s (the page cache's large folios come from
-    memory the balloon gave back to the host), by buffered `pwrite` 0.44-1.6 s, by direct I/O
-    from reused anonymous memory 0.28-0.31 s, filling included (docs/benchmarks.md, issue 25
+    Why not a memory map of the file (as session 6 wrote the pooled output): on this VM the page
+    cache then takes large folios, often of memory the balloon gave back to the host, and 770 MB
+    written that way cost 0.25-1.1 CPU s; 64 kB `pwrite`s from reused anonymous memory cost a
+    steady 0.47-0.55 s, the filling of the memory included (docs/benchmarks.md, issue 25
     session 7).
     """
 
@@ -267,22 +238,23 @@ class _Segment:
         self.capacity, self.rows = capacity, 0
         self.layout: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, trailing)
         self.fds: dict[str, tuple[int, int, int]] = {}  # name -> (fd, data offset, row bytes)
-        self.direct_fds: dict[str, int | None] = {}  # name -> O_DIRECT fd (None: none)
-        self.direct_bytes = 0  # bytes written with direct I/O (for tests and logs)
 
     def add(self, name: str, dtype: np.dtype[Any], trailing: tuple[int, ...]) -> None:
         """Create the file of array `name`."""
         shape = (self.capacity, *trailing)
         row = dtype.itemsize * int(np.prod(trailing, dtype=np.int64))
         fd = os.open(self.folder / f"{name}.npy", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(fd, memoryview(_header_bytes(dtype, shape)), 0)
-        size = _ALIGN + row * self.capacity
+        with os.fdopen(os.dup(fd), "wb") as fh:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(fh, {**header, "shape": shape})
+            offset = fh.tell()
+        size = offset + row * self.capacity
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError:  # not supported here: the file grows as it is written
             pass
         os.ftruncate(fd, size)
-        self.fds[name] = (fd, _ALIGN, row)
+        self.fds[name] = (fd, offset, row)
         self.layout[name] = (dtype.str, trailing)
 
     def fits(self, layout: dict[str, tuple[str, tuple[int, ...]]], n: int) -> bool:
@@ -293,66 +265,25 @@ class _Segment:
             return all(layout.get(k) == v for k, v in self.layout.items())
         return self.layout == layout
 
-    def position(self, name: str, row: int) -> int:
-        """Byte offset of row `row` of array `name` in its file."""
-        _, offset, size = self.fds[name]
-        return offset + row * size
-
     def write(self, arrays: dict[str, NDArray[Any]], start: int) -> None:
-        """Write `arrays` as rows [start, start + len) (`pwrite` releases the GIL).
-
-        The whole pages of an array whose memory is page-aligned where its file is go with
-        direct I/O, the rest through the page cache.
-        """
+        """Write `arrays` as rows [start, start + len) (`pwrite` releases the GIL)."""
         for name, a in arrays.items():
-            fd = self.fds[name][0]
-            a = np.ascontiguousarray(a)
-            view = a.reshape(-1).view(np.uint8).data
-            pos = self.position(name, start)
-            head = -pos % _ALIGN
-            body = max(len(view) - head, 0) // _ALIGN * _ALIGN
-            addr = int(a.__array_interface__["data"][0])
-            dfd = None
-            if body >= _DIRECT_MIN and (addr + head) % _ALIGN == 0:
-                if name not in self.direct_fds:
-                    self.direct_fds[name] = _open_direct(self.folder / f"{name}.npy")
-                dfd = self.direct_fds[name]
-            if dfd is None:
-                _pwrite_all(fd, view, pos)
-                continue
-            _pwrite_all(fd, view[:head], pos)
-            self._write_direct(name, dfd, view[head : head + body], pos + head)
-            _pwrite_all(fd, view[head + body :], pos + head + body)
-
-    def _write_direct(self, name: str, dfd: int, view: memoryview, pos: int) -> None:
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(dfd, view[done:], pos + done)
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # EINVAL: alignment this device refuses
-                raise
-            os.close(dfd)
-            self.direct_fds[name] = None
-            _pwrite_all(self.fds[name][0], view[done:], pos + done)
-        self.direct_bytes += done
+            fd, offset, row = self.fds[name]
+            view = np.ascontiguousarray(a).reshape(-1).view(np.uint8).data
+            _pwrite_all(fd, view, offset + start * row)
 
     def close(self) -> None:
-        # no fsync: as for np.save, buffered pages are in the page cache, which a killed process
-        # leaves behind (direct writes are on the disk); a chunk is trusted from its
-        # reference, written after its rows
+        # no fsync: as for np.save, the pages are in the page cache, which a killed process
+        # leaves behind; a chunk is trusted from its reference, written after its rows
         for fd, _, _ in self.fds.values():
             os.close(fd)
-        for dfd in self.direct_fds.values():
-            if dfd is not None:
-                os.close(dfd)
-        self.fds, self.direct_fds = {}, {}
-        if self.rows == 0:  # nothing but a lent region nobody kept: no chunk refers to it
+        self.fds = {}
+        if self.rows == 0:  # nothing but a lent array's file nobody kept: no chunk refers to it
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class _Buffers:
-    """Page-aligned anonymous memory the writer lends an encoder's output (two buffers, reused).
+    """Anonymous memory the writer lends an encoder's output (two buffers, reused).
 
     Why reused: on this VM, first-touching memory costs more than re-zeroing memory already
     touched; a run's calls take turns with two buffers (the encoder fills one while the writer
@@ -371,7 +302,7 @@ class _Buffers:
                     return self.free.pop(i), False
             if len(self.free) >= 2:  # too small to be of use: let it go
                 self.free.pop(0)
-        size = -(-nbytes // _ALIGN) * _ALIGN
+        size = max(nbytes, 1)
         flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
         return (mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)), True
 
@@ -399,9 +330,8 @@ class SegmentWriter:
     `total_rows`: rows the run will append in all (the first segment's files are that long). A
     call whose arrays have another trailing shape (e.g. another token count) opens a new
     segment. Writes run on one background thread, at most one call behind the caller.
-    `lender(n)` lends the next call's pooled output page-aligned memory that lines up with its
-    rows' place in the segment file: an encoder that allocates it with
-    `ehr_vocab.output_array` computes it there, and the store writes it with direct I/O.
+    `lender(n)` lends the next call's pooled output memory of the writer's (reused from call to
+    call): an encoder that allocates it with `ehr_vocab.output_array` computes it there.
     """
 
     def __init__(self, root: Path, total_rows: int) -> None:
@@ -411,7 +341,6 @@ class SegmentWriter:
         self._pending: Future[None] | None = None
         self._buffers = _Buffers()
         self._lent: tuple[_Segment, int, NDArray[Any], mmap.mmap] | None = None
-        self.direct_bytes = 0  # bytes written with direct I/O, closed segments (tests, logs)
 
     def lender(self, n: int) -> Callable[[tuple[int, ...], Any, Any], NDArray[Any] | None]:
         """Return an `ehr_vocab.OUTPUT_LENDER` for a call of `n` rows.
@@ -434,11 +363,9 @@ class SegmentWriter:
                 seg = self.current = _Segment(self.root, max(self.remaining, n))
             if "pooled" not in seg.layout:
                 seg.add("pooled", dt, tuple(shape[1:]))
-            skew = seg.position("pooled", seg.rows) % _ALIGN
             count = int(np.prod(shape, dtype=np.int64))
-            # room for any skew, so that calls of the same size can take turns with a buffer
-            buf, fresh = self._buffers.take(_ALIGN + count * dt.itemsize)
-            view = np.frombuffer(buf, dt, count, skew).reshape(shape)
+            buf, fresh = self._buffers.take(count * dt.itemsize)
+            view = np.frombuffer(buf, dt, count).reshape(shape)
             if not fresh:
                 view[...] = 0  # memory already touched: cheaper to zero than new pages
             self._lent = (seg, seg.rows, view, buf)
@@ -501,7 +428,6 @@ class SegmentWriter:
 
     def _close_segment(self) -> None:
         if self.current is not None:
-            self.direct_bytes += self.current.direct_bytes
             self.current.close()
             self.current = None
 
