@@ -20,6 +20,11 @@ That hash is the first full read of the result, timed apart ("read s"): the dire
 in memory, the store's is memory-mapped from the page cache (a store that wrote around the page
 cache, e.g. with direct I/O, would have its readers pay for it here).
 
+`--write-methods` instead measures what writing 756 MB costs by each way a store could write
+it, and the first full read after it (each in a fresh process; see `write_method`):
+
+    .venv/bin/python benchmarks/bench_ehr_encode.py --write-methods --repeats 4 --write-dir /tmp
+
 `--sim N` instead compares CLMBR with ehr_counts on the simulator (n = N subjects): validation
 perplexity vs the unigram baseline, and the internal-test C-index of a penalised Cox model
 (scikit-survival Coxnet) on each encoder's pooled features for the simulated PE-mortality outcome.
@@ -336,6 +341,100 @@ def bench(args: argparse.Namespace) -> None:
             )
 
 
+# ---------------------------------------------------------------------- write methods
+WRITE_METHODS = ("anon", "mmap", "mmap_random", "pwrite_64k", "pwrite_call", "odirect")
+
+
+def write_method(method: str, folder: str) -> dict[str, float]:
+    """Write a 756 MB float32 matrix (98,304 x 1,924, ~60 non-zeros a row) by `method`, then
+    hash it back through `np.load(mmap_mode="r")`; CPU and wall seconds of each part.
+
+    What a store's write costs beside the direct encode's (`anon`: filled in new anonymous
+    memory): `mmap` fills a memory map of the file (session 6), `mmap_random` the same with
+    `MADV_RANDOM` (the page cache then takes single pages), `pwrite_64k` / `pwrite_call` fill a
+    reused anonymous buffer of 32,768 rows and `pwrite` it in 64 kB pieces / one piece, and
+    `odirect` writes that buffer with `O_DIRECT` (around the page cache).
+    """
+    import mmap
+
+    np_core = getattr(np, "_core", np)
+    np_core.multiarray._set_madvise_hugepage(False)  # as ehr_vocab.output_array
+    n, w, b = 98_304, 1_924, 32_768
+    cols = np.random.default_rng(0).integers(0, w, (4096, 60))
+
+    def fill(a: Any, lo: int) -> None:
+        rows = np.arange(a.shape[0])
+        a[rows[:, None], cols[(rows + lo) % 4096]] = 1.0
+
+    path = Path(folder) / f"write_{method}_{os.getpid()}.npy"
+    header = np.lib.format.magic(1, 0) + (4086).to_bytes(2, "little")
+    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {w}), }}"
+    header += (text + " " * (4096 - 11 - len(text)) + "\n").encode()  # data at 4096: O_DIRECT
+    t0, c0 = time.perf_counter(), time.process_time()
+    if method == "anon":
+        a: Any = np.zeros((n, w), np.float32)
+        for lo in range(0, n, b):
+            fill(a[lo : lo + b], lo)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(fd, header, 0)
+        os.posix_fallocate(fd, 0, 4096 + n * w * 4)
+        if method.startswith("mmap"):
+            m = np.memmap(path, np.float32, "r+", offset=4096, shape=(n, w))
+            if method == "mmap_random":
+                m._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
+            for lo in range(0, n, b):
+                fill(m[lo : lo + b], lo)
+            del m
+        else:
+            out = os.open(path, os.O_WRONLY | os.O_DIRECT) if method == "odirect" else fd
+            piece = 1 << 16 if method == "pwrite_64k" else 1 << 40
+            raw = mmap.mmap(-1, b * w * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf = np.frombuffer(raw, np.float32).reshape(b, w)
+            for lo in range(0, n, b):
+                if lo:
+                    buf[...] = 0
+                fill(buf, lo)
+                view, pos, done = memoryview(raw), 4096 + lo * w * 4, 0
+                while done < len(view):
+                    done += os.pwrite(out, view[done : done + piece], pos + done)
+                del view
+            if out != fd:
+                os.close(out)
+        os.close(fd)
+        a = np.load(path, mmap_mode="r")
+    write = (time.perf_counter() - t0, time.process_time() - c0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
+    read = (time.perf_counter() - t0, time.process_time() - c0)
+    del a
+    path.unlink(missing_ok=True)
+    return {"write_s": write[0], "write_cpu_s": write[1], "read_s": read[0], "read_cpu_s": read[1]}
+
+
+def write_methods(args: argparse.Namespace) -> None:
+    """Run each `WRITE_METHODS` entry in a fresh process, `--repeats` interleaved rounds."""
+    folder = Path(args.write_dir or tempfile.gettempdir())
+    print(f"756 MB written to {folder} ({uptime()})")
+    print(f"{'method':<13}{'write s':>9}{'CPU s':>8}{'first read s':>14}{'CPU s':>8}")
+    for _ in range(args.repeats):
+        for method in WRITE_METHODS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--write-method", method, "--write-dir", str(folder)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            r = {k: float(v) for k, v in (kv.split("=") for kv in out.split())}
+            print(
+                f"{method:<13}{r['write_s']:>9.2f}{r['write_cpu_s']:>8.2f}"
+                f"{r['read_s']:>14.2f}{r['read_cpu_s']:>8.2f}",
+                flush=True,
+            )
+            os.sync()  # the deleted file's blocks freed before the next method runs
+    print(uptime())
+
+
 # ---------------------------------------------------------------------- simulator comparison
 def sim_compare(args: argparse.Namespace) -> None:
     import warnings
@@ -426,8 +525,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1, help="rounds of --tasks (interleaved)")
     ap.add_argument("--sim", type=int, default=0, help="simulator comparison with n subjects")
     ap.add_argument("--epochs", type=int, default=8, help="CLMBR epochs for --sim")
+    ap.add_argument(
+        "--write-methods",
+        action="store_true",
+        help="instead: what writing 756 MB to a file costs by each method a store could use "
+        "(write_method), --repeats rounds, then the first full read",
+    )
+    ap.add_argument("--write-method", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--write-dir", default="", help="folder for --write-methods' file")
     args = ap.parse_args(argv)
-    if args.sim:
+    if args.write_method:  # one measured method, in this fresh process
+        r = write_method(args.write_method, args.write_dir or tempfile.gettempdir())
+        print(" ".join(f"{k}={v:.4f}" for k, v in r.items()))
+    elif args.write_methods:
+        write_methods(args)
+    elif args.sim:
         sim_compare(args)
     else:
         bench(args)

@@ -101,9 +101,11 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int]:
 
 
 #: Bytes per `pwrite` (pieces end on multiples of it in the file). Why 64 kB: the page cache
-#: takes folios of about the size of a write; on this VM, 770 MB written in 64 kB pieces cost
-#: 0.47-0.55 CPU s with the filling of the buffer, in 16 kB pieces 0.74-1.47 s (more calls),
-#: in one piece per call 0.87-1.57 s (docs/benchmarks.md, issue 25 session 7).
+#: takes folios of about the size of a write, and on this VM large ones are slow to fill (likely
+#: memory the balloon gave back to the host). 756 MB filled in a reused buffer and written in
+#: 64 kB pieces cost 0.45-0.49 CPU s, in one piece per 252 MB 1.24-2.10 s, filled in anonymous
+#: memory and not written 0.31-0.33 s (`bench_ehr_encode.py --write-methods`; docs/benchmarks.md,
+#: issue 25 session 7).
 _PIECE = 1 << 16
 
 
@@ -224,11 +226,11 @@ class _Segment:
     Files are added per array (`add`), allocated at full size (`posix_fallocate`, where the file
     system has it).
 
-    Why not a memory map of the file (as session 6 wrote the pooled output): on this VM the page
-    cache then takes large folios, often of memory the balloon gave back to the host, and 770 MB
-    written that way cost 0.25-1.1 CPU s; 64 kB `pwrite`s from reused anonymous memory cost a
-    steady 0.47-0.55 s, the filling of the memory included (docs/benchmarks.md, issue 25
-    session 7).
+    Why not a memory map of the file (as session 6 wrote the pooled output): 756 MB filled
+    through one cost 1.13-1.81 CPU s, against 0.45-0.49 s filled in reused anonymous memory and
+    written in 64 kB `pwrite`s (`_PIECE`); with `MADV_RANDOM` on the map 0.50-0.55 s. Direct I/O
+    (`O_DIRECT`) wrote for 0.27-0.32 s, but the first read of the result then came from the disk:
+    0.89-1.79 CPU s against 0.64-0.67 from the page cache.
     """
 
     def __init__(self, root: Path, capacity: int) -> None:
