@@ -240,3 +240,31 @@ def test_pwrite_pieces_end_on_piece_boundaries(
     assert calls[0] == (1000, piece - 1000)
     assert all(pos % piece == 0 and n <= piece for pos, n in calls[1:])
     assert sum(n for _, n in calls) == data.size
+
+
+class FailsAfterLending(Lending):
+    """Lending, but call `fail_at` raises after filling its lent output."""
+
+    fail_at = 3
+
+    def encode(self, cohort: pl.DataFrame, source: Any) -> ModalityFeatures:
+        f = super().encode(cohort, source)
+        if self.calls > self.fail_at:
+            raise RuntimeError("simulated crash after the output was filled")
+        return f
+
+
+def test_crash_after_filling_lent_memory_then_resume_gives_the_same_bytes(
+    tmp_path: Path, lent: dict[str, Any]
+) -> None:
+    df = cohort(n=700, seed=10).sort("subject_id")
+    ref = _reference(df)
+    enc = FailsAfterLending().fit(df[:8], None)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        FeatureStore(tmp_path).encode(enc, df, None, chunk_size=100, progress=False)
+    assert len(lent["written"]) == 3  # the calls before the crash
+    enc.fail_at = 10**9
+    store = FeatureStore(tmp_path)
+    out = store.encode(enc, df, None, chunk_size=100, progress=False)
+    assert store.last_run is not None and store.last_run.cached_chunks == 3
+    same(out, ref)

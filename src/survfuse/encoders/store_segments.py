@@ -263,8 +263,6 @@ class _Segment:
         """Whether a call with these arrays (name -> (dtype, trailing shape)) can follow."""
         if self.rows + n > self.capacity:
             return False
-        if self.rows == 0:  # only the lent array's file so far
-            return all(layout.get(k) == v for k, v in self.layout.items())
         return self.layout == layout
 
     def write(self, arrays: dict[str, NDArray[Any]], start: int) -> None:
@@ -280,7 +278,7 @@ class _Segment:
         for fd, _, _ in self.fds.values():
             os.close(fd)
         self.fds = {}
-        if self.rows == 0:  # nothing but a lent array's file nobody kept: no chunk refers to it
+        if self.rows == 0:  # nothing was written to it: no chunk refers to it
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -342,7 +340,7 @@ class SegmentWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="survfuse-store")
         self._pending: Future[None] | None = None
         self._buffers = _Buffers()
-        self._lent: tuple[_Segment, int, NDArray[Any], mmap.mmap] | None = None
+        self._lent: tuple[NDArray[Any], mmap.mmap] | None = None  # (view, its buffer)
 
     def lender(self, n: int) -> Callable[[tuple[int, ...], Any, Any], NDArray[Any] | None]:
         """Return an `ehr_vocab.OUTPUT_LENDER` for a call of `n` rows.
@@ -357,20 +355,12 @@ class SegmentWriter:
                 return None
             if shape[0] != n or n == 0 or shape[1] == 0:
                 return None
-            want = (dt.str, tuple(shape[1:]))
-            seg = self.current
-            if seg is None or not seg.fits({**seg.layout, "pooled": want}, n):
-                self._drain()  # the last call's rows go to the files about to be closed
-                self._close_segment()
-                seg = self.current = _Segment(self.root, max(self.remaining, n))
-            if "pooled" not in seg.layout:
-                seg.add("pooled", dt, tuple(shape[1:]))
             count = int(np.prod(shape, dtype=np.int64))
             buf, fresh = self._buffers.take(count * dt.itemsize)
             view = np.frombuffer(buf, dt, count).reshape(shape)
             if not fresh:
                 view[...] = 0  # memory already touched: cheaper to zero than new pages
-            self._lent = (seg, seg.rows, view, buf)
+            self._lent = (view, buf)
             return view
 
         return lend
@@ -398,10 +388,10 @@ class SegmentWriter:
         self.remaining -= n
         buf = None
         if lent is not None:
-            if any(np.may_share_memory(a, lent[2]) for a in arrays.values()):
-                buf = lent[3]  # read by this write: lent again after it
+            if any(np.may_share_memory(a, lent[0]) for a in arrays.values()):
+                buf = lent[1]  # read by this write: lent again after it
             else:
-                self._buffers.give(lent[3])
+                self._buffers.give(lent[1])
         self._pending = self._pool.submit(self._write, seg, arrays, start, then, buf)
 
     def _write(
@@ -421,7 +411,7 @@ class SegmentWriter:
         """Take back a lent buffer whose call never reached `append` (e.g. it raised)."""
         lent, self._lent = self._lent, None
         if lent is not None:
-            self._buffers.give(lent[3])
+            self._buffers.give(lent[1])
 
     def _drain(self) -> None:
         pending, self._pending = self._pending, None
