@@ -206,9 +206,10 @@ def test_pooled_output_is_computed_in_two_reused_buffers_and_written_once(
     assert len(lent["written"]) == 7 and all("pooled" in w for w in lent["written"])
     if copy_out:  # the encoder copied out of the lent buffer: free again at once
         assert lent["fresh"] == 1
-    else:  # the encoder filled one buffer while the writer wrote the other
-        assert lent["fresh"] == 2
-        assert len({w["pooled"] for w in lent["written"]}) == 2
+    else:  # the encoder fills one buffer while the writer writes the other (a second buffer
+        # only when the writer is still busy as the next call starts): never more than two
+        assert 1 <= lent["fresh"] <= 2
+        assert len({w["pooled"] for w in lent["written"]}) == lent["fresh"]
 
 
 def test_pwrite_pieces_end_on_piece_boundaries(
