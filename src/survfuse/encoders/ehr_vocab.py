@@ -356,8 +356,8 @@ _set_madvise_hugepage: Any = getattr(
 )
 
 
-#: Where `output_array` asks for memory first: a FeatureStore lends a memory-mapped region of
-#: its segment file for an encode call's output (None: not lent, allocate as usual).
+#: Where `output_array` asks for memory first: a FeatureStore lends a buffer it reuses from call
+#: to call and writes to its segment file after the call (None: not lent, allocate as usual).
 OUTPUT_LENDER: ContextVar[Callable[[tuple[int, ...], Any, Any], NDArray[Any] | None] | None] = (
     ContextVar("survfuse_output_lender", default=None)
 )
@@ -366,8 +366,8 @@ OUTPUT_LENDER: ContextVar[Callable[[tuple[int, ...], Any, Any], NDArray[Any] | N
 def output_array(shape: tuple[int, ...], dtype: Any, fill: Any = 0) -> NDArray[Any]:
     """Return a new output array filled with `fill`, without transparent-huge-page advice.
 
-    Where a `FeatureStore` lends memory (`OUTPUT_LENDER`), the array may be its memory-mapped
-    file, so the output is written once, where it is stored.
+    Where a `FeatureStore` lends memory (`OUTPUT_LENDER`), the array is one of its reused
+    buffers, which its writer thread copies to the segment file while the next call encodes.
 
     numpy advises huge pages for large arrays. Why not here: the encoders' dense outputs are written
     once, and on a busy machine the first touch of huge pages triggers memory compaction that cost
