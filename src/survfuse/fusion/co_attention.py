@@ -100,8 +100,9 @@ class CoAttention(AttentionStrategy):
     def _fuse(self, batch: Batch) -> FusionOutput:
         g, gm = self.embed[self.guide](batch[self.guide])
         o, om = self.embed[self.other](batch[self.other])
+        # the guided tokens' padding positions are not zeroed: the layer below masks them as
+        # keys and its output is pooled with the same mask
         guided, coattn = self.coattn(g, o, om, need_weights=self.record_attention)
-        guided = guided * gm[..., None]
         inputs = {"guided": (guided, gm), "guide": (g, gm), "other": (o, om)}
         pooled: list[Tensor] = []
         extras: dict[str, Tensor] = {}
