@@ -3,8 +3,9 @@
 The estimator prepares the batches it feeds every epoch: normalised, split into token buckets
 and given each bucket's embedding-bag matrices once (`survfuse.fusion.buckets.prepare_buckets`,
 `survfuse.fusion.layers.code_bags`). Each piece is checked against an independent reference:
-`nn.EmbeddingBag` for the bag sums and their weight gradient, the plain batch's forward and
-backward for the whole strategy, torch's explicit softmax for attention rows without keys.
+`nn.EmbeddingBag` for the bag sums and their weight gradient, the plain batch for the whole
+strategy (outputs and gradients: tests/test_fusion_buckets.py), torch's explicit softmax for
+attention rows without keys.
 """
 
 from __future__ import annotations
@@ -14,18 +15,10 @@ import pytest
 import torch
 
 from survfuse.fusion import FusionSurvivalModel
-from survfuse.fusion.base import PreparedBatch
 from survfuse.fusion.batch import mask_modalities, to_batch
-from survfuse.fusion.buckets import BucketedBatch, prepare_buckets, split_buckets
+from survfuse.fusion.buckets import prepare_buckets, split_buckets
 from survfuse.fusion.layers import MaskedAttention, code_bags
 from survfuse.fusion.synthetic import synthetic_features
-
-ATTENTION = [
-    ("cross_attention", {}),
-    ("cross_attention", {"direction": "ehr->ct"}),
-    ("co_attention", {}),
-    ("co_attention", {"guide": "ehr"}),
-]
 
 
 def test_code_bags_give_the_embedding_bag_sums_and_weight_gradient() -> None:
@@ -59,47 +52,29 @@ def cohort() -> object:
     return synthetic_features(300, seed=3, p_missing_ct=0.15, p_missing_ehr=0.15, **kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("strategy", "params"), ATTENTION)
-def test_a_prepared_batch_gives_the_plain_batchs_outputs_and_gradients(
+@pytest.mark.parametrize(("strategy", "params"), [("cross_attention", {}), ("co_attention", {})])
+def test_a_masked_copy_of_a_prepared_batch_is_prepared_afresh(
     cohort: object, strategy: str, params: dict
 ) -> None:
+    # outputs and gradients of prepared batches: tests/test_fusion_buckets.py
     data = cohort
     model = FusionSurvivalModel(
         strategy, strategy_params=params, seed=0, device="cpu", max_epochs=2
     )
     model.fit(data.features, data.time, data.event)  # type: ignore[attr-defined]
     module = model.module_
-    module.eval()  # no dropout: both paths see the same function
+    module.eval()
     batch = to_batch(data.features, modalities=module.modalities, with_tokens=True)  # type: ignore[attr-defined]
     prepared = module.prepare(batch)
-    assert isinstance(prepared, PreparedBatch) and isinstance(prepared.normalised, BucketedBatch)
-    assert any("code_bags" in d for part in prepared.normalised.parts for d in part.values())
-    t, e = torch.as_tensor(data.time), torch.as_tensor(data.event)  # type: ignore[attr-defined]
-    outs, grads = [], []
-    for b in (batch, prepared):
-        module.zero_grad()
-        out = module(b)
-        module.loss(out, t, e).backward()
-        outs.append(out)
-        grads.append(
-            {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        np.testing.assert_allclose(module(prepared).risk, module(batch).risk, rtol=0, atol=1e-6)
+        # masking a modality copies the batch: a plain batch again, normalised and split afresh
+        masked = mask_modalities(prepared, ["ct"])
+        assert type(masked) is dict
+        np.testing.assert_array_equal(
+            module(masked).risk, module(mask_modalities(batch, ["ct"])).risk
         )
-    plain, prep = outs
-    np.testing.assert_allclose(prep.risk.detach(), plain.risk.detach(), rtol=0, atol=1e-6)
-    for m in plain.modality_repr:
-        np.testing.assert_allclose(
-            prep.modality_repr[m].detach(), plain.modality_repr[m].detach(), atol=1e-5
-        )
-    assert grads[0].keys() == grads[1].keys() and any("codes" in k for k in grads[0])
-    for k in grads[0]:
-        np.testing.assert_allclose(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6, err_msg=k)
-    # masking a modality copies the batch: a plain batch again, normalised and split afresh
-    masked = mask_modalities(prepared, ["ct"])
-    assert type(masked) is dict
-    np.testing.assert_allclose(
-        module(masked).risk.detach(), module(mask_modalities(batch, ["ct"])).risk.detach(), atol=0
-    )
-    assert mask_modalities(prepared, []) is prepared
+    assert mask_modalities(prepared, []) is prepared  # nothing masked: still prepared
 
 
 def test_prepared_buckets_are_the_plain_split(cohort: object) -> None:
