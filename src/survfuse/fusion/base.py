@@ -256,8 +256,8 @@ class AttentionStrategy(FusionStrategy):
     def prepare(self, batch: Batch) -> Batch:
         """Normalised and split into token buckets once, with each bucket's bag matrices.
 
-        See `survfuse.fusion.buckets.prepare_buckets`: about a fifth of a training step was
-        spent redoing this every epoch on the same batch (docs/benchmarks.md, session 7).
+        See `survfuse.fusion.buckets.prepare_buckets`: redoing this at every step on the same
+        batch cost 5 to 17% of a training step at n = 3,000 (docs/benchmarks.md, session 7).
         """
         from survfuse.fusion.buckets import prepare_buckets
 
