@@ -252,20 +252,6 @@ class AttentionStrategy(FusionStrategy):
     uses_tokens = True
     record_attention = False
 
-    @torch.no_grad()
-    def prepare(self, batch: Batch) -> Batch:
-        """Normalised and split into token buckets once, with each bucket's bag matrices.
-
-        See `survfuse.fusion.buckets.prepare_buckets`: redoing this at every step on the same
-        batch cost 5 to 17% of a training step at n = 3,000 (docs/benchmarks.md, session 7).
-        """
-        from survfuse.fusion.buckets import prepare_buckets
-
-        vocab = {m: s.vocab_size + 1 for m, s in self.specs.items() if s.vocab_size}
-        out = PreparedBatch(batch)
-        out.normalised = prepare_buckets(self.normalise(batch), vocab)
-        return out
-
     def embed_tokens(self, d_model: int) -> None:
         """`self.embed`: each modality's tokens as ([N, T, d_model], mask [N, T])."""
         self.embed = nn.ModuleDict(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from survfuse.features import MODALITIES
 from survfuse.fusion.base import AttentionStrategy, FusionOutput
 from survfuse.fusion.batch import Batch, ModalitySpec
-from survfuse.fusion.buckets import fuse_in_buckets
+from survfuse.fusion.buckets import fuse_in_buckets, prepare_strategy_batch
 from survfuse.fusion.layers import (
     MLP,
     AttentionBlock,
@@ -89,6 +89,9 @@ class CoAttention(AttentionStrategy):
         if self.other_stream:
             params[self.other] += list(self.pools["other"].parameters())
         return params
+
+    def prepare(self, batch: Batch) -> Batch:
+        return prepare_strategy_batch(self, batch)  # normalised, bucketed and bagged once
 
     def fuse(self, batch: Batch) -> FusionOutput:
         # rows of similar token length together, without their padding (`fusion.buckets`);
