@@ -1,11 +1,13 @@
-"""CPU time of one attention training step with and without token buckets (issue 25).
+"""CPU time of one attention training step: padded, token buckets, prepared batch (issue 25).
 
 The cohort of `bench_fusion.py` (n patients, 15% held out, the rest one full batch: 64 CT
 tokens, 256 EHR token slots of which a third are padding). After one epoch of training, the same
 module runs forward + Cox loss + backward on the training batch `--reps` times per variant, the
 variants alternating for `--rounds` rounds: `padded` (the strategy's fuse on the padded batch,
-as before issue 25) and `buckets` (`survfuse.fusion.buckets.fuse_in_buckets`, the default).
-Prints CPU and wall seconds per step and the ratio buckets / padded of each round.
+as before issue 25), `buckets` (`survfuse.fusion.buckets.fuse_in_buckets` on a plain batch:
+normalised, sorted and sliced again at every step, codes through `nn.EmbeddingBag`) and
+`prepared` (`module.prepare(batch)` once, as the estimator trains: buckets and embedding-bag
+matrices reused). Prints CPU and wall seconds per step and each variant's ratio to `padded`.
 
     .venv/bin/python benchmarks/bench_attention_step.py --strategies cross_attention,co_attention
 """
@@ -42,11 +44,16 @@ def setup(strategy: str, n: int) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     return module, batch, torch.as_tensor(data.time[~val]), torch.as_tensor(data.event[~val])
 
 
-def step_seconds(module: Any, batch: Any, t: Any, e: Any, reps: int, padded: bool) -> tuple:
+VARIANTS = ("padded", "buckets", "prepared")
+
+
+def step_seconds(module: Any, batch: Any, t: Any, e: Any, reps: int, variant: str) -> tuple:
     cls = type(module)
     bucketed = cls.fuse
-    if padded:
+    if variant == "padded":
         cls.fuse = cls._fuse
+    if variant == "prepared":
+        batch = module.prepare(batch)  # once, outside the timing, as the estimator does
     try:
         cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(reps):
@@ -68,17 +75,25 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"{'strategy':16s} {'round':>5s} {'padded CPU s':>12s} {'buckets CPU s':>13s} "
-        f"{'ratio':>6s} {'padded wall s':>13s} {'buckets wall s':>14s}"
+        f"{'strategy':16s} {'round':>5s} "
+        + " ".join(f"{v + ' CPU s':>12s}" for v in VARIANTS)
+        + " "
+        + " ".join(f"{v + ' / padded':>18s}" for v in VARIANTS[1:])
+        + " "
+        + " ".join(f"{v + ' wall s':>13s}" for v in VARIANTS)
     )
     for strategy in args.strategies.split(","):
         module, batch, t, e = setup(strategy, args.n)
         for r in range(args.rounds):
-            pc, pw = step_seconds(module, batch, t, e, args.reps, padded=True)
-            bc, bw = step_seconds(module, batch, t, e, args.reps, padded=False)
+            res = {v: step_seconds(module, batch, t, e, args.reps, v) for v in VARIANTS}
+            cpu = {v: res[v][0] for v in VARIANTS}
             print(
-                f"{strategy:16s} {r:>5d} {pc:>12.3f} {bc:>13.3f} {bc / pc:>6.2f} "
-                f"{pw:>13.3f} {bw:>14.3f}",
+                f"{strategy:16s} {r:>5d} "
+                + " ".join(f"{cpu[v]:>12.3f}" for v in VARIANTS)
+                + " "
+                + " ".join(f"{cpu[v] / cpu['padded']:>18.2f}" for v in VARIANTS[1:])
+                + " "
+                + " ".join(f"{res[v][1]:>13.3f}" for v in VARIANTS),
                 flush=True,
             )
 

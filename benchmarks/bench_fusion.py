@@ -179,6 +179,12 @@ def main() -> None:
         name, n, offset, options = args.child
         child(name, int(n), args.epochs_large, args.threads, offset, json.loads(options), args.seed)
         return
+    # compile the numba concordance kernels into their on-disk cache once, before any timing:
+    # a fresh checkout otherwise compiles them inside the first run's fit (several CPU seconds
+    # that every later process loads from the cache instead; docs/benchmarks.md, session 7)
+    from survfuse.metrics import concordance_index
+
+    concordance_index([1.0, 2.0, 3.0], [True, True, False], [3.0, 2.0, 1.0])
     rows = []
     runs = [
         (n, name, offset, options)

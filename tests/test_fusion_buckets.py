@@ -1,7 +1,8 @@
 """Attention strategies without their token padding (`survfuse.fusion.buckets`).
 
 A patient's risk must not depend on how much padding surrounds its tokens, nor on which other
-patients share its bucket; training on buckets must give the gradient of the one padded batch.
+patients share its bucket; training on buckets, split at each step or prepared once
+(`FusionStrategy.prepare`), must give the gradient of the one padded batch.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch
 
 from survfuse.features import ModalityFeatures
 from survfuse.fusion import FusionSurvivalModel
+from survfuse.fusion.base import PreparedBatch
 from survfuse.fusion.batch import to_batch
-from survfuse.fusion.buckets import fuse_in_buckets, take_rows, token_extent
+from survfuse.fusion.buckets import BucketedBatch, fuse_in_buckets, take_rows, token_extent
 from survfuse.fusion.synthetic import synthetic_features
 
 ATTENTION = [
@@ -80,27 +82,37 @@ def test_buckets_give_the_padded_batchs_outputs_and_gradients(
     model.fit(tr.features, tr.time, tr.event)
     module = model.module_
     module.eval()  # no dropout: both paths see the same function
-    batch = module.normalise(to_batch(tr.features, modalities=module.modalities, with_tokens=True))
+    raw = to_batch(tr.features, modalities=module.modalities, with_tokens=True)
+    batch = module.normalise(raw)
+    # the batch as the estimator trains on it: normalised, bucketed and bagged once
+    prepared = module.prepare(raw)
+    assert isinstance(prepared, PreparedBatch) and isinstance(prepared.normalised, BucketedBatch)
     t, e = torch.as_tensor(tr.time), torch.as_tensor(tr.event)
     grads = []
     outs = []
-    for fuse in (module._fuse, lambda b: fuse_in_buckets(module._fuse, b)):  # type: ignore[operator]
+    for fuse, b in (
+        (module._fuse, batch),  # type: ignore[operator]
+        (lambda b: fuse_in_buckets(module._fuse, b), batch),  # type: ignore[operator]
+        (module.fuse, prepared.normalised),
+    ):
         module.zero_grad()
-        out = fuse(batch)
+        out = fuse(b)
         module.loss(out, t, e).backward()
         outs.append(out)
         grads.append(
             {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
         )
-    padded, bucketed = outs
-    np.testing.assert_allclose(bucketed.risk.detach(), padded.risk.detach(), rtol=0, atol=1e-6)
-    for m in padded.modality_repr:
-        np.testing.assert_allclose(
-            bucketed.modality_repr[m].detach(), padded.modality_repr[m].detach(), atol=1e-5
-        )
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
-    for k in grads[0]:
-        np.testing.assert_allclose(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6, err_msg=k)
+    padded = outs[0]
+    for out, grad in zip(outs[1:], grads[1:], strict=True):
+        np.testing.assert_allclose(out.risk.detach(), padded.risk.detach(), rtol=0, atol=1e-6)
+        for m in padded.modality_repr:
+            np.testing.assert_allclose(
+                out.modality_repr[m].detach(), padded.modality_repr[m].detach(), atol=1e-5
+            )
+        assert grads[0].keys() == grad.keys() and len(grad) > 4
+        for k in grads[0]:
+            np.testing.assert_allclose(grad[k], grads[0][k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert any("codes" in k for k in grads[0])  # the bag matrices' weight gradient is checked
 
 
 def test_token_extent_and_trimmed_rows() -> None:

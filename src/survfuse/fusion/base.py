@@ -24,7 +24,13 @@ from survfuse.fusion.layers import MLP, FeatureNorm, ModalityEmbedding
 from survfuse.registry import HEADS
 from survfuse.survival.heads import SurvivalHead
 
-__all__ = ["AttentionStrategy", "ExactStrategy", "FusionOutput", "FusionStrategy"]
+__all__ = [
+    "AttentionStrategy",
+    "ExactStrategy",
+    "FusionOutput",
+    "FusionStrategy",
+    "PreparedBatch",
+]
 
 
 @dataclass
@@ -41,6 +47,17 @@ class FusionOutput:
     aux_loss: Tensor | None = None
     modality_repr: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class PreparedBatch(dict[str, dict[str, Tensor]]):
+    """A batch with `normalised`, what `FusionStrategy.prepare` computed from it once.
+
+    The estimator prepares the batches it feeds every epoch (the full training batch, the
+    validation chunks); `forward` then skips the normalisation. A copy made by `dict(batch)`
+    (masking a modality, modality dropout) is a plain batch again and is normalised afresh.
+    """
+
+    normalised: Batch
 
 
 # ----------------------------------------------------------------------------- strategy base
@@ -153,8 +170,16 @@ class FusionStrategy(nn.Module, abc.ABC):
                 normed[m] = {**normed[m], "pooled": normed[m]["pooled"] * scale}
         return normed
 
+    def prepare(self, batch: Batch) -> Batch:
+        """Return `batch` with the work that is the same at every epoch done once (default: none).
+
+        Only for a batch fed again unchanged, to this module with its normalisation fitted.
+        """
+        return batch
+
     def forward(self, batch: Batch) -> FusionOutput:
-        output = self.fuse(self.normalise(batch))
+        normed = batch.normalised if isinstance(batch, PreparedBatch) else self.normalise(batch)
+        output = self.fuse(normed)
         if self.offset is not None:  # out = x^T beta (frozen linear Cox) + the learnt residual
             shift = self.offset(batch).risk
             output.out = output.out + shift[:, None].to(output.out.dtype)

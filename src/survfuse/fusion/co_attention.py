@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from survfuse.features import MODALITIES
 from survfuse.fusion.base import AttentionStrategy, FusionOutput
 from survfuse.fusion.batch import Batch, ModalitySpec
-from survfuse.fusion.buckets import fuse_in_buckets
+from survfuse.fusion.buckets import fuse_in_buckets, prepare_strategy_batch
 from survfuse.fusion.layers import (
     MLP,
     AttentionBlock,
@@ -90,6 +90,9 @@ class CoAttention(AttentionStrategy):
             params[self.other] += list(self.pools["other"].parameters())
         return params
 
+    def prepare(self, batch: Batch) -> Batch:
+        return prepare_strategy_batch(self, batch)  # normalised, bucketed and bagged once
+
     def fuse(self, batch: Batch) -> FusionOutput:
         # rows of similar token length together, without their padding (`fusion.buckets`);
         # recorded attention weights keep the batch's full token axis
@@ -100,8 +103,9 @@ class CoAttention(AttentionStrategy):
     def _fuse(self, batch: Batch) -> FusionOutput:
         g, gm = self.embed[self.guide](batch[self.guide])
         o, om = self.embed[self.other](batch[self.other])
+        # the guided tokens' padding positions are not zeroed: the layer below masks them as
+        # keys and its output is pooled with the same mask
         guided, coattn = self.coattn(g, o, om, need_weights=self.record_attention)
-        guided = guided * gm[..., None]
         inputs = {"guided": (guided, gm), "guide": (g, gm), "other": (o, om)}
         pooled: list[Tensor] = []
         extras: dict[str, Tensor] = {}

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from survfuse.features import MODALITIES
 from survfuse.fusion.base import AttentionStrategy, FusionOutput
 from survfuse.fusion.batch import Batch, ModalitySpec
-from survfuse.fusion.buckets import fuse_in_buckets
+from survfuse.fusion.buckets import fuse_in_buckets, prepare_strategy_batch
 from survfuse.fusion.layers import MLP, AttentionBlock, masked_mean
 from survfuse.registry import FUSIONS, look_up_option
 
@@ -70,6 +70,9 @@ class CrossAttention(AttentionStrategy):
 
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {m: list(self.embed[m].parameters()) for m in MODALITIES}
+
+    def prepare(self, batch: Batch) -> Batch:
+        return prepare_strategy_batch(self, batch)  # normalised, bucketed and bagged once
 
     def fuse(self, batch: Batch) -> FusionOutput:
         # rows of similar token length together, without their padding (`fusion.buckets`);

@@ -231,8 +231,8 @@ class FusionSurvivalModel(FusionModelParams):
         # one generator for modality dropout and OGM-GE noise, drawn in step order
         gen = torch.Generator().manual_seed(self.seed)
         full = None
-        if self._batch_rows(n) >= n:  # one batch: convert once, reuse every epoch
-            full = to_batch(features, modalities=mods, with_tokens=tok, device=dev)
+        if self._batch_rows(n) >= n:  # one batch: convert and prepare once, reuse every epoch
+            full = module.prepare(to_batch(features, modalities=mods, with_tokens=tok, device=dev))
         t_all = torch.as_tensor(t, device=dev)
         e_all = torch.as_tensor(e, device=dev)
         self.history_: list[dict[str, Any]] = []
@@ -278,7 +278,7 @@ class FusionSurvivalModel(FusionModelParams):
         validate = None
         if val is not None:
             # converted once: to_batch of the same rows gives the same tensors every epoch
-            val_chunks = self._chunk_batches(vf)
+            val_chunks = [module.prepare(b) for b in self._chunk_batches(vf)]
 
             def validate() -> tuple[float, Any]:
                 vout, vreprs, vpresent = self._forward_all(vf, chunks=val_chunks)
@@ -349,7 +349,8 @@ class FusionSurvivalModel(FusionModelParams):
                 vb, torch.as_tensor(vt, device=dev), torch.as_tensor(ve, device=dev)
             )
         self._fit_validation_slope(val)
-        out = self._outputs(features)
+        # the prepared training batch when there is one (no second conversion and bucketing)
+        out = self._forward_all(features, chunks=None if full is None else [full])[0]
         module.output_head.fit_baseline(out, t, e)
 
     def _fit_validation_slope(self, val: Any) -> None:
