@@ -107,3 +107,27 @@ def test_scale_defaults(bench: ModuleType) -> None:
     assert bench.parse_args(["--n", "20000", "--patience", "7"]).patience == 7
     with pytest.raises(SystemExit, match="unknown strategies"):
         bench.parse_args(["--strategies", "concat,cross_atention"])
+
+
+def test_to_batch_consecutive_rows_are_views_with_the_same_values() -> None:
+    import torch
+
+    from survfuse.features import ModalityFeatures
+    from survfuse.fusion.batch import to_batch
+
+    rng = np.random.default_rng(0)
+    n = 50
+    f = ModalityFeatures(
+        np.arange(n), np.full(n, np.datetime64("2020-01-01", "us")),
+        rng.standard_normal((n, 4)).astype(np.float32), np.ones(n, bool),
+        tokens=rng.standard_normal((n, 3, 5)).astype(np.float32), mask=np.ones((n, 3), bool),
+    )  # fmt: skip
+    feats = {"ct": f}
+    run = to_batch(feats, np.arange(10, 30), modalities=["ct"], with_tokens=True)["ct"]
+    gathered = to_batch(feats, np.arange(10, 30)[::-1], modalities=["ct"], with_tokens=True)["ct"]
+    for k in ("pooled", "tokens", "mask", "present"):
+        assert torch.equal(run[k], gathered[k].flip(0))
+    assert np.shares_memory(run["tokens"].numpy(), f.tokens)  # the run: no copy
+    assert not np.shares_memory(gathered["tokens"].numpy(), f.tokens)  # any other order: a copy
+    with pytest.raises(IndexError):  # past the end fails as fancy indexing does
+        to_batch(feats, np.arange(40, 51), modalities=["ct"], with_tokens=True)
