@@ -98,13 +98,32 @@ def to_batch(
     with_tokens: bool,
     device: torch.device | str = "cpu",
 ) -> Batch:
-    """Tensors of rows `index` (all rows when None) of the named modalities."""
+    """Tensors of rows `index` (all rows when None) of the named modalities.
+
+    All rows, or a run of consecutive rows (the estimator's validation and prediction chunks),
+    are views of the features' arrays where those are contiguous and of the tensor's dtype (no
+    copy: at 20,000 patients with 2,048-d tokens a copy of the training split is 1.6 GB);
+    other indices copy their rows. Nothing downstream writes into a batch.
+    """
+    modalities = tuple(modalities)
+    rows: np.ndarray | slice | None = index
+    if index is not None and modalities:
+        idx = np.asarray(index)
+        if (
+            idx.ndim == 1
+            and idx.size > 0
+            and idx.dtype.kind in "iu"
+            and idx[0] >= 0
+            and idx[-1] < min(len(features[m]) for m in modalities)  # else a[index] raises
+            and bool(np.all(np.diff(idx) == 1))
+        ):
+            rows = slice(int(idx[0]), int(idx[-1]) + 1)
     out: Batch = {}
     for m in modalities:
         f = features[m]
 
         def take(a: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(a if index is None else a[index])
+            return np.ascontiguousarray(a if rows is None else a[rows])
 
         d: dict[str, Tensor] = {
             "pooled": torch.from_numpy(take(f.pooled).astype(np.float32, copy=False)),
