@@ -126,8 +126,7 @@ class FusionSurvivalModel(FusionModelParams):
     modality), `history_` (one record per epoch), `best_epoch_`, `branch_summary_`,
     `dropped_modalities_` (modalities masked as missing for every patient: chance-level
     branches, see branches.py), `offset_history_` (the linear offset's penalty path with
-    `strategy_params={"offset": "linear"}`, else empty), `validation_slope_` (the Cox risk's
-    scale fitted on validation, `validation_slope`; None when not applied).
+    `strategy_params={"offset": "linear"}`, else empty), `validation_slope_` (Cox risk scale).
     """
 
     def _build(self, specs: Mapping[str, ModalitySpec]) -> FusionStrategy:
@@ -348,16 +347,17 @@ class FusionSurvivalModel(FusionModelParams):
             module.finish_training(
                 vb, torch.as_tensor(vt, device=dev), torch.as_tensor(ve, device=dev)
             )
-        self._fit_validation_slope(val)
+        self._fit_validation_slope(val, None if val is None else val_chunks)  # prepared once
         # the prepared training batch when there is one (no second conversion and bucketing)
         out = self._forward_all(features, chunks=None if full is None else [full])[0]
         module.output_head.fit_baseline(out, t, e)
 
-    def _fit_validation_slope(self, val: Any) -> None:
+    def _fit_validation_slope(self, val: Any, chunks: list[Batch] | None = None) -> None:
         """Scale a Cox head's risk by its calibration slope on validation (`CoxHead.fit_scale`)."""
         head, self.validation_slope_ = self._module.output_head, None
         if val is not None and self.options.validation_slope and isinstance(head, CoxHead):
-            self.validation_slope_ = head.fit_scale(self._forward_all(val[0])[0], val[1], val[2])
+            out = self._forward_all(val[0], chunks=chunks)[0]
+            self.validation_slope_ = head.fit_scale(out, val[1], val[2])
 
     # ------------------------------------------------------------------ inference
     def _outputs(self, features: Features) -> Tensor:
