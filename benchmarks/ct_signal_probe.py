@@ -15,7 +15,12 @@ development sites of a simulated folder this prints, on one held-out half (Harre
 - `ct_radiomics`: an elastic-net Cox (scikit-survival coxnet, penalty chosen on a validation
   third of the training half) on the demo's `ct_radiomics` features;
 - `ct_radiomics+regions`: the same with per-organ features over the simulator's label maps
-  (`ct_radiomics(regions=...)`; folders that have them).
+  (`ct_radiomics(regions=...)`; folders that have them);
+- `ct_radiomics+regions+hyperdensity`: the same with each region's excess HU mass over the
+  `--hyperdensity` thresholds (`ct_radiomics(hyperdensity=...)`).
+
+With `--external`, the coxnet models are trained on the development training half as before and
+also scored on the external site's rows (column `mace_c_external`).
 
     .venv/bin/python benchmarks/ct_signal_probe.py --data FOLDER [--max-rows 1600]
     .venv/bin/python benchmarks/ct_signal_probe.py --simulate OUT --seed 5 --imbalance 1
@@ -63,10 +68,10 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def coxnet_c(
-    x: np.ndarray, time: np.ndarray, event: np.ndarray, train: np.ndarray, test: np.ndarray
-) -> float:
-    """Test C of a coxnet whose alpha is chosen on the last third of the training rows."""
+def coxnet_risk(
+    x: np.ndarray, time: np.ndarray, event: np.ndarray, train: np.ndarray
+) -> np.ndarray:
+    """Risk [N] of every row from a coxnet whose alpha is chosen on the last third of `train`."""
     from sksurv.linear_model import CoxnetSurvivalAnalysis
     from sksurv.util import Surv
 
@@ -86,7 +91,7 @@ def coxnet_c(
         warnings.simplefilter("ignore")
         m = CoxnetSurvivalAnalysis(l1_ratio=0.5, alphas=[best[1]], max_iter=20_000)
         m.fit(x[train], Surv.from_arrays(event[train], time[train]))
-    return float(concordance_index(time[test], event[test], m.predict(x[test])).estimate)
+    return np.asarray(m.predict(x), np.float64)
 
 
 def main() -> None:
@@ -98,6 +103,8 @@ def main() -> None:
     ap.add_argument("--imbalance", type=float, default=1.0)
     ap.add_argument("--site-shift", type=float, default=1.0)
     ap.add_argument("--max-rows", type=int, default=1600)
+    ap.add_argument("--hyperdensity", default="400,600,1000", help="HU thresholds, comma list")
+    ap.add_argument("--external", action="store_true", help="also score the external site")
     args = ap.parse_args()
     data = args.data
     if args.simulate is not None:
@@ -113,11 +120,14 @@ def main() -> None:
     cohort = pl.read_parquet(data / "cohort.parquet")
     src = CTSource.from_index(data / "ct_index.parquet")
     external = set(json.loads((data / "dataset.json").read_text())["parameters"]["external"])
-    df = (
-        cohort.filter(~pl.col("site").is_in(sorted(external)))
-        .head(args.max_rows)
-        .join(oracle.drop("site", "prediction_time"), on="subject_id", maintain_order="left")
+    is_ext = pl.col("site").is_in(sorted(external))
+    parts = [cohort.filter(~is_ext).head(args.max_rows)]
+    if args.external:
+        parts.append(cohort.filter(is_ext))
+    df = pl.concat(parts).join(
+        oracle.drop("site", "prediction_time"), on="subject_id", maintain_order="left"
     )
+    ext = df["site"].is_in(sorted(external)).to_numpy()
     # the study each prediction reads (the latest at or before it: never a follow-up study)
     studies = src.studies(df.select("subject_id", "prediction_time"))
     ring, whole = [], []
@@ -129,49 +139,50 @@ def main() -> None:
         whole.append(float(np.clip(vol - THRESHOLD_HU, 0, None).sum() * np.prod(sp)))
     enc = CTRadiomicsEncoder(grid=(2, 2, 2), n_bins=16, pooled="volume+cells")
     rows = df.select("subject_id", "prediction_time")
-    feats = enc.fit(rows, src).encode(rows, src)
+    feats = enc.fit(rows.filter(pl.Series(~ext)), src).encode(rows, src)
     # the same with per-organ features from the simulator's label maps (folders written since
     # the simulator writes them: the CT index's mask_path)
-    region_feats = None
+    region_feats, hyper_feats = None, None
     if MASK_COLUMN in src.index.columns:
-        enc_r = CTRadiomicsEncoder(
-            grid=(2, 2, 2), n_bins=16, pooled="volume+cells", regions=REGION_LABELS
-        )
-        region_feats = enc_r.fit(rows, src).encode(rows, src)
+        kw: dict = {"grid": (2, 2, 2), "n_bins": 16, "pooled": "volume+cells"}
+        fit_rows = rows.filter(pl.Series(~ext))
+        enc_r = CTRadiomicsEncoder(**kw, regions=REGION_LABELS)
+        region_feats = enc_r.fit(fit_rows, src).encode(rows, src)
+        thresholds = [float(v) for v in args.hyperdensity.split(",")]
+        enc_h = CTRadiomicsEncoder(**kw, regions=REGION_LABELS, hyperdensity=thresholds)
+        hyper_feats = enc_h.fit(fit_rows, src).encode(rows, src)
     time = df["mace_time"].to_numpy().astype(np.float64)
     event = df["mace_event"].to_numpy().astype(bool)
     rng = np.random.default_rng(0)
-    test = rng.random(df.height) < 0.5
-    train = ~test
+    test = (rng.random(df.height) < 0.5) & ~ext
+    train = ~test & ~ext
 
-    def c(risk: np.ndarray) -> float:
-        return float(concordance_index(time[test], event[test], risk[test]).estimate)
+    def c(risk: np.ndarray, rows: np.ndarray) -> float:
+        if not rows.any():
+            return float("nan")
+        return float(concordance_index(time[rows], event[rows], risk[rows]).estimate)
 
     lat = df["latent_calcium_mm3"].to_numpy()
-    measures = ["latent", "heart_roi", "whole_volume", "ct_radiomics"]
-    c_region = []
-    if region_feats is not None:
-        measures.append("ct_radiomics+regions")
-        c_region = [coxnet_c(np.asarray(region_feats.pooled, np.float64), time, event, train, test)]
+    models = {"ct_radiomics": feats}
+    if region_feats is not None and hyper_feats is not None:
+        models["ct_radiomics+regions"] = region_feats
+        models["ct_radiomics+regions+hyperdensity"] = hyper_feats
+    risks = {"latent": lat, "heart_roi": np.asarray(ring), "whole_volume": np.asarray(whole)}
+    for name, f in models.items():
+        risks[name] = coxnet_risk(np.asarray(f.pooled, np.float64), time, event, train)
     table = pl.DataFrame(
         {
-            "measure": measures,
-            "mace_c_test": [
-                c(lat),
-                c(np.asarray(ring)),
-                c(np.asarray(whole)),
-                coxnet_c(np.asarray(feats.pooled, np.float64), time, event, train, test),
-                *c_region,
-            ],
+            "measure": list(risks),
+            "mace_c_test": [c(r, test) for r in risks.values()],
+            "mace_c_external": [c(r, ext) for r in risks.values()],
             "spearman_vs_latent": [
-                1.0,
-                _spearman(np.asarray(ring), lat),
-                _spearman(np.asarray(whole), lat),
-                *[float("nan")] * (1 + len(c_region)),
+                _spearman(r[~ext], lat[~ext]) if k in ("heart_roi", "whole_volume") else np.nan
+                for k, r in risks.items()
             ],
         }
     )
-    print(f"{data}: {df.height} development rows, {int(test.sum())} held out")
+    print(f"{data}: {int((~ext).sum())} development rows, {int(test.sum())} held out, ")
+    print(f"{int(ext.sum())} external rows")
     print(table)
 
 

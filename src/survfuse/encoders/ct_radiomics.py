@@ -23,7 +23,7 @@ cells, so the volume and all cells cost one pass.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import numba
@@ -34,7 +34,13 @@ from numpy.typing import NDArray
 from survfuse.data.ct_labels import check_label_preprocessing
 from survfuse.data.imaging import CTPreprocessing
 from survfuse.encoders.base import CTSource, Encoder, cohort_keys, iter_ct_volumes, register_encoder
-from survfuse.encoders.ct_regions import RegionFeatures, check_regions, region_stats
+from survfuse.encoders.ct_regions import (
+    RegionFeatures,
+    check_hyperdensity,
+    check_regions,
+    hyperdensity_features,
+    region_stats,
+)
 from survfuse.features import ModalityFeatures
 from survfuse.registry import look_up_option
 
@@ -326,8 +332,9 @@ class CTRadiomicsEncoder(Encoder):
     mask [N, prod(grid)], pooled [N, F] (standardised whole-volume features) or, with
     `pooled="volume+cells"`, [N, F * (1 + prod(grid))] (volume then each cell, zeros for cells
     outside the volume). With `regions` ({name: label value}, e.g. `{heart: 1, lungs: 2}`), pooled
-    ends with F standardised features per region, computed over the voxels of that label in the
-    study's label map (the CT index's `mask_path`; `survfuse.data.ct_labels`); a region absent
+    ends with F standardised features per region (F + len(hyperdensity) with `hyperdensity`
+    thresholds: `ct_regions.hyperdensity_features`, each region's excess HU mass over them),
+    computed over the voxels of that label in the study's label map (the CT index's `mask_path`; `survfuse.data.ct_labels`); a region absent
     from a study's map, or a study without a map, gets zeros (the training mean).
     Why: whole-volume and coarse-cell statistics mix a small organ with everything around it
     (coronary calcium at 1,200 HU with ribs and spine at 450-650 HU), while radiomics as practised
@@ -345,6 +352,7 @@ class CTRadiomicsEncoder(Encoder):
         n_bins: int = 16,
         pooled: str = "volume",
         regions: Mapping[str, int] | None = None,
+        hyperdensity: list[float] | None = None,
     ) -> None:
 
         pooled = look_up_option(pooled, POOLED_MODES, kind="ct_radiomics pooled mode")
@@ -363,11 +371,17 @@ class CTRadiomicsEncoder(Encoder):
         region_map = check_regions(regions)
         if region_map:
             check_label_preprocessing(CTPreprocessing(**prep))
-        extra = {"regions": region_map} if region_map else {}  # fingerprints stay without
+        hyper = check_hyperdensity(hyperdensity, (prep["hu_window"][0], prep["hu_window"][1]))
+        if hyper and not region_map:
+            raise ValueError("ct_radiomics hyperdensity is computed per region: it needs regions")
+        extra: dict[str, Any] = {"regions": region_map} if region_map else {}
+        if hyper:  # fingerprints of configs without these options stay as they were
+            extra["hyperdensity"] = hyper
         super().__init__(
             preprocessing=prep, grid=list(grid), n_bins=int(n_bins), pooled=pooled, **extra
         )
         self.regions = region_map
+        self.hyperdensity = hyper
         self.grid: tuple[int, int, int] = grid  # type: ignore[assignment]
         self.n_bins = int(n_bins)
         self.pooled_mode = pooled
@@ -382,6 +396,23 @@ class CTRadiomicsEncoder(Encoder):
     def n_features(self) -> int:
         return len(feature_names(self.n_bins))
 
+    def region_feature_names(self) -> list[str]:
+        """Names of each region's features: the radiomics ones, then `hyper_{T}` per threshold."""
+        return feature_names(self.n_bins) + [f"hyper_{t:g}" for t in self.hyperdensity]
+
+    def _region_features(
+        self, arr: NDArray[np.float32], roi: NDArray[np.bool_], spacing: tuple[float, ...]
+    ) -> NDArray[np.float32]:
+        """[F_region] features of one region's voxels (`region_feature_names`)."""
+        base = radiomics_features(
+            arr, grid=(1, 1, 1), hu_window=self.hu_window, n_bins=self.n_bins,
+            spacing=spacing, roi=roi,  # type: ignore[arg-type]
+        )[2]  # fmt: skip
+        if not self.hyperdensity:
+            return base
+        extra = hyperdensity_features(arr, roi, spacing, self.hyperdensity)
+        return np.concatenate([base, extra])
+
     # ------------------------------------------------------------------ raw features
     def raw(self, cohort: pl.DataFrame, source: CTSource) -> dict[str, Any]:
         """Unstandardised features: cells [N, C, F], valid [N, C], volume [N, F], present, manifest."""
@@ -392,7 +423,9 @@ class CTRadiomicsEncoder(Encoder):
         present = np.zeros(n, bool)
         manifest: list[dict[str, Any]] = []
         studies = source.studies(cohort)  # one selection for the volumes and their label maps
-        reg = RegionFeatures(self.regions, studies, self.preprocessing(), f)
+        reg = RegionFeatures(
+            self.regions, studies, self.preprocessing(), len(self.region_feature_names())
+        )
         for i, vol, entry in iter_ct_volumes(cohort, source, self.preprocessing(), studies):
             if vol is None:
                 manifest.append(entry or {})
@@ -406,14 +439,7 @@ class CTRadiomicsEncoder(Encoder):
                 spacing=spacing,  # type: ignore[arg-type]
             )
             present[i] = True
-            reg.add(
-                i,
-                vol,
-                lambda arr, roi, sp=spacing: radiomics_features(  # type: ignore[misc]
-                    arr, grid=(1, 1, 1), hu_window=self.hu_window, n_bins=self.n_bins,
-                    spacing=sp, roi=roi,
-                )[2],
-            )  # fmt: skip
+            reg.add(i, vol, partial(self._region_features, spacing=spacing))
         return {
             "cells": cells,
             "valid": valid,
@@ -492,6 +518,7 @@ class CTRadiomicsEncoder(Encoder):
                 "grid": list(self.grid),
                 "feature_names": feature_names(self.n_bins),
                 "regions": list(self.regions),
+                "region_feature_names": self.region_feature_names() if self.regions else [],
                 "manifest": r["manifest"],
             },
         )
