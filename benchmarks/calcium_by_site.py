@@ -5,7 +5,8 @@ in the heart). For the first `--rows` rows of a `survfuse simulate` folder (all 
 `--sites`), this measures on each CT volume, inside the heart label of its `mask_path` (the
 simulator's organ mask), with no fitted model:
 
-- `m400`, `m500`: summed HU excess over 400 / 500 HU x voxel volume (above contrast-filled blood);
+- `m400`, `m500`: log(1 + summed HU excess over 400 / 500 HU x voxel mL), above contrast-filled
+  blood: `ct_radiomics`' heart `hyperdensity` masses (`ct_regions.hyperdensity_features`);
 - `tophat_3sd`: the white top-hat (HU minus its 3x3x3 grey opening) above 3 robust noise sds
   (MAD of the median-filter residual), summed x voxel volume: focal bright spots on any
   background;
@@ -31,19 +32,22 @@ from scipy.ndimage import grey_opening, median_filter
 from scipy.stats import spearmanr
 
 from survfuse.encoders.base import CTSource
+from survfuse.encoders.ct_regions import hyperdensity_features
 from survfuse.metrics import concordance_index
 from survfuse.simulate.ct import REGION_LABELS
 
 
-def measures(vol: np.ndarray, heart: np.ndarray, voxel_mm3: float) -> dict[str, float]:
+def measures(vol: np.ndarray, heart: np.ndarray, spacing: tuple[float, ...]) -> dict[str, float]:
     """The model-free calcium measures of one volume [X, Y, Z] inside `heart` [X, Y, Z] bool."""
     h = vol[heart]
+    voxel_mm3 = float(np.prod(spacing))
+    m400, m500 = hyperdensity_features(vol, heart, spacing, [400.0, 500.0])
     tophat = (vol - grey_opening(vol, size=(3, 3, 3)))[heart]
     resid = (vol - median_filter(vol, size=5))[heart]
     noise = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
     return {
-        "m400": float(np.clip(h - 400.0, 0, None).sum() * voxel_mm3),
-        "m500": float(np.clip(h - 500.0, 0, None).sum() * voxel_mm3),
+        "m400": float(m400),
+        "m500": float(m500),
         "tophat_3sd": float(np.clip(tophat - 3.0 * noise, 0, None).sum() * voxel_mm3),
         "hmax": float(h.max()),
     }
@@ -69,8 +73,8 @@ def main() -> None:
         img = nib.load(src.root / path)
         vol = np.asarray(img.dataobj, np.float32)
         labels = np.asarray(nib.load(src.root / mask).dataobj)
-        voxel = float(np.prod(img.header.get_zooms()[:3]))
-        rows.append(measures(vol, labels == REGION_LABELS["heart"], voxel))
+        spacing = tuple(float(v) for v in img.header.get_zooms()[:3])
+        rows.append(measures(vol, labels == REGION_LABELS["heart"], spacing))
     table = pl.DataFrame(rows)
     latent = df["latent_calcium_mm3"].to_numpy()
     site = df["site"].to_numpy()

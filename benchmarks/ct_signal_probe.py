@@ -137,20 +137,30 @@ def main() -> None:
         sp = tuple(float(v) for v in img.header.get_zooms()[:3])
         ring.append(heart_ring_excess(vol, sp, s))
         whole.append(float(np.clip(vol - THRESHOLD_HU, 0, None).sum() * np.prod(sp)))
-    enc = CTRadiomicsEncoder(grid=(2, 2, 2), n_bins=16, pooled="volume+cells")
     rows = df.select("subject_id", "prediction_time")
-    feats = enc.fit(rows.filter(pl.Series(~ext)), src).encode(rows, src)
-    # the same with per-organ features from the simulator's label maps (folders written since
-    # the simulator writes them: the CT index's mask_path)
-    region_feats, hyper_feats = None, None
+    fit_rows = rows.filter(pl.Series(~ext))
+    kw: dict = {"grid": (2, 2, 2), "n_bins": 16, "pooled": "volume+cells"}
+    # with the simulator's label maps (folders written since it writes them: the CT index's
+    # mask_path), one encoder with regions and hyperdensity gives all three feature sets: its
+    # columns are the plain encoder's, then per region the radiomics and the masses (each
+    # standardised on its own, so dropping columns leaves the others as they are)
+    models: dict[str, np.ndarray] = {}
     if MASK_COLUMN in src.index.columns:
-        kw: dict = {"grid": (2, 2, 2), "n_bins": 16, "pooled": "volume+cells"}
-        fit_rows = rows.filter(pl.Series(~ext))
-        enc_r = CTRadiomicsEncoder(**kw, regions=REGION_LABELS)
-        region_feats = enc_r.fit(fit_rows, src).encode(rows, src)
         thresholds = [float(v) for v in args.hyperdensity.split(",")]
-        enc_h = CTRadiomicsEncoder(**kw, regions=REGION_LABELS, hyperdensity=thresholds)
-        hyper_feats = enc_h.fit(fit_rows, src).encode(rows, src)
+        enc = CTRadiomicsEncoder(**kw, regions=REGION_LABELS, hyperdensity=thresholds)
+        pooled = np.asarray(enc.fit(fit_rows, src).encode(rows, src).pooled, np.float64)
+        per_region = len(enc.region_feature_names())
+        n_plain = pooled.shape[1] - len(REGION_LABELS) * per_region
+        is_mass = np.zeros(pooled.shape[1], bool)
+        for k in range(len(REGION_LABELS)):
+            end = n_plain + (k + 1) * per_region
+            is_mass[end - len(thresholds) : end] = True
+        models["ct_radiomics"] = pooled[:, :n_plain]
+        models["ct_radiomics+regions"] = pooled[:, ~is_mass]
+        models["ct_radiomics+regions+hyperdensity"] = pooled
+    else:
+        enc = CTRadiomicsEncoder(**kw)
+        models["ct_radiomics"] = np.asarray(enc.fit(fit_rows, src).encode(rows, src).pooled)
     time = df["mace_time"].to_numpy().astype(np.float64)
     event = df["mace_event"].to_numpy().astype(bool)
     rng = np.random.default_rng(0)
@@ -163,13 +173,9 @@ def main() -> None:
         return float(concordance_index(time[rows], event[rows], risk[rows]).estimate)
 
     lat = df["latent_calcium_mm3"].to_numpy()
-    models = {"ct_radiomics": feats}
-    if region_feats is not None and hyper_feats is not None:
-        models["ct_radiomics+regions"] = region_feats
-        models["ct_radiomics+regions+hyperdensity"] = hyper_feats
     risks = {"latent": lat, "heart_roi": np.asarray(ring), "whole_volume": np.asarray(whole)}
-    for name, f in models.items():
-        risks[name] = coxnet_risk(np.asarray(f.pooled, np.float64), time, event, train)
+    for name, x in models.items():
+        risks[name] = coxnet_risk(np.asarray(x, np.float64), time, event, train)
     table = pl.DataFrame(
         {
             "measure": list(risks),

@@ -255,8 +255,9 @@ class CTRadiomicsEncoder(Encoder):
     outside the volume). With `regions` ({name: label value}, e.g. `{heart: 1, lungs: 2}`), pooled
     ends with F standardised features per region (F + len(hyperdensity) with `hyperdensity`
     thresholds: `ct_regions.hyperdensity_features`, each region's excess HU mass over them),
-    computed over the voxels of that label in the study's label map (the CT index's `mask_path`; `survfuse.data.ct_labels`); a region absent
-    from a study's map, or a study without a map, gets zeros (the training mean).
+    computed over the voxels of that label in the study's label map (the CT index's `mask_path`;
+    `survfuse.data.ct_labels`); a region absent from a study's map, or a study without a map,
+    gets zeros (the training mean).
     Why: whole-volume and coarse-cell statistics mix a small organ with everything around it
     (coronary calcium at 1,200 HU with ribs and spine at 450-650 HU), while radiomics as practised
     is computed per segmented organ (benchmarks/ct_signal_probe.py).
