@@ -1,4 +1,4 @@
-"""`late` fusion's weights are refitted on the validation split (`Late.fit_weights`)."""
+"""`late` fusion's weights are refitted on the validation split (`fusion.late.fit_weight_logits`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _fit(monkeypatch: pytest.MonkeyPatch, refit: bool, **kw: object) -> tuple[fl
     }
     with monkeypatch.context() as mp:
         if not refit:
-            mp.setattr(Late, "fit_weights", lambda self, *args: None)
+            mp.setattr(Late, "_fit_combination", lambda self, *args: None)
         model = FusionSurvivalModel("late", seed=0, device="cpu", branch_stopping=False)
         va = data["val"]
         model.fit(

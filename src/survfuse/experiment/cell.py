@@ -25,6 +25,7 @@ from survfuse.experiment.grid import CellSpec
 from survfuse.experiment.rundir import RunDir, atomic_dir, write_json
 from survfuse.features import ModalityFeatures
 from survfuse.fusion import FusionSurvivalModel
+from survfuse.fusion.cross_fit import cross_fitted_validation
 
 __all__ = ["CellResult", "record_failure", "run_cell", "surv_column"]
 
@@ -90,6 +91,11 @@ def _train_and_predict(spec: CellSpec, run_dir: RunDir, out: Path) -> None:
     risk = np.asarray(model.predict_risk(everything), dtype=np.float64)
     times = np.asarray(spec.survival_times, dtype=np.float64)
     surv = np.asarray(model.predict_survival(everything, times), dtype=np.float64)
+    cross_fitted = cross_fitted_validation(model, times)
+    if cross_fitted is not None and val.size:
+        # late fusion fits its combination on validation: its validation rows are scored
+        # out of fold, so choosing among strategies by validation C is not optimistic
+        risk[val], surv[val] = cross_fitted
     if not np.all(np.isfinite(risk)):
         raise FloatingPointError(f"cell {spec.cell_id}: non-finite predicted risk")
     cols: dict[str, Any] = {

@@ -97,6 +97,9 @@ class FusionStrategy(nn.Module, abc.ABC):
         # strategies with `offset_per_branch` get one per modality branch instead
         self.offset: nn.Module | None = None
         self.branch_offsets: nn.ModuleDict | None = None
+        # head outputs [N_val, K] of the validation rows with the post-hoc part fitted on the
+        # other rows (cross-fitted by `finish_training`; late fusion), else None; not saved
+        self.cross_fitted_out: Tensor | None = None
 
     def _setup(self, modalities: tuple[str, ...]) -> None:
         for m in modalities:
