@@ -208,11 +208,72 @@ def test_outcome_permutation_leaves_harmonised_features_identical(
         np.testing.assert_array_equal(harmonised.tokens[~ext], raw.tokens[~ext])
 
 
-def test_predict_refuses_a_harmonised_run(sim_small: Path, tmp_path: Path) -> None:
-    """New patients' features would need their own site's adjustment: predict says so."""
-    cfg = _tiny(sim_small, tmp_path, "site_standardise", "development")
+@pytest.mark.parametrize("method", ["site_standardise", "combat"])
+def test_predict_maps_new_patients_as_the_run_did(
+    sim_small: Path, tmp_path: Path, method: str
+) -> None:
+    """Predict re-encodes the cohort and applies the run's saved site maps: every patient gets
+    the risk the run gave it (development sites unchanged, site C by the run's map); a site the
+    run never saw gets a map fitted on its own rows (here site C renamed: the same map)."""
+    cfg = _tiny(sim_small, tmp_path, method, "development")
     cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bootstrap": 0})})
     res = run_experiment(cfg, tmp_path / "run", progress=False)
     cell = next(p.name for p in (res.run_dir / "cells").iterdir() if p.is_dir())
-    with pytest.raises(ValueError, match="harmonised its features per site"):
-        predict_cohort(res.run_dir, cell, sim_small / "cohort.parquet")
+    ran = pl.read_parquet(res.run_dir / "cells" / cell / "predictions.parquet")
+    cohort = pl.read_parquet(sim_small / "cohort.parquet")
+    got, _ = predict_cohort(res.run_dir, cell, sim_small / "cohort.parquet", out=tmp_path / "p")
+    both = got.join(ran, on=["subject_id", "prediction_time"], suffix="_run")
+    assert both.height == ran.height
+    np.testing.assert_allclose(both["risk"], both["risk_run"], rtol=1e-5, atol=1e-6)
+    sites = dict(zip(cohort["subject_id"], cohort["site"], strict=True))
+    how = {sites[s]: h for s, h in zip(got["subject_id"], got["harmonise_map"], strict=True)}
+    assert how == {"A": "reference", "B": "reference", "C": "run"}
+    # without the run's map: fitted on the cohort's own rows of the site, the same rows here
+    renamed = tmp_path / "renamed.parquet"
+    cohort.with_columns(pl.col("site").replace({"C": "D"})).write_parquet(renamed)
+    again, _ = predict_cohort(res.run_dir, cell, renamed, out=tmp_path / "q")
+    np.testing.assert_allclose(again["risk"], got["risk"], rtol=1e-5, atol=1e-6)
+    how = {sites[s]: h for s, h in zip(again["subject_id"], again["harmonise_map"], strict=True)}
+    assert how == {"A": "reference", "B": "reference", "C": "cohort"}
+    # a site column is needed, and a new site needs enough rows of its own
+    keys = tmp_path / "keys.parquet"
+    cohort.select("subject_id", "prediction_time").write_parquet(keys)
+    with pytest.raises(ValueError, match="needs a `site` column"):
+        predict_cohort(res.run_dir, cell, keys)
+    few = tmp_path / "few.parquet"
+    c_rows = cohort.filter(pl.col("site") == "C").head(5).with_columns(pl.lit("D").alias("site"))
+    c_rows.write_parquet(few)
+    with pytest.raises(ValueError, match="site 'D' has no map of its own"):
+        predict_cohort(res.run_dir, cell, few)
+
+
+def test_site_maps_round_trip_and_reproduce_the_harmonised_features(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    n, d = 90, 4
+    site = np.array(["A"] * 30 + ["B"] * 30 + ["C"] * 30)
+    x = rng.normal(size=(n, d)) + (site == "C")[:, None] * 2.0
+    tokens = rng.normal(size=(n, 2, 3)).astype(np.float32)
+    mask = np.ones((n, 2), bool)
+    mask[::7, 1] = False
+    feats = ModalityFeatures(
+        subject_id=np.arange(n),
+        prediction_time=np.zeros(n, "datetime64[us]"),
+        present=np.ones(n, bool),
+        pooled=x.astype(np.float32),
+        tokens=tokens,
+        mask=mask,
+        meta={},
+    )
+    from survfuse.features_harmonise import FeatureMaps, fit_feature_maps
+
+    for method in ("site_standardise", "combat"):
+        maps = fit_feature_maps(feats, site, method, reference_sites=["A", "B"])
+        maps.save(tmp_path / "m.npz")
+        loaded = FeatureMaps.load(tmp_path / "m.npz")
+        want = harmonise_features(feats, site, method, reference_sites=["A", "B"])
+        got = loaded.apply(feats, site)
+        np.testing.assert_array_equal(got.pooled, want.pooled)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        ref = site_standardise if method == "site_standardise" else combat
+        direct = ref(x, site, reference_sites=["A", "B"])
+        np.testing.assert_allclose(got.pooled, direct, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,9 @@ distribution. `HarmoniseConfig.transductive` says so for a run.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -44,8 +46,13 @@ from survfuse.registry import look_up_option
 __all__ = [
     "DEFAULT_HARMONISE",
     "HARMONISE_METHODS",
+    "FeatureMaps",
     "HarmoniseConfig",
+    "SiteMaps",
     "combat",
+    "fit_combat",
+    "fit_feature_maps",
+    "fit_site_standardise",
     "harmonise_features",
     "site_standardise",
 ]
@@ -105,6 +112,17 @@ def _check_sites(codes: NDArray[np.int64], names: list[str], used: NDArray[np.bo
             raise ValueError(f"harmonise: site {name!r} has {k} usable row; at least 2 are needed")
 
 
+def _prepare(
+    x: ArrayLike, site: ArrayLike, use: ArrayLike | None
+) -> tuple[NDArray[np.float64], NDArray[np.int64], list[str], NDArray[np.bool_]]:
+    """Return x as float64 [N, D], site codes [N], site names and the rows used [N]."""
+    a = np.asarray(x, dtype=np.float64)
+    codes, names = _site_codes(site, a.shape[0])
+    used = _rows(use, a.shape[0])
+    _check_sites(codes, names, used)
+    return a, codes, names, used
+
+
 def _reference(
     codes: NDArray[np.int64],
     names: list[str],
@@ -120,6 +138,70 @@ def _reference(
     return ref, todo
 
 
+@dataclass(frozen=True)
+class SiteMaps:
+    """Per-site, per-column affine maps x' = x * scale + shift of one feature block [N, D].
+
+    `sites`: site -> (scale [D], shift [D]) for every adjusted site (reference sites and
+    unknown sites are absent: reference rows stay as encoded). `method`, `eb` and the reference
+    statistics (`ref_mean` [D], `ref_scale` [D]: the reference sd for `site_standardise`, the
+    pooled sd of `combat`; `ref_cols` [D] the columns `combat` adjusts) let `fit_new_site`
+    map a site that was not in the data the maps were fitted on.
+    """
+
+    method: str
+    sites: dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]]
+    ref_mean: NDArray[np.float64]
+    ref_scale: NDArray[np.float64]
+    ref_cols: NDArray[np.bool_]
+    eb: bool = True
+
+    def apply(self, x: ArrayLike, site: ArrayLike, use: ArrayLike | None = None) -> NDArray:
+        """X [N, D] with each mapped site's rows among `use` mapped (other rows unchanged)."""
+        a = np.array(x, dtype=np.float64, copy=True)
+        s = np.asarray(site).astype(str).reshape(-1)
+        used = _rows(use, a.shape[0])
+        for name, (scale, shift) in self.sites.items():
+            rows = used & (s == name)
+            a[rows] = a[rows] * scale + shift
+        return a
+
+    def fit_new_site(self, x_site: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """(scale, shift) of a site from its own rows x_site [n, D], onto the same reference."""
+        xs = np.asarray(x_site, dtype=np.float64)
+        if xs.shape[0] < 2:
+            raise ValueError(f"harmonise: a site needs at least 2 usable rows, got {xs.shape[0]}")
+        if self.method == "site_standardise":
+            return _standardise_map(xs, self.ref_mean, self.ref_scale)
+        return _combat_map(xs, self.ref_mean, self.ref_scale, self.ref_cols, self.eb)
+
+
+def _standardise_map(
+    xs: NDArray[np.float64], m_ref: NDArray[np.float64], sd_ref: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    m, sd = xs.mean(axis=0), xs.std(axis=0)
+    scale = sd_ref / np.where(sd > 0, sd, 1.0)
+    return scale, m_ref - m * scale
+
+
+def fit_site_standardise(
+    x: ArrayLike,
+    site: ArrayLike,
+    use: ArrayLike | None = None,
+    *,
+    reference_sites: list[str] | None = None,
+) -> SiteMaps:
+    """Fit the maps of `site_standardise` on the rows `use` of each site."""
+    a, codes, names, used = _prepare(x, site, use)
+    ref, todo = _reference(codes, names, used, reference_sites)
+    d = a.shape[1]
+    m_ref, sd_ref = np.zeros(d), np.ones(d)
+    if ref.any():
+        m_ref, sd_ref = a[ref].mean(axis=0), a[ref].std(axis=0)
+    maps = {names[k]: _standardise_map(a[used & (codes == k)], m_ref, sd_ref) for k in todo}
+    return SiteMaps("site_standardise", maps, m_ref, sd_ref, np.ones(d, bool))
+
+
 def site_standardise(
     x: ArrayLike,
     site: ArrayLike,
@@ -133,18 +215,8 @@ def site_standardise(
     reference sites' pooled rows, x' = (x - mean_s) / sd_s * sd_ref + mean_ref (reference rows
     unchanged). Rows not in `use` are returned unchanged.
     """
-    a = np.array(x, dtype=np.float64, copy=True)
-    codes, names = _site_codes(site, a.shape[0])
-    used = _rows(use, a.shape[0])
-    _check_sites(codes, names, used)
-    ref, todo = _reference(codes, names, used, reference_sites)
-    m_ref, sd_ref = (a[ref].mean(axis=0), a[ref].std(axis=0)) if ref.any() else (0.0, 1.0)
-    for k in todo:
-        rows = used & (codes == k)
-        m = a[rows].mean(axis=0)
-        sd = a[rows].std(axis=0)
-        a[rows] = (a[rows] - m) / np.where(sd > 0, sd, 1.0) * sd_ref + m_ref
-    return a
+    maps = fit_site_standardise(x, site, use, reference_sites=reference_sites)
+    return maps.apply(x, site, use)
 
 
 def _postmean(g_hat: Any, g_bar: float, n: Any, d_star: Any, t2: float) -> Any:
@@ -183,6 +255,59 @@ def _eb(
     return g_old, d_old
 
 
+def _combat_map(
+    xs: NDArray[np.float64],
+    grand: NDArray[np.float64],
+    sd: NDArray[np.float64],
+    cols: NDArray[np.bool_],
+    eb: bool,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(scale, shift) of one site: x' = (z - gamma*) / sqrt(delta*) * sd + grand on `cols`."""
+    d = xs.shape[1]
+    scale, shift = np.ones(d), np.zeros(d)
+    if not cols.any():
+        return scale, shift
+    zk = (xs[:, cols] - grand[cols]) / sd[cols]
+    g_hat = zk.mean(axis=0)
+    d_hat = zk.var(axis=0, ddof=1)
+    d_hat[d_hat == 0] = 1.0
+    g, dd = _eb(zk, g_hat, d_hat) if eb else (g_hat, d_hat)
+    root = np.sqrt(dd)
+    scale[cols] = 1.0 / root
+    shift[cols] = grand[cols] - (grand[cols] / sd[cols] + g) / root * sd[cols]
+    return scale, shift
+
+
+def fit_combat(
+    x: ArrayLike,
+    site: ArrayLike,
+    use: ArrayLike | None = None,
+    *,
+    eb: bool = True,
+    reference_sites: list[str] | None = None,
+) -> SiteMaps:
+    """Fit the maps of `combat` on the rows `use`."""
+    a, codes, names, used = _prepare(x, site, use)
+    d = a.shape[1]
+    if not used.any():
+        return SiteMaps("combat", {}, np.zeros(d), np.ones(d), np.zeros(d, bool), eb)
+    ref, todo = _reference(codes, names, used, reference_sites)
+    if ref.any():
+        grand = a[ref].mean(axis=0)
+        var = a[ref].var(axis=0)
+    else:
+        xs, cs = a[used], codes[used]
+        means = np.stack(
+            [xs[cs == k].mean(axis=0) if (cs == k).any() else xs[0] for k in range(len(names))]
+        )
+        grand = xs.mean(axis=0)  # = sum_s n_s/n mean_s (neuroCombat's, without covariates)
+        var = ((xs - means[cs]) ** 2).mean(axis=0)
+    cols = var > 0
+    sd = np.where(cols, np.sqrt(var), 1.0)
+    maps = {names[k]: _combat_map(a[used & (codes == k)], grand, sd, cols, eb) for k in todo}
+    return SiteMaps("combat", maps, grand, sd, cols, eb)
+
+
 def combat(
     x: ArrayLike,
     site: ArrayLike,
@@ -197,41 +322,137 @@ def combat(
     zero-variance columns are returned unchanged. `eb=False` uses the per-site estimates without
     shrinkage.
     """
-    a = np.array(x, dtype=np.float64, copy=True)
-    codes, names = _site_codes(site, a.shape[0])
-    used = _rows(use, a.shape[0])
-    _check_sites(codes, names, used)
-    if not used.any():
-        return a
-    ref, todo = _reference(codes, names, used, reference_sites)
-    if ref.any():
-        grand = a[ref].mean(axis=0)
-        var = a[ref].var(axis=0)
-    else:
-        xs, cs = a[used], codes[used]
-        means = np.stack(
-            [xs[cs == k].mean(axis=0) if (cs == k).any() else xs[0] for k in range(len(names))]
-        )
-        grand = xs.mean(axis=0)  # = sum_s n_s/n mean_s (neuroCombat's, without covariates)
-        var = ((xs - means[cs]) ** 2).mean(axis=0)
-    cols = var > 0
-    if not cols.any():
-        return a
-    sd = np.sqrt(var[cols])
-    for k in todo:
-        rows = used & (codes == k)
-        zk = (a[rows][:, cols] - grand[cols]) / sd
-        g_hat = zk.mean(axis=0)
-        d_hat = zk.var(axis=0, ddof=1)
-        d_hat[d_hat == 0] = 1.0
-        g, d = _eb(zk, g_hat, d_hat) if eb else (g_hat, d_hat)
-        block = a[rows]
-        block[:, cols] = (zk - g) / np.sqrt(d) * sd + grand[cols]
-        a[rows] = block
-    return a
+    maps = fit_combat(x, site, use, eb=eb, reference_sites=reference_sites)
+    return maps.apply(x, site, use)
 
 
-_METHODS = {"site_standardise": site_standardise, "combat": combat}
+_FITS = {"site_standardise": fit_site_standardise, "combat": fit_combat}
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    """The fitted harmonisation of a modality's features.
+
+    `pooled` maps and one per token position (`tokens`, empty without dense tokens); saved
+    beside the harmonised features so that `survfuse predict` maps new patients exactly as the
+    run mapped its cohort.
+    """
+
+    method: str
+    reference_sites: list[str] | None
+    pooled: SiteMaps
+    tokens: list[SiteMaps]
+
+    def apply(self, feats: ModalityFeatures, site: ArrayLike) -> ModalityFeatures:
+        """`feats` with every mapped site's present rows (and real tokens) mapped."""
+        present = np.asarray(feats.present, dtype=bool)
+        pooled = self.pooled.apply(feats.pooled, site, present).astype(np.float32)
+        tokens = None
+        if feats.tokens is not None:
+            if len(self.tokens) != feats.tokens.shape[1]:
+                raise ValueError(
+                    f"harmonise: maps for {len(self.tokens)} token positions, features have "
+                    f"{feats.tokens.shape[1]}"
+                )
+            mask = np.asarray(feats.mask, dtype=bool)
+            tokens = np.array(feats.tokens, dtype=np.float32, copy=True)
+            for t, maps in enumerate(self.tokens):
+                rows = present & mask[:, t]
+                tokens[:, t, :] = maps.apply(tokens[:, t, :], site, rows).astype(np.float32)
+        return replace(feats, pooled=pooled, tokens=tokens)
+
+    def with_new_sites(
+        self, feats: ModalityFeatures, site: ArrayLike, *, min_rows: int = 2
+    ) -> FeatureMaps:
+        """Return these maps plus one for each new site of `site` [N], fitted on its own rows.
+
+        A new site is neither mapped nor a reference site; its map uses its unlabelled features
+        in `feats` only (at least `min_rows` present rows, else ValueError naming the site).
+        """
+        s = np.asarray(site).astype(str).reshape(-1)
+        known = set(self.pooled.sites) | set(self.reference_sites or ())
+        new = sorted(set(s.tolist()) - known)
+        if not new:
+            return self
+        present = np.asarray(feats.present, dtype=bool)
+        for name in new:
+            k = int((present & (s == name)).sum())
+            if 0 < k < min_rows:
+                raise ValueError(
+                    f"harmonise: site {name!r} has no map of its own; one is fitted on its "
+                    f"{k} rows with features, at least {min_rows} are needed"
+                )
+        mask = None if feats.tokens is None else np.asarray(feats.mask, dtype=bool)
+
+        def extend(maps: SiteMaps, x: Any, use: NDArray[np.bool_]) -> SiteMaps:
+            sites = dict(maps.sites)
+            for name in new:
+                rows = use & (s == name)
+                if rows.any():
+                    sites[name] = maps.fit_new_site(np.asarray(x)[rows])
+            return replace(maps, sites=sites)
+
+        tokens = [
+            extend(m, np.asarray(feats.tokens)[:, t, :], present & mask[:, t])  # type: ignore[index]
+            for t, m in enumerate(self.tokens)
+        ]
+        return replace(self, pooled=extend(self.pooled, feats.pooled, present), tokens=tokens)
+
+    def save(self, path: str | Path) -> None:
+        """Write the maps as one .npz file (arrays only; no pickle)."""
+        arrays: dict[str, NDArray[Any]] = {}
+        blocks: list[dict[str, Any]] = []
+        head = {"method": self.method, "reference_sites": self.reference_sites, "blocks": blocks}
+        for b, maps in enumerate([self.pooled, *self.tokens]):
+            blocks.append({"sites": list(maps.sites), "eb": maps.eb})
+            arrays[f"{b}/ref_mean"], arrays[f"{b}/ref_scale"] = maps.ref_mean, maps.ref_scale
+            arrays[f"{b}/ref_cols"] = maps.ref_cols
+            for i, (scale, shift) in enumerate(maps.sites.values()):
+                arrays[f"{b}/{i}/scale"], arrays[f"{b}/{i}/shift"] = scale, shift
+        arrays["header"] = np.frombuffer(json.dumps(head).encode(), dtype=np.uint8)
+        target = Path(path)
+        tmp = target.with_name(f"{target.stem}.tmp.npz")
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        tmp.replace(target)  # atomic: a crash leaves no half-written maps
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureMaps:
+        with np.load(path, allow_pickle=False) as z:
+            head = json.loads(z["header"].tobytes().decode())
+            blocks = []
+            for b, block in enumerate(head["blocks"]):
+                sites = {
+                    name: (z[f"{b}/{i}/scale"], z[f"{b}/{i}/shift"])
+                    for i, name in enumerate(block["sites"])
+                }
+                blocks.append(
+                    SiteMaps(
+                        head["method"], sites, z[f"{b}/ref_mean"], z[f"{b}/ref_scale"],
+                        z[f"{b}/ref_cols"], bool(block["eb"]),
+                    )
+                )  # fmt: skip
+        return cls(head["method"], head["reference_sites"], blocks[0], blocks[1:])
+
+
+def fit_feature_maps(
+    feats: ModalityFeatures,
+    site: ArrayLike,
+    method: str,
+    *,
+    reference_sites: list[str] | None = None,
+) -> FeatureMaps:
+    """Fit `method` on the present rows (and real tokens) of `feats` across `site` [N]."""
+    method = look_up_option(method, HARMONISE_METHODS[1:], kind="harmonise method")
+    fit = _FITS[method]
+    present = np.asarray(feats.present, dtype=bool)
+    pooled = fit(feats.pooled, site, present, reference_sites=reference_sites)
+    tokens = []
+    if feats.tokens is not None:
+        mask = np.asarray(feats.mask, dtype=bool)
+        for t in range(feats.tokens.shape[1]):
+            x = np.asarray(feats.tokens[:, t, :])
+            tokens.append(fit(x, site, present & mask[:, t], reference_sites=reference_sites))
+    return FeatureMaps(method, reference_sites, pooled, tokens)
 
 
 def harmonise_features(
@@ -240,31 +461,22 @@ def harmonise_features(
     method: str,
     *,
     reference_sites: list[str] | None = None,
+    maps: FeatureMaps | None = None,
 ) -> ModalityFeatures:
     """`feats` with pooled and dense token features harmonised across `site` [N] by `method`.
 
     Uses only the feature values (present rows; real tokens). Sparse code tokens are kept as
-    they are. `reference_sites`: see the module docstring. `meta["harmonise"]` records the
-    method, the reference sites and each site's number of rows used.
+    they are. `reference_sites`: see the module docstring. `maps`: apply these fitted maps
+    (`fit_feature_maps`) instead of fitting on `feats`. `meta["harmonise"]` records the method,
+    the reference sites and each site's number of rows used.
     """
     method = look_up_option(method, HARMONISE_METHODS, kind="harmonise method")
     if method == "none":
         return feats
-    method_fn = _METHODS[method]
-
-    def fn(x: Any, site: Any, use: Any) -> NDArray[np.float64]:
-        return method_fn(x, site, use, reference_sites=reference_sites)
-
+    if maps is None:
+        maps = fit_feature_maps(feats, site, method, reference_sites=reference_sites)
     present = np.asarray(feats.present, dtype=bool)
     codes, names = _site_codes(site, len(feats))
-    pooled = fn(feats.pooled, site, present).astype(np.float32)
-    tokens = None
-    if feats.tokens is not None:
-        mask = np.asarray(feats.mask, dtype=bool)
-        tokens = np.array(feats.tokens, dtype=np.float32, copy=True)
-        for t in range(tokens.shape[1]):
-            rows = present & mask[:, t]
-            tokens[:, t, :] = fn(tokens[:, t, :], site, rows).astype(np.float32)
     counts = np.bincount(codes[present], minlength=len(names))
     meta = {
         **feats.meta,
@@ -274,4 +486,4 @@ def harmonise_features(
             "rows_per_site": {n: int(c) for n, c in zip(names, counts, strict=True)},
         },
     }
-    return replace(feats, pooled=pooled, tokens=tokens, meta=meta)
+    return replace(maps.apply(feats, site), meta=meta)

@@ -2,6 +2,7 @@
 
 `harmonise_encoded` writes `RUN/features/harmonised/<modality>/<encoder>/<label>`, the label
 being `<method>-<reference>-<fingerprint of features, sites and options>` (reused when present),
+with the fitted per-site maps (`site_maps.npz`, which `survfuse predict` applies to new patients),
 and `harmonise_summary` records in `RUN/features/harmonise.json` what it used: the method, the
 reference, the rows per site and whether external sites' own unlabelled features set their
 adjustment (`transductive`), so that a user can tell whether the external evaluation is
@@ -21,9 +22,12 @@ import polars as pl
 from survfuse.experiment.config import ExperimentConfig
 from survfuse.experiment.rundir import RunDir
 from survfuse.features import ModalityFeatures
-from survfuse.features_harmonise import harmonise_features
+from survfuse.features_harmonise import fit_feature_maps, harmonise_features
 
-__all__ = ["harmonise_encoded", "harmonise_record", "harmonise_summary"]
+__all__ = ["SITE_MAPS", "harmonise_encoded", "harmonise_record", "harmonise_summary"]
+
+#: file of the fitted per-site maps (`FeatureMaps`) inside a harmonised feature folder
+SITE_MAPS = "site_maps.npz"
 
 
 def harmonise_record(rd: RunDir) -> Path:
@@ -73,10 +77,12 @@ def harmonise_encoded(
     folder = rd.root / "features" / "harmonised" / modality / key / label
     meta_file = folder / "meta.json"
     done = meta_file.exists() and json.loads(meta_file.read_text()).get("harmonise_fp") == fp
-    if not done:
-        out = harmonise_features(feats, site, method, reference_sites=reference)
+    if not (done and (folder / SITE_MAPS).exists()):
+        maps = fit_feature_maps(feats, site, method, reference_sites=reference)
+        out = harmonise_features(feats, site, method, reference_sites=reference, maps=maps)
         out.meta["harmonise_fp"] = fp
         ModalityFeatures.save(out, folder)
+        maps.save(folder / SITE_MAPS)  # `survfuse predict` maps new patients with these
     return folder
 
 

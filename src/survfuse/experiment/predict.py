@@ -25,7 +25,9 @@ from survfuse.encoders.base import CTSource, Encoder
 from survfuse.experiment.cell import surv_column
 from survfuse.experiment.config_load import parse_config
 from survfuse.experiment.grid import CellSpec
+from survfuse.experiment.harmonise_step import SITE_MAPS
 from survfuse.experiment.rundir import RunDir, write_parquet
+from survfuse.features_harmonise import FeatureMaps, harmonise_features
 from survfuse.fusion import FusionSurvivalModel
 from survfuse.registry import look_up_option
 
@@ -79,6 +81,42 @@ def missing_data_warning(predictions: pl.DataFrame) -> str | None:
     )
 
 
+#: rows with features a site without a map of its own in the run needs to fit one
+MIN_NEW_SITE_ROWS = 20
+
+
+def _sites(cohort: str | Path, method: str) -> np.ndarray:
+    df = read_table(Path(cohort))
+    if "site" not in df.columns:
+        raise ValueError(
+            f"{cohort}: the run harmonised its features per site ({method}); the cohort needs "
+            f"a `site` column to map each patient's features (has {df.columns})"
+        )
+    return df["site"].cast(pl.Utf8).to_numpy().astype(str)
+
+
+def _harmonise(feats: Any, site: np.ndarray, folder: Path, method: str) -> tuple[Any, list[str]]:
+    """Map new patients' features as the run mapped its cohort (`FeatureMaps` of `folder`).
+
+    Returns them and, per row, which map applied: "reference" (a reference site: unchanged),
+    "run" (the run's map of that site) or "cohort" (a site new to the run: fitted on this
+    cohort's own unlabelled features of that site, transductive like the run's external site).
+    """
+    path = folder / SITE_MAPS
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the run's harmonised features predate saved site maps; run "
+            "`survfuse run` on the same run directory again to write them"
+        )
+    maps = FeatureMaps.load(path)
+    known = set(maps.pooled.sites)
+    reference = set(maps.reference_sites or ())
+    maps = maps.with_new_sites(feats, site, min_rows=MIN_NEW_SITE_ROWS)
+    how = ["reference" if s in reference else "run" if s in known else "cohort" for s in site]
+    out = harmonise_features(feats, site, method, reference_sites=maps.reference_sites, maps=maps)
+    return out, how
+
+
 def predict_cohort(
     run_dir: str | Path,
     cell_id: str,
@@ -96,7 +134,11 @@ def predict_cohort(
     `data.date_format`, else ISO 8601 only).
     Output columns: subject_id, prediction_time, risk (higher = worse), `surv_<t>` = S(t) at the
     run's survival times, and `has_<modality>` for each modality the model uses. Risk and
-    survival are NaN where every `has_<modality>` is False.
+    survival are NaN where every `has_<modality>` is False. A run that harmonised its features
+    per site needs a `site` column: each patient's features are mapped with the run's map of
+    that site (development sites, as reference, unchanged); a site the run did not see gets a
+    map fitted on its own rows of this cohort (at least `MIN_NEW_SITE_ROWS`, features only),
+    and the column `harmonise_map` says which applied ("reference", "run" or "cohort").
     """
     rd = RunDir(run_dir)
     raw = rd.read_config_yaml()
@@ -108,11 +150,8 @@ def predict_cohort(
     spec = CellSpec.model_validate(json.loads((rd.cell(cell_id) / "spec.json").read_text()))
     cfg = parse_config(raw, base=rd.root, source=str(rd.config))
     keys = load_keys(cohort, date_format=date_format or cfg.data.date_format)
-    if any(cfg.harmonise.applies(m) for m in spec.modalities):
-        raise ValueError(
-            f"{rd.root}: the run harmonised its features per site ({cfg.harmonise.method}); "
-            "predict does not harmonise new patients' features"
-        )
+    harmonised = [m for m in spec.modalities if cfg.harmonise.applies(m)]
+    site = _sites(cohort, cfg.harmonise.method) if harmonised else None
 
     features: dict[str, Any] = {}
     for modality in spec.modalities:
@@ -133,6 +172,11 @@ def predict_cohort(
                 raise ValueError("the model uses EHR: pass --meds-root")
             source = MEDSDataset(root)
         features[modality] = encoder.encode(keys, source)
+        if modality in harmonised:
+            assert site is not None
+            features[modality], how = _harmonise(
+                features[modality], site, rd.root / spec.features[modality], cfg.harmonise.method
+            )
 
     model = FusionSurvivalModel.load(rd.cell(cell_id) / "model", device="cpu")
     risk = np.asarray(model.predict_risk(features), dtype=np.float64)
@@ -151,6 +195,8 @@ def predict_cohort(
         cols[surv_column(float(t))] = surv[:, j]
     for modality, flags in has.items():
         cols[f"has_{modality}"] = flags
+    if harmonised:
+        cols["harmonise_map"] = how
     df = pl.DataFrame(cols)
     target = (
         Path(out)
