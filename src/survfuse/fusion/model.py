@@ -300,9 +300,9 @@ class FusionSurvivalModel(FusionModelParams):
                         patience=opts.branch_patience or opts.patience,
                         loss_weight=opts.branch_loss,
                         # with a linear offset on the fused output nothing is dropped: the
-                        # offset's candidate choice on validation already keeps a modality
-                        # without linear signal out, and masking one for everyone also removes
-                        # its offset term (docs/benchmarks.md: such drops cost C). Late fusion's
+                        # offset's penalty already shrinks a modality without linear signal,
+                        # and masking one for everyone also removes its offset term
+                        # (docs/benchmarks.md: such drops cost C). Late fusion's
                         # branch offsets are unimodal: its average of branches still needs the
                         # drop to leave out a noise branch
                         drop_alpha=None if module.offset is not None else opts.branch_drop_alpha,
