@@ -345,21 +345,20 @@ class FeatureMaps:
 
     def apply(self, feats: ModalityFeatures, site: ArrayLike) -> ModalityFeatures:
         """`feats` with every mapped site's present rows (and real tokens) mapped."""
-        present = np.asarray(feats.present, dtype=bool)
-        pooled = self.pooled.apply(feats.pooled, site, present).astype(np.float32)
+        blocks = _blocks(feats)
+        if len(blocks) != 1 + len(self.tokens):
+            raise ValueError(
+                f"harmonise: maps for {len(self.tokens)} token positions, features have "
+                f"{len(blocks) - 1}"
+            )
+        mapped = [
+            maps.apply(x, site, use).astype(np.float32)
+            for maps, (x, use) in zip([self.pooled, *self.tokens], blocks, strict=True)
+        ]
         tokens = None
         if feats.tokens is not None:
-            if len(self.tokens) != feats.tokens.shape[1]:
-                raise ValueError(
-                    f"harmonise: maps for {len(self.tokens)} token positions, features have "
-                    f"{feats.tokens.shape[1]}"
-                )
-            mask = np.asarray(feats.mask, dtype=bool)
-            tokens = np.array(feats.tokens, dtype=np.float32, copy=True)
-            for t, maps in enumerate(self.tokens):
-                rows = present & mask[:, t]
-                tokens[:, t, :] = maps.apply(tokens[:, t, :], site, rows).astype(np.float32)
-        return replace(feats, pooled=pooled, tokens=tokens)
+            tokens = np.stack(mapped[1:], axis=1) if mapped[1:] else feats.tokens.copy()
+        return replace(feats, pooled=mapped[0], tokens=tokens)
 
     def with_new_sites(
         self, feats: ModalityFeatures, site: ArrayLike, *, min_rows: int = 2
@@ -382,21 +381,20 @@ class FeatureMaps:
                     f"harmonise: site {name!r} has no map of its own; one is fitted on its "
                     f"{k} rows with features, at least {min_rows} are needed"
                 )
-        mask = None if feats.tokens is None else np.asarray(feats.mask, dtype=bool)
 
-        def extend(maps: SiteMaps, x: Any, use: NDArray[np.bool_]) -> SiteMaps:
+        def extend(maps: SiteMaps, x: NDArray[Any], use: NDArray[np.bool_]) -> SiteMaps:
             sites = dict(maps.sites)
             for name in new:
                 rows = use & (s == name)
                 if rows.any():
-                    sites[name] = maps.fit_new_site(np.asarray(x)[rows])
+                    sites[name] = maps.fit_new_site(x[rows])
             return replace(maps, sites=sites)
 
-        tokens = [
-            extend(m, np.asarray(feats.tokens)[:, t, :], present & mask[:, t])  # type: ignore[index]
-            for t, m in enumerate(self.tokens)
-        ]
-        return replace(self, pooled=extend(self.pooled, feats.pooled, present), tokens=tokens)
+        pooled, *tokens = (
+            extend(maps, x, use)
+            for maps, (x, use) in zip([self.pooled, *self.tokens], _blocks(feats), strict=True)
+        )
+        return replace(self, pooled=pooled, tokens=tokens)
 
     def save(self, path: str | Path) -> None:
         """Write the maps as one .npz file (arrays only; no pickle)."""
@@ -444,15 +442,25 @@ def fit_feature_maps(
     """Fit `method` on the present rows (and real tokens) of `feats` across `site` [N]."""
     method = look_up_option(method, HARMONISE_METHODS[1:], kind="harmonise method")
     fit = _FITS[method]
+    pooled, *tokens = (
+        fit(x, site, use, reference_sites=reference_sites) for x, use in _blocks(feats)
+    )
+    return FeatureMaps(method, reference_sites, pooled, tokens)
+
+
+def _blocks(feats: ModalityFeatures) -> list[tuple[NDArray[Any], NDArray[np.bool_]]]:
+    """Return (values [N, D], rows to use [N]) of each harmonised block.
+
+    The pooled vector (present rows), then each dense token position (present rows whose token
+    is real).
+    """
     present = np.asarray(feats.present, dtype=bool)
-    pooled = fit(feats.pooled, site, present, reference_sites=reference_sites)
-    tokens = []
+    blocks = [(np.asarray(feats.pooled), present)]
     if feats.tokens is not None:
         mask = np.asarray(feats.mask, dtype=bool)
-        for t in range(feats.tokens.shape[1]):
-            x = np.asarray(feats.tokens[:, t, :])
-            tokens.append(fit(x, site, present & mask[:, t], reference_sites=reference_sites))
-    return FeatureMaps(method, reference_sites, pooled, tokens)
+        tokens = np.asarray(feats.tokens)
+        blocks += [(tokens[:, t, :], present & mask[:, t]) for t in range(tokens.shape[1])]
+    return blocks
 
 
 def harmonise_features(
