@@ -104,6 +104,10 @@ def main() -> None:
     ap.add_argument("--site-shift", type=float, default=1.0)
     ap.add_argument("--max-rows", type=int, default=1600)
     ap.add_argument("--hyperdensity", default="400,600,1000", help="HU thresholds, comma list")
+    ap.add_argument(
+        "--focal", default="", help="focal contrasts (HU above the surroundings), comma list"
+    )
+    ap.add_argument("--focal-size-mm", type=float, default=18.0)
     ap.add_argument("--external", action="store_true", help="also score the external site")
     args = ap.parse_args()
     data = args.data
@@ -147,17 +151,20 @@ def main() -> None:
     models: dict[str, np.ndarray] = {}
     if MASK_COLUMN in src.index.columns:
         thresholds = [float(v) for v in args.hyperdensity.split(",")]
-        enc = CTRadiomicsEncoder(**kw, regions=REGION_LABELS, hyperdensity=thresholds)
+        focal = [float(v) for v in args.focal.split(",") if v]
+        enc = CTRadiomicsEncoder(
+            **kw, regions=REGION_LABELS, hyperdensity=thresholds, focal=focal or None,
+            focal_size_mm=args.focal_size_mm,
+        )  # fmt: skip
         pooled = np.asarray(enc.fit(fit_rows, src).encode(rows, src).pooled, np.float64)
-        per_region = len(enc.region_feature_names())
-        n_plain = pooled.shape[1] - len(REGION_LABELS) * per_region
-        is_mass = np.zeros(pooled.shape[1], bool)
-        for k in range(len(REGION_LABELS)):
-            end = n_plain + (k + 1) * per_region
-            is_mass[end - len(thresholds) : end] = True
+        names = enc.region_feature_names()
+        n_plain = pooled.shape[1] - len(REGION_LABELS) * len(names)
+        kind = np.array(["plain"] * n_plain + [n.split("_")[0] for n in names] * len(REGION_LABELS))
         models["ct_radiomics"] = pooled[:, :n_plain]
-        models["ct_radiomics+regions"] = pooled[:, ~is_mass]
-        models["ct_radiomics+regions+hyperdensity"] = pooled
+        models["ct_radiomics+regions"] = pooled[:, ~np.isin(kind, ["hyper", "focal"])]
+        models["ct_radiomics+regions+hyperdensity"] = pooled[:, kind != "focal"]
+        if focal:
+            models["ct_radiomics+regions+hyperdensity+focal"] = pooled
     else:
         enc = CTRadiomicsEncoder(**kw)
         models["ct_radiomics"] = np.asarray(enc.fit(fit_rows, src).encode(rows, src).pooled)

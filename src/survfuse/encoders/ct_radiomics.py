@@ -36,8 +36,10 @@ from survfuse.encoders.base import CTSource, Encoder, cohort_keys, iter_ct_volum
 from survfuse.encoders.ct_radiomics_kernel import radiomics_sums
 from survfuse.encoders.ct_regions import (
     RegionFeatures,
+    check_focal,
     check_hyperdensity,
     check_regions,
+    focal_features,
     hyperdensity_features,
     region_stats,
 )
@@ -254,7 +256,9 @@ class CTRadiomicsEncoder(Encoder):
     `pooled="volume+cells"`, [N, F * (1 + prod(grid))] (volume then each cell, zeros for cells
     outside the volume). With `regions` ({name: label value}, e.g. `{heart: 1, lungs: 2}`), pooled
     ends with F standardised features per region (F + len(hyperdensity) with `hyperdensity`
-    thresholds: `ct_regions.hyperdensity_features`, each region's excess HU mass over them),
+    thresholds: `ct_regions.hyperdensity_features`, each region's excess HU mass over them;
+    + len(focal) with `focal` contrasts: `ct_regions.focal_features`, the mass of what rises
+    that far above its surroundings within a box of `focal_size_mm`),
     computed over the voxels of that label in the study's label map (the CT index's `mask_path`;
     `survfuse.data.ct_labels`); a region absent from a study's map, or a study without a map,
     gets zeros (the training mean).
@@ -275,6 +279,8 @@ class CTRadiomicsEncoder(Encoder):
         pooled: str = "volume",
         regions: Mapping[str, int] | None = None,
         hyperdensity: list[float] | None = None,
+        focal: list[float] | None = None,
+        focal_size_mm: float = 18.0,
     ) -> None:
 
         pooled = look_up_option(pooled, POOLED_MODES, kind="ct_radiomics pooled mode")
@@ -296,14 +302,22 @@ class CTRadiomicsEncoder(Encoder):
         hyper = check_hyperdensity(hyperdensity, (prep["hu_window"][0], prep["hu_window"][1]))
         if hyper and not region_map:
             raise ValueError("ct_radiomics hyperdensity is computed per region: it needs regions")
+        focal_c = check_focal(focal, focal_size_mm)
+        if focal_c and not region_map:
+            raise ValueError("ct_radiomics focal is computed per region: it needs regions")
         extra: dict[str, Any] = {"regions": region_map} if region_map else {}
         if hyper:  # fingerprints of configs without these options stay as they were
             extra["hyperdensity"] = hyper
+        if focal_c:
+            extra["focal"] = focal_c
+            extra["focal_size_mm"] = float(focal_size_mm)
         super().__init__(
             preprocessing=prep, grid=list(grid), n_bins=int(n_bins), pooled=pooled, **extra
         )
         self.regions = region_map
         self.hyperdensity = hyper
+        self.focal = focal_c
+        self.focal_size_mm = float(focal_size_mm)
         self.grid: tuple[int, int, int] = grid  # type: ignore[assignment]
         self.n_bins = int(n_bins)
         self.pooled_mode = pooled
@@ -319,8 +333,12 @@ class CTRadiomicsEncoder(Encoder):
         return len(feature_names(self.n_bins))
 
     def region_feature_names(self) -> list[str]:
-        """Names of each region's features: the radiomics ones, then `hyper_{T}` per threshold."""
-        return feature_names(self.n_bins) + [f"hyper_{t:g}" for t in self.hyperdensity]
+        """Names of each region's features: radiomics, `hyper_{T}` per threshold, `focal_{T}`."""
+        return (
+            feature_names(self.n_bins)
+            + [f"hyper_{t:g}" for t in self.hyperdensity]
+            + [f"focal_{t:g}" for t in self.focal]
+        )
 
     def _region_features(
         self, arr: NDArray[np.float32], roi: NDArray[np.bool_], spacing: tuple[float, ...]
@@ -330,10 +348,12 @@ class CTRadiomicsEncoder(Encoder):
             arr, grid=(1, 1, 1), hu_window=self.hu_window, n_bins=self.n_bins,
             spacing=spacing, roi=roi,  # type: ignore[arg-type]
         )[2]  # fmt: skip
-        if not self.hyperdensity:
-            return base
-        extra = hyperdensity_features(arr, roi, spacing, self.hyperdensity)
-        return np.concatenate([base, extra])
+        parts = [base]
+        if self.hyperdensity:
+            parts.append(hyperdensity_features(arr, roi, spacing, self.hyperdensity))
+        if self.focal:
+            parts.append(focal_features(arr, roi, spacing, self.focal, self.focal_size_mm))
+        return np.concatenate(parts) if len(parts) > 1 else base
 
     # ------------------------------------------------------------------ raw features
     def raw(self, cohort: pl.DataFrame, source: CTSource) -> dict[str, Any]:
