@@ -149,6 +149,7 @@ def main() -> None:
     # columns are the plain encoder's, then per region the radiomics and the masses (each
     # standardised on its own, so dropping columns leaves the others as they are)
     models: dict[str, np.ndarray] = {}
+    heart_masses: dict[str, np.ndarray] = {}
     if MASK_COLUMN in src.index.columns:
         thresholds = [float(v) for v in args.hyperdensity.split(",")]
         focal = [float(v) for v in args.focal.split(",") if v]
@@ -165,6 +166,12 @@ def main() -> None:
         models["ct_radiomics+regions+hyperdensity"] = pooled[:, kind != "focal"]
         if focal:
             models["ct_radiomics+regions+hyperdensity+focal"] = pooled
+        # the heart's mass columns alone (region order follows the label values: heart first)
+        heart_masses = {
+            n: pooled[:, n_plain + j]
+            for j, n in enumerate(names)
+            if n.split("_")[0] in ("hyper", "focal")
+        }
     else:
         enc = CTRadiomicsEncoder(**kw)
         models["ct_radiomics"] = np.asarray(enc.fit(fit_rows, src).encode(rows, src).pooled)
@@ -197,6 +204,19 @@ def main() -> None:
     print(f"{data}: {int((~ext).sum())} development rows, {int(test.sum())} held out, ")
     print(f"{int(ext.sum())} external rows")
     print(table)
+    if heart_masses:
+        # how well each heart mass column alone ranks patients by the calcium latent, per site
+        sites = df["site"].to_numpy()
+        per_site = {
+            "heart column": list(heart_masses),
+            **{
+                f"spearman site {site}": [
+                    _spearman(x[sites == site], lat[sites == site]) for x in heart_masses.values()
+                ]
+                for site in sorted(set(sites))
+            },
+        }
+        print(pl.DataFrame(per_site))
 
 
 if __name__ == "__main__":
