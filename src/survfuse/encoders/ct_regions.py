@@ -145,10 +145,12 @@ def focal_features(
         slice(max(0, int(i.min()) - b), min(n, int(i.max()) + b + 1))
         for i, b, n in zip(idx, box, hu.shape, strict=True)
     )
-    sub = hu[sl].astype(np.float32)
-    tophat = (sub - ndimage.grey_opening(sub, size=box, mode="nearest"))[roi[sl]]
+    sub = np.asarray(hu[sl], dtype=np.float32)
+    tophat = ndimage.grey_opening(sub, size=box, mode="nearest")
+    np.subtract(sub, tophat, out=tophat)
+    t = tophat[roi[sl]]
+    t = t[t > min(contrasts)].astype(np.float64)  # most voxels rise less than any contrast
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    t = tophat.astype(np.float64)
     return np.array(
         [np.log1p(np.clip(t - c, 0.0, None).sum() * voxel_ml) for c in contrasts], np.float32
     )
