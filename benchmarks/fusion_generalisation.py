@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from survfuse.experiment.rundir import RunDir
 from survfuse.experiment.runner import run_experiment
 from survfuse.experiment.sweep import sweep_config
 from survfuse.metrics import concordance_index
+from survfuse.metrics.paired import paired_concordance
 from survfuse.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +137,7 @@ def main() -> None:
             pl.concat([pl.read_csv(f / "generalisation.csv") for f in folders]),
             [d for f in folders for d in _read_drops(f / "drops.csv")],
             offset_both=False,
+            folders=folders,
         )
         return
 
@@ -213,7 +216,7 @@ def main() -> None:
     table = pl.DataFrame(rows)
     table.write_csv(args.out / "generalisation.csv")
     pl.DataFrame(drops or None).write_csv(args.out / "drops.csv")
-    report(table, drops, offset_both=args.offset == "both")
+    report(table, drops, offset_both=args.offset == "both", folders=[args.out])
 
 
 def _read_drops(path: Path) -> list[dict[str, object]]:
@@ -223,8 +226,18 @@ def _read_drops(path: Path) -> list[dict[str, object]]:
         return []
 
 
-def report(table: pl.DataFrame, drops: list[dict[str, object]], *, offset_both: bool) -> None:
-    """Print the summary tables and the done-when checks of issue 17."""
+def report(
+    table: pl.DataFrame,
+    drops: list[dict[str, object]],
+    *,
+    offset_both: bool,
+    folders: list[Path] | None = None,
+) -> None:
+    """Print the summary tables and the done-when checks of issue 17.
+
+    With `folders` whose run folders are still there, also the paired test of the best deep
+    fusion on each test split against the linear concatenation (`paired_vs_linear`).
+    """
     summary = summarise(table)
     deep = deep_vs_linear(table)
     with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200, fmt_str_lengths=60):
@@ -261,6 +274,76 @@ def report(table: pl.DataFrame, drops: list[dict[str, object]], *, offset_both: 
         below = deep.filter(pl.col(col) < 0)
         print(f"  deep fusion {what} below the linear concatenation: {below.height} of "
               f"{deep.height} setting x task x split rows (worst {deep[col].min():+.3f})")  # fmt: skip
+    paired = paired_vs_linear(folders or [])
+    if paired.height:
+        sig = paired.filter(pl.col("z") < -1.96)
+        print("  best deep fusion on test against the linear concatenation, paired IJ test (mean "
+              f"delta over seeds, SE sqrt(sum SE^2) / seeds): {sig.height} of {paired.height} rows "
+              f"below by more than 1.96 SE (lowest z {paired['z'].min():+.2f}, delta "
+              f"{paired.sort('z')['delta'][0]:+.4f})")  # fmt: skip
+
+
+def paired_vs_linear(folders: list[Path]) -> pl.DataFrame:
+    """Per setting x task x test split: the deep fusion best on test against `linear`, paired.
+
+    Reads each run's predictions (training seed 0) and the simulated cohort's outcomes from the
+    benchmark's `runs/` and `data/` folders, and compares every deep fusion with the linear
+    concatenation on the same patients (`paired_concordance`, IJ variance). Per seed the best deep
+    fusion's delta and SE; over seeds the mean delta, SE = sqrt(sum SE^2) / seeds and z.
+    """
+    rows = []
+    for folder in folders:
+        for run in sorted((folder / "runs").glob("w*_i*_s*_sim*")):
+            cohort_path = folder / "data" / run.name / "cohort.parquet"
+            cells = {p.name.removesuffix(".s0"): p for p in (run / "cells").glob("*.s0")}
+            if not cohort_path.exists() or not cells:
+                continue
+            cohort = pl.read_parquet(cohort_path)
+            w, inter, shift, seed = (float(v) for v in re.findall(r"[-\d.]+", run.name))
+            for task in ("pe_mortality", "mace"):
+                fused = {
+                    k.split(".")[1]: p for k, p in cells.items()
+                    if k.startswith(f"{task}.") and ".none." not in k
+                }  # fmt: skip
+                if "linear" not in fused or len(fused) < 2:
+                    continue
+                preds = {
+                    name: pl.read_parquet(p / "predictions.parquet").join(
+                        cohort, on=["subject_id", "prediction_time"], maintain_order="left"
+                    )
+                    for name, p in fused.items()
+                }
+                for split in TEST_SPLITS:
+                    on = {k: v.filter(pl.col("split") == split) for k, v in preds.items()}
+                    ref = on["linear"]
+                    if not ref.height:
+                        continue
+                    t = paired_concordance(
+                        ref[f"{task}_time"].to_numpy().astype(np.float64),
+                        ref[f"{task}_event"].to_numpy().astype(bool),
+                        {k: v["risk"].to_numpy() for k, v in on.items()},
+                        reference="linear",
+                    ).sort("c", descending=True)
+                    rows.append(
+                        {"imbalance": w, "interaction": inter, "site_shift": shift,
+                         "sim_seed": int(seed), "task": task, "split": split,
+                         "best_deep": t["model"][0], "delta": t["delta"][0],
+                         "se": t["std_error"][0]}
+                    )  # fmt: skip
+    if not rows:
+        return pl.DataFrame()
+    return (
+        pl.DataFrame(rows)
+        .group_by(["task", "split", *SETTING], maintain_order=True)
+        .agg(
+            pl.col("delta").mean(),
+            ((pl.col("se") ** 2).sum().sqrt() / pl.len()).alias("se"),
+            pl.len().alias("seeds"),
+        )
+        .with_columns(  # identical risks: delta 0, SE 0
+            pl.when(pl.col("se") > 0).then(pl.col("delta") / pl.col("se")).otherwise(0.0).alias("z")
+        )
+    )
 
 
 #: strategies that take the `offset` parameter (trained end to end with a Cox head)
