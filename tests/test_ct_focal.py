@@ -97,6 +97,12 @@ def test_box_and_contrasts_are_checked() -> None:
         check_focal([150.0], 0.0)
     with pytest.raises(ValueError, match="needs regions"):
         CTRadiomicsEncoder(focal=[150.0])
+    # a box of one voxel on every axis would give zeros silently: refused with the spacing
+    vol = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"focal_size_mm=3 .* \(5.0, 5.0, 5.0\)"):
+        focal_features(vol, np.ones(vol.shape, bool), (5.0, 5.0, 5.0), [150.0], size_mm=3.0)
+    # thick slices: a box of one voxel along z only is an in-plane top-hat, allowed
+    assert focal_footprint((0.7, 0.7, 10.0), 18.0) == (25, 25, 1)
 
 
 def test_encoder_appends_focal_masses_after_the_hyperdensity(sim: Path) -> None:

@@ -134,10 +134,15 @@ def focal_features(
     HU on the simulator's blurriest development scanner, against blood at 240-330 HU). The
     top-hat compares each voxel with its own neighbourhood instead: blood pools wider than the
     box are removed whatever their HU, a small bright spot is kept (benchmarks/ct_signal_probe.py).
-    The opening is computed on the ROI's bounding box plus twice the box (separable min / max
-    filters: cost linear in the box edge).
+    The opening (separable min / max filters) is computed on the ROI's bounding box widened by
+    the box edge on each side, which gives the same values as opening the whole volume.
     """
     box = focal_footprint(spacing, size_mm)
+    if max(box) == 1:  # an opening with a 1-voxel box is the volume itself: every mass 0
+        raise ValueError(
+            f"focal_size_mm={size_mm:g} is under 2 voxels on every axis at spacing "
+            f"{tuple(round(float(v), 3) for v in spacing)} mm: the box must be wider than a spot"
+        )
     idx = np.nonzero(roi)
     if len(idx[0]) == 0:
         return np.zeros(len(contrasts), np.float32)
