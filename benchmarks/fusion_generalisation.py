@@ -300,7 +300,7 @@ def paired_vs_linear(folders: list[Path]) -> pl.DataFrame:
                 continue
             cohort = pl.read_parquet(cohort_path)
             w, inter, shift, seed = (float(v) for v in re.findall(r"[-\d.]+", run.name))
-            for task in ("pe_mortality", "mace"):
+            for task in sorted({k.split(".")[0] for k in cells}):
                 fused = {
                     k.split(".")[1]: p for k, p in cells.items()
                     if k.startswith(f"{task}.") and ".none." not in k
@@ -318,9 +318,10 @@ def paired_vs_linear(folders: list[Path]) -> pl.DataFrame:
                     ref = on["linear"]
                     if not ref.height:
                         continue
+                    tcol, ecol = outcome_columns(task)
                     t = paired_concordance(
-                        ref[f"{task}_time"].to_numpy().astype(np.float64),
-                        ref[f"{task}_event"].to_numpy().astype(bool),
+                        ref[tcol].to_numpy().astype(np.float64),
+                        ref[ecol].to_numpy().astype(bool),
                         {k: v["risk"].to_numpy() for k, v in on.items()},
                         reference="linear",
                     ).sort("c", descending=True)

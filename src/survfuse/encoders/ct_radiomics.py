@@ -353,7 +353,7 @@ class CTRadiomicsEncoder(Encoder):
             parts.append(hyperdensity_features(arr, roi, spacing, self.hyperdensity))
         if self.focal:
             parts.append(focal_features(arr, roi, spacing, self.focal, self.focal_size_mm))
-        return np.concatenate(parts) if len(parts) > 1 else base
+        return np.concatenate(parts)
 
     # ------------------------------------------------------------------ raw features
     def raw(self, cohort: pl.DataFrame, source: CTSource) -> dict[str, Any]:

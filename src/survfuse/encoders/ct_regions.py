@@ -143,17 +143,18 @@ def focal_features(
             f"focal_size_mm={size_mm:g} is under 2 voxels on every axis at spacing "
             f"{tuple(round(float(v), 3) for v in spacing)} mm: the box must be wider than a spot"
         )
-    idx = np.nonzero(roi)
-    if len(idx[0]) == 0:
+    if not roi.any():
         return np.zeros(len(contrasts), np.float32)
-    sl = tuple(
-        slice(max(0, int(i.min()) - b), min(n, int(i.max()) + b + 1))
-        for i, b, n in zip(idx, box, hu.shape, strict=True)
-    )
-    sub = np.asarray(hu[sl], dtype=np.float32)
+    sl = []
+    for ax, (b, n) in enumerate(zip(box, hu.shape, strict=True)):
+        # the ROI's extent along `ax` from a projection (no [3, n_voxels] index array)
+        idx = np.flatnonzero(roi.any(axis=tuple(a for a in range(3) if a != ax)))
+        sl.append(slice(max(0, int(idx[0]) - b), min(n, int(idx[-1]) + b + 1)))
+    sub_roi = roi[tuple(sl)]
+    sub = np.asarray(hu[tuple(sl)], dtype=np.float32)
     tophat = ndimage.grey_opening(sub, size=box, mode="nearest")
     np.subtract(sub, tophat, out=tophat)
-    t = tophat[roi[sl]]
+    t = tophat[sub_roi]
     t = t[t > min(contrasts)].astype(np.float64)  # most voxels rise less than any contrast
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return np.array(

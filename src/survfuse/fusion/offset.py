@@ -7,9 +7,10 @@ With `offset: linear` in a strategy's parameters the fused Cox output becomes
 where x_lin^T beta is the `linear` strategy (`survfuse.fusion.linear.LinearCox`: elastic-net
 Cox on the same standardised pooled features and presence flags, penalty chosen on the
 validation split, on the concatenation of the strategy's modalities, `LinearOffset`) fitted by
-its exact solver *before* training and then frozen, and f_deep is the strategy's own network, whose output layer starts at zero. Training therefore starts at the
-linear model and early stopping (on the validation C) keeps an epoch only where the deep part
-helps; f_deep only has to learn what a linear Cox cannot (interactions, token-level findings).
+its exact solver *before* training and then frozen, and f_deep is the strategy's own network,
+whose output layer starts at zero. Training therefore starts at the linear model and early
+stopping (on the validation C) keeps an epoch only where the deep part helps; f_deep only has
+to learn what a linear Cox cannot (interactions, token-level findings).
 
 Why: on simulated cohorts survfuse was not tuned on, a well-regularised linear Cox on the
 pooled features often beats every deep model on the same inputs (docs/benchmarks.md,
